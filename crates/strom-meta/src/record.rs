@@ -1,0 +1,50 @@
+//! Metadata records: the only way metadata changes. Each is appended to the metadata log and
+//! then applied to the image; replaying the log from the start rebuilds the same image.
+
+use serde::{Deserialize, Serialize};
+
+/// A topic's id (KIP-516), as 16 bytes. Kept as a plain array so this crate does not depend on
+/// the protocol crate; the broker converts to the wire's UUID type.
+pub type TopicId = [u8; 16];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum MetadataRecord {
+    /// The cluster's id, written once when the metadata log is created.
+    ClusterId {
+        cluster_id: String,
+    },
+    /// A broker announced itself (its listener). Re-registration replaces the old entry.
+    RegisterBroker {
+        broker_id: i32,
+        host: String,
+        port: i32,
+        rack: Option<String>,
+    },
+    Topic {
+        name: String,
+        topic_id: TopicId,
+    },
+    Partition {
+        topic_id: TopicId,
+        partition: i32,
+        replicas: Vec<i32>,
+        isr: Vec<i32>,
+        leader: i32,
+        leader_epoch: i32,
+        partition_epoch: i32,
+    },
+    RemoveTopic {
+        topic_id: TopicId,
+    },
+    /// A topic-level config override; `value: None` deletes it.
+    TopicConfig {
+        topic_id: TopicId,
+        name: String,
+        value: Option<String>,
+    },
+    /// The next block of producer ids handed out starts at `next_producer_id`.
+    ProducerIds {
+        next_producer_id: i64,
+    },
+}
