@@ -1,1 +1,15 @@
-//! placeholder
+//! The Strom broker: listeners and connections, one handler per Kafka API, the replica
+//! manager with its partitions, fetch sessions, and the config registry.
+
+pub mod broker;
+pub mod config;
+pub mod connection;
+pub mod error;
+pub mod fetch_session;
+pub mod handlers;
+pub mod partition;
+pub mod replica_manager;
+pub mod topics;
+
+pub use broker::{Broker, BrokerOptions, RunningBroker, StartError};
+pub use config::BrokerConfig;

@@ -1,1 +1,118 @@
-fn main() {}
+//! The `strom` binary: `strom server` runs a broker; `strom bench` drives load against one.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use strom_broker::{Broker, BrokerConfig, BrokerOptions};
+
+mod bench;
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "strom",
+    version,
+    about = "A Kafka-compatible event streaming platform"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a broker. Alone it is a whole single-node cluster.
+    #[command(after_long_help = strom_broker::config::help_text())]
+    Server(ServerArgs),
+    /// Load generator: produce and consume throughput and produce latency percentiles.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// Kafka listener address.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    listen: SocketAddr,
+    /// host:port given to clients in Metadata (default: the listener address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Where logs and metadata live.
+    #[arg(long, default_value = "./strom-data")]
+    data_dir: PathBuf,
+    /// This node's id.
+    #[arg(long, default_value_t = 1)]
+    node_id: i32,
+    /// TOML file of settings with Kafka names (`"log.segment.bytes" = 1048576`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A setting NAME=VALUE (repeatable); overrides the config file. See --help for the list.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    set: Vec<String>,
+    /// Benchmark baseline: acknowledge Produce without storing anything.
+    #[arg(long, hide = true)]
+    null_sink: bool,
+}
+
+fn parse_host_port(s: &str) -> Result<(String, u16)> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .with_context(|| format!("--advertise {s}: expected HOST:PORT"))?;
+    let port = port
+        .parse()
+        .with_context(|| format!("--advertise {s}: bad port"))?;
+    Ok((host.trim_matches(['[', ']']).to_string(), port))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Server(args) => rt.block_on(server(args)),
+        Command::Bench(args) => rt.block_on(bench::run(args)),
+    }
+}
+
+async fn server(args: ServerArgs) -> Result<()> {
+    let config = BrokerConfig::new(args.config.as_deref(), &args.set)?;
+    let advertise = args.advertise.as_deref().map(parse_host_port).transpose()?;
+    let running = Broker::start(BrokerOptions {
+        node_id: args.node_id,
+        listen: args.listen,
+        advertise,
+        data_dir: args.data_dir,
+        config,
+        null_sink: args.null_sink,
+    })
+    .await?;
+    let broker = running.broker.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot install SIGTERM handler");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        }
+        broker.begin_shutdown();
+    });
+    running.serve().await?;
+    Ok(())
+}

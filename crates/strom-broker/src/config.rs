@@ -1,0 +1,362 @@
+//! The config registry: every setting declared once with its Kafka name, type, default, scope
+//! and documentation. The config file, `--set`, DescribeConfigs and `strom server --help` all
+//! read this table, so a setting cannot exist in one place and be missing in another.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigKind {
+    Boolean,
+    String,
+    Int,
+    Short,
+    Long,
+}
+
+impl ConfigKind {
+    /// DescribeConfigs v3+ `config_type`.
+    pub fn wire_type(self) -> i8 {
+        match self {
+            ConfigKind::Boolean => 1,
+            ConfigKind::String => 2,
+            ConfigKind::Int => 3,
+            ConfigKind::Short => 4,
+            ConfigKind::Long => 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Broker,
+    Topic,
+}
+
+/// DescribeConfigs `config_source` values (Kafka's `ConfigSource`).
+pub mod source {
+    pub const TOPIC: i8 = 1;
+    pub const STATIC_BROKER: i8 = 4;
+    pub const DEFAULT: i8 = 5;
+}
+
+#[derive(Debug)]
+pub struct ConfigDef {
+    pub name: &'static str,
+    pub kind: ConfigKind,
+    pub default: &'static str,
+    pub scope: Scope,
+    /// For a topic setting: the broker setting that supplies its default (Kafka's synonym).
+    pub broker_synonym: Option<&'static str>,
+    /// Accepted values for enumerations; empty means any value of `kind`.
+    pub one_of: &'static [&'static str],
+    /// Smallest accepted numeric value.
+    pub min: Option<i64>,
+    pub doc: &'static str,
+}
+
+const LONG_MAX: &str = "9223372036854775807";
+
+macro_rules! def {
+    ($name:expr, $kind:ident, $default:expr, $scope:ident, $syn:expr, $one_of:expr, $min:expr, $doc:expr) => {
+        ConfigDef {
+            name: $name,
+            kind: ConfigKind::$kind,
+            default: $default,
+            scope: Scope::$scope,
+            broker_synonym: $syn,
+            one_of: $one_of,
+            min: $min,
+            doc: $doc,
+        }
+    };
+}
+
+/// Every setting Strom knows. Defaults are Kafka's unless the doc says otherwise.
+pub static REGISTRY: &[ConfigDef] = &[
+    // Broker settings.
+    def!("auto.create.topics.enable", Boolean, "true", Broker, None, &[], None, "Create a topic when a client asks for metadata of one that does not exist."),
+    def!("num.partitions", Int, "1", Broker, None, &[], Some(1), "Partitions of an auto-created topic, and of CreateTopics with num_partitions -1."),
+    def!("default.replication.factor", Short, "1", Broker, None, &[], Some(1), "Replication factor of auto-created topics and of CreateTopics with -1."),
+    def!("socket.request.max.bytes", Int, "104857600", Broker, None, &[], Some(64), "Largest request frame accepted; a larger size field closes the connection before anything is allocated."),
+    def!("max.connections", Int, "2147483647", Broker, None, &[], Some(1), "Connections accepted at once; further connections are closed on accept."),
+    def!("fetch.max.bytes", Int, "57671680", Broker, None, &[], Some(1024), "Upper bound on the bytes one Fetch response carries, whatever the client asks."),
+    def!("max.incremental.fetch.session.cache.slots", Int, "1000", Broker, None, &[], Some(0), "Incremental fetch sessions (KIP-227) kept at once."),
+    def!("message.max.bytes", Int, "1048588", Broker, None, &[], Some(0), "Largest record batch accepted (after compression). Default of the topic setting max.message.bytes."),
+    def!("log.segment.bytes", Int, "1073741824", Broker, None, &[], Some(14), "Size at which a segment is rolled. Default of segment.bytes."),
+    def!("log.roll.ms", Long, "604800000", Broker, None, &[], Some(1), "Age at which a segment is rolled. Default of segment.ms."),
+    def!("log.index.interval.bytes", Int, "4096", Broker, None, &[], Some(0), "Bytes between offset-index entries. Default of index.interval.bytes."),
+    def!("log.message.timestamp.type", String, "CreateTime", Broker, None, &["CreateTime", "LogAppendTime"], None, "Default of message.timestamp.type."),
+    def!("log.flush.interval.messages", Long, "1", Broker, None, &[], Some(1), "Default of flush.messages. Strom's default 1 means every acknowledged write is on disk (fsync, shared by concurrent producers) before it is acknowledged; Kafka's default is to never fsync."),
+    def!("log.flush.interval.ms", Long, LONG_MAX, Broker, None, &[], Some(0), "Default of flush.ms."),
+    def!("log.retention.ms", Long, "604800000", Broker, None, &[], Some(-1), "Default of retention.ms. Retention is not enforced yet."),
+    def!("log.retention.bytes", Long, "-1", Broker, None, &[], Some(-1), "Default of retention.bytes. Retention is not enforced yet."),
+    def!("log.cleanup.policy", String, "delete", Broker, None, &["delete", "compact", "compact,delete", "delete,compact"], None, "Default of cleanup.policy. Compaction is not implemented yet."),
+    def!("compression.type", String, "producer", Broker, None, &["producer", "uncompressed", "gzip", "snappy", "lz4", "zstd"], None, "Default of the topic compression.type. Only 'producer' (store as sent) is applied yet."),
+    def!("min.insync.replicas", Int, "1", Broker, None, &[], Some(1), "Default of the topic min.insync.replicas."),
+    def!("strom.max.decompressed.bytes", Int, "67108864", Broker, None, &[], Some(1024), "Upper bound on the output of any decompression the broker performs."),
+    def!("strom.connection.max.pipelined.requests", Int, "32", Broker, None, &[], Some(1), "Requests read ahead on one connection while earlier responses are pending."),
+    // Topic settings and the broker settings they default to.
+    def!("max.message.bytes", Int, "1048588", Topic, Some("message.max.bytes"), &[], Some(0), "Largest record batch accepted by this topic."),
+    def!("segment.bytes", Int, "1073741824", Topic, Some("log.segment.bytes"), &[], Some(14), "Size at which a segment is rolled."),
+    def!("segment.ms", Long, "604800000", Topic, Some("log.roll.ms"), &[], Some(1), "Age at which a segment is rolled."),
+    def!("index.interval.bytes", Int, "4096", Topic, Some("log.index.interval.bytes"), &[], Some(0), "Bytes between offset-index entries."),
+    def!("message.timestamp.type", String, "CreateTime", Topic, Some("log.message.timestamp.type"), &["CreateTime", "LogAppendTime"], None, "CreateTime keeps the producer's timestamps; LogAppendTime stamps batches with the broker's clock."),
+    def!("flush.messages", Long, "1", Topic, Some("log.flush.interval.messages"), &[], Some(1), "Fsync after this many messages. 1 (Strom's default): fsync before every acknowledgement, with group commit. Larger values acknowledge from the page cache, as Kafka does, trading durability on power loss for latency."),
+    def!("flush.ms", Long, LONG_MAX, Topic, Some("log.flush.interval.ms"), &[], Some(0), "Fsync at least this often when flush.messages > 1."),
+    def!("retention.ms", Long, "604800000", Topic, Some("log.retention.ms"), &[], Some(-1), "Stored and reported; retention is not enforced yet."),
+    def!("retention.bytes", Long, "-1", Topic, Some("log.retention.bytes"), &[], Some(-1), "Stored and reported; retention is not enforced yet."),
+    def!("cleanup.policy", String, "delete", Topic, Some("log.cleanup.policy"), &["delete", "compact", "compact,delete", "delete,compact"], None, "Stored and reported; compaction is not implemented yet."),
+    def!("compression.type", String, "producer", Topic, Some("compression.type"), &["producer", "uncompressed", "gzip", "snappy", "lz4", "zstd"], None, "Only 'producer' (store batches as sent) is applied yet."),
+    def!("min.insync.replicas", Int, "1", Topic, Some("min.insync.replicas"), &[], Some(1), "Minimum in-sync replicas for acks=all."),
+];
+
+pub fn lookup(name: &str, scope: Scope) -> Option<&'static ConfigDef> {
+    REGISTRY.iter().find(|d| d.name == name && d.scope == scope)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("unknown config '{0}'")]
+    Unknown(String),
+    #[error("invalid value '{value}' for '{name}': {reason}")]
+    Invalid {
+        name: String,
+        value: String,
+        reason: String,
+    },
+    #[error("config file: {0}")]
+    File(String),
+}
+
+/// Checks `value` against the definition; returns it normalised.
+pub fn validate(def: &ConfigDef, value: &str) -> Result<String, ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid {
+        name: def.name.to_string(),
+        value: value.to_string(),
+        reason,
+    };
+    let value = value.trim();
+    match def.kind {
+        ConfigKind::Boolean => match value.to_ascii_lowercase().as_str() {
+            "true" | "false" => Ok(value.to_ascii_lowercase()),
+            _ => Err(invalid("expected true or false".into())),
+        },
+        ConfigKind::Int | ConfigKind::Short | ConfigKind::Long => {
+            let n: i64 = value
+                .parse()
+                .map_err(|_| invalid("expected an integer".into()))?;
+            let (lo, hi) = match def.kind {
+                ConfigKind::Short => (i16::MIN as i64, i16::MAX as i64),
+                ConfigKind::Int => (i32::MIN as i64, i32::MAX as i64),
+                _ => (i64::MIN, i64::MAX),
+            };
+            if n < lo || n > hi {
+                return Err(invalid(format!("out of range {lo}..={hi}")));
+            }
+            if let Some(min) = def.min {
+                if n < min {
+                    return Err(invalid(format!("must be at least {min}")));
+                }
+            }
+            Ok(n.to_string())
+        }
+        ConfigKind::String => {
+            if !def.one_of.is_empty() && !def.one_of.contains(&value) {
+                return Err(invalid(format!("expected one of {:?}", def.one_of)));
+            }
+            Ok(value.to_string())
+        }
+    }
+}
+
+/// The broker's static configuration: defaults overlaid with the config file and `--set`.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerConfig {
+    explicit: BTreeMap<String, String>,
+}
+
+impl BrokerConfig {
+    pub fn new(file: Option<&Path>, sets: &[String]) -> Result<Self, ConfigError> {
+        let mut cfg = BrokerConfig::default();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::File(format!("{}: {e}", path.display())))?;
+            let table: toml::Table = text
+                .parse()
+                .map_err(|e| ConfigError::File(format!("{}: {e}", path.display())))?;
+            let mut flat = Vec::new();
+            flatten("", &toml::Value::Table(table), &mut flat);
+            for (k, v) in flat {
+                cfg.set(&k, &v)?;
+            }
+        }
+        for s in sets {
+            let (k, v) = s.split_once('=').ok_or_else(|| ConfigError::Invalid {
+                name: s.clone(),
+                value: String::new(),
+                reason: "expected name=value".into(),
+            })?;
+            cfg.set(k.trim(), v)?;
+        }
+        Ok(cfg)
+    }
+
+    pub fn set(&mut self, name: &str, value: &str) -> Result<(), ConfigError> {
+        let def = lookup(name, Scope::Broker).ok_or_else(|| ConfigError::Unknown(name.into()))?;
+        let v = validate(def, value)?;
+        self.explicit.insert(name.to_string(), v);
+        Ok(())
+    }
+
+    /// The value of a broker setting and whether it was set explicitly.
+    pub fn get_with_source(&self, name: &str) -> (String, i8) {
+        if let Some(v) = self.explicit.get(name) {
+            return (v.clone(), source::STATIC_BROKER);
+        }
+        let d = lookup(name, Scope::Broker).map(|d| d.default).unwrap_or("");
+        (d.to_string(), source::DEFAULT)
+    }
+
+    pub fn get(&self, name: &str) -> String {
+        self.get_with_source(name).0
+    }
+
+    pub fn i64(&self, name: &str) -> i64 {
+        self.get(name).parse().unwrap_or(0)
+    }
+
+    pub fn bool(&self, name: &str) -> bool {
+        self.get(name) == "true"
+    }
+
+    /// A topic setting's effective value and source given the topic's overrides.
+    pub fn topic_value(
+        &self,
+        overrides: &BTreeMap<String, String>,
+        name: &str,
+    ) -> Option<(String, i8)> {
+        let def = lookup(name, Scope::Topic)?;
+        if let Some(v) = overrides.get(name) {
+            return Some((v.clone(), source::TOPIC));
+        }
+        match def.broker_synonym {
+            Some(syn) => Some(self.get_with_source(syn)),
+            None => Some((def.default.to_string(), source::DEFAULT)),
+        }
+    }
+
+    pub fn topic_i64(&self, overrides: &BTreeMap<String, String>, name: &str) -> i64 {
+        self.topic_value(overrides, name)
+            .and_then(|(v, _)| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Validates topic-level configs from CreateTopics; returns them normalised.
+pub fn validate_topic_configs(
+    configs: &[(String, Option<String>)],
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for (name, value) in configs {
+        let def = lookup(name, Scope::Topic).ok_or_else(|| ConfigError::Unknown(name.clone()))?;
+        let Some(value) = value else {
+            return Err(ConfigError::Invalid {
+                name: name.clone(),
+                value: "null".into(),
+                reason: "a value is required".into(),
+            });
+        };
+        out.insert(name.clone(), validate(def, value)?);
+    }
+    Ok(out)
+}
+
+fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        toml::Value::String(s) => out.push((prefix.to_string(), s.clone())),
+        other => out.push((prefix.to_string(), other.to_string())),
+    }
+}
+
+/// `strom server --help` text listing every broker setting.
+pub fn help_text() -> String {
+    let mut s = String::from("Broker settings (--set NAME=VALUE or in the --config TOML file):\n");
+    for d in REGISTRY.iter().filter(|d| d.scope == Scope::Broker) {
+        s.push_str(&format!(
+            "  {} (default {}): {}\n",
+            d.name, d.default, d.doc
+        ));
+    }
+    s.push_str("\nTopic settings (CreateTopics configs):\n");
+    for d in REGISTRY.iter().filter(|d| d.scope == Scope::Topic) {
+        s.push_str(&format!(
+            "  {} (default from {}): {}\n",
+            d.name,
+            d.broker_synonym.unwrap_or("-"),
+            d.doc
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_and_set_overlay_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(
+            &path,
+            "num.partitions = 3\n[log.segment]\nbytes = 1048576\n",
+        )
+        .unwrap();
+        let cfg =
+            BrokerConfig::new(Some(&path), &["auto.create.topics.enable=false".into()]).unwrap();
+        assert_eq!(cfg.i64("num.partitions"), 3);
+        assert_eq!(cfg.i64("log.segment.bytes"), 1048576);
+        assert!(!cfg.bool("auto.create.topics.enable"));
+        assert_eq!(
+            cfg.get_with_source("message.max.bytes"),
+            ("1048588".into(), source::DEFAULT)
+        );
+        let o = BTreeMap::new();
+        assert_eq!(
+            cfg.topic_value(&o, "segment.bytes").unwrap(),
+            ("1048576".into(), source::STATIC_BROKER)
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_a_reason() {
+        assert!(matches!(
+            BrokerConfig::new(None, &["nope=1".into()]),
+            Err(ConfigError::Unknown(_))
+        ));
+        assert!(matches!(
+            BrokerConfig::new(None, &["num.partitions=0".into()]),
+            Err(ConfigError::Invalid { .. })
+        ));
+        assert!(matches!(
+            BrokerConfig::new(None, &["num.partitions=x".into()]),
+            Err(ConfigError::Invalid { .. })
+        ));
+        assert!(
+            validate_topic_configs(&[("message.timestamp.type".into(), Some("Foo".into()))])
+                .is_err()
+        );
+        assert!(validate_topic_configs(&[("segment.bytes".into(), Some("1000".into()))]).is_ok());
+    }
+}

@@ -1,0 +1,111 @@
+//! One client connection: read frames, dispatch each request in arrival order, write responses
+//! in the same order. Requests are read ahead up to a bound while earlier responses wait (for
+//! group commit or a long poll); anything malformed closes this connection only.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use strom_proto::api::{self, HeaderError};
+use strom_proto::frame::{self, FrameError};
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::broker::Broker;
+use crate::handlers::{self, Reply};
+
+pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let (mut reader, writer) = stream.into_split();
+    let max_frame = broker.config.i64("socket.request.max.bytes").max(64) as usize;
+    let depth = broker
+        .config
+        .i64("strom.connection.max.pipelined.requests")
+        .max(1) as usize;
+    let (tx, rx) = mpsc::channel::<BoxFuture<'static, Option<Bytes>>>(depth);
+    let writer_task = tokio::spawn(write_responses(writer, rx));
+    let mut shutdown = broker.shutdown_signal();
+
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            f = frame::read_frame(&mut reader, max_frame) => f,
+        };
+        let frame = match frame {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(FrameError::Io(e)) => {
+                tracing::debug!(%peer, error = %e, "connection error");
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "closing connection");
+                break;
+            }
+        };
+        let request = match api::decode_header(frame) {
+            Ok(r) => r,
+            Err(HeaderError::ApiVersionsTooNew {
+                correlation_id,
+                version,
+            }) => {
+                tracing::debug!(%peer, version, "ApiVersions newer than served; answering UNSUPPORTED_VERSION");
+                let bytes = api::api_versions_unsupported(correlation_id);
+                if tx.send(Box::pin(async move { Some(bytes) })).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "closing connection");
+                break;
+            }
+        };
+        let api_key = request.api_key;
+        let version = request.version;
+        match handlers::dispatch(&broker, request).await {
+            Ok(Reply::Now(bytes)) => {
+                if tx.send(Box::pin(async move { Some(bytes) })).await.is_err() {
+                    break;
+                }
+            }
+            Ok(Reply::Later(fut)) => {
+                if tx.send(fut).await.is_err() {
+                    break;
+                }
+            }
+            Ok(Reply::None) => {}
+            Err(e) => {
+                tracing::warn!(%peer, ?api_key, version, error = %e, "bad request; closing connection");
+                break;
+            }
+        }
+    }
+    drop(tx);
+    // Finish the responses already owed (clean shutdown finishes in-flight requests).
+    let _ = writer_task.await;
+}
+
+async fn write_responses(
+    writer: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::Receiver<BoxFuture<'static, Option<Bytes>>>,
+) {
+    let mut writer = BufWriter::with_capacity(64 * 1024, writer);
+    while let Some(fut) = rx.recv().await {
+        // A response that could not be produced leaves the client waiting on its correlation
+        // id forever: close instead.
+        let Some(bytes) = fut.await else { return };
+        if writer.write_all(&bytes).await.is_err() {
+            return;
+        }
+        // Batch writes while more responses are ready; flush before waiting.
+        if rx.is_empty() && writer.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = writer.flush().await;
+    let _ = writer.shutdown().await;
+}

@@ -1,0 +1,302 @@
+//! Fetch: whole batches straight from the segment files, never past the high watermark.
+//! Honours max_bytes, partition_max_bytes and KIP-74 (the first batch of the first non-empty
+//! partition is returned even when larger than the limits), long-polls for min_bytes up to
+//! max_wait_ms (woken by high-watermark advances, no sleep loop), and serves KIP-227 sessions.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::select_all;
+use kafka_protocol::error::ResponseError;
+use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::{FetchRequest, FetchResponse, TopicName};
+use strom_log::LogError;
+use uuid::Uuid;
+
+use super::{str_bytes, Ctx, HandlerError, Reply};
+use crate::broker::Broker;
+use crate::error::log_error_code;
+use crate::fetch_session::{SessionError, SessionKey, SessionPartition};
+
+/// Session ids and epochs with special meaning (KIP-227).
+const INITIAL_EPOCH: i32 = 0;
+const FINAL_EPOCH: i32 = -1;
+
+struct Plan {
+    version: i16,
+    correlation_id: i32,
+    max_wait_ms: i64,
+    min_bytes: usize,
+    max_bytes: usize,
+    /// Session id to answer with (0: none) and whether only changed partitions are sent.
+    session_id: i32,
+    incremental: bool,
+    partitions: Vec<(SessionKey, SessionPartition)>,
+}
+
+pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError> {
+    let req: FetchRequest = ctx.decode()?;
+    let v = ctx.version;
+    let image = broker.image();
+    let key_of = |topic_id: Uuid, name: &str, partition: i32| -> SessionKey {
+        if v >= 13 {
+            let id = *topic_id.as_bytes();
+            SessionKey {
+                topic_id: id,
+                topic: image
+                    .topic_by_id(&id)
+                    .map(|t| t.name.clone())
+                    .unwrap_or_default(),
+                partition,
+            }
+        } else {
+            SessionKey {
+                topic_id: image.topic(name).map(|t| t.topic_id).unwrap_or_default(),
+                topic: name.to_string(),
+                partition,
+            }
+        }
+    };
+    let mut requested = Vec::new();
+    for t in &req.topics {
+        for p in &t.partitions {
+            requested.push((
+                key_of(t.topic_id, t.topic.0.as_str(), p.partition),
+                p.fetch_offset,
+                p.partition_max_bytes,
+            ));
+        }
+    }
+    let fresh = |reqd: Vec<(SessionKey, i64, i32)>| -> Vec<(SessionKey, SessionPartition)> {
+        reqd.into_iter()
+            .map(|(k, off, max)| {
+                (
+                    k,
+                    SessionPartition {
+                        fetch_offset: off,
+                        max_bytes: max,
+                        last_hw: -1,
+                        last_log_start: -1,
+                        last_error: -1,
+                    },
+                )
+            })
+            .collect()
+    };
+
+    let (session_id, incremental, partitions) = if v < 7 || req.session_epoch == FINAL_EPOCH {
+        if v >= 7 && req.session_id != 0 {
+            broker.fetch_sessions.remove(req.session_id);
+        }
+        (0, false, fresh(requested))
+    } else if req.session_epoch == INITIAL_EPOCH {
+        if req.session_id != 0 {
+            broker.fetch_sessions.remove(req.session_id);
+        }
+        let set = fresh(requested);
+        let id = broker.fetch_sessions.create(set.clone());
+        (id, false, set)
+    } else {
+        let forgotten: Vec<SessionKey> = req
+            .forgotten_topics_data
+            .iter()
+            .flat_map(|t| {
+                t.partitions
+                    .iter()
+                    .map(|p| key_of(t.topic_id, t.topic.0.as_str(), *p))
+            })
+            .collect();
+        match broker
+            .fetch_sessions
+            .update(req.session_id, req.session_epoch, requested, &forgotten)
+        {
+            Ok(set) => (req.session_id, true, set),
+            Err(e) => {
+                let code = match e {
+                    SessionError::NotFound => ResponseError::FetchSessionIdNotFound,
+                    SessionError::InvalidEpoch => ResponseError::InvalidFetchSessionEpoch,
+                };
+                let resp = FetchResponse::default().with_error_code(code.code());
+                return ctx.reply(&resp);
+            }
+        }
+    };
+
+    let fetch_max = broker.config.i64("fetch.max.bytes").max(1024) as usize;
+    let plan = Plan {
+        version: v,
+        correlation_id: ctx.correlation_id,
+        max_wait_ms: req.max_wait_ms.max(0) as i64,
+        min_bytes: req.min_bytes.max(0) as usize,
+        max_bytes: (req.max_bytes.max(0) as usize).min(fetch_max),
+        session_id,
+        incremental,
+        partitions,
+    };
+    let broker = broker.clone();
+    Ok(Reply::Later(Box::pin(
+        async move { run(broker, plan).await },
+    )))
+}
+
+struct PartResult {
+    key: SessionKey,
+    error: i16,
+    hw: i64,
+    log_start: i64,
+    records: Bytes,
+}
+
+fn read_all(broker: &Broker, plan: &Plan) -> (Vec<PartResult>, usize, bool) {
+    let mut results = Vec::with_capacity(plan.partitions.len());
+    let mut total = 0usize;
+    let mut any_error = false;
+    for (key, sp) in &plan.partitions {
+        let Some(part) = broker
+            .replicas
+            .get(&key.topic, key.partition)
+            .filter(|_| !key.topic.is_empty())
+        else {
+            let code = if plan.version >= 13 && key.topic.is_empty() {
+                ResponseError::UnknownTopicId
+            } else {
+                ResponseError::UnknownTopicOrPartition
+            };
+            any_error = true;
+            results.push(PartResult {
+                key: key.clone(),
+                error: code.code(),
+                hw: -1,
+                log_start: -1,
+                records: Bytes::new(),
+            });
+            continue;
+        };
+        let remaining = plan.max_bytes.saturating_sub(total);
+        let limit = remaining.min(sp.max_bytes.max(0) as usize);
+        // KIP-74: only while the response is still empty may a batch exceed the limits.
+        let min_one = total == 0;
+        let (error, records) = if limit == 0 && !min_one {
+            (0, Vec::new())
+        } else {
+            match part.read(sp.fetch_offset, limit, min_one) {
+                Ok(data) => (0, data),
+                Err(e @ LogError::OffsetOutOfRange { .. }) => {
+                    (log_error_code(&e).code(), Vec::new())
+                }
+                Err(e) => {
+                    tracing::warn!(topic = %key.topic, partition = key.partition, error = %e, "fetch read failed");
+                    (log_error_code(&e).code(), Vec::new())
+                }
+            }
+        };
+        any_error |= error != 0;
+        total += records.len();
+        results.push(PartResult {
+            key: key.clone(),
+            error,
+            hw: part.high_watermark(),
+            log_start: part.log_start_offset(),
+            records: Bytes::from(records),
+        });
+    }
+    (results, total, any_error)
+}
+
+async fn run(broker: Arc<Broker>, plan: Plan) -> Option<Bytes> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(plan.max_wait_ms as u64);
+    let results = loop {
+        // Register for wake-ups before reading, so an append between the read and the wait
+        // is not missed.
+        let parts: Vec<_> = plan
+            .partitions
+            .iter()
+            .filter_map(|(k, _)| broker.replicas.get(&k.topic, k.partition))
+            .collect();
+        let mut waits: Vec<_> = parts
+            .iter()
+            .map(|p| Box::pin(p.hw_advanced.notified()))
+            .collect();
+        for w in waits.iter_mut() {
+            w.as_mut().enable();
+        }
+        let (results, total, any_error) = read_all(&broker, &plan);
+        let done = total >= plan.min_bytes.max(1)
+            || any_error
+            || plan.max_wait_ms == 0
+            || tokio::time::Instant::now() >= deadline
+            || waits.is_empty()
+            || broker.is_shutting_down();
+        if done {
+            break results;
+        }
+        let mut shutdown = broker.shutdown_signal();
+        tokio::select! {
+            _ = select_all(waits) => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = shutdown.changed() => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break read_all(&broker, &plan).0;
+        }
+    };
+    let v = plan.version;
+    let mut topics: Vec<FetchableTopicResponse> = Vec::new();
+    let mut sent = Vec::new();
+    for (r, (_, sp)) in results.into_iter().zip(plan.partitions.iter()) {
+        if plan.incremental
+            && r.records.is_empty()
+            && r.error == sp.last_error
+            && r.hw == sp.last_hw
+            && r.log_start == sp.last_log_start
+        {
+            continue;
+        }
+        sent.push((r.key.clone(), r.hw, r.log_start, r.error));
+        let mut pd = PartitionData::default()
+            .with_partition_index(r.key.partition)
+            .with_error_code(r.error)
+            .with_high_watermark(r.hw)
+            .with_last_stable_offset(r.hw)
+            .with_log_start_offset(r.log_start)
+            .with_aborted_transactions(None)
+            .with_records(Some(r.records));
+        if v < 5 {
+            pd.log_start_offset = -1;
+        }
+        let same_topic = topics.last().is_some_and(|t: &FetchableTopicResponse| {
+            if v >= 13 {
+                t.topic_id.as_bytes() == &r.key.topic_id
+            } else {
+                t.topic.0.as_str() == r.key.topic
+            }
+        });
+        if !same_topic {
+            let mut t = FetchableTopicResponse::default();
+            if v >= 13 {
+                t.topic_id = Uuid::from_bytes(r.key.topic_id);
+            } else {
+                t.topic = TopicName(str_bytes(&r.key.topic));
+            }
+            topics.push(t);
+        }
+        if let Some(t) = topics.last_mut() {
+            t.partitions.push(pd);
+        }
+    }
+    if plan.session_id != 0 {
+        broker.fetch_sessions.record_sent(plan.session_id, &sent);
+    }
+    let mut resp = FetchResponse::default().with_responses(topics);
+    if v >= 7 {
+        resp.session_id = plan.session_id;
+    }
+    match strom_proto::api::encode_response(plan.correlation_id, v, &resp) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            tracing::error!(error = %e, "encoding fetch response failed");
+            None
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! InitProducerId for idempotent producers: a fresh producer id (epoch 0) from a block reserved
+//! in the metadata log, so ids are never reused across restarts. Transactional ids need the
+//! transaction coordinator, which Strom does not have yet.
+
+use std::sync::Arc;
+
+use kafka_protocol::error::ResponseError;
+use kafka_protocol::messages::{InitProducerIdRequest, InitProducerIdResponse, ProducerId};
+
+use super::{Ctx, HandlerError, Reply};
+use crate::broker::Broker;
+
+pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError> {
+    let req: InitProducerIdRequest = ctx.decode()?;
+    let mut resp = InitProducerIdResponse::default();
+    if req.transactional_id.is_some() {
+        resp.error_code = ResponseError::CoordinatorNotAvailable.code();
+        return ctx.reply(&resp);
+    }
+    match broker.next_producer_id() {
+        Ok(id) => {
+            resp.producer_id = ProducerId(id);
+            resp.producer_epoch = 0;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "could not reserve producer ids");
+            resp.error_code = ResponseError::KafkaStorageError.code();
+        }
+    }
+    ctx.reply(&resp)
+}

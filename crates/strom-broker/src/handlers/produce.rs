@@ -1,0 +1,148 @@
+//! Produce: append each partition's batches (validated, offsets assigned, stored as received
+//! but for the header) in request order, then answer once the data is durable. acks=0 gets no
+//! answer at all; an acks=0 request that fails closes the connection, as in Kafka, so the
+//! producer notices.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use futures::future::join_all;
+use kafka_protocol::error::ResponseError;
+use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::{ProduceRequest, ProduceResponse, TopicName};
+
+use super::{message, str_bytes, Ctx, HandlerError, Reply};
+use crate::broker::Broker;
+use crate::error::log_error_code;
+use crate::partition::Partition;
+
+pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError> {
+    let req: ProduceRequest = ctx.decode()?;
+    let v = ctx.version;
+    let acks = req.acks;
+    let valid_acks = matches!(acks, -1..=1);
+    let now = broker.now_ms();
+    let image = broker.image();
+
+    let mut responses = Vec::with_capacity(req.topic_data.len());
+    // (topic index, partition index, partition, end offset to wait for)
+    let mut pending: Vec<(usize, usize, Arc<Partition>, i64)> = Vec::new();
+    let mut any_error = false;
+
+    for topic in req.topic_data {
+        let name = if v >= 13 {
+            image
+                .topic_by_id(topic.topic_id.as_bytes())
+                .map(|t| t.name.clone())
+        } else {
+            Some(topic.name.0.to_string())
+        };
+        let mut parts = Vec::with_capacity(topic.partition_data.len());
+        for pd in topic.partition_data {
+            let mut resp = PartitionProduceResponse::default()
+                .with_index(pd.index)
+                .with_base_offset(-1);
+            let code = if !valid_acks {
+                Some(ResponseError::InvalidRequiredAcks)
+            } else {
+                match name
+                    .as_deref()
+                    .and_then(|n| broker.replicas.get(n, pd.index))
+                {
+                    None if v >= 13 && name.is_none() => Some(ResponseError::UnknownTopicId),
+                    None => Some(ResponseError::UnknownTopicOrPartition),
+                    Some(part) => {
+                        if v >= 5 {
+                            resp.log_start_offset = part.log_start_offset();
+                        }
+                        match pd.records {
+                            _ if broker.null_sink => {
+                                resp.base_offset = 0;
+                                None
+                            }
+                            None => Some(ResponseError::CorruptMessage),
+                            Some(records) => {
+                                let mut records = records
+                                    .try_into_mut()
+                                    .unwrap_or_else(|b| BytesMut::from(&b[..]));
+                                match part.append(&mut records, now) {
+                                    Ok(outcome) => {
+                                        resp.base_offset = outcome.base_offset;
+                                        if v >= 2 {
+                                            resp.log_append_time_ms = outcome.log_append_time_ms;
+                                        }
+                                        if acks == 0 {
+                                            if part.is_durable_mode() {
+                                                part.spawn_flush();
+                                            }
+                                        } else {
+                                            pending.push((
+                                                responses.len(),
+                                                parts.len(),
+                                                part.clone(),
+                                                outcome.last_offset + 1,
+                                            ));
+                                        }
+                                        None
+                                    }
+                                    Err(e) => {
+                                        tracing::debug!(topic = %part.topic, partition = part.index, error = %e, "append refused");
+                                        if v >= 8 {
+                                            resp.error_message = message(&e);
+                                        }
+                                        Some(log_error_code(&e))
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            };
+            if let Some(code) = code {
+                any_error = true;
+                resp.error_code = code.code();
+            }
+            parts.push(resp);
+        }
+        let mut t = TopicProduceResponse::default().with_partition_responses(parts);
+        if v >= 13 {
+            t.topic_id = topic.topic_id;
+        } else {
+            t.name = TopicName(str_bytes(name.as_deref().unwrap_or_default()));
+        }
+        responses.push(t);
+    }
+
+    if acks == 0 {
+        if any_error {
+            return Err(HandlerError::Decode(
+                ctx.api_key,
+                "acks=0 produce failed; closing as Kafka does".into(),
+            ));
+        }
+        return Ok(Reply::None);
+    }
+    let mut resp = ProduceResponse::default().with_responses(responses);
+    if pending.is_empty() {
+        return ctx.reply(&resp);
+    }
+    let correlation_id = ctx.correlation_id;
+    Ok(Reply::Later(Box::pin(async move {
+        let results = join_all(pending.iter().map(|(_, _, p, end)| p.wait_durable(*end))).await;
+        for ((ti, pi, part, _), result) in pending.iter().zip(results) {
+            if let Err(e) = result {
+                tracing::error!(topic = %part.topic, partition = part.index, error = %e, "flush failed; produce not acknowledged");
+                let r = &mut resp.responses[*ti].partition_responses[*pi];
+                r.error_code = log_error_code(&e).code();
+                r.base_offset = -1;
+            }
+        }
+        match strom_proto::api::encode_response(correlation_id, v, &resp) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::error!(error = %e, "encoding produce response failed");
+                None
+            }
+        }
+    })))
+}

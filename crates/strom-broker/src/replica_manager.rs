@@ -1,0 +1,193 @@
+//! The replica manager owns every partition hosted by this broker: it opens their logs at start
+//! and when the metadata image says a partition was created, and closes or deletes them when a
+//! topic goes away. Handlers look partitions up here; the lookup is a shared read lock on a map
+//! of `Arc`s, and all per-partition work happens on the partition itself.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use strom_log::{Log, LogConfig, LogError, TimestampType};
+use strom_meta::image::{MetadataDelta, MetadataImage, TopicImage};
+
+use crate::config::BrokerConfig;
+use crate::partition::Partition;
+
+pub struct ReplicaManager {
+    data_dir: PathBuf,
+    partitions: RwLock<HashMap<(String, i32), Arc<Partition>>>,
+}
+
+/// The log settings of a topic: its overrides on top of the broker's settings.
+pub fn log_config(config: &BrokerConfig, topic: &TopicImage) -> LogConfig {
+    let o = &topic.configs;
+    let ts_type = match config.topic_value(o, "message.timestamp.type") {
+        Some((v, _)) if v == "LogAppendTime" => TimestampType::LogAppendTime,
+        _ => TimestampType::CreateTime,
+    };
+    LogConfig {
+        segment_bytes: config.topic_i64(o, "segment.bytes").max(14) as u64,
+        segment_ms: config.topic_i64(o, "segment.ms").max(1),
+        index_interval_bytes: config.topic_i64(o, "index.interval.bytes").max(0) as u32,
+        max_message_bytes: config.topic_i64(o, "max.message.bytes").max(0) as u32,
+        timestamp_type: ts_type,
+        max_decompressed_bytes: config.i64("strom.max.decompressed.bytes").max(1024) as usize,
+    }
+}
+
+fn partition_dir(data_dir: &Path, topic: &str, partition: i32) -> PathBuf {
+    data_dir.join(format!("{topic}-{partition}"))
+}
+
+impl ReplicaManager {
+    pub fn new(data_dir: PathBuf) -> Self {
+        ReplicaManager {
+            data_dir,
+            partitions: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub fn get(&self, topic: &str, partition: i32) -> Option<Arc<Partition>> {
+        self.partitions
+            .read()
+            .get(&(topic.to_string(), partition))
+            .cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Partition>> {
+        self.partitions.read().values().cloned().collect()
+    }
+
+    fn open_partition(
+        &self,
+        config: &BrokerConfig,
+        topic: &TopicImage,
+        partition: i32,
+        clean_shutdown: bool,
+    ) -> Result<Arc<Partition>, LogError> {
+        let dir = partition_dir(&self.data_dir, &topic.name, partition);
+        let log = Log::open(&dir, log_config(config, topic), clean_shutdown)?;
+        let epoch = topic
+            .partitions
+            .get(&partition)
+            .map(|p| p.leader_epoch)
+            .unwrap_or(0);
+        Ok(Arc::new(Partition::new(
+            topic.name.clone(),
+            topic.topic_id,
+            partition,
+            log,
+            epoch,
+            config.topic_i64(&topic.configs, "flush.messages"),
+            config.topic_i64(&topic.configs, "flush.ms"),
+        )))
+    }
+
+    /// Opens every partition of the image (broker start).
+    pub fn load(
+        &self,
+        config: &BrokerConfig,
+        image: &MetadataImage,
+        clean_shutdown: bool,
+    ) -> Result<(), LogError> {
+        let mut map = HashMap::new();
+        for topic in image.topics.values() {
+            for &p in topic.partitions.keys() {
+                let part = self.open_partition(config, topic, p, clean_shutdown)?;
+                map.insert((topic.name.clone(), p), part);
+            }
+        }
+        *self.partitions.write() = map;
+        self.remove_orphans(image);
+        Ok(())
+    }
+
+    /// Partition directories of topics the image no longer has (a crash between the delete
+    /// record and the directory removal) are removed, so a re-created topic starts empty.
+    fn remove_orphans(&self, image: &MetadataImage) {
+        let Ok(entries) = std::fs::read_dir(&self.data_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if !entry.path().is_dir() || name.starts_with("__cluster_metadata") {
+                continue;
+            }
+            let Some((topic, part)) = name.rsplit_once('-') else {
+                continue;
+            };
+            let Ok(part) = part.parse::<i32>() else {
+                continue;
+            };
+            let known = image
+                .topic(topic)
+                .is_some_and(|t| t.partitions.contains_key(&part));
+            if !known {
+                tracing::warn!(dir = %entry.path().display(), "removing the log of a deleted partition");
+                if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                    tracing::error!(dir = %entry.path().display(), error = %e, "could not remove");
+                }
+            }
+        }
+    }
+
+    /// Brings the hosted partitions in line with a metadata change.
+    pub fn apply_delta(
+        &self,
+        config: &BrokerConfig,
+        image: &MetadataImage,
+        delta: &MetadataDelta,
+    ) -> Result<(), LogError> {
+        for (name, _id, parts) in &delta.deleted_topics {
+            for p in parts {
+                let removed = self.partitions.write().remove(&(name.clone(), *p));
+                if let Some(part) = removed {
+                    if let Some(log) = part.take_log() {
+                        log.delete()?;
+                    }
+                    part.hw_advanced.notify_waiters();
+                }
+            }
+        }
+        for (name, _id, p) in &delta.created_partitions {
+            let Some(topic) = image.topic(name) else {
+                continue;
+            };
+            let part = self.open_partition(config, topic, *p, true)?;
+            self.partitions.write().insert((name.clone(), *p), part);
+        }
+        for name in &delta.changed_topic_configs {
+            let Some(topic) = image.topic(name) else {
+                continue;
+            };
+            let lc = log_config(config, topic);
+            for part in self.all().into_iter().filter(|p| &p.topic == name) {
+                part.set_log_config(lc.clone());
+                part.set_flush_policy(
+                    config.topic_i64(&topic.configs, "flush.messages"),
+                    config.topic_i64(&topic.configs, "flush.ms"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Clean shutdown: close every log (fsync, producer-state snapshot, recovery point).
+    pub fn close_all(&self) -> Result<(), LogError> {
+        let parts: Vec<_> = self.partitions.write().drain().map(|(_, p)| p).collect();
+        let mut first_err = None;
+        for part in parts {
+            if let Some(log) = part.take_log() {
+                if let Err(e) = log.close() {
+                    tracing::error!(topic = %part.topic, partition = part.index, error = %e, "closing log failed");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}

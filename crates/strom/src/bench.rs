@@ -1,0 +1,6 @@
+use clap::Args;
+#[derive(Args)]
+pub struct BenchArgs {}
+pub async fn run(_a: BenchArgs) -> anyhow::Result<()> {
+    Ok(())
+}
