@@ -1,8 +1,11 @@
 //! The Kafka wire as Strom speaks it: frames with size limits, the table of API versions the
 //! broker serves, request-header decoding and response encoding over `kafka-protocol` types,
-//! and (in `batch`, `compression`, `records`) the zero-copy v2 record-batch view.
+//! and the zero-copy v2 record-batch view with its compression codecs.
 
 pub mod api;
+pub mod batch;
+pub mod compression;
 pub mod frame;
+pub mod records;
 
 pub use kafka_protocol;
