@@ -1,1 +1,572 @@
-//! placeholder
+//! One partition's log: an ordered list of segments, appends with validation, offset assignment
+//! and idempotent-producer checks, reads of whole batches by offset, timestamp lookups, and
+//! recovery after a crash. It knows nothing of the network or of other replicas; the broker
+//! owns one `Log` per partition and calls it from one place at a time.
+
+mod producer_state;
+mod segment;
+
+use std::path::{Path, PathBuf};
+
+use strom_proto::batch::{self, validate_batch, BatchError, BatchHeader};
+use strom_proto::records::decode_records;
+
+pub use producer_state::{ProducerState, SequenceCheck};
+use segment::{BatchPos, Segment};
+
+const RECOVERY_POINT_FILE: &str = "recovery-point";
+const PRODUCER_STATE_FILE: &str = "producer-state";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimestampType {
+    CreateTime,
+    LogAppendTime,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub segment_bytes: u64,
+    pub segment_ms: i64,
+    pub index_interval_bytes: u32,
+    pub max_message_bytes: u32,
+    pub timestamp_type: TimestampType,
+    /// Bound on any decompression the log performs (timestamp lookups).
+    pub max_decompressed_bytes: usize,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            segment_bytes: 1 << 30,
+            segment_ms: 7 * 24 * 3600 * 1000,
+            index_interval_bytes: 4096,
+            max_message_bytes: 1_048_588,
+            timestamp_type: TimestampType::CreateTime,
+            max_decompressed_bytes: 64 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendOutcome {
+    pub base_offset: i64,
+    pub last_offset: i64,
+    /// -1 unless the topic uses LogAppendTime.
+    pub log_append_time_ms: i64,
+    /// A retried idempotent batch: these are its original offsets and nothing was written.
+    pub duplicate: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+    #[error("record batch of {size} bytes exceeds max.message.bytes {max}")]
+    MessageTooLarge { size: usize, max: u32 },
+    #[error("offset {offset} is outside the log ({start}..={end})")]
+    OffsetOutOfRange { offset: i64, start: i64, end: i64 },
+    #[error("out of order sequence for producer {producer_id}: expected {expected}, got {got}")]
+    OutOfOrderSequence {
+        producer_id: i64,
+        expected: i32,
+        got: i32,
+    },
+    #[error("producer {producer_id} epoch {got} is older than the current epoch {current}")]
+    InvalidProducerEpoch {
+        producer_id: i64,
+        current: i16,
+        got: i16,
+    },
+    #[error("log i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("log is offline after an unrecoverable write error")]
+    Failed,
+    #[error("log is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Cloned handles of the segment files an fsync must cover, and the offset it makes durable.
+pub struct FlushTarget {
+    pub files: Vec<std::fs::File>,
+    pub end_offset: i64,
+}
+
+impl FlushTarget {
+    pub fn sync(&self) -> std::io::Result<()> {
+        for f in &self.files {
+            f.sync_data()?;
+        }
+        Ok(())
+    }
+}
+
+pub struct Log {
+    dir: PathBuf,
+    config: LogConfig,
+    segments: Vec<Segment>,
+    log_start_offset: i64,
+    flushed_offset: i64,
+    last_flush_ms: i64,
+    producers: ProducerState,
+    failed: bool,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn segment_bases(dir: &Path) -> Result<Vec<i64>, LogError> {
+    let mut bases = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name().to_string_lossy().to_string();
+        if let Some(stem) = name.strip_suffix(".log") {
+            if stem.len() == 20 {
+                if let Ok(base) = stem.parse::<i64>() {
+                    bases.push(base);
+                }
+            }
+        }
+    }
+    bases.sort_unstable();
+    Ok(bases)
+}
+
+impl Log {
+    pub fn open(dir: &Path, config: LogConfig, clean_shutdown: bool) -> Result<Log, LogError> {
+        std::fs::create_dir_all(dir)?;
+        let now = now_ms();
+        let recovery_point: i64 = std::fs::read_to_string(dir.join(RECOVERY_POINT_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let bases = segment_bases(dir)?;
+        let mut segments: Vec<Segment> = Vec::with_capacity(bases.len().max(1));
+        let mut truncated_at: Option<usize> = None;
+        for (i, &base) in bases.iter().enumerate() {
+            let next_base = bases.get(i + 1).copied();
+            // A segment is trusted if the shutdown was clean or it lies wholly below the point
+            // up to which everything was fsynced together with the index files.
+            let trusted = clean_shutdown || next_base.is_some_and(|n| n <= recovery_point);
+            let seg = if trusted {
+                match Segment::open_trusted(dir, base, config.index_interval_bytes, now) {
+                    Ok(s) => s,
+                    Err(LogError::Corrupt(why)) => {
+                        tracing::warn!(%why, "segment inconsistent; recovering it");
+                        Segment::recover(dir, base, config.index_interval_bytes, now)?.0
+                    }
+                    Err(e) => return Err(e),
+                }
+            } else {
+                let (s, truncated) = Segment::recover(dir, base, config.index_interval_bytes, now)?;
+                if truncated && next_base.is_some() {
+                    truncated_at = Some(i);
+                }
+                s
+            };
+            segments.push(seg);
+            if truncated_at.is_some() {
+                break;
+            }
+        }
+        if let Some(i) = truncated_at {
+            // Everything after a corrupt point is unreachable: offsets must stay contiguous.
+            for &base in &bases[i + 1..] {
+                tracing::warn!(base, "removing a segment that follows a truncated one");
+                for ext in ["log", "index", "timeindex"] {
+                    let _ = std::fs::remove_file(dir.join(segment::file_name(base, ext)));
+                }
+            }
+        }
+        if segments.is_empty() {
+            segments.push(Segment::create(dir, 0, now)?);
+        }
+        let log_start_offset = segments[0].base_offset;
+        let leo = segments.last().map(|s| s.next_offset).unwrap_or(0);
+        let mut log = Log {
+            dir: dir.to_path_buf(),
+            config,
+            segments,
+            log_start_offset,
+            flushed_offset: leo,
+            last_flush_ms: now,
+            producers: ProducerState::default(),
+            failed: false,
+        };
+        log.load_producer_state()?;
+        Ok(log)
+    }
+
+    /// Producer state = the snapshot (if it is not ahead of the log) plus a replay of batch
+    /// headers after it.
+    fn load_producer_state(&mut self) -> Result<(), LogError> {
+        let leo = self.log_end_offset();
+        let (state, from) = match ProducerState::read_snapshot(&self.dir.join(PRODUCER_STATE_FILE))
+        {
+            Some((s, off)) if off <= leo && off >= self.log_start_offset => (s, off),
+            _ => (ProducerState::default(), self.log_start_offset),
+        };
+        self.producers = state;
+        let mut offset = from;
+        while offset < leo {
+            let Some((si, b)) = self.locate(offset)? else {
+                break;
+            };
+            let h = self.segments[si].header_at(b.position)?;
+            self.producers.update(&h);
+            offset = b.last_offset + 1;
+        }
+        Ok(())
+    }
+
+    pub fn config(&self) -> &LogConfig {
+        &self.config
+    }
+    pub fn set_config(&mut self, config: LogConfig) {
+        self.config = config;
+    }
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn log_start_offset(&self) -> i64 {
+        self.log_start_offset
+    }
+    pub fn log_end_offset(&self) -> i64 {
+        self.segments.last().map(|s| s.next_offset).unwrap_or(0)
+    }
+    pub fn size_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.size).sum()
+    }
+    pub fn flushed_offset(&self) -> i64 {
+        self.flushed_offset
+    }
+    pub fn unflushed_messages(&self) -> u64 {
+        (self.log_end_offset() - self.flushed_offset).max(0) as u64
+    }
+    pub fn last_flush_ms(&self) -> i64 {
+        self.last_flush_ms
+    }
+    pub fn producer_state(&self) -> &ProducerState {
+        &self.producers
+    }
+
+    fn active(&mut self) -> &mut Segment {
+        // `open` guarantees at least one segment.
+        let last = self.segments.len() - 1;
+        &mut self.segments[last]
+    }
+
+    /// Appends one produce request's records for this partition: exactly one v2 batch (as
+    /// Kafka requires of Produce v3+), validated before anything is written.
+    pub fn append(
+        &mut self,
+        records: &mut [u8],
+        leader_epoch: i32,
+        now_ms: i64,
+    ) -> Result<AppendOutcome, LogError> {
+        if self.failed {
+            return Err(LogError::Failed);
+        }
+        let header = validate_batch(records)?;
+        if records.len() > self.config.max_message_bytes as usize {
+            return Err(LogError::MessageTooLarge {
+                size: records.len(),
+                max: self.config.max_message_bytes,
+            });
+        }
+        match self.producers.check(&header) {
+            SequenceCheck::Accept => {}
+            SequenceCheck::Duplicate(m) => {
+                return Ok(AppendOutcome {
+                    base_offset: m.first_offset,
+                    last_offset: m.last_offset,
+                    log_append_time_ms: -1,
+                    duplicate: true,
+                })
+            }
+            SequenceCheck::OutOfOrder { expected, got } => {
+                return Err(LogError::OutOfOrderSequence {
+                    producer_id: header.producer_id,
+                    expected,
+                    got,
+                })
+            }
+            SequenceCheck::StaleEpoch { current, got } => {
+                return Err(LogError::InvalidProducerEpoch {
+                    producer_id: header.producer_id,
+                    current,
+                    got,
+                })
+            }
+        }
+        let base = self.log_end_offset();
+        batch::set_base_offset(records, base);
+        batch::set_partition_leader_epoch(records, leader_epoch);
+        let log_append_time_ms = if self.config.timestamp_type == TimestampType::LogAppendTime {
+            batch::set_log_append_time(records, now_ms);
+            now_ms
+        } else {
+            -1
+        };
+        self.maybe_roll(records.len() as u64, now_ms)?;
+        let h = BatchHeader::parse(records)?;
+        let interval = self.config.index_interval_bytes;
+        let seg = self.active();
+        let pos = BatchPos {
+            base_offset: base,
+            last_offset: h.last_offset(),
+            position: seg.size,
+            total_len: records.len() as u64,
+            max_timestamp: h.max_timestamp,
+        };
+        if seg.size == 0 {
+            seg.created_ms = now_ms;
+        }
+        match seg.append(records, &pos, interval) {
+            Ok(()) => {}
+            Err(LogError::Failed) => {
+                tracing::error!(dir = %self.dir.display(), "write failed and the segment could not be restored; log is offline for writes");
+                self.failed = true;
+                return Err(LogError::Failed);
+            }
+            Err(e) => return Err(e),
+        }
+        self.producers.update(&h);
+        debug_assert_eq!(self.log_end_offset(), h.last_offset() + 1);
+        Ok(AppendOutcome {
+            base_offset: base,
+            last_offset: h.last_offset(),
+            log_append_time_ms,
+            duplicate: false,
+        })
+    }
+
+    fn maybe_roll(&mut self, incoming: u64, now_ms: i64) -> Result<(), LogError> {
+        let seg_bytes = self.config.segment_bytes;
+        let seg_ms = self.config.segment_ms;
+        let active = self.active();
+        let full = active.size > 0 && active.size + incoming > seg_bytes;
+        let old = active.size > 0 && now_ms.saturating_sub(active.created_ms) >= seg_ms;
+        // Positions are u32 in the index: never let a segment pass 4 GiB.
+        let too_big = active.size + incoming > u32::MAX as u64;
+        if !(full || old || too_big) {
+            return Ok(());
+        }
+        let next = active.next_offset;
+        // The finished segment becomes immutable: fsync it with its index files, then move the
+        // recovery point past it so an unclean restart never rescans it.
+        active.write_index_files()?;
+        active.flushed_next_offset = active.next_offset;
+        let seg = Segment::create(&self.dir, next, now_ms)?;
+        self.segments.push(seg);
+        crate::sync_dir(&self.dir);
+        self.write_recovery_point(next)?;
+        self.flushed_offset = self.flushed_offset.max(next);
+        self.producers
+            .write_snapshot(&self.dir.join(PRODUCER_STATE_FILE), next)?;
+        Ok(())
+    }
+
+    fn write_recovery_point(&self, offset: i64) -> Result<(), LogError> {
+        let path = self.dir.join(RECOVERY_POINT_FILE);
+        let tmp = self.dir.join("recovery-point.tmp");
+        std::fs::write(&tmp, offset.to_string())?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    /// The segment and batch holding `offset` (or the first batch after it).
+    fn locate(&self, offset: i64) -> Result<Option<(usize, BatchPos)>, LogError> {
+        let start = self
+            .segments
+            .partition_point(|s| s.base_offset <= offset)
+            .saturating_sub(1);
+        for (i, seg) in self.segments.iter().enumerate().skip(start) {
+            if let Some(b) = seg.find(offset)? {
+                return Ok(Some((i, b)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whole batches from the one holding `offset`, below `upper_bound`, within `max_bytes`
+    /// (but at least one batch when `min_one_batch`, KIP-74).
+    pub fn read(
+        &self,
+        offset: i64,
+        max_bytes: usize,
+        upper_bound: i64,
+        min_one_batch: bool,
+    ) -> Result<Vec<u8>, LogError> {
+        let leo = self.log_end_offset();
+        if offset < self.log_start_offset || offset > leo {
+            return Err(LogError::OffsetOutOfRange {
+                offset,
+                start: self.log_start_offset,
+                end: leo,
+            });
+        }
+        let mut out = Vec::new();
+        let Some((mut si, first)) = self.locate(offset)? else {
+            return Ok(out);
+        };
+        let mut pos = first.position;
+        loop {
+            let seg = &self.segments[si];
+            let start = pos;
+            let mut end = pos;
+            while end < seg.size {
+                let Some(b) = seg.batch_at(end)? else { break };
+                if b.base_offset >= upper_bound {
+                    break;
+                }
+                let so_far = out.len() as u64 + (end - start);
+                if so_far + b.total_len > max_bytes as u64 && !(so_far == 0 && min_one_batch) {
+                    break;
+                }
+                end += b.total_len;
+            }
+            if end > start {
+                out.extend_from_slice(&seg.read_range(start, end)?);
+            }
+            let exhausted = end >= seg.size;
+            if !exhausted || si + 1 >= self.segments.len() {
+                break;
+            }
+            si += 1;
+            pos = 0;
+        }
+        Ok(out)
+    }
+
+    /// First offset whose record timestamp is >= `ts_ms`, with that timestamp.
+    pub fn offset_for_timestamp(&self, ts_ms: i64) -> Result<Option<(i64, i64)>, LogError> {
+        for seg in &self.segments {
+            if seg.max_timestamp < ts_ms {
+                continue;
+            }
+            let mut offset = seg.time_search_start(ts_ms);
+            while offset < seg.next_offset {
+                let Some(b) = seg.find(offset)? else { break };
+                if b.max_timestamp >= ts_ms {
+                    let batch = seg.read_range(b.position, b.position + b.total_len)?;
+                    let h = BatchHeader::parse(&batch)?;
+                    for r in decode_records(&h, &batch, self.config.max_decompressed_bytes)? {
+                        if r.timestamp >= ts_ms && r.offset >= self.log_start_offset {
+                            return Ok(Some((r.offset, r.timestamp)));
+                        }
+                    }
+                }
+                offset = b.last_offset + 1;
+            }
+        }
+        Ok(None)
+    }
+
+    /// (max timestamp, offset of the first record carrying it), KIP-734.
+    pub fn max_timestamp_and_offset(&self) -> Result<Option<(i64, i64)>, LogError> {
+        let Some(seg) = self
+            .segments
+            .iter()
+            .filter(|s| s.next_offset > s.base_offset)
+            .max_by_key(|s| s.max_timestamp)
+        else {
+            return Ok(None);
+        };
+        let Some(b) = seg.find(seg.max_timestamp_batch)? else {
+            return Ok(None);
+        };
+        let batch = seg.read_range(b.position, b.position + b.total_len)?;
+        let h = BatchHeader::parse(&batch)?;
+        let records = decode_records(&h, &batch, self.config.max_decompressed_bytes)?;
+        Ok(records
+            .iter()
+            .find(|r| r.timestamp == seg.max_timestamp)
+            .map(|r| (r.timestamp, r.offset)))
+    }
+
+    pub fn flush_target(&self) -> Result<Option<FlushTarget>, LogError> {
+        let end = self.log_end_offset();
+        if self.flushed_offset >= end {
+            return Ok(None);
+        }
+        let mut files = Vec::new();
+        for s in self
+            .segments
+            .iter()
+            .filter(|s| s.flushed_next_offset < s.next_offset)
+        {
+            files.push(s.file.try_clone()?);
+        }
+        Ok(Some(FlushTarget {
+            files,
+            end_offset: end,
+        }))
+    }
+
+    pub fn mark_flushed(&mut self, end_offset: i64) {
+        for s in self.segments.iter_mut() {
+            if s.next_offset <= end_offset {
+                s.flushed_next_offset = s.next_offset;
+            } else if s.base_offset < end_offset {
+                s.flushed_next_offset = s.flushed_next_offset.max(end_offset);
+            }
+        }
+        self.flushed_offset = self.flushed_offset.max(end_offset);
+        self.last_flush_ms = now_ms();
+    }
+
+    /// Clean close: fsync data and index files, write the producer snapshot and recovery point.
+    pub fn close(mut self) -> Result<(), LogError> {
+        let leo = self.log_end_offset();
+        self.active().write_index_files()?;
+        self.producers
+            .write_snapshot(&self.dir.join(PRODUCER_STATE_FILE), leo)?;
+        self.write_recovery_point(leo)?;
+        sync_dir(&self.dir);
+        Ok(())
+    }
+
+    pub fn delete(self) -> Result<(), LogError> {
+        std::fs::remove_dir_all(&self.dir)?;
+        Ok(())
+    }
+
+    /// Drops every batch at or after `offset` (for replication); producer state is rebuilt.
+    pub fn truncate_to(&mut self, offset: i64) -> Result<(), LogError> {
+        if offset >= self.log_end_offset() {
+            return Ok(());
+        }
+        let offset = offset.max(self.log_start_offset);
+        while self.segments.len() > 1
+            && self
+                .segments
+                .last()
+                .is_some_and(|s| s.base_offset >= offset)
+        {
+            if let Some(s) = self.segments.pop() {
+                s.delete_files();
+            }
+        }
+        let interval = self.config.index_interval_bytes;
+        self.active().truncate_to(offset, interval)?;
+        let leo = self.log_end_offset();
+        self.flushed_offset = self.flushed_offset.min(leo);
+        let rp = self.flushed_offset.min(self.active().base_offset);
+        self.write_recovery_point(rp)?;
+        let _ = std::fs::remove_file(self.dir.join(PRODUCER_STATE_FILE));
+        self.load_producer_state()
+    }
+}
+
+pub(crate) fn sync_dir(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,330 @@
+use super::*;
+use std::os::unix::fs::FileExt;
+use strom_proto::compression::Compression;
+use strom_proto::records::{encode_batch, NewRecord, ProducerInfo};
+
+fn batch(n: usize, ts: i64, value_bytes: usize) -> Vec<u8> {
+    batch_with(
+        n,
+        ts,
+        value_bytes,
+        Compression::None,
+        ProducerInfo::default(),
+    )
+}
+
+fn batch_with(
+    n: usize,
+    ts: i64,
+    value_bytes: usize,
+    codec: Compression,
+    p: ProducerInfo,
+) -> Vec<u8> {
+    let recs: Vec<NewRecord> = (0..n)
+        .map(|i| NewRecord {
+            key: Some(format!("k{i}").into_bytes()),
+            value: Some(vec![b'v'; value_bytes]),
+            headers: vec![],
+            timestamp: ts + i as i64,
+        })
+        .collect();
+    encode_batch(&recs, codec, p).unwrap()
+}
+
+fn small_config() -> LogConfig {
+    LogConfig {
+        segment_bytes: 2000,
+        index_interval_bytes: 300,
+        ..LogConfig::default()
+    }
+}
+
+fn offsets_of(data: &[u8]) -> Vec<(i64, i64)> {
+    strom_proto::batch::BatchIter::new(data)
+        .map(|b| {
+            let (h, _) = b.unwrap();
+            (h.base_offset, h.last_offset())
+        })
+        .collect()
+}
+
+#[test]
+fn append_and_read_across_rolled_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), small_config(), true).unwrap();
+    for i in 0..50 {
+        let mut b = batch(3, 1000 + i * 10, 50);
+        let out = log.append(&mut b, 7, 0).unwrap();
+        assert_eq!(out.base_offset, i * 3);
+        assert_eq!(out.last_offset, i * 3 + 2);
+    }
+    assert!(
+        log.segments.len() > 3,
+        "segments rolled: {}",
+        log.segments.len()
+    );
+    assert_eq!(log.log_end_offset(), 150);
+    // Everything, in order, contiguous.
+    let all = log.read(0, usize::MAX, 150, true).unwrap();
+    let offs = offsets_of(&all);
+    assert_eq!(offs.len(), 50);
+    for (i, (b, l)) in offs.iter().enumerate() {
+        assert_eq!((*b, *l), (i as i64 * 3, i as i64 * 3 + 2));
+    }
+    // From the middle of a batch: that batch first.
+    let mid = log.read(31, 1, 150, true).unwrap();
+    assert_eq!(
+        offsets_of(&mid),
+        vec![(30, 32)],
+        "KIP-74: one whole batch even over max_bytes"
+    );
+    assert!(log.read(31, 1, 150, false).unwrap().is_empty());
+    // Upper bound (high watermark) respected.
+    let hw = log.read(0, usize::MAX, 9, true).unwrap();
+    assert_eq!(offsets_of(&hw).last().unwrap().1, 8);
+    assert!(log.read(150, 100, 150, true).unwrap().is_empty());
+    assert!(matches!(
+        log.read(151, 100, 150, true),
+        Err(LogError::OffsetOutOfRange { .. })
+    ));
+    // Leader epoch stamped.
+    let h = BatchHeader::parse(&all).unwrap();
+    assert_eq!(h.partition_leader_epoch, 7);
+    validate_batch(&all[..h.total_len()]).unwrap();
+}
+
+#[test]
+fn reopen_clean_and_unclean_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), small_config(), true).unwrap();
+    for i in 0..40 {
+        log.append(&mut batch(2, i, 40), 0, 0).unwrap();
+    }
+    let before = log.read(0, usize::MAX, i64::MAX, true).unwrap();
+    log.close().unwrap();
+    assert!(dir.path().join("00000000000000000000.index").exists());
+    let log = Log::open(dir.path(), small_config(), true).unwrap();
+    assert_eq!(log.log_end_offset(), 80);
+    assert_eq!(log.read(0, usize::MAX, i64::MAX, true).unwrap(), before);
+    drop(log);
+    let mut log = Log::open(dir.path(), small_config(), false).unwrap();
+    assert_eq!(log.read(0, usize::MAX, i64::MAX, true).unwrap(), before);
+    assert_eq!(
+        log.append(&mut batch(1, 0, 1), 0, 0).unwrap().base_offset,
+        80
+    );
+}
+
+#[test]
+fn torn_and_corrupt_tails_are_truncated() {
+    for damage in ["torn", "flip", "garbage-length"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(dir.path(), LogConfig::default(), true).unwrap();
+        for i in 0..10 {
+            log.append(&mut batch(2, i, 30), 0, 0).unwrap();
+        }
+        let path = dir.path().join("00000000000000000000.log");
+        let len = std::fs::metadata(&path).unwrap().len();
+        drop(log); // no clean close: simulates kill -9
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        match damage {
+            "torn" => f.set_len(len - 5).unwrap(),
+            "flip" => f.write_all_at(&[0xAB], len - 3).unwrap(),
+            _ => f
+                .write_all_at(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], len)
+                .unwrap(),
+        }
+        drop(f);
+        let mut log = Log::open(dir.path(), LogConfig::default(), false).unwrap();
+        let expected_end = if damage == "garbage-length" { 20 } else { 18 };
+        assert_eq!(log.log_end_offset(), expected_end, "{damage}");
+        let out = log.append(&mut batch(1, 0, 1), 0, 0).unwrap();
+        assert_eq!(
+            out.base_offset, expected_end,
+            "offsets continue with no gap ({damage})"
+        );
+        let all = log.read(0, usize::MAX, i64::MAX, true).unwrap();
+        for b in strom_proto::batch::BatchIter::new(&all) {
+            validate_batch(b.unwrap().1).unwrap();
+        }
+    }
+}
+
+#[test]
+fn idempotent_producer_rules_survive_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |seq| ProducerInfo {
+        producer_id: 42,
+        producer_epoch: 0,
+        base_sequence: seq,
+    };
+    let mut log = Log::open(dir.path(), small_config(), true).unwrap();
+    log.append(&mut batch(1, 0, 5), 0, 0).unwrap();
+    let first = log
+        .append(&mut batch_with(3, 0, 5, Compression::None, p(0)), 0, 0)
+        .unwrap();
+    assert_eq!(first.base_offset, 1);
+    let dup = log
+        .append(&mut batch_with(3, 0, 5, Compression::None, p(0)), 0, 0)
+        .unwrap();
+    assert!(dup.duplicate);
+    assert_eq!((dup.base_offset, dup.last_offset), (1, 3));
+    assert_eq!(log.log_end_offset(), 4, "a duplicate writes nothing");
+    assert!(matches!(
+        log.append(&mut batch_with(1, 0, 5, Compression::None, p(5)), 0, 0),
+        Err(LogError::OutOfOrderSequence {
+            expected: 3,
+            got: 5,
+            ..
+        })
+    ));
+    log.append(&mut batch_with(2, 0, 5, Compression::None, p(3)), 0, 0)
+        .unwrap();
+    drop(log); // unclean: state is rebuilt from the log
+    let mut log = Log::open(dir.path(), small_config(), false).unwrap();
+    let dup = log
+        .append(&mut batch_with(2, 0, 5, Compression::None, p(3)), 0, 0)
+        .unwrap();
+    assert!(dup.duplicate);
+    assert_eq!(dup.base_offset, 4);
+    log.close().unwrap();
+    let mut log = Log::open(dir.path(), small_config(), true).unwrap();
+    let dup = log
+        .append(&mut batch_with(3, 0, 5, Compression::None, p(0)), 0, 0)
+        .unwrap();
+    assert!(dup.duplicate && dup.base_offset == 1);
+    let stale = ProducerInfo {
+        producer_id: 42,
+        producer_epoch: 1,
+        base_sequence: 0,
+    };
+    log.append(&mut batch_with(1, 0, 5, Compression::None, stale), 0, 0)
+        .unwrap();
+    assert!(matches!(
+        log.append(&mut batch_with(1, 0, 5, Compression::None, p(5)), 0, 0),
+        Err(LogError::InvalidProducerEpoch { .. })
+    ));
+}
+
+#[test]
+fn validation_refuses_bad_batches_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(
+        dir.path(),
+        LogConfig {
+            max_message_bytes: 500,
+            ..LogConfig::default()
+        },
+        true,
+    )
+    .unwrap();
+    let mut b = batch(2, 0, 10);
+    let last = b.len() - 1;
+    b[last] ^= 0x55;
+    assert!(matches!(
+        log.append(&mut b, 0, 0),
+        Err(LogError::Batch(BatchError::CorruptCrc { .. }))
+    ));
+    assert!(matches!(
+        log.append(&mut batch(10, 0, 100), 0, 0),
+        Err(LogError::MessageTooLarge { .. })
+    ));
+    let mut two = batch(1, 0, 1);
+    two.extend_from_slice(&batch(1, 0, 1));
+    assert!(log.append(&mut two, 0, 0).is_err());
+    assert_eq!(log.log_end_offset(), 0);
+}
+
+#[test]
+fn log_append_time_and_timestamp_lookups() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), small_config(), true).unwrap();
+    for i in 0..30 {
+        let mut b = batch_with(
+            4,
+            1000 + i * 100,
+            20,
+            Compression::Zstd,
+            ProducerInfo::default(),
+        );
+        log.append(&mut b, 0, 0).unwrap();
+    }
+    // Batch i holds records with timestamps 1000+i*100 .. +3 at offsets 4i..4i+3.
+    assert_eq!(log.offset_for_timestamp(0).unwrap(), Some((0, 1000)));
+    assert_eq!(log.offset_for_timestamp(1502).unwrap(), Some((22, 1502)));
+    assert_eq!(log.offset_for_timestamp(1504).unwrap(), Some((24, 1600)));
+    assert_eq!(log.offset_for_timestamp(99_999).unwrap(), None);
+    assert_eq!(log.max_timestamp_and_offset().unwrap(), Some((3903, 119)));
+
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut lat = Log::open(
+        dir2.path(),
+        LogConfig {
+            timestamp_type: TimestampType::LogAppendTime,
+            ..LogConfig::default()
+        },
+        true,
+    )
+    .unwrap();
+    let out = lat.append(&mut batch(2, 5, 1), 0, 777).unwrap();
+    assert_eq!(out.log_append_time_ms, 777);
+    let data = lat.read(0, usize::MAX, i64::MAX, true).unwrap();
+    let h = validate_batch(&data).unwrap();
+    assert!(h.is_log_append_time());
+    assert_eq!(h.max_timestamp, 777);
+}
+
+#[test]
+fn flush_bookkeeping() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), small_config(), true).unwrap();
+    assert!(log.flush_target().unwrap().is_none());
+    for i in 0..20 {
+        log.append(&mut batch(1, i, 100), 0, 0).unwrap();
+    }
+    let t = log.flush_target().unwrap().unwrap();
+    assert_eq!(t.end_offset, 20);
+    assert!(!t.files.is_empty());
+    t.sync().unwrap();
+    log.mark_flushed(t.end_offset);
+    assert_eq!(log.flushed_offset(), 20);
+    assert_eq!(log.unflushed_messages(), 0);
+    assert!(log.flush_target().unwrap().is_none());
+}
+
+#[test]
+fn truncate_to_drops_the_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), small_config(), true).unwrap();
+    for i in 0..40 {
+        log.append(&mut batch(2, i, 40), 0, 0).unwrap();
+    }
+    log.truncate_to(31).unwrap();
+    assert_eq!(
+        log.log_end_offset(),
+        30,
+        "truncation is at batch boundaries"
+    );
+    assert_eq!(
+        log.append(&mut batch(1, 0, 1), 0, 0).unwrap().base_offset,
+        30
+    );
+}
+
+#[test]
+fn write_error_leaves_the_log_readable() {
+    // A read-only segment file makes the write fail like a full disk would.
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), LogConfig::default(), true).unwrap();
+    log.append(&mut batch(2, 0, 10), 0, 0).unwrap();
+    let ro = std::fs::File::open(dir.path().join("00000000000000000000.log")).unwrap();
+    let good = std::mem::replace(&mut log.active().file, ro);
+    let err = log.append(&mut batch(2, 0, 10), 0, 0).unwrap_err();
+    assert!(matches!(err, LogError::Io(_) | LogError::Failed), "{err}");
+    assert_eq!(log.log_end_offset(), 2);
+    log.active().file = good;
+    assert_eq!(
+        offsets_of(&log.read(0, usize::MAX, i64::MAX, true).unwrap()),
+        vec![(0, 1)]
+    );
+}
