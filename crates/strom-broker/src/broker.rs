@@ -152,7 +152,8 @@ impl Broker {
             image = image.apply(first, std::slice::from_ref(&me)).0;
         }
 
-        let replicas = ReplicaManager::new(dir.clone());
+        let replicas =
+            ReplicaManager::new(dir.clone()).map_err(|e| StartError::DataDir(dir.clone(), e))?;
         let started = std::time::Instant::now();
         replicas.load(&opts.config, &image, clean_shutdown)?;
         tracing::info!(
@@ -277,6 +278,7 @@ impl RunningBroker {
         let max_connections = broker.config.i64("max.connections").max(1) as usize;
         let mut shutdown = broker.shutdown_signal();
         let ticker = tokio::spawn(flush_ticker(broker.clone()));
+        let flusher = tokio::spawn(broker.replicas.flusher.clone().run());
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
@@ -312,6 +314,7 @@ impl RunningBroker {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         ticker.abort();
+        flusher.abort();
         let dir = broker.replicas_data_dir();
         tokio::task::block_in_place(|| broker.replicas.close_all())?;
         let marker = dir.join(CLEAN_SHUTDOWN_FILE);

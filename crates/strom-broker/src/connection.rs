@@ -73,7 +73,14 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
                 }
             }
             Ok(Reply::Later(fut)) => {
-                if tx.send(fut).await.is_err() {
+                // Run it now, not when the writer reaches it: a produce must start its group
+                // commit at once, even while earlier responses on this connection are pending.
+                let task = tokio::spawn(fut);
+                if tx
+                    .send(Box::pin(async move { task.await.ok().flatten() }))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }

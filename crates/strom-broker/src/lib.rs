@@ -6,6 +6,7 @@ pub mod config;
 pub mod connection;
 pub mod error;
 pub mod fetch_session;
+pub mod flusher;
 pub mod handlers;
 pub mod partition;
 pub mod replica_manager;

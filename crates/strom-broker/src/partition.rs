@@ -4,15 +4,17 @@
 //!
 //! Durability: with `flush.messages` = 1 (Strom's default) the high watermark is the flushed
 //! offset, so a consumer never sees a record that a crash could take back, and an acks>=1
-//! produce is answered only once its records are fsynced. Concurrent producers share one fsync:
-//! whoever holds `flush_lock` syncs everything appended so far.
+//! produce is answered only once its records are fsynced. Concurrent producers, on all
+//! partitions, share each fsync through the broker's `Flusher`.
 
-use std::sync::atomic::{AtomicI32, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use strom_log::{AppendOutcome, Log, LogConfig, LogError};
-use tokio::sync::Notify;
+use strom_log::{AppendOutcome, FlushTarget, Log, LogConfig, LogError};
+use tokio::sync::{watch, Notify};
+
+use crate::flusher::Flusher;
 
 pub struct Partition {
     pub topic: String,
@@ -23,12 +25,14 @@ pub struct Partition {
     high_watermark: AtomicI64,
     log_end_offset: AtomicI64,
     log_start_offset: AtomicI64,
-    flushed_offset: AtomicI64,
     leader_epoch: AtomicI32,
     /// 1 = durable mode (fsync before ack); larger = lazy flushing.
     flush_messages: AtomicI64,
     flush_ms: AtomicI64,
-    flush_lock: tokio::sync::Mutex<()>,
+    /// (flushed offset, failed rounds): waiters watch it.
+    flush_state: watch::Sender<(i64, u64)>,
+    flush_queued: AtomicBool,
+    flusher: Arc<Flusher>,
     /// Woken whenever the high watermark moves.
     pub hw_advanced: Notify,
 }
@@ -40,8 +44,8 @@ impl Partition {
         index: i32,
         log: Log,
         leader_epoch: i32,
-        flush_messages: i64,
-        flush_ms: i64,
+        (flush_messages, flush_ms): (i64, i64),
+        flusher: Arc<Flusher>,
     ) -> Self {
         let leo = log.log_end_offset();
         let flushed = log.flushed_offset().min(leo);
@@ -53,11 +57,12 @@ impl Partition {
             high_watermark: AtomicI64::new(if lazy { leo } else { flushed }),
             log_end_offset: AtomicI64::new(leo),
             log_start_offset: AtomicI64::new(log.log_start_offset()),
-            flushed_offset: AtomicI64::new(flushed),
             leader_epoch: AtomicI32::new(leader_epoch),
             flush_messages: AtomicI64::new(flush_messages.max(1)),
             flush_ms: AtomicI64::new(flush_ms),
-            flush_lock: tokio::sync::Mutex::new(()),
+            flush_state: watch::channel((flushed, 0)).0,
+            flush_queued: AtomicBool::new(false),
+            flusher,
             hw_advanced: Notify::new(),
             log: Mutex::new(Some(log)),
         }
@@ -131,56 +136,64 @@ impl Partition {
     }
 
     /// Resolves once every offset below `end_offset` is on disk (durable mode), or at once in
-    /// lazy mode. A flush error is returned to every waiter of that flush.
+    /// lazy mode. A failed fsync fails every waiter of that round.
     pub async fn wait_durable(self: &Arc<Self>, end_offset: i64) -> Result<(), LogError> {
         if !self.is_durable_mode() {
             return Ok(());
         }
-        self.flush_to(end_offset).await
-    }
-
-    async fn flush_to(self: &Arc<Self>, end_offset: i64) -> Result<(), LogError> {
-        if self.flushed_offset.load(Ordering::Acquire) >= end_offset {
+        let mut rx = self.flush_state.subscribe();
+        let failures_before = rx.borrow().1;
+        if rx.borrow().0 >= end_offset {
             return Ok(());
         }
-        let _guard = self.flush_lock.lock().await;
-        if self.flushed_offset.load(Ordering::Acquire) >= end_offset {
-            return Ok(());
+        self.spawn_flush();
+        loop {
+            let (flushed, failures) = *rx.borrow_and_update();
+            if flushed >= end_offset {
+                return Ok(());
+            }
+            if failures != failures_before {
+                return Err(LogError::Io(std::io::Error::other("fsync failed")));
+            }
+            if rx.changed().await.is_err() {
+                return Err(LogError::Failed);
+            }
         }
-        self.flush_now().await
     }
 
-    /// Fsyncs everything appended so far (caller holds `flush_lock`).
-    async fn flush_now(self: &Arc<Self>) -> Result<(), LogError> {
-        let target = self.with_log(|log| log.flush_target())?;
-        let Some(target) = target else {
-            return Ok(());
+    /// Queues this partition for the flusher's next round (at most once at a time).
+    pub fn spawn_flush(self: &Arc<Self>) {
+        if !self.flush_queued.swap(true, Ordering::AcqRel) {
+            self.flusher.enqueue(self.clone());
+        }
+    }
+
+    pub(crate) fn clear_queued(&self) {
+        self.flush_queued.store(false, Ordering::Release);
+    }
+
+    pub(crate) fn flush_target(&self) -> Result<Option<FlushTarget>, LogError> {
+        self.with_log(|log| log.flush_target())
+    }
+
+    /// The flusher made everything below `end` durable (`None`: nothing was dirty).
+    pub(crate) fn flush_done(&self, end: Option<i64>) {
+        let Some(end) = end else {
+            self.flush_state.send_modify(|_| {});
+            return;
         };
-        let end = target.end_offset;
-        let target = tokio::task::spawn_blocking(move || target.sync().map(|_| ()))
-            .await
-            .map_err(|e| LogError::Io(std::io::Error::other(e.to_string())))?;
-        target?;
-        self.with_log(|log| {
+        let _ = self.with_log(|log| {
             log.mark_flushed(end);
             Ok(())
-        })?;
-        self.flushed_offset.fetch_max(end, Ordering::AcqRel);
+        });
+        self.flush_state.send_modify(|s| s.0 = s.0.max(end));
         if self.is_durable_mode() {
             self.advance_hw(end.min(self.log_end_offset()));
         }
-        Ok(())
     }
 
-    /// Flushes in the background (acks=0 in durable mode, lazy mode thresholds).
-    pub fn spawn_flush(self: &Arc<Self>) {
-        let me = Arc::clone(self);
-        tokio::spawn(async move {
-            let end = me.log_end_offset();
-            if let Err(e) = me.flush_to(end).await {
-                tracing::error!(topic = %me.topic, partition = me.index, error = %e, "background flush failed");
-            }
-        });
+    pub(crate) fn flush_failed(&self) {
+        self.flush_state.send_modify(|s| s.1 += 1);
     }
 
     /// Lazy mode: flush when `flush.ms` has passed since the last flush. Called by a ticker.

@@ -12,11 +12,13 @@ use strom_log::{Log, LogConfig, LogError, TimestampType};
 use strom_meta::image::{MetadataDelta, MetadataImage, TopicImage};
 
 use crate::config::BrokerConfig;
+use crate::flusher::Flusher;
 use crate::partition::Partition;
 
 pub struct ReplicaManager {
     data_dir: PathBuf,
     partitions: RwLock<HashMap<(String, i32), Arc<Partition>>>,
+    pub flusher: Arc<Flusher>,
 }
 
 /// The log settings of a topic: its overrides on top of the broker's settings.
@@ -41,11 +43,12 @@ fn partition_dir(data_dir: &Path, topic: &str, partition: i32) -> PathBuf {
 }
 
 impl ReplicaManager {
-    pub fn new(data_dir: PathBuf) -> Self {
-        ReplicaManager {
+    pub fn new(data_dir: PathBuf) -> std::io::Result<Self> {
+        Ok(ReplicaManager {
+            flusher: Flusher::new(&data_dir)?,
             data_dir,
             partitions: RwLock::new(HashMap::new()),
-        }
+        })
     }
 
     pub fn get(&self, topic: &str, partition: i32) -> Option<Arc<Partition>> {
@@ -79,8 +82,11 @@ impl ReplicaManager {
             partition,
             log,
             epoch,
-            config.topic_i64(&topic.configs, "flush.messages"),
-            config.topic_i64(&topic.configs, "flush.ms"),
+            (
+                config.topic_i64(&topic.configs, "flush.messages"),
+                config.topic_i64(&topic.configs, "flush.ms"),
+            ),
+            self.flusher.clone(),
         )))
     }
 
