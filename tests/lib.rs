@@ -1,1 +1,314 @@
-//! Test kit for black-box tests.
+//! Test kit for black-box tests: start real `strom` processes on loopback, kill and restart
+//! them, and speak raw Kafka wire to them when a test needs bytes no client would send.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
+use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
+
+pub mod proxy;
+
+/// The strom binary: `STROM_BIN`, else the release (then debug) build in the target dir.
+pub fn strom_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("STROM_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf();
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    for profile in ["release", "debug"] {
+        let p = target.join(profile).join("strom");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!(
+        "no strom binary: build it with `cargo build --release -p strom` or set STROM_BIN (looked in {})",
+        target.display()
+    );
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `strom server` with its own data directory.
+pub struct StromProcess {
+    child: Option<Child>,
+    pub port: u16,
+    data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    args: Vec<String>,
+    pub log_path: PathBuf,
+}
+
+impl StromProcess {
+    /// Starts a broker with extra `--set name=value` settings.
+    pub fn start(sets: &[&str]) -> StromProcess {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        Self::start_in(dir, Some(tmp), sets)
+    }
+
+    pub fn start_in(
+        data_dir: PathBuf,
+        tmp: Option<tempfile::TempDir>,
+        sets: &[&str],
+    ) -> StromProcess {
+        let mut args = Vec::new();
+        for s in sets {
+            args.push("--set".to_string());
+            args.push(s.to_string());
+        }
+        let log_path = std::env::temp_dir().join(format!(
+            "strom-test-{}-{}.log",
+            std::process::id(),
+            free_port()
+        ));
+        let mut p = StromProcess {
+            child: None,
+            port: free_port(),
+            data_dir,
+            _tmp: tmp,
+            args,
+            log_path,
+        };
+        p.spawn();
+        p
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let child = Command::new(strom_bin())
+            .arg("server")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn strom");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(self.addr()).is_err() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("strom exited with {status} at start:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "strom did not start listening:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait (bounded) for a clean exit; returns whether it exited successfully.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc_kill(c.id() as i32, 15);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts again on the same port and data directory.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart after kill9 or terminate");
+        self.spawn();
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+impl Drop for StromProcess {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = std::fs::remove_file(&self.log_path);
+    }
+}
+
+/// A raw Kafka connection: send requests built from `kafka-protocol` types (or any bytes) and
+/// read responses.
+pub struct RawClient {
+    pub stream: TcpStream,
+    correlation_id: i32,
+}
+
+impl RawClient {
+    pub fn connect(addr: SocketAddr) -> RawClient {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        RawClient {
+            stream,
+            correlation_id: 0,
+        }
+    }
+
+    pub fn send_bytes(&mut self, body: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(&(body.len() as i32).to_be_bytes())?;
+        self.stream.write_all(body)
+    }
+
+    /// Reads one response frame; `None` if the broker closed the connection.
+    pub fn read_frame(&mut self) -> Option<Bytes> {
+        let mut len = [0u8; 4];
+        self.stream.read_exact(&mut len).ok()?;
+        let len = i32::from_be_bytes(len);
+        assert!(len >= 0, "negative response size");
+        let mut buf = vec![0u8; len as usize];
+        self.stream.read_exact(&mut buf).ok()?;
+        Some(Bytes::from(buf))
+    }
+
+    /// True when the broker has closed this connection (EOF within the timeout).
+    pub fn is_closed_by_peer(&mut self) -> bool {
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        matches!(self.stream.read(&mut b), Ok(0) | Err(_))
+    }
+
+    pub fn header(&mut self, key: ApiKey, version: i16) -> RequestHeader {
+        self.correlation_id += 1;
+        RequestHeader::default()
+            .with_request_api_key(key as i16)
+            .with_request_api_version(version)
+            .with_correlation_id(self.correlation_id)
+            .with_client_id(Some(StrBytes::from_static_str("strom-tests")))
+    }
+
+    /// Sends a typed request and decodes the typed response.
+    pub fn call<Req: Encodable + HeaderVersion, Resp: Decodable + HeaderVersion>(
+        &mut self,
+        key: ApiKey,
+        version: i16,
+        req: &Req,
+    ) -> Resp {
+        self.try_call(key, version, req)
+            .expect("broker closed the connection")
+    }
+
+    pub fn try_call<Req: Encodable + HeaderVersion, Resp: Decodable + HeaderVersion>(
+        &mut self,
+        key: ApiKey,
+        version: i16,
+        req: &Req,
+    ) -> Option<Resp> {
+        let header = self.header(key, version);
+        let mut buf = BytesMut::new();
+        header
+            .encode(&mut buf, Req::header_version(version))
+            .unwrap();
+        req.encode(&mut buf, version).unwrap();
+        self.send_bytes(&buf).ok()?;
+        let mut frame = self.read_frame()?;
+        let rh = ResponseHeader::decode(&mut frame, Resp::header_version(version)).unwrap();
+        assert_eq!(rh.correlation_id, header.correlation_id);
+        let resp = Resp::decode(&mut frame, version).unwrap();
+        assert_eq!(frame.remaining(), 0, "response has trailing bytes");
+        Some(resp)
+    }
+}
+
+/// Builds raw request bytes (header v1) with an arbitrary body, for malformed-input tests.
+pub fn raw_request(key: i16, version: i16, correlation_id: i32, body: &[u8]) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    b.put_i16(key);
+    b.put_i16(version);
+    b.put_i32(correlation_id);
+    b.put_i16(5);
+    b.put_slice(b"tests");
+    b.put_slice(body);
+    b.to_vec()
+}
+
+/// A header v2 (flexible) request with an arbitrary body.
+pub fn raw_flexible_request(key: i16, version: i16, correlation_id: i32, body: &[u8]) -> Vec<u8> {
+    let mut b = raw_request(key, version, correlation_id, &[]);
+    b.push(0); // no tagged fields in the header
+    b.extend_from_slice(body);
+    b
+}
+
+/// Polls `f` until it returns Some, or panics after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
