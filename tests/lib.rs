@@ -68,7 +68,18 @@ impl StromProcess {
         tmp: Option<tempfile::TempDir>,
         sets: &[&str],
     ) -> StromProcess {
-        let mut args = Vec::new();
+        Self::start_with(data_dir, tmp, None, sets, &[])
+    }
+
+    /// Full control: a fixed port (else a free one) and extra command-line arguments.
+    pub fn start_with(
+        data_dir: PathBuf,
+        tmp: Option<tempfile::TempDir>,
+        port: Option<u16>,
+        sets: &[&str],
+        extra_args: &[&str],
+    ) -> StromProcess {
+        let mut args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
         for s in sets {
             args.push("--set".to_string());
             args.push(s.to_string());
@@ -80,7 +91,7 @@ impl StromProcess {
         ));
         let mut p = StromProcess {
             child: None,
-            port: free_port(),
+            port: port.unwrap_or_else(free_port),
             data_dir,
             _tmp: tmp,
             args,

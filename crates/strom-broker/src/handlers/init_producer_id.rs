@@ -13,9 +13,17 @@ use crate::broker::Broker;
 pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError> {
     let req: InitProducerIdRequest = ctx.decode()?;
     let mut resp = InitProducerIdResponse::default();
-    if req.transactional_id.is_some() {
-        resp.error_code = ResponseError::CoordinatorNotAvailable.code();
-        return ctx.reply(&resp);
+    match &req.transactional_id {
+        None => {}
+        // As Kafka's TransactionCoordinator: an empty transactional id is a bad request.
+        Some(t) if t.0.is_empty() => {
+            resp.error_code = ResponseError::InvalidRequest.code();
+            return ctx.reply(&resp);
+        }
+        Some(_) => {
+            resp.error_code = ResponseError::CoordinatorNotAvailable.code();
+            return ctx.reply(&resp);
+        }
     }
     match broker.next_producer_id() {
         Ok(id) => {

@@ -1,0 +1,323 @@
+//! Nothing acknowledged is lost: kill -9 under load, restarts, idempotent retries.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use kafka_protocol::messages::{
+    ApiKey, InitProducerIdRequest, InitProducerIdResponse, ProduceRequest, ProduceResponse,
+    TopicName,
+};
+use kafka_protocol::protocol::StrBytes;
+use rdkafka::consumer::Consumer;
+use rdkafka::producer::FutureRecord;
+use strom_proto::compression::Compression;
+use strom_proto::records::{encode_batch, NewRecord, ProducerInfo};
+use strom_tests::proxy::Proxy;
+use strom_tests::{free_port, RawClient, StromProcess};
+
+/// Reads every record of `topic` up to the high watermark: (partition, offset, value).
+fn read_everything(bootstrap: &str, topic: &str, partitions: i32) -> Vec<(i32, i64, Vec<u8>)> {
+    let c = consumer(bootstrap);
+    let mut total = 0usize;
+    for p in 0..partitions {
+        let (lo, hi) = c
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(lo, 0);
+        total += hi as usize;
+    }
+    consume(bootstrap, topic, partitions, total, Duration::from_secs(60))
+        .into_iter()
+        .map(|(p, o, r)| (p, o, r.value))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_dash_nine_under_load_loses_no_acknowledged_record() {
+    let mut s = StromProcess::start(&[]);
+    create_topic(&s.bootstrap(), "dur", 2, &[]).await;
+    let p = producer(
+        &s.bootstrap(),
+        &[
+            ("message.timeout.ms", "3000"),
+            ("retries", "0"),
+            ("linger.ms", "1"),
+        ],
+    );
+    let acked: Arc<Mutex<HashMap<u64, (i32, i64)>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (acked2, stop2) = (acked.clone(), stop.clone());
+    let writer = tokio::spawn(async move {
+        let mut pending = Vec::new();
+        let mut id = 0u64;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            let payload = format!("rec-{id}");
+            let key = id.to_string();
+            let fr = FutureRecord::to("dur")
+                .payload(&payload)
+                .key(&key)
+                .partition((id % 2) as i32);
+            match p.send_result(fr) {
+                Ok(f) => pending.push((id, f)),
+                Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+            id += 1;
+            if pending.len() >= 2000 {
+                for (id, f) in pending.drain(..) {
+                    if let Ok(Ok(d)) = f.await {
+                        acked2.lock().unwrap().insert(id, (d.partition, d.offset));
+                    }
+                }
+            }
+        }
+        for (id, f) in pending.drain(..) {
+            if let Ok(Ok(d)) = f.await {
+                acked2.lock().unwrap().insert(id, (d.partition, d.offset));
+            }
+        }
+        id
+    });
+    // Let it stream at full rate, then kill the broker mid-stream.
+    wait_until(Duration::from_secs(30), || {
+        acked.lock().unwrap().len() > 20_000
+    })
+    .await;
+    s.kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = writer.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 20_000 && (acked.len() as u64) < sent,
+        "acked {} of {sent}",
+        acked.len()
+    );
+
+    s.restart();
+    let log = read_everything(&s.bootstrap(), "dur", 2);
+    let mut next = [0i64; 2];
+    let mut seen = HashSet::new();
+    let mut at: HashMap<(i32, i64), u64> = HashMap::new();
+    for (p, off, v) in &log {
+        assert_eq!(*off, next[*p as usize], "offsets contiguous after recovery");
+        next[*p as usize] += 1;
+        let id: u64 = String::from_utf8_lossy(v)
+            .trim_start_matches("rec-")
+            .parse()
+            .unwrap();
+        assert!(seen.insert(id), "record {id} stored twice");
+        at.insert((*p, *off), id);
+    }
+    for (id, po) in &acked {
+        assert_eq!(
+            at.get(po),
+            Some(id),
+            "acknowledged record {id} at {po:?} lost or moved"
+        );
+    }
+    // Offsets continue after the recovered end, with no gap and no reuse.
+    let p = producer(&s.bootstrap(), &[]);
+    for part in 0..2 {
+        let d = p
+            .send(
+                FutureRecord::to("dur")
+                    .payload("after")
+                    .key("k")
+                    .partition(part),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        assert_eq!(d.offset, next[part as usize]);
+    }
+}
+
+async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "condition not reached in {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idempotent_producer_through_dropped_connections_has_no_duplicates() {
+    let port = free_port();
+    let proxy = Proxy::start(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let advertise = proxy.addr.to_string();
+    let s = StromProcess::start_with(
+        tmp.path().to_path_buf(),
+        Some(tmp),
+        Some(port),
+        &[],
+        &["--advertise", &advertise],
+    );
+    let bootstrap = proxy.addr.to_string();
+    create_topic(&bootstrap, "idem", 2, &[]).await;
+    let p = producer(
+        &bootstrap,
+        &[
+            ("enable.idempotence", "true"),
+            ("linger.ms", "2"),
+            ("retry.backoff.ms", "10"),
+        ],
+    );
+    let n = 30_000u64;
+    let mut futs = Vec::new();
+    for id in 0..n {
+        let payload = format!("{id}");
+        let fr = FutureRecord::to("idem")
+            .payload(&payload)
+            .key("k")
+            .partition((id % 2) as i32);
+        futs.push(p.send_result(fr).map_err(|(e, _)| e).unwrap());
+        if id % 3000 == 1500 {
+            // Responses in flight are lost; librdkafka retries the same sequences.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            proxy.cut_all();
+        }
+    }
+    for f in futs {
+        f.await
+            .unwrap()
+            .map_err(|(e, _)| e)
+            .expect("idempotent delivery");
+    }
+    assert!(
+        proxy.connections.load(std::sync::atomic::Ordering::Relaxed) > 3,
+        "connections were really cut"
+    );
+    let log = read_everything(&s.bootstrap(), "idem", 2);
+    assert_eq!(log.len() as u64, n, "every record exactly once");
+    let mut last = [-1i64; 2];
+    for (part, _, v) in log {
+        let id: i64 = String::from_utf8(v).unwrap().parse().unwrap();
+        assert!(id > last[part as usize], "order kept in partition {part}");
+        last[part as usize] = id;
+    }
+}
+
+fn idempotent_batch(pid: i64, seq: i32, n: usize) -> Bytes {
+    let recs: Vec<NewRecord> = (0..n)
+        .map(|i| NewRecord {
+            key: None,
+            value: Some(format!("v{}", seq as usize + i).into_bytes()),
+            headers: vec![],
+            timestamp: 1,
+        })
+        .collect();
+    Bytes::from(
+        encode_batch(
+            &recs,
+            Compression::None,
+            ProducerInfo {
+                producer_id: pid,
+                producer_epoch: 0,
+                base_sequence: seq,
+            },
+        )
+        .unwrap(),
+    )
+}
+
+fn produce_raw(c: &mut RawClient, topic: &str, batch: Bytes) -> (i16, i64) {
+    let req = ProduceRequest::default()
+        .with_acks(-1)
+        .with_timeout_ms(5000)
+        .with_topic_data(vec![TopicProduceData::default()
+            .with_name(TopicName(StrBytes::from_string(topic.into())))
+            .with_partition_data(vec![PartitionProduceData::default()
+                .with_index(0)
+                .with_records(Some(batch))])]);
+    let resp: ProduceResponse = c.call(ApiKey::Produce, 9, &req);
+    let r = &resp.responses[0].partition_responses[0];
+    (r.error_code, r.base_offset)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn producer_state_survives_kill_dash_nine() {
+    let mut s = StromProcess::start(&[]);
+    create_topic(&s.bootstrap(), "pstate", 1, &[]).await;
+    let mut c = RawClient::connect(s.addr());
+    let init: InitProducerIdResponse = c.call(
+        ApiKey::InitProducerId,
+        4,
+        &InitProducerIdRequest::default()
+            .with_transactional_id(None)
+            .with_transaction_timeout_ms(60000),
+    );
+    assert_eq!(init.error_code, 0);
+    let pid = init.producer_id.0;
+    assert!(pid >= 0);
+    assert_eq!(
+        produce_raw(&mut c, "pstate", idempotent_batch(pid, 0, 10)),
+        (0, 0)
+    );
+    assert_eq!(
+        produce_raw(&mut c, "pstate", idempotent_batch(pid, 10, 5)),
+        (0, 10)
+    );
+    s.kill9();
+    s.restart();
+    let mut c = RawClient::connect(s.addr());
+    // The retried batch is answered with its original offset and not stored again.
+    assert_eq!(
+        produce_raw(&mut c, "pstate", idempotent_batch(pid, 10, 5)),
+        (0, 10)
+    );
+    assert_eq!(
+        produce_raw(&mut c, "pstate", idempotent_batch(pid, 0, 10)),
+        (0, 0)
+    );
+    // A gap is refused.
+    assert_eq!(
+        produce_raw(&mut c, "pstate", idempotent_batch(pid, 20, 1)).0,
+        45,
+        "OUT_OF_ORDER_SEQUENCE_NUMBER"
+    );
+    assert_eq!(
+        produce_raw(&mut c, "pstate", idempotent_batch(pid, 15, 1)),
+        (0, 15)
+    );
+    // Producer ids are never reused across restarts.
+    let init2: InitProducerIdResponse = c.call(
+        ApiKey::InitProducerId,
+        4,
+        &InitProducerIdRequest::default()
+            .with_transactional_id(None)
+            .with_transaction_timeout_ms(60000),
+    );
+    assert!(init2.producer_id.0 > pid);
+    let log = read_everything(&s.bootstrap(), "pstate", 1);
+    assert_eq!(log.len(), 16);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clean_shutdown_keeps_data_and_skips_recovery() {
+    let mut s = StromProcess::start(&[]);
+    create_topic(&s.bootstrap(), "clean", 1, &[]).await;
+    let recs: Vec<Rec> = (0..1000).map(|i| rec(i, 10)).collect();
+    let acked = produce_all(&producer(&s.bootstrap(), &[]), "clean", &recs, |_| 0).await;
+    assert!(s.terminate(), "SIGTERM exits cleanly:\n{}", s.log());
+    assert!(s.data_dir().join(".strom-clean-shutdown").exists());
+    s.restart();
+    assert!(s.log().contains("clean_shutdown=true"), "{}", s.log());
+    let got = consume(
+        &s.bootstrap(),
+        "clean",
+        1,
+        recs.len(),
+        Duration::from_secs(30),
+    );
+    check_exact(&recs, &acked, &got);
+}
