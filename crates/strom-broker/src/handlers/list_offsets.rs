@@ -34,7 +34,9 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
                         LATEST => Ok(Some((-1, part.high_watermark()))),
                         EARLIEST => Ok(Some((-1, part.log_start_offset()))),
                         MAX_TIMESTAMP => part.max_timestamp_and_offset(),
-                        ts if ts >= 0 => part.offset_for_timestamp(ts),
+                        ts if ts >= 0 => part
+                            .offset_for_timestamp(ts)
+                            .map(|found| found.map(|(offset, ts)| (ts, offset))),
                         _ => Err(strom_log::LogError::Corrupt(String::new())),
                     };
                     match found {
