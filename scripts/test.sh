@@ -33,4 +33,4 @@ echo "== cargo tests"
 cargo test --release --workspace
 
 echo "== kafka-python tests"
-"$VENV/bin/python" -m pytest -q tests/python
+"$VENV/bin/python" -m pytest -q -p no:warnings tests/python

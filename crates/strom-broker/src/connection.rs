@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use futures::FutureExt;
 use strom_proto::api::{self, HeaderError};
 use strom_proto::frame::{self, FrameError};
 use tokio::io::{AsyncWriteExt, BufWriter};
@@ -101,15 +102,34 @@ async fn write_responses(
     mut rx: mpsc::Receiver<BoxFuture<'static, Option<Bytes>>>,
 ) {
     let mut writer = BufWriter::with_capacity(64 * 1024, writer);
-    while let Some(fut) = rx.recv().await {
+    loop {
+        // Flush what is buffered before waiting for anything: responses that are ready go out
+        // together, and none waits behind a response that is not.
+        let mut fut = match rx.try_recv() {
+            Ok(f) => f,
+            Err(_) => {
+                if writer.flush().await.is_err() {
+                    return;
+                }
+                match rx.recv().await {
+                    Some(f) => f,
+                    None => break,
+                }
+            }
+        };
+        let ready = match (&mut fut).now_or_never() {
+            Some(r) => r,
+            None => {
+                if writer.flush().await.is_err() {
+                    return;
+                }
+                fut.await
+            }
+        };
         // A response that could not be produced leaves the client waiting on its correlation
         // id forever: close instead.
-        let Some(bytes) = fut.await else { return };
+        let Some(bytes) = ready else { return };
         if writer.write_all(&bytes).await.is_err() {
-            return;
-        }
-        // Batch writes while more responses are ready; flush before waiting.
-        if rx.is_empty() && writer.flush().await.is_err() {
             return;
         }
     }

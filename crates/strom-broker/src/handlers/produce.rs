@@ -127,6 +127,7 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
         return ctx.reply(&resp);
     }
     let correlation_id = ctx.correlation_id;
+    let started = std::time::Instant::now();
     Ok(Reply::Later(Box::pin(async move {
         let results = join_all(pending.iter().map(|(_, _, p, end)| p.wait_durable(*end))).await;
         for ((ti, pi, part, _), result) in pending.iter().zip(results) {
@@ -137,6 +138,11 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
                 r.base_offset = -1;
             }
         }
+        tracing::trace!(
+            elapsed_us = started.elapsed().as_micros() as u64,
+            partitions = pending.len(),
+            "produce durable"
+        );
         match strom_proto::api::encode_response(correlation_id, v, &resp) {
             Ok(b) => Some(b),
             Err(e) => {
