@@ -292,6 +292,24 @@ impl RawClient {
     }
 }
 
+/// Produces one batch to partition 0 of `topic` with acks=all (Produce v9); returns the
+/// partition's error code and base offset.
+pub fn produce_raw(c: &mut RawClient, topic: &str, batch: Bytes) -> (i16, i64) {
+    use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+    use kafka_protocol::messages::{ProduceRequest, ProduceResponse, TopicName};
+    let req = ProduceRequest::default()
+        .with_acks(-1)
+        .with_timeout_ms(5000)
+        .with_topic_data(vec![TopicProduceData::default()
+            .with_name(TopicName(StrBytes::from_string(topic.into())))
+            .with_partition_data(vec![PartitionProduceData::default()
+                .with_index(0)
+                .with_records(Some(batch))])]);
+    let resp: ProduceResponse = c.call(ApiKey::Produce, 9, &req);
+    let r = &resp.responses[0].partition_responses[0];
+    (r.error_code, r.base_offset)
+}
+
 /// Builds raw request bytes (header v1) with an arbitrary body, for malformed-input tests.
 pub fn raw_request(key: i16, version: i16, correlation_id: i32, body: &[u8]) -> Vec<u8> {
     let mut b = BytesMut::new();

@@ -8,13 +8,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::{Decodable, StrBytes};
 use rdkafka::producer::FutureRecord;
 use strom_proto::compression::Compression;
 use strom_proto::records::{encode_batch, NewRecord, ProducerInfo};
-use strom_tests::{raw_flexible_request, raw_request, RawClient, StromProcess};
+use strom_tests::{produce_raw, raw_flexible_request, raw_request, RawClient, StromProcess};
 
 /// A normal client still gets served: metadata and a produce round trip.
 async fn still_serving(s: &StromProcess) {
@@ -168,16 +167,7 @@ async fn hostile_counts_do_not_take_the_broker_down() {
 }
 
 fn produce(c: &mut RawClient, topic: &str, batch: Vec<u8>) -> i16 {
-    let req = ProduceRequest::default()
-        .with_acks(-1)
-        .with_timeout_ms(5000)
-        .with_topic_data(vec![TopicProduceData::default()
-            .with_name(TopicName(StrBytes::from_string(topic.into())))
-            .with_partition_data(vec![PartitionProduceData::default()
-                .with_index(0)
-                .with_records(Some(Bytes::from(batch)))])]);
-    let r: ProduceResponse = c.call(ApiKey::Produce, 8, &req);
-    r.responses[0].partition_responses[0].error_code
+    produce_raw(c, topic, Bytes::from(batch)).0
 }
 
 fn batch(n: usize, value_bytes: usize) -> Vec<u8> {

@@ -8,18 +8,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
-use kafka_protocol::messages::{
-    ApiKey, InitProducerIdRequest, InitProducerIdResponse, ProduceRequest, ProduceResponse,
-    TopicName,
-};
-use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::messages::{ApiKey, InitProducerIdRequest, InitProducerIdResponse};
 use rdkafka::consumer::Consumer;
 use rdkafka::producer::FutureRecord;
 use strom_proto::compression::Compression;
 use strom_proto::records::{encode_batch, NewRecord, ProducerInfo};
 use strom_tests::proxy::Proxy;
-use strom_tests::{free_port, RawClient, StromProcess};
+use strom_tests::{free_port, produce_raw, RawClient, StromProcess};
 
 /// Reads every record of `topic` up to the high watermark: (partition, offset, value).
 fn read_everything(bootstrap: &str, topic: &str, partitions: i32) -> Vec<(i32, i64, Vec<u8>)> {
@@ -228,20 +223,6 @@ fn idempotent_batch(pid: i64, seq: i32, n: usize) -> Bytes {
         )
         .unwrap(),
     )
-}
-
-fn produce_raw(c: &mut RawClient, topic: &str, batch: Bytes) -> (i16, i64) {
-    let req = ProduceRequest::default()
-        .with_acks(-1)
-        .with_timeout_ms(5000)
-        .with_topic_data(vec![TopicProduceData::default()
-            .with_name(TopicName(StrBytes::from_string(topic.into())))
-            .with_partition_data(vec![PartitionProduceData::default()
-                .with_index(0)
-                .with_records(Some(batch))])]);
-    let resp: ProduceResponse = c.call(ApiKey::Produce, 9, &req);
-    let r = &resp.responses[0].partition_responses[0];
-    (r.error_code, r.base_offset)
 }
 
 #[tokio::test(flavor = "multi_thread")]

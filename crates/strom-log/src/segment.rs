@@ -60,11 +60,16 @@ impl Segment {
             .create(true)
             .truncate(true)
             .open(dir.join(file_name(base_offset, "log")))?;
-        Ok(Segment {
+        Ok(Segment::blank(dir, base_offset, file, 0, now_ms))
+    }
+
+    /// A segment with no batches tracked yet over `file` of `size` bytes.
+    fn blank(dir: &Path, base_offset: i64, file: File, size: u64, now_ms: i64) -> Segment {
+        Segment {
             base_offset,
             dir: dir.to_path_buf(),
             file,
-            size: 0,
+            size,
             next_offset: base_offset,
             index: Vec::new(),
             time_index: Vec::new(),
@@ -73,7 +78,7 @@ impl Segment {
             max_timestamp_batch: base_offset,
             created_ms: now_ms,
             flushed_next_offset: base_offset,
-        })
+        }
     }
 
     fn open_file(dir: &Path, base_offset: i64) -> Result<File, LogError> {
@@ -93,20 +98,7 @@ impl Segment {
     ) -> Result<Segment, LogError> {
         let file = Self::open_file(dir, base_offset)?;
         let size = file.metadata()?.len();
-        let mut seg = Segment {
-            base_offset,
-            dir: dir.to_path_buf(),
-            file,
-            size,
-            next_offset: base_offset,
-            index: Vec::new(),
-            time_index: Vec::new(),
-            bytes_since_index: 0,
-            max_timestamp: -1,
-            max_timestamp_batch: base_offset,
-            created_ms: now_ms,
-            flushed_next_offset: base_offset,
-        };
+        let mut seg = Segment::blank(dir, base_offset, file, size, now_ms);
         let loaded = seg.load_index_files(size);
         let walk_from = match loaded {
             Some(pos) => pos,
@@ -156,20 +148,7 @@ impl Segment {
     ) -> Result<(Segment, bool), LogError> {
         let file = Self::open_file(dir, base_offset)?;
         let size = file.metadata()?.len();
-        let mut seg = Segment {
-            base_offset,
-            dir: dir.to_path_buf(),
-            file,
-            size: 0,
-            next_offset: base_offset,
-            index: Vec::new(),
-            time_index: Vec::new(),
-            bytes_since_index: 0,
-            max_timestamp: -1,
-            max_timestamp_batch: base_offset,
-            created_ms: now_ms,
-            flushed_next_offset: base_offset,
-        };
+        let mut seg = Segment::blank(dir, base_offset, file, 0, now_ms);
         let mut pos = 0u64;
         let mut buf = Vec::new();
         let mut reason = None;
