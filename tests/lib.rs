@@ -295,6 +295,11 @@ impl RawClient {
 /// Produces one batch to partition 0 of `topic` with acks=all (Produce v9); returns the
 /// partition's error code and base offset.
 pub fn produce_raw(c: &mut RawClient, topic: &str, batch: Bytes) -> (i16, i64) {
+    produce_raw_to(c, topic, 0, batch)
+}
+
+/// `produce_raw` to a given partition.
+pub fn produce_raw_to(c: &mut RawClient, topic: &str, partition: i32, batch: Bytes) -> (i16, i64) {
     use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
     use kafka_protocol::messages::{ProduceRequest, ProduceResponse, TopicName};
     let req = ProduceRequest::default()
@@ -303,7 +308,7 @@ pub fn produce_raw(c: &mut RawClient, topic: &str, batch: Bytes) -> (i16, i64) {
         .with_topic_data(vec![TopicProduceData::default()
             .with_name(TopicName(StrBytes::from_string(topic.into())))
             .with_partition_data(vec![PartitionProduceData::default()
-                .with_index(0)
+                .with_index(partition)
                 .with_records(Some(batch))])]);
     let resp: ProduceResponse = c.call(ApiKey::Produce, 9, &req);
     let r = &resp.responses[0].partition_responses[0];
