@@ -338,3 +338,69 @@ async fn disk_full_fails_produce_with_storage_error_and_recovers() {
     assert_eq!(end_offset(&mut c, "full"), stored + 1);
     drop(s);
 }
+
+fn api_versions_ok(c: &mut RawClient) -> bool {
+    c.try_call::<_, ApiVersionsResponse>(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default())
+        .is_some_and(|r| r.error_code == 0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_connections_is_enforced() {
+    let s = StromProcess::start(&["max.connections=2"]);
+    // The start-up probe's connection may still be counted for a moment: retry until served.
+    let connect = || {
+        strom_tests::wait_for(Duration::from_secs(10), "a connection slot", || {
+            let mut c = RawClient::connect(s.addr());
+            api_versions_ok(&mut c).then_some(c)
+        })
+    };
+    let a = connect();
+    let mut b = connect();
+    let mut c = RawClient::connect(s.addr());
+    assert!(!api_versions_ok(&mut c), "a third connection is refused");
+    drop(a);
+    strom_tests::wait_for(Duration::from_secs(10), "a slot to free up", || {
+        let mut d = RawClient::connect(s.addr());
+        api_versions_ok(&mut d).then_some(())
+    });
+    assert!(api_versions_ok(&mut b));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queued_request_bytes_bound_memory_across_connections() {
+    let s = StromProcess::start(&["queued.max.request.bytes=1000"]);
+    // A holds most of the budget with a frame it has not finished sending.
+    let mut a = RawClient::connect(s.addr());
+    let body = raw_request(ApiKey::ApiVersions as i16, 0, 7, &[]);
+    let mut padded = body.clone();
+    padded.resize(900, 0);
+    a.stream
+        .write_all(&(padded.len() as i32).to_be_bytes())
+        .unwrap();
+    a.stream.write_all(&padded[..100]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // B's request does not fit in what is left: it is not read while A holds the budget.
+    let mut b = RawClient::connect(s.addr());
+    let mut big = raw_request(ApiKey::ApiVersions as i16, 0, 9, &[]);
+    big.resize(500, 0);
+    b.send_bytes(&big).unwrap();
+    b.stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        std::io::Read::read(&mut b.stream, &mut byte).is_err(),
+        "B was served although the request-bytes budget was taken"
+    );
+    // A finishes; both are served (the trailing padding makes A's request malformed, which
+    // closes A, and releases its bytes either way).
+    a.stream.write_all(&padded[100..]).unwrap();
+    b.stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut c = RawClient::connect(s.addr());
+    assert!(
+        api_versions_ok(&mut c),
+        "the broker serves again once the budget is free"
+    );
+}

@@ -49,7 +49,35 @@ pub struct Broker {
     image: parking_lot::RwLock<Arc<MetadataImage>>,
     producer_ids: Mutex<(i64, i64)>,
     pub connections: AtomicUsize,
+    pub request_memory: RequestMemory,
     shutdown_tx: watch::Sender<bool>,
+}
+
+/// Broker-wide budget of request bytes read but not yet dispatched (`queued.max.request.bytes`).
+pub struct RequestMemory {
+    budget: Option<(tokio::sync::Semaphore, usize)>,
+}
+
+impl RequestMemory {
+    pub fn new(max_bytes: i64) -> Self {
+        let budget = (max_bytes > 0).then(|| {
+            let max = (max_bytes as usize).min(tokio::sync::Semaphore::MAX_PERMITS);
+            (tokio::sync::Semaphore::new(max), max)
+        });
+        RequestMemory { budget }
+    }
+
+    /// Waits until `bytes` fit in the budget (a frame larger than the whole budget takes all of
+    /// it). `None` only if the budget was closed.
+    pub async fn reserve(&self, bytes: usize) -> Option<Option<tokio::sync::SemaphorePermit<'_>>> {
+        match &self.budget {
+            None => Some(None),
+            Some((sem, max)) => {
+                let n = bytes.min(*max).min(u32::MAX as usize) as u32;
+                sem.acquire_many(n).await.ok().map(Some)
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +208,7 @@ impl Broker {
             image: parking_lot::RwLock::new(Arc::new(image)),
             producer_ids: Mutex::new((0, 0)),
             connections: AtomicUsize::new(0),
+            request_memory: RequestMemory::new(opts.config.i64("queued.max.request.bytes")),
             shutdown_tx,
             config: opts.config,
         });

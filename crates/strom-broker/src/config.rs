@@ -80,6 +80,7 @@ pub static REGISTRY: &[ConfigDef] = &[
     def!("default.replication.factor", Short, "1", Broker, None, &[], Some(1), "Replication factor of auto-created topics and of CreateTopics with -1."),
     def!("socket.request.max.bytes", Int, "104857600", Broker, None, &[], Some(64), "Largest request frame accepted; a larger size field closes the connection before anything is allocated."),
     def!("max.connections", Int, "2147483647", Broker, None, &[], Some(1), "Connections accepted at once; further connections are closed on accept."),
+    def!("queued.max.request.bytes", Long, "536870912", Broker, None, &[], Some(-1), "Request bytes read but not yet handled, across all connections; reading waits when it is reached. -1: no limit. Strom's default is 512 MiB (Kafka's is -1)."),
     def!("fetch.max.bytes", Int, "57671680", Broker, None, &[], Some(1024), "Upper bound on the bytes one Fetch response carries, whatever the client asks."),
     def!("max.incremental.fetch.session.cache.slots", Int, "1000", Broker, None, &[], Some(0), "Incremental fetch sessions (KIP-227) kept at once."),
     def!("message.max.bytes", Int, "1048588", Broker, None, &[], Some(0), "Largest record batch accepted (after compression). Default of the topic setting max.message.bytes."),

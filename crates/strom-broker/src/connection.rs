@@ -30,14 +30,27 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     let mut shutdown = broker.shutdown_signal();
 
     loop {
-        let frame = tokio::select! {
+        let size = tokio::select! {
             biased;
             _ = shutdown.changed() => break,
-            f = frame::read_frame(&mut reader, max_frame) => f,
+            s = frame::read_frame_size(&mut reader, max_frame) => s,
         };
-        let frame = match frame {
-            Ok(Some(f)) => f,
+        let size = match size {
+            Ok(Some(s)) => s,
             Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "closing connection");
+                break;
+            }
+        };
+        // queued.max.request.bytes: memory for request bodies is reserved broker-wide before
+        // it is read; a flood of large requests waits here instead of exhausting memory.
+        let permit = match broker.request_memory.reserve(size).await {
+            Some(p) => p,
+            None => break,
+        };
+        let frame = match frame::read_frame_body(&mut reader, size).await {
+            Ok(f) => f,
             Err(FrameError::Io(e)) => {
                 tracing::debug!(%peer, error = %e, "connection error");
                 break;
@@ -67,7 +80,10 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         };
         let api_key = request.api_key;
         let version = request.version;
-        match handlers::dispatch(&broker, request).await {
+        let dispatched = handlers::dispatch(&broker, request).await;
+        // The request's bytes are stored or dropped once dispatched.
+        drop(permit);
+        match dispatched {
             Ok(Reply::Now(bytes)) => {
                 if tx.send(Box::pin(async move { Some(bytes) })).await.is_err() {
                     break;

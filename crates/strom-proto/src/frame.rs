@@ -23,6 +23,17 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut R,
     max_bytes: usize,
 ) -> Result<Option<Bytes>, FrameError> {
+    match read_frame_size(reader, max_bytes).await? {
+        None => Ok(None),
+        Some(size) => read_frame_body(reader, size).await.map(Some),
+    }
+}
+
+/// Reads and checks a frame's size field. `Ok(None)` is a clean close between frames.
+pub async fn read_frame_size<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    max_bytes: usize,
+) -> Result<Option<usize>, FrameError> {
     let mut size_buf = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -48,6 +59,14 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     if size < 8 {
         return Err(FrameError::TooShort(size));
     }
+    Ok(Some(size))
+}
+
+/// Reads a frame body of `size` bytes (already checked by `read_frame_size`).
+pub async fn read_frame_body<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    size: usize,
+) -> Result<Bytes, FrameError> {
     // Memory is committed as bytes arrive, not as the size field promises: a peer that
     // announces 100 MiB and sends nothing holds 64 KiB, not 100 MiB.
     let mut body = BytesMut::with_capacity(size.min(READ_CHUNK_BYTES));
@@ -59,7 +78,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             return Err(FrameError::Truncated);
         }
     }
-    Ok(Some(body.freeze()))
+    Ok(body.freeze())
 }
 
 const READ_CHUNK_BYTES: usize = 64 * 1024;
