@@ -96,7 +96,7 @@ pub static REGISTRY: &[ConfigDef] = &[
     def!("compression.type", String, "producer", Broker, None, &["producer", "uncompressed", "gzip", "snappy", "lz4", "zstd"], None, "Default of the topic compression.type. Only 'producer' (store as sent) is applied yet."),
     def!("min.insync.replicas", Int, "1", Broker, None, &[], Some(1), "Default of the topic min.insync.replicas."),
     def!("strom.max.decompressed.bytes", Int, "67108864", Broker, None, &[], Some(1024), "Upper bound on the output of any decompression the broker performs."),
-    def!("strom.connection.max.pipelined.requests", Int, "32", Broker, None, &[], Some(1), "Requests read ahead on one connection while earlier responses are pending."),
+    def!("strom.connection.max.pipelined.requests", Int, "500", Broker, None, &[], Some(1), "Requests read ahead on one connection while earlier responses are pending."),
     // Topic settings and the broker settings they default to.
     def!("max.message.bytes", Int, "1048588", Topic, Some("message.max.bytes"), &[], Some(0), "Largest record batch accepted by this topic."),
     def!("segment.bytes", Int, "1073741824", Topic, Some("log.segment.bytes"), &[], Some(14), "Size at which a segment is rolled."),
