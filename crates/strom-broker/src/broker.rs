@@ -38,6 +38,7 @@ pub struct BrokerOptions {
 
 pub struct Broker {
     pub node_id: i32,
+    pub data_dir: PathBuf,
     pub advertised_host: String,
     pub advertised_port: i32,
     pub config: BrokerConfig,
@@ -198,6 +199,7 @@ impl Broker {
             .max(0) as usize;
         let broker = Arc::new(Broker {
             node_id: opts.node_id,
+            data_dir: dir.clone(),
             advertised_host: host,
             advertised_port: port as i32,
             null_sink: opts.null_sink,
@@ -344,7 +346,7 @@ impl RunningBroker {
         }
         ticker.abort();
         flusher.abort();
-        let dir = broker.replicas_data_dir();
+        let dir = broker.data_dir.clone();
         tokio::task::block_in_place(|| broker.replicas.close_all())?;
         let marker = dir.join(CLEAN_SHUTDOWN_FILE);
         std::fs::write(&marker, b"")?;
@@ -354,18 +356,6 @@ impl RunningBroker {
         sync_dir(&dir);
         tracing::info!("shutdown complete");
         Ok(())
-    }
-}
-
-impl Broker {
-    fn replicas_data_dir(&self) -> PathBuf {
-        self.metadata_log
-            .lock()
-            .path()
-            .parent()
-            .and_then(|p| p.parent())
-            .map(Path::to_path_buf)
-            .unwrap_or_default()
     }
 }
 

@@ -41,6 +41,9 @@ pub enum HandlerError {
     Decode(ApiKey, String),
     #[error("cannot encode response: {0}")]
     Encode(String),
+    /// The protocol's way to report this failure is to drop the connection.
+    #[error("{0}")]
+    Close(&'static str),
 }
 
 pub async fn dispatch(broker: &Arc<Broker>, frame: RequestFrame) -> Result<Reply, HandlerError> {

@@ -115,9 +115,8 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
 
     if acks == 0 {
         if any_error {
-            return Err(HandlerError::Decode(
-                ctx.api_key,
-                "acks=0 produce failed; closing as Kafka does".into(),
+            return Err(HandlerError::Close(
+                "acks=0 produce failed; closing the connection as Kafka does",
             ));
         }
         return Ok(Reply::None);
