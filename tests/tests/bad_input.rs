@@ -378,7 +378,8 @@ async fn queued_request_bytes_bound_memory_across_connections() {
         .write_all(&(padded.len() as i32).to_be_bytes())
         .unwrap();
     a.stream.write_all(&padded[..100]).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // Give the broker time to read A's size and reserve its bytes.
+    std::thread::sleep(Duration::from_millis(500));
     // B's request does not fit in what is left: it is not read while A holds the budget.
     let mut b = RawClient::connect(s.addr());
     let mut big = raw_request(ApiKey::ApiVersions as i16, 0, 9, &[]);
