@@ -169,9 +169,9 @@ impl StromProcess {
         let Some(mut c) = self.child.take() else {
             return false;
         };
-        // SAFETY: sending a signal to our own child process.
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
         unsafe {
-            libc_kill(c.id() as i32, 15);
+            libc::kill(c.id() as i32, libc::SIGTERM);
         }
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -192,11 +192,6 @@ impl StromProcess {
         assert!(self.child.is_none(), "restart after kill9 or terminate");
         self.spawn();
     }
-}
-
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
 impl Drop for StromProcess {
