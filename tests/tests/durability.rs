@@ -47,9 +47,9 @@ async fn sigterm_under_load_finishes_in_flight_requests_and_loses_nothing() {
     .await;
 }
 
-/// Streams at full rate, stops the broker with `stop` mid-stream, restarts it and checks that
+/// Streams at full rate, stops the broker with `stop_broker` mid-stream, restarts it and checks that
 /// every acknowledged record is there exactly once at its offset, with contiguous offsets.
-async fn stop_under_load_and_verify(stop: impl FnOnce(&mut StromProcess)) {
+async fn stop_under_load_and_verify(stop_broker: impl FnOnce(&mut StromProcess)) {
     let mut s = StromProcess::start(&[]);
     create_topic(&s.bootstrap(), "dur", 2, &[]).await;
     let p = producer(
@@ -93,12 +93,12 @@ async fn stop_under_load_and_verify(stop: impl FnOnce(&mut StromProcess)) {
         }
         id
     });
-    // Let it stream at full rate, then kill the broker mid-stream.
+    // Let it stream at full rate, then stop the broker mid-stream.
     wait_until(Duration::from_secs(30), || {
         acked.lock().unwrap().len() > 20_000
     })
     .await;
-    s.kill9();
+    stop_broker(&mut s);
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let sent = writer.await.unwrap();

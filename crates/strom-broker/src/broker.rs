@@ -16,7 +16,10 @@ use tokio::sync::watch;
 
 use crate::config::BrokerConfig;
 use crate::fetch_session::FetchSessionCache;
+use crate::groups::{group_config, load_groups, GROUP_TICK};
 use crate::replica_manager::ReplicaManager;
+use strom_group::coordinator::OFFSETS_TOPIC;
+use strom_group::GroupCoordinator;
 
 /// Written on clean shutdown, removed at start: its absence means logs must be recovered.
 const CLEAN_SHUTDOWN_FILE: &str = ".strom-clean-shutdown";
@@ -45,6 +48,9 @@ pub struct Broker {
     pub null_sink: bool,
     pub replicas: ReplicaManager,
     pub fetch_sessions: FetchSessionCache,
+    pub groups: GroupCoordinator,
+    /// Serialises the creation of `__consumer_offsets`.
+    pub(crate) offsets_topic_init: Mutex<()>,
     controller: Controller,
     metadata_log: Mutex<FileMetadataLog>,
     image: parking_lot::RwLock<Arc<MetadataImage>>,
@@ -192,6 +198,11 @@ impl Broker {
             "logs loaded"
         );
 
+        let groups = GroupCoordinator::new(group_config(&opts.config));
+        if let Some(t) = image.topic(OFFSETS_TOPIC) {
+            // Loaded in the background once serving; until then COORDINATOR_LOAD_IN_PROGRESS.
+            groups.begin_load(t.partitions.len() as i32);
+        }
         let (shutdown_tx, _) = watch::channel(false);
         let slots = opts
             .config
@@ -205,6 +216,8 @@ impl Broker {
             null_sink: opts.null_sink,
             replicas,
             fetch_sessions: FetchSessionCache::new(slots),
+            groups,
+            offsets_topic_init: Mutex::new(()),
             controller: Controller::default(),
             metadata_log: Mutex::new(mlog),
             image: parking_lot::RwLock::new(Arc::new(image)),
@@ -310,6 +323,11 @@ impl RunningBroker {
         let mut shutdown = broker.shutdown_signal();
         let ticker = tokio::spawn(flush_ticker(broker.clone()));
         let flusher = tokio::spawn(broker.replicas.flusher.clone().run());
+        if broker.groups.partitions() > 0 {
+            let b = broker.clone();
+            tokio::task::spawn_blocking(move || load_groups(&b));
+        }
+        let group_ticker = tokio::spawn(group_ticker(broker.clone()));
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
@@ -345,6 +363,7 @@ impl RunningBroker {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         ticker.abort();
+        group_ticker.abort();
         flusher.abort();
         let dir = broker.data_dir.clone();
         tokio::task::block_in_place(|| broker.replicas.close_all())?;
@@ -368,6 +387,16 @@ async fn flush_ticker(broker: Arc<Broker>) {
         for p in broker.replicas.all() {
             p.flush_if_due(now);
         }
+    }
+}
+
+/// Drives the group coordinator's timers (sessions, rebalances, offset expiry).
+async fn group_ticker(broker: Arc<Broker>) {
+    let mut tick = tokio::time::interval(GROUP_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        broker.groups.tick(&*broker, now_ms());
     }
 }
 

@@ -97,6 +97,17 @@ pub static REGISTRY: &[ConfigDef] = &[
     def!("min.insync.replicas", Int, "1", Broker, None, &[], Some(1), "Default of the topic min.insync.replicas."),
     def!("strom.max.decompressed.bytes", Int, "67108864", Broker, None, &[], Some(1024), "Upper bound on the output of any decompression the broker performs."),
     def!("strom.connection.max.pipelined.requests", Int, "500", Broker, None, &[], Some(1), "Requests read ahead on one connection while earlier responses are pending."),
+    // Group coordinator.
+    def!("group.min.session.timeout.ms", Int, "6000", Broker, None, &[], Some(1), "Smallest session.timeout.ms a consumer may ask for (INVALID_SESSION_TIMEOUT below)."),
+    def!("group.max.session.timeout.ms", Int, "1800000", Broker, None, &[], Some(1), "Largest session.timeout.ms a consumer may ask for."),
+    def!("group.initial.rebalance.delay.ms", Int, "3000", Broker, None, &[], Some(0), "How long the first rebalance of an empty group waits for more members, extended while they keep arriving (up to the rebalance timeout)."),
+    def!("group.max.size", Int, "2147483647", Broker, None, &[], Some(1), "Members a classic group may have (GROUP_MAX_SIZE_REACHED beyond)."),
+    def!("offset.metadata.max.bytes", Int, "4096", Broker, None, &[], Some(0), "Largest metadata string of a committed offset (OFFSET_METADATA_TOO_LARGE beyond)."),
+    def!("offsets.retention.minutes", Int, "10080", Broker, None, &[], Some(1), "Committed offsets of a group are removed this long after the group became empty (or, for a group that only commits, after the commit)."),
+    def!("offsets.retention.check.interval.ms", Long, "600000", Broker, None, &[], Some(1), "How often expired offsets are looked for."),
+    def!("offsets.topic.num.partitions", Int, "50", Broker, None, &[], Some(1), "Partitions of __consumer_offsets, fixed when it is created (on the first FindCoordinator)."),
+    def!("offsets.topic.replication.factor", Short, "3", Broker, None, &[], Some(1), "Replication factor of __consumer_offsets, capped at the number of brokers."),
+    def!("offsets.topic.segment.bytes", Int, "104857600", Broker, None, &[], Some(14), "segment.bytes of __consumer_offsets."),
     // Topic settings and the broker settings they default to.
     def!("max.message.bytes", Int, "1048588", Topic, Some("message.max.bytes"), &[], Some(0), "Largest record batch accepted by this topic."),
     def!("segment.bytes", Int, "1073741824", Topic, Some("log.segment.bytes"), &[], Some(14), "Size at which a segment is rolled."),

@@ -80,7 +80,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         };
         let api_key = request.api_key;
         let version = request.version;
-        let dispatched = handlers::dispatch(&broker, request).await;
+        let dispatched = handlers::dispatch(&broker, request, peer).await;
         // The request's bytes are stored or dropped once dispatched.
         drop(permit);
         match dispatched {

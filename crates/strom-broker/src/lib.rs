@@ -7,6 +7,7 @@ pub mod connection;
 pub mod error;
 pub mod fetch_session;
 pub mod flusher;
+pub mod groups;
 pub mod handlers;
 pub mod partition;
 pub mod replica_manager;

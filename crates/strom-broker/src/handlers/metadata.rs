@@ -13,6 +13,8 @@ use strom_meta::controller::validate_topic_name;
 use strom_meta::{MetadataImage, TopicImage};
 use uuid::Uuid;
 
+use strom_group::coordinator::OFFSETS_TOPIC;
+
 use super::{str_bytes, Ctx, HandlerError, Reply};
 use crate::broker::Broker;
 use crate::error::AdminError;
@@ -54,7 +56,8 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
                         ));
                         continue;
                     }
-                    if !allow_auto {
+                    // Internal topics are created by their coordinator, never auto-created.
+                    if !allow_auto || name == OFFSETS_TOPIC {
                         topics.push(error_entry(
                             Some(name),
                             None,
@@ -176,6 +179,9 @@ fn topic_entry(image: &MetadataImage, t: &TopicImage, v: i16) -> MetadataRespons
     let mut e = MetadataResponseTopic::default()
         .with_name(Some(TopicName(str_bytes(&t.name))))
         .with_partitions(partitions);
+    if v >= 1 {
+        e.is_internal = t.name == OFFSETS_TOPIC;
+    }
     if v >= 10 {
         e.topic_id = Uuid::from_bytes(t.topic_id);
     }

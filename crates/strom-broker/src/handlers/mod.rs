@@ -1,6 +1,7 @@
 //! One handler per Kafka API, one file each. A handler decodes its request, asks a subsystem
 //! and encodes the answer; business rules live in the subsystems.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -14,14 +15,25 @@ use crate::broker::Broker;
 mod api_versions;
 mod create_partitions;
 mod create_topics;
+mod delete_groups;
 mod delete_topics;
 mod describe_cluster;
 mod describe_configs;
+mod describe_groups;
 mod fetch;
+mod find_coordinator;
+mod heartbeat;
 mod init_producer_id;
+mod join_group;
+mod leave_group;
+mod list_groups;
 mod list_offsets;
 mod metadata;
+mod offset_commit;
+mod offset_delete;
+mod offset_fetch;
 mod produce;
+mod sync_group;
 
 /// What a handler gives back to the connection.
 pub enum Reply {
@@ -46,8 +58,12 @@ pub enum HandlerError {
     Close(&'static str),
 }
 
-pub async fn dispatch(broker: &Arc<Broker>, frame: RequestFrame) -> Result<Reply, HandlerError> {
-    let mut ctx = Ctx::new(frame);
+pub async fn dispatch(
+    broker: &Arc<Broker>,
+    frame: RequestFrame,
+    peer: SocketAddr,
+) -> Result<Reply, HandlerError> {
+    let mut ctx = Ctx::new(frame, peer);
     match ctx.api_key {
         ApiKey::ApiVersions => api_versions::handle(broker, &mut ctx),
         ApiKey::Metadata => metadata::handle(broker, &mut ctx),
@@ -60,6 +76,17 @@ pub async fn dispatch(broker: &Arc<Broker>, frame: RequestFrame) -> Result<Reply
         ApiKey::InitProducerId => init_producer_id::handle(broker, &mut ctx),
         ApiKey::DescribeConfigs => describe_configs::handle(broker, &mut ctx),
         ApiKey::DescribeCluster => describe_cluster::handle(broker, &mut ctx),
+        ApiKey::FindCoordinator => find_coordinator::handle(broker, &mut ctx),
+        ApiKey::JoinGroup => join_group::handle(broker, &mut ctx),
+        ApiKey::SyncGroup => sync_group::handle(broker, &mut ctx),
+        ApiKey::Heartbeat => heartbeat::handle(broker, &mut ctx),
+        ApiKey::LeaveGroup => leave_group::handle(broker, &mut ctx),
+        ApiKey::OffsetCommit => offset_commit::handle(broker, &mut ctx),
+        ApiKey::OffsetFetch => offset_fetch::handle(broker, &mut ctx),
+        ApiKey::ListGroups => list_groups::handle(broker, &mut ctx),
+        ApiKey::DescribeGroups => describe_groups::handle(broker, &mut ctx),
+        ApiKey::DeleteGroups => delete_groups::handle(broker, &mut ctx),
+        ApiKey::OffsetDelete => offset_delete::handle(broker, &mut ctx),
         // decode_header only lets served APIs through.
         other => Err(HandlerError::Decode(other, "not served".into())),
     }
@@ -70,17 +97,45 @@ pub struct Ctx {
     pub api_key: ApiKey,
     pub version: i16,
     pub correlation_id: i32,
+    pub client_id: String,
+    pub peer: SocketAddr,
     body: Bytes,
 }
 
 impl Ctx {
-    fn new(frame: RequestFrame) -> Self {
+    fn new(frame: RequestFrame, peer: SocketAddr) -> Self {
         Ctx {
             api_key: frame.api_key,
             version: frame.version,
             correlation_id: frame.header.correlation_id,
+            client_id: frame
+                .header
+                .client_id
+                .as_ref()
+                .map(|c| c.to_string())
+                .unwrap_or_default(),
+            peer,
             body: frame.body,
         }
+    }
+
+    /// A response that is encoded when `fut` resolves (the connection keeps request order).
+    pub fn later<T, F>(&self, fut: F) -> Reply
+    where
+        T: Encodable + HeaderVersion + Send + 'static,
+        F: std::future::Future<Output = T> + Send + 'static,
+    {
+        let (correlation_id, version) = (self.correlation_id, self.version);
+        Reply::Later(Box::pin(async move {
+            let body = fut.await;
+            match strom_proto::api::encode_response(correlation_id, version, &body) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode a delayed response");
+                    None
+                }
+            }
+        }))
     }
 
     pub fn decode<T: Decodable>(&mut self) -> Result<T, HandlerError> {
@@ -96,6 +151,11 @@ impl Ctx {
     pub fn reply<T: Encodable + HeaderVersion>(&self, body: &T) -> Result<Reply, HandlerError> {
         self.encode(body).map(Reply::Now)
     }
+}
+
+/// The group coordinator's error as a wire code (0 for none).
+pub fn group_code(e: Option<strom_group::GroupError>) -> i16 {
+    e.map_or(0, |e| e.code())
 }
 
 pub fn str_bytes(s: &str) -> StrBytes {

@@ -15,6 +15,7 @@ use super::{message, str_bytes, Ctx, HandlerError, Reply};
 use crate::broker::Broker;
 use crate::error::log_error_code;
 use crate::partition::Partition;
+use strom_group::coordinator::OFFSETS_TOPIC;
 
 pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError> {
     let req: ProduceRequest = ctx.decode()?;
@@ -51,6 +52,10 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
                 {
                     None if v >= 13 && name.is_none() => Some(ResponseError::UnknownTopicId),
                     None => Some(ResponseError::UnknownTopicOrPartition),
+                    // Kafka: clients cannot append to internal topics.
+                    Some(_) if name.as_deref() == Some(OFFSETS_TOPIC) => {
+                        Some(ResponseError::InvalidTopicException)
+                    }
                     Some(part) => {
                         if v >= 5 {
                             resp.log_start_offset = part.log_start_offset();
