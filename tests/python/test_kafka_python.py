@@ -1,4 +1,5 @@
-"""kafka-python against a real strom process: admin, produce with every acks, consume."""
+"""kafka-python against a real strom process: admin, produce with every acks, consume, and
+consumer groups with committed offsets."""
 import os
 import socket
 import subprocess
@@ -10,6 +11,8 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewPartitions, NewTopic
 from kafka.errors import UnknownTopicOrPartitionError
+from kafka.structs import OffsetAndMetadata
+import kafka.errors as Errors
 
 
 def _free_port():
@@ -26,7 +29,10 @@ def broker():
     port = _free_port()
     data = tempfile.mkdtemp(prefix="strom-py-")
     proc = subprocess.Popen(
-        [binary, "server", "--listen", f"127.0.0.1:{port}", "--data-dir", data],
+        [
+            binary, "server", "--listen", f"127.0.0.1:{port}", "--data-dir", data,
+            "--set", "group.initial.rebalance.delay.ms=300",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -125,3 +131,88 @@ def test_end_offsets_and_seek(broker):
     values = [m.value for m, _ in zip(consumer, range(5))]
     assert values == [b"15", b"16", b"17", b"18", b"19"]
     consumer.close()
+
+
+def _error_name(e):
+    """kafka-python reports per-group errors as a name, a class or an instance."""
+    if e is None:
+        return "NoError"
+    if isinstance(e, str):
+        return e
+    return e.__name__ if isinstance(e, type) else type(e).__name__
+
+
+def _poll_until(consumer, count, timeout_s):
+    got = []
+    deadline = time.time() + timeout_s
+    while len(got) < count and time.time() < deadline:
+        for recs in consumer.poll(timeout_ms=200).values():
+            got.extend((r.partition, r.offset) for r in recs)
+    return got
+
+
+def test_group_consumer_auto_commit_resumes_and_admin_sees_the_group(broker):
+    topic = "py-grp-" + uuid.uuid4().hex[:6]
+    group = "pyg-" + uuid.uuid4().hex[:6]
+    admin = _admin(broker)
+    admin.create_topics([NewTopic(topic, 3, 1)])
+    producer = KafkaProducer(bootstrap_servers=broker, acks="all")
+    for i in range(30):
+        producer.send(topic, value=b"v%d" % i, partition=i % 3)
+    producer.flush()
+
+    def group_consumer():
+        c = KafkaConsumer(
+            bootstrap_servers=broker,
+            group_id=group,
+            auto_offset_reset="earliest",
+            enable_auto_commit=True,
+            auto_commit_interval_ms=200,
+        )
+        c.subscribe([topic])
+        return c
+
+    c1 = group_consumer()
+    first = _poll_until(c1, 30, 30)
+    assert sorted(first) == sorted((i % 3, i // 3) for i in range(30))
+    # While it is a member: listed and described as a stable consumer group.
+    listed = admin.list_groups()
+    assert any(g["group_id"] == group for g in listed), listed
+    described = admin.describe_groups([group])[group]
+    assert described["group_state"] == "Stable", described
+    assert len(described["members"]) == 1
+    c1.close()  # commits what it consumed
+
+    offsets = admin.list_group_offsets({group: None})[group]
+    assert {tp.partition: om.offset for tp, om in offsets.items()} == {0: 10, 1: 10, 2: 10}
+
+    c2 = group_consumer()
+    assert _poll_until(c2, 1, 4) == [], "nothing re-delivered after the commit"
+    for i in range(30, 36):
+        producer.send(topic, value=b"v%d" % i, partition=i % 3)
+    producer.flush()
+    second = _poll_until(c2, 6, 30)
+    assert sorted(second) == [(0, 10), (0, 11), (1, 10), (1, 11), (2, 10), (2, 11)]
+
+    # A member cannot be deleted from under; an empty group can.
+    results = dict(admin.delete_groups([group]))
+    assert _error_name(results[group]) == "NonEmptyGroupError", results
+    c2.close()
+    results = dict(admin.delete_groups([group, "no-such-group"]))
+    assert _error_name(results[group]) in ("NoError", "OK"), results
+    assert _error_name(results["no-such-group"]) == "GroupIdNotFoundError", results
+    assert admin.list_group_offsets({group: None})[group] == {}
+
+
+def test_oversized_offset_metadata_is_refused(broker):
+    topic = "py-meta-" + uuid.uuid4().hex[:6]
+    admin = _admin(broker)
+    admin.create_topics([NewTopic(topic, 1, 1)])
+    c = KafkaConsumer(bootstrap_servers=broker, group_id="pym-" + uuid.uuid4().hex[:6])
+    tp = TopicPartition(topic, 0)
+    c.assign([tp])
+    with pytest.raises(Errors.OffsetMetadataTooLargeError):
+        c.commit({tp: OffsetAndMetadata(0, "x" * 5000, -1)})
+    c.commit({tp: OffsetAndMetadata(0, "fine", -1)})
+    assert c.committed(tp) == 0
+    c.close()

@@ -402,3 +402,180 @@ async fn kcat_balanced_consumer_commits_and_resumes() {
         o >= 25
     }));
 }
+
+fn strom_group(bootstrap: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(strom_tests::strom_bin())
+        .arg("group")
+        .args(args)
+        .arg("--bootstrap")
+        .arg(bootstrap)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The CURRENT-OFFSET column of `strom group describe` for (topic, partition).
+fn described_offset(text: &str, topic: &str, partition: i32) -> Option<String> {
+    text.lines().find_map(|l| {
+        let cols: Vec<&str> = l.split_whitespace().collect();
+        (cols.len() >= 5 && cols[0] == topic && cols[1] == partition.to_string())
+            .then(|| cols[2].to_string())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn strom_group_cli_lists_describes_resets_and_deletes() {
+    let s = StromProcess::start(GROUP_SETS);
+    let b = s.bootstrap();
+    create_topic(&b, "cli", 2, &[]).await;
+    produce_n(&b, "cli", 0, 40, 2).await;
+    let read_all = || {
+        kcat(&[
+            "-b",
+            &b,
+            "-G",
+            "cli-group",
+            "-X",
+            "auto.offset.reset=earliest",
+            "-e",
+            "-q",
+            "-f",
+            "%p %o\\n",
+            "cli",
+        ])
+    };
+    assert_eq!(read_all().lines().count(), 40);
+
+    let (ok, text) = strom_group(&b, &["describe", "cli-group"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("state Empty"), "{text}");
+    assert_eq!(
+        described_offset(&text, "cli", 0).as_deref(),
+        Some("20"),
+        "{text}"
+    );
+    assert_eq!(
+        described_offset(&text, "cli", 1).as_deref(),
+        Some("20"),
+        "{text}"
+    );
+
+    // A dry run changes nothing.
+    let (ok, text) = strom_group(
+        &b,
+        &[
+            "reset-offsets",
+            "cli-group",
+            "--topic",
+            "cli",
+            "--to-earliest",
+        ],
+    );
+    assert!(ok && text.contains("dry run"), "{text}");
+    assert_eq!(read_all().lines().count(), 0);
+    // Executed: the next consumer starts over on partition 0 only, 5 back on partition 1.
+    let (ok, text) = strom_group(
+        &b,
+        &[
+            "reset-offsets",
+            "cli-group",
+            "--topic",
+            "cli:0",
+            "--to-earliest",
+            "--execute",
+        ],
+    );
+    assert!(ok, "{text}");
+    let (ok, text) = strom_group(
+        &b,
+        &[
+            "reset-offsets",
+            "cli-group",
+            "--topic",
+            "cli:1",
+            "--shift-by",
+            "-5",
+            "--execute",
+        ],
+    );
+    assert!(ok, "{text}");
+    let (_, text) = strom_group(&b, &["describe", "cli-group"]);
+    assert_eq!(
+        described_offset(&text, "cli", 0).as_deref(),
+        Some("0"),
+        "{text}"
+    );
+    assert_eq!(
+        described_offset(&text, "cli", 1).as_deref(),
+        Some("15"),
+        "{text}"
+    );
+    let again = read_all();
+    let mut got: Vec<(i32, i64)> = again
+        .lines()
+        .map(|l| {
+            let mut it = l.split(' ');
+            (
+                it.next().unwrap().parse().unwrap(),
+                it.next().unwrap().parse().unwrap(),
+            )
+        })
+        .collect();
+    got.sort();
+    let want: Vec<(i32, i64)> = (0..20)
+        .map(|o| (0, o))
+        .chain((15..20).map(|o| (1, o)))
+        .collect();
+    assert_eq!(got, want);
+
+    // With an active member: listed as Stable, reset and delete are refused.
+    let mut m = Member::start(&b, "cli-group", "cli", &[]);
+    wait_for(Duration::from_secs(30), "member assigned", || {
+        m.assignment().filter(|a| a.len() == 2)
+    });
+    let (ok, text) = strom_group(&b, &["list"]);
+    assert!(
+        ok && text
+            .lines()
+            .any(|l| l.starts_with("cli-group") && l.contains("Stable")),
+        "{text}"
+    );
+    let (ok, text) = strom_group(
+        &b,
+        &[
+            "reset-offsets",
+            "cli-group",
+            "--topic",
+            "cli",
+            "--to-latest",
+            "--execute",
+        ],
+    );
+    assert!(!ok && text.contains("inactive"), "{text}");
+    let (ok, text) = strom_group(&b, &["describe", "cli-group"]);
+    assert!(
+        ok && text.contains("state Stable") && text.contains("1 member"),
+        "{text}"
+    );
+    let (ok, text) = strom_group(&b, &["delete", "cli-group"]);
+    assert!(!ok && text.contains("NonEmptyGroup"), "{text}");
+    // Once the member is gone (its session expires), the group can be deleted.
+    m.kill9();
+    wait_for(Duration::from_secs(30), "group empty", || {
+        let (_, text) = strom_group(&b, &["list", "--state", "Empty"]);
+        text.lines()
+            .any(|l| l.starts_with("cli-group"))
+            .then_some(())
+    });
+    let (ok, text) = strom_group(&b, &["delete", "cli-group"]);
+    assert!(ok, "{text}");
+    let (_, text) = strom_group(&b, &["list"]);
+    assert!(!text.contains("cli-group"), "{text}");
+    let (ok, text) = strom_group(&b, &["delete", "cli-group"]);
+    assert!(!ok && text.contains("GroupIdNotFound"), "{text}");
+}

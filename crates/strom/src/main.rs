@@ -1,4 +1,5 @@
-//! The `strom` binary: `strom server` runs a broker; `strom bench` drives load against one.
+//! The `strom` binary: `strom server` runs a broker; `strom bench` drives load against one;
+//! `strom group` administers consumer groups.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,6 +9,8 @@ use clap::{Parser, Subcommand};
 use strom_broker::{Broker, BrokerConfig, BrokerOptions};
 
 mod bench;
+mod client;
+mod group;
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -30,6 +33,8 @@ enum Command {
     Server(ServerArgs),
     /// Load generator: produce and consume throughput and produce latency percentiles.
     Bench(bench::BenchArgs),
+    /// Consumer groups: list, describe (lag), delete, reset offsets.
+    Group(group::GroupArgs),
 }
 
 #[derive(clap::Args)]
@@ -67,7 +72,14 @@ fn parse_host_port(s: &str) -> Result<(String, u16)> {
     Ok((host.trim_matches(['[', ']']).to_string(), port))
 }
 
-fn main() -> Result<()> {
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -83,6 +95,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Server(args) => rt.block_on(server(args)),
         Command::Bench(args) => rt.block_on(bench::run(args)),
+        Command::Group(args) => group::run(args),
     }
 }
 
