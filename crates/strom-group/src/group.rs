@@ -619,6 +619,14 @@ impl Group {
         {
             self.leader = self.members.keys().next().cloned();
         }
+        tracing::info!(
+            group = %self.id,
+            generation = self.generation,
+            members = self.members.len(),
+            protocol = self.protocol.as_deref().unwrap_or(""),
+            join_phase_ms = now - self.state_timestamp,
+            "rebalance: join phase complete"
+        );
         self.set_state(GroupState::CompletingRebalance, now);
         self.rebalance_deadline = now + self.max_rebalance_timeout();
         let ids: Vec<String> = self.members.keys().cloned().collect();

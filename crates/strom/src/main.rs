@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use strom_broker::{Broker, BrokerConfig, BrokerOptions};
 
 mod bench;
+mod bench_groups;
 mod client;
 mod group;
 
@@ -33,6 +34,8 @@ enum Command {
     Server(ServerArgs),
     /// Load generator: produce and consume throughput and produce latency percentiles.
     Bench(bench::BenchArgs),
+    /// Consumer-group timings: first join, a rebalance, offset-commit throughput.
+    BenchGroups(bench_groups::GroupBenchArgs),
     /// Consumer groups: list, describe (lag), delete, reset offsets.
     Group(group::GroupArgs),
 }
@@ -96,6 +99,7 @@ fn run() -> Result<()> {
         Command::Server(args) => rt.block_on(server(args)),
         Command::Bench(args) => rt.block_on(bench::run(args)),
         Command::Group(args) => group::run(args),
+        Command::BenchGroups(args) => rt.block_on(bench_groups::run(args)),
     }
 }
 
