@@ -1,7 +1,8 @@
 //! A group consumer in its own process, so tests can `kill -9` one member of a group. It
 //! subscribes with librdkafka and prints one line per event on stdout:
-//! `ASSIGN p,p,..`, `REVOKE p,p,..` (after a synchronous commit of what it consumed) and
-//! `MSG partition offset`. Usage: `group-consumer BOOTSTRAP GROUP TOPIC [name=value ...]`.
+//! `ASSIGN p,p,..`, `REVOKE p,p,..` (after a synchronous commit of what it consumed), then
+//! `OWN p,p,..` with the whole current assignment (incremental protocols change it piecewise),
+//! and `MSG partition offset`. Usage: `group-consumer BOOTSTRAP GROUP TOPIC [name=value ...]`.
 
 use std::io::Write;
 use std::time::Duration;
@@ -35,9 +36,12 @@ impl ConsumerContext for Ctx {
             say(format!("REVOKE {}", partitions(tpl)));
         }
     }
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             say(format!("ASSIGN {}", partitions(tpl)));
+        }
+        if let Ok(all) = consumer.assignment() {
+            say(format!("OWN {}", partitions(&all)));
         }
     }
 }
@@ -51,9 +55,12 @@ fn main() {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &args[1])
         .set("group.id", &args[2])
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "500");
+        .set("auto.offset.reset", "earliest");
+    // With the KIP-848 protocol the broker owns session and heartbeat timing.
+    if !args[4..].iter().any(|a| a == "group.protocol=consumer") {
+        cfg.set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "500");
+    }
     for kv in &args[4..] {
         if let Some((k, v)) = kv.split_once('=') {
             cfg.set(k, v);

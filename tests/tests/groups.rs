@@ -53,12 +53,13 @@ impl Member {
     /// The partitions it owns now (`None` while it owns nothing).
     fn assignment(&self) -> Option<Vec<i32>> {
         let lines = self.lines.lock().unwrap();
-        let last = lines
-            .iter()
-            .rev()
-            .find(|l| l.starts_with("ASSIGN") || l.starts_with("REVOKE"))?;
-        let ps = last.strip_prefix("ASSIGN")?.trim();
-        Some(ps.split(',').filter_map(|p| p.parse().ok()).collect())
+        let last = lines.iter().rev().find(|l| l.starts_with("OWN"))?;
+        let ps: Vec<i32> = last[3..]
+            .trim()
+            .split(',')
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        (!ps.is_empty()).then_some(ps)
     }
 
     fn messages(&self) -> Vec<(i32, i64)> {
@@ -114,13 +115,31 @@ async fn produce_n(bootstrap: &str, topic: &str, from: u64, n: u64, partitions: 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn three_members_share_six_partitions_and_survive_a_kill9() {
-    let s = StromProcess::start(GROUP_SETS);
+    share_and_survive_a_kill9(GROUP_SETS, &[]).await;
+}
+
+/// The same with the KIP-848 consumer protocol: server-side assignment, incremental
+/// reconciliation, the session kept by the broker (`group.consumer.session.timeout.ms`).
+#[tokio::test(flavor = "multi_thread")]
+async fn kip848_members_share_six_partitions_and_survive_a_kill9() {
+    share_and_survive_a_kill9(
+        &[
+            "group.consumer.session.timeout.ms=6000",
+            "group.consumer.heartbeat.interval.ms=300",
+        ],
+        &["group.protocol=consumer"],
+    )
+    .await;
+}
+
+async fn share_and_survive_a_kill9(broker_sets: &[&str], client: &[&str]) {
+    let s = StromProcess::start(broker_sets);
     let b = s.bootstrap();
     create_topic(&b, "grp6", 6, &[]).await;
     produce_n(&b, "grp6", 0, 600, 6).await;
 
     let mut members: Vec<Member> = (0..3)
-        .map(|_| Member::start(&b, "g6", "grp6", &[]))
+        .map(|_| Member::start(&b, "g6", "grp6", client))
         .collect();
     let asg = wait_for(
         Duration::from_secs(60),

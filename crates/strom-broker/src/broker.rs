@@ -396,7 +396,9 @@ async fn group_ticker(broker: Arc<Broker>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        broker.groups.tick(&*broker, now_ms());
+        let image = broker.image();
+        let topics = |name: &str| crate::groups::topic_info(&image, name);
+        broker.groups.tick(&*broker, &topics, now_ms());
     }
 }
 

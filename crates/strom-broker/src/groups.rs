@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use strom_group::consumer::TopicInfo;
 use strom_group::coordinator::{KeyValue, OFFSETS_TOPIC};
 use strom_group::{GroupConfig, GroupError, OffsetsLog};
 use strom_log::LogError;
@@ -30,6 +31,9 @@ pub fn group_config(c: &BrokerConfig) -> GroupConfig {
         offset_metadata_max_bytes: c.i64("offset.metadata.max.bytes").max(0) as usize,
         offsets_retention_ms: c.i64("offsets.retention.minutes").saturating_mul(60_000),
         offsets_retention_check_interval_ms: c.i64("offsets.retention.check.interval.ms"),
+        consumer_session_timeout_ms: c.i64("group.consumer.session.timeout.ms"),
+        consumer_heartbeat_interval_ms: c.i64("group.consumer.heartbeat.interval.ms") as i32,
+        consumer_max_size: c.i64("group.consumer.max.size").max(1) as usize,
     }
 }
 
@@ -48,6 +52,14 @@ pub fn load_groups(broker: &Broker) {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "group coordinator loaded"
     );
+}
+
+/// Topic id and partition count by name, for the consumer-group assignors.
+pub fn topic_info(image: &strom_meta::MetadataImage, name: &str) -> Option<TopicInfo> {
+    image.topic(name).map(|t| TopicInfo {
+        id: t.topic_id,
+        partitions: t.partitions.len() as i32,
+    })
 }
 
 impl Broker {

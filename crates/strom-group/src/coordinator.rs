@@ -14,6 +14,10 @@ use futures::future::BoxFuture;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::oneshot;
 
+use crate::consumer::{
+    ConsumerGroup, ConsumerMember, ConsumerSettings, HeartbeatRequest, HeartbeatResponse,
+    TopicInfo, Tp,
+};
 use crate::error::GroupError;
 use crate::group::{Group, GroupState, JoinRequest, JoinResult, Outbox, SyncResult};
 use crate::records::{GroupValue, OffsetValue, RecordKey};
@@ -53,6 +57,12 @@ pub struct GroupConfig {
     pub offsets_retention_ms: i64,
     /// `offsets.retention.check.interval.ms`
     pub offsets_retention_check_interval_ms: i64,
+    /// `group.consumer.session.timeout.ms`
+    pub consumer_session_timeout_ms: i64,
+    /// `group.consumer.heartbeat.interval.ms`
+    pub consumer_heartbeat_interval_ms: i32,
+    /// `group.consumer.max.size`
+    pub consumer_max_size: usize,
 }
 
 impl Default for GroupConfig {
@@ -65,6 +75,9 @@ impl Default for GroupConfig {
             offset_metadata_max_bytes: 4096,
             offsets_retention_ms: 7 * 24 * 3600 * 1000,
             offsets_retention_check_interval_ms: 600_000,
+            consumer_session_timeout_ms: 45_000,
+            consumer_heartbeat_interval_ms: 5_000,
+            consumer_max_size: i32::MAX as usize,
         }
     }
 }
@@ -98,12 +111,16 @@ pub struct MemberDescription {
     pub client_host: String,
     pub metadata: Bytes,
     pub assignment: Bytes,
+    /// A KIP-848 member's partitions (by topic id); its `assignment` bytes are empty.
+    pub consumer_assignment: Vec<Tp>,
 }
 
 #[derive(Debug, Clone)]
 pub struct GroupDescription {
     pub group_id: String,
     pub state: GroupState,
+    /// Kafka's state name (a consumer group's own states included).
+    pub state_name: &'static str,
     pub protocol_type: String,
     pub protocol: String,
     pub generation: i32,
@@ -114,7 +131,21 @@ pub struct GroupDescription {
 pub struct GroupListing {
     pub group_id: String,
     pub protocol_type: String,
-    pub state: GroupState,
+    /// Kafka's state name (classic or consumer states).
+    pub state: &'static str,
+    /// "Classic" or "Consumer".
+    pub group_type: &'static str,
+}
+
+/// A KIP-848 group as ConsumerGroupDescribe shows it.
+#[derive(Debug, Clone)]
+pub struct ConsumerGroupDescription {
+    pub state: &'static str,
+    pub group_epoch: i32,
+    pub assignment_epoch: i32,
+    pub assignor: String,
+    pub members: Vec<ConsumerMember>,
+    pub targets: HashMap<String, Vec<Tp>>,
 }
 
 /// One partition's commit in an OffsetCommit request.
@@ -540,7 +571,12 @@ impl GroupCoordinator {
                 Shard::Active(groups) => out.extend(groups.values().map(|g| GroupListing {
                     group_id: g.id.clone(),
                     protocol_type: g.protocol_type.clone().unwrap_or_default(),
-                    state: g.state,
+                    state: g.state_name(),
+                    group_type: if g.consumer.is_some() {
+                        "Consumer"
+                    } else {
+                        "Classic"
+                    },
                 })),
             }
         }
@@ -555,17 +591,42 @@ impl GroupCoordinator {
                 return Ok(GroupDescription {
                     group_id: group_id.to_string(),
                     state: GroupState::Dead,
+                    state_name: GroupState::Dead.name(),
                     protocol_type: String::new(),
                     protocol: String::new(),
                     generation: -1,
                     members: Vec::new(),
                 });
             };
+            if let Some(c) = &g.consumer {
+                return Ok(GroupDescription {
+                    group_id: g.id.clone(),
+                    state: g.state,
+                    state_name: g.state_name(),
+                    protocol_type: "consumer".to_string(),
+                    protocol: c.assignor.clone(),
+                    generation: c.group_epoch,
+                    members: c
+                        .members
+                        .values()
+                        .map(|m| MemberDescription {
+                            member_id: m.member_id.clone(),
+                            group_instance_id: m.instance_id.clone(),
+                            client_id: m.client_id.clone(),
+                            client_host: m.client_host.clone(),
+                            metadata: Bytes::new(),
+                            assignment: Bytes::new(),
+                            consumer_assignment: m.assigned.iter().copied().collect(),
+                        })
+                        .collect(),
+                });
+            }
             let protocol = g.protocol.clone().unwrap_or_default();
             let stable = g.state == GroupState::Stable;
             Ok(GroupDescription {
                 group_id: g.id.clone(),
                 state: g.state,
+                state_name: g.state_name(),
                 protocol_type: g.protocol_type.clone().unwrap_or_default(),
                 protocol: if stable {
                     protocol.clone()
@@ -595,6 +656,7 @@ impl GroupCoordinator {
                         } else {
                             Bytes::new()
                         },
+                        consumer_assignment: Vec::new(),
                     })
                     .collect(),
             })
@@ -615,7 +677,7 @@ impl GroupCoordinator {
                 .ok_or(GroupError::GroupIdNotFound)?;
             match g.state {
                 GroupState::Dead => return Err(GroupError::GroupIdNotFound),
-                GroupState::Empty => {}
+                GroupState::Empty if !g.is_active_consumer_group() => {}
                 _ => return Err(GroupError::NonEmptyGroup),
             }
             let records = tombstones(g);
@@ -647,7 +709,8 @@ impl GroupCoordinator {
             let mut results = Vec::new();
             let mut records = Vec::new();
             for (t, part) in partitions {
-                if g.state != GroupState::Empty && subscribed(g, &t) {
+                let active = g.state != GroupState::Empty || g.is_active_consumer_group();
+                if active && subscribed(g, &t) {
                     results.push((t, part, Err(GroupError::GroupSubscribedToTopic)));
                     continue;
                 }
@@ -675,7 +738,7 @@ impl GroupCoordinator {
     }
 
     /// Timers of every loaded group; offset expiry every `offsets.retention.check.interval.ms`.
-    pub fn tick(&self, log: &dyn OffsetsLog, now: i64) {
+    pub fn tick(&self, log: &dyn OffsetsLog, topics: &dyn Fn(&str) -> Option<TopicInfo>, now: i64) {
         let check_expiry = {
             let mut last = self.last_expiry_check.lock();
             if now - *last >= self.cfg.offsets_retention_check_interval_ms {
@@ -697,6 +760,11 @@ impl GroupCoordinator {
                 continue;
             };
             for g in groups.values_mut() {
+                if let Some(c) = g.consumer.as_mut() {
+                    if c.tick(topics, now) && c.members.is_empty() {
+                        g.state_timestamp = now;
+                    }
+                }
                 let out = g.tick(now);
                 if !out.joins.is_empty() || !out.syncs.is_empty() || out.persist {
                     self.dispatch(log, p, g, out);
@@ -722,7 +790,7 @@ impl GroupCoordinator {
         let mut records = Vec::new();
         let mut gone = Vec::new();
         for g in groups.values_mut() {
-            if g.state != GroupState::Empty {
+            if g.state != GroupState::Empty || g.is_active_consumer_group() {
                 continue;
             }
             let expired: Vec<(String, i32)> = if g.protocol_type.is_some() {
@@ -778,6 +846,83 @@ impl GroupCoordinator {
             }
             Err(e) => tracing::warn!(error = %e, "writing offset expiry failed"),
         }
+    }
+}
+
+impl GroupCoordinator {
+    fn consumer_settings(&self) -> ConsumerSettings {
+        ConsumerSettings {
+            session_timeout_ms: self.cfg.consumer_session_timeout_ms,
+            heartbeat_interval_ms: self.cfg.consumer_heartbeat_interval_ms,
+            max_size: self.cfg.consumer_max_size,
+        }
+    }
+
+    /// ConsumerGroupHeartbeat (KIP-848). A group with classic members is not a consumer group.
+    /// Membership is kept in memory: after a coordinator restart members rejoin (they get
+    /// UNKNOWN_MEMBER_ID); committed offsets are durable as for every group.
+    pub fn consumer_heartbeat(
+        &self,
+        group_id: &str,
+        req: HeartbeatRequest,
+        topics: &dyn Fn(&str) -> Option<TopicInfo>,
+        now: i64,
+    ) -> Result<HeartbeatResponse, GroupError> {
+        if group_id.is_empty() {
+            return Err(GroupError::InvalidGroupId);
+        }
+        let settings = self.consumer_settings();
+        self.with_groups(group_id, |_, groups| {
+            if !groups.contains_key(group_id) {
+                if req.member_epoch != 0 {
+                    return Err(GroupError::UnknownMemberId);
+                }
+                groups.insert(group_id.to_string(), self.new_group(group_id, now));
+            }
+            let g = groups
+                .get_mut(group_id)
+                .ok_or(GroupError::GroupIdNotFound)?;
+            if g.state == GroupState::Dead {
+                return Err(GroupError::CoordinatorNotAvailable);
+            }
+            if !g.members.is_empty() {
+                return Err(GroupError::GroupIdNotFound);
+            }
+            let was_empty = !g.is_active_consumer_group();
+            g.protocol_type = Some("consumer".to_string());
+            let c = g.consumer.get_or_insert_with(ConsumerGroup::default);
+            let r = c.heartbeat(&settings, req, topics, now);
+            let now_empty = c.members.is_empty();
+            if was_empty != now_empty {
+                g.state_timestamp = now;
+            }
+            r
+        })
+    }
+
+    /// ConsumerGroupDescribe of one group (GROUP_ID_NOT_FOUND unless a consumer group).
+    pub fn describe_consumer_group(
+        &self,
+        group_id: &str,
+    ) -> Result<ConsumerGroupDescription, GroupError> {
+        self.with_groups(group_id, |_, groups| {
+            let c = groups
+                .get(group_id)
+                .and_then(|g| g.consumer.as_ref())
+                .ok_or(GroupError::GroupIdNotFound)?;
+            Ok(ConsumerGroupDescription {
+                state: c.state_name(),
+                group_epoch: c.group_epoch,
+                assignment_epoch: c.assignment_epoch,
+                assignor: c.assignor.clone(),
+                members: c.members.values().cloned().collect(),
+                targets: c
+                    .target
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.iter().copied().collect()))
+                    .collect(),
+            })
+        })
     }
 }
 

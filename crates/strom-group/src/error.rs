@@ -40,6 +40,14 @@ pub enum GroupError {
     StorageError,
     #[error("INVALID_COMMIT_OFFSET_SIZE")]
     InvalidCommitOffsetSize,
+    #[error("INVALID_REQUEST")]
+    InvalidRequest,
+    #[error("FENCED_MEMBER_EPOCH")]
+    FencedMemberEpoch,
+    #[error("STALE_MEMBER_EPOCH")]
+    StaleMemberEpoch,
+    #[error("UNSUPPORTED_ASSIGNOR")]
+    UnsupportedAssignor,
 }
 
 impl GroupError {
@@ -65,6 +73,10 @@ impl GroupError {
             GroupError::UnknownTopicOrPartition => 3,
             GroupError::StorageError => 56,
             GroupError::InvalidCommitOffsetSize => 28,
+            GroupError::InvalidRequest => 42,
+            GroupError::FencedMemberEpoch => 110,
+            GroupError::StaleMemberEpoch => 113,
+            GroupError::UnsupportedAssignor => 112,
         }
     }
 }

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+use crate::consumer::ConsumerGroup;
 use crate::coordinator::GroupConfig;
 use crate::error::GroupError;
 use crate::records::{GroupValue, MemberValue, OffsetValue};
@@ -176,6 +177,8 @@ pub struct Group {
     /// When the state last changed (Kafka's current_state_timestamp).
     pub state_timestamp: i64,
     pub offsets: BTreeMap<(String, i32), OffsetValue>,
+    /// Set while the group is a KIP-848 consumer group (then it has no classic members).
+    pub consumer: Option<ConsumerGroup>,
 }
 
 fn new_member_id(prefix: &str) -> String {
@@ -199,11 +202,28 @@ impl Group {
             initial_delay_ms,
             state_timestamp: now,
             offsets: BTreeMap::new(),
+            consumer: None,
         }
     }
 
+    /// No members of either protocol.
     pub fn is_empty(&self) -> bool {
-        self.members.is_empty()
+        self.members.is_empty() && self.consumer.as_ref().is_none_or(|c| c.members.is_empty())
+    }
+
+    /// A KIP-848 group with members.
+    pub fn is_active_consumer_group(&self) -> bool {
+        self.consumer
+            .as_ref()
+            .is_some_and(|c| !c.members.is_empty())
+    }
+
+    /// The state name Kafka reports for this group, whichever its protocol.
+    pub fn state_name(&self) -> &'static str {
+        match &self.consumer {
+            Some(c) if self.state != GroupState::Dead => c.state_name(),
+            _ => self.state.name(),
+        }
     }
 
     fn set_state(&mut self, s: GroupState, now: i64) {
@@ -317,6 +337,16 @@ impl Group {
             );
             return out;
         }
+        if self.is_active_consumer_group() {
+            fail(
+                &mut out,
+                waiter,
+                GroupError::InconsistentGroupProtocol,
+                &req.member_id,
+            );
+            return out;
+        }
+        self.consumer = None;
         if req.session_timeout_ms < cfg.min_session_timeout_ms
             || req.session_timeout_ms > cfg.max_session_timeout_ms
         {
@@ -871,8 +901,11 @@ impl Group {
         if self.state == GroupState::Dead {
             return Err(GroupError::CoordinatorNotAvailable);
         }
-        if generation < 0 && self.state == GroupState::Empty {
+        if generation < 0 && self.state == GroupState::Empty && !self.is_active_consumer_group() {
             return Ok(());
+        }
+        if let Some(c) = &self.consumer {
+            return c.validate_commit(member_id, generation);
         }
         self.check_member(member_id, instance_id)?;
         if self.state == GroupState::CompletingRebalance {

@@ -553,9 +553,9 @@ async fn offsets_of_an_empty_group_expire_after_retention() {
     )
     .await
     .unwrap();
-    c.tick(&log, 30_000);
+    c.tick(&log, &|_| None, 30_000);
     assert_eq!(c.fetch_offsets("simple", None).unwrap().len(), 1);
-    c.tick(&log, 61_000);
+    c.tick(&log, &|_| None, 61_000);
     assert!(c.fetch_offsets("simple", None).unwrap().is_empty());
     assert_eq!(c.describe("simple").unwrap().state, GroupState::Dead);
     // The expiry was written: a reload does not bring the offset back.
@@ -582,4 +582,65 @@ async fn a_failed_write_fails_the_commit() {
         .await;
     assert_eq!(r.unwrap_err(), GroupError::StorageError);
     assert!(c.fetch_offsets("g", None).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn classic_and_consumer_protocols_do_not_mix_in_one_group() {
+    use crate::consumer::{HeartbeatRequest, TopicInfo};
+    let log = Arc::new(MemLog::default());
+    let c = coordinator(&log);
+    let topics = |n: &str| {
+        (n == "t").then_some(TopicInfo {
+            id: [1; 16],
+            partitions: 2,
+        })
+    };
+    let hb = HeartbeatRequest {
+        member_id: "m1".into(),
+        member_epoch: 0,
+        rebalance_timeout_ms: 1000,
+        subscribed_topics: Some(vec!["t".into()]),
+        ..Default::default()
+    };
+    let r = c
+        .consumer_heartbeat("mixed", hb.clone(), &topics, 0)
+        .unwrap();
+    assert_eq!(r.assignment.map(|a| a.len()), Some(2));
+    // A classic member cannot join a consumer group with members ...
+    let j = c.join(&*log, "mixed", req("", &[("range", "s")]), 1).await;
+    assert_eq!(j.error, Some(GroupError::InconsistentGroupProtocol));
+    // ... and a consumer member cannot join a classic group with members.
+    let j = c
+        .join(&*log, "classic", req("", &[("range", "s")]), 1)
+        .await;
+    assert_eq!(j.error, None);
+    assert_eq!(
+        c.consumer_heartbeat("classic", hb, &topics, 2).unwrap_err(),
+        GroupError::GroupIdNotFound
+    );
+    let (listed, _) = c.list_groups();
+    let types: Vec<(&str, &str)> = listed
+        .iter()
+        .map(|g| (g.group_id.as_str(), g.group_type))
+        .collect();
+    assert!(types.contains(&("mixed", "Consumer")));
+    assert!(types.contains(&("classic", "Classic")));
+    // Commits from the consumer member are checked against its epoch.
+    let commit_with = |epoch| {
+        c.commit_offsets(
+            &*log,
+            "mixed",
+            "m1",
+            None,
+            epoch,
+            vec![commit("t", 0, 5)],
+            &|_, _| true,
+            3,
+        )
+    };
+    assert!(commit_with(1).await.is_ok());
+    assert_eq!(
+        commit_with(7).await.unwrap_err(),
+        GroupError::StaleMemberEpoch
+    );
 }

@@ -15,14 +15,14 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
     let types: Vec<String> = req.types_filter.iter().map(|s| s.to_lowercase()).collect();
     let listed = groups
         .into_iter()
-        .filter(|g| states.is_empty() || states.contains(&g.state.name().to_lowercase()))
-        .filter(|_| types.is_empty() || types.iter().any(|t| t == "classic"))
+        .filter(|g| states.is_empty() || states.contains(&g.state.to_lowercase()))
+        .filter(|g| types.is_empty() || types.contains(&g.group_type.to_lowercase()))
         .map(|g| {
             ListedGroup::default()
                 .with_group_id(GroupId(str_bytes(&g.group_id)))
                 .with_protocol_type(str_bytes(&g.protocol_type))
-                .with_group_state(str_bytes(g.state.name()))
-                .with_group_type(str_bytes("Classic"))
+                .with_group_state(str_bytes(g.state))
+                .with_group_type(str_bytes(g.group_type))
         })
         .collect();
     ctx.reply(

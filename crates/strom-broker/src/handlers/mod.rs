@@ -13,6 +13,8 @@ use strom_proto::api::RequestFrame;
 use crate::broker::Broker;
 
 mod api_versions;
+mod consumer_group_describe;
+mod consumer_group_heartbeat;
 mod create_partitions;
 mod create_topics;
 mod delete_groups;
@@ -87,6 +89,8 @@ pub async fn dispatch(
         ApiKey::DescribeGroups => describe_groups::handle(broker, &mut ctx),
         ApiKey::DeleteGroups => delete_groups::handle(broker, &mut ctx),
         ApiKey::OffsetDelete => offset_delete::handle(broker, &mut ctx),
+        ApiKey::ConsumerGroupHeartbeat => consumer_group_heartbeat::handle(broker, &mut ctx),
+        ApiKey::ConsumerGroupDescribe => consumer_group_describe::handle(broker, &mut ctx),
         // decode_header only lets served APIs through.
         other => Err(HandlerError::Decode(other, "not served".into())),
     }
