@@ -146,6 +146,100 @@ async fn hostile_counts_do_not_take_the_broker_down() {
             raw_flexible_request(ApiKey::ApiVersions as i16, 3, 1, &compact_huge),
         ),
     ];
+    // Group APIs: a short group id "g", then a hostile count where the first array starts.
+    let g = [0u8, 1, b'g'];
+    let compact_g = [2u8, b'g'];
+    let null_str = [0xffu8, 0xff];
+    cases.extend([
+        (
+            "join group v5",
+            raw_request(
+                ApiKey::JoinGroup as i16,
+                5,
+                1,
+                &[
+                    &g[..],
+                    &[0, 0, 0x27, 0x10],
+                    &[0, 0, 0x27, 0x10],
+                    &[0, 0],
+                    &null_str,
+                    &g,
+                    &max,
+                ]
+                .concat(),
+            ),
+        ),
+        (
+            "sync group v3",
+            raw_request(
+                ApiKey::SyncGroup as i16,
+                3,
+                1,
+                &[&g[..], &[0, 0, 0, 1], &[0, 0], &null_str, &max].concat(),
+            ),
+        ),
+        (
+            "offset commit v7",
+            raw_request(
+                ApiKey::OffsetCommit as i16,
+                7,
+                1,
+                &[&g[..], &[0xff; 4], &[0, 0], &null_str, &max].concat(),
+            ),
+        ),
+        (
+            "offset fetch v7",
+            raw_request(ApiKey::OffsetFetch as i16, 7, 1, &[&g[..], &max].concat()),
+        ),
+        (
+            "describe groups v4",
+            raw_request(ApiKey::DescribeGroups as i16, 4, 1, &max),
+        ),
+        (
+            "delete groups v1",
+            raw_request(ApiKey::DeleteGroups as i16, 1, 1, &max),
+        ),
+        (
+            "offset delete v0",
+            raw_request(ApiKey::OffsetDelete as i16, 0, 1, &[&g[..], &max].concat()),
+        ),
+        (
+            "leave group v4 flexible",
+            raw_flexible_request(
+                ApiKey::LeaveGroup as i16,
+                4,
+                1,
+                &[&compact_g[..], &compact_huge].concat(),
+            ),
+        ),
+        (
+            "find coordinator v4 flexible",
+            raw_flexible_request(
+                ApiKey::FindCoordinator as i16,
+                4,
+                1,
+                &[&[0u8][..], &compact_huge].concat(),
+            ),
+        ),
+        (
+            "consumer group heartbeat v0 flexible",
+            raw_flexible_request(
+                ApiKey::ConsumerGroupHeartbeat as i16,
+                0,
+                1,
+                &[
+                    &compact_g[..],
+                    &[1],
+                    &[0; 4],
+                    &[0],
+                    &[0],
+                    &[0, 0, 0x27, 0x10],
+                    &compact_huge,
+                ]
+                .concat(),
+            ),
+        ),
+    ]);
     // A topic name length far past the frame.
     cases.push((
         "metadata v1 long name",

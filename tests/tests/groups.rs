@@ -118,6 +118,16 @@ async fn three_members_share_six_partitions_and_survive_a_kill9() {
     share_and_survive_a_kill9(GROUP_SETS, &[]).await;
 }
 
+/// The classic protocol with librdkafka's incremental cooperative-sticky assignor.
+#[tokio::test(flavor = "multi_thread")]
+async fn cooperative_sticky_members_share_six_partitions_and_survive_a_kill9() {
+    share_and_survive_a_kill9(
+        GROUP_SETS,
+        &["partition.assignment.strategy=cooperative-sticky"],
+    )
+    .await;
+}
+
 /// The same with the KIP-848 consumer protocol: server-side assignment, incremental
 /// reconciliation, the session kept by the broker (`group.consumer.session.timeout.ms`).
 #[tokio::test(flavor = "multi_thread")]

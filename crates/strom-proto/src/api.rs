@@ -225,4 +225,44 @@ mod tests {
         let mut frame = decode_header(b.freeze()).unwrap();
         assert!(decode_body::<MetadataRequest>(&mut frame.body, 4).is_err());
     }
+
+    #[test]
+    fn hostile_group_counts_are_decode_errors() {
+        use kafka_protocol::messages::{
+            ConsumerGroupHeartbeatRequest, JoinGroupRequest, OffsetCommitRequest,
+        };
+        // Each body once with a valid empty array (it decodes) and once with a hostile count.
+        // JoinGroup v5: group "g", timeouts, member "", instance null, type "c", protocols.
+        let join = |count: i32| {
+            let mut b = BytesMut::new();
+            b.extend_from_slice(&[
+                0, 1, b'g', 0, 0, 0x27, 0x10, 0, 0, 0x27, 0x10, 0, 0, 0xff, 0xff,
+            ]);
+            b.extend_from_slice(&[0, 1, b'c']);
+            b.put_i32(count);
+            b.freeze()
+        };
+        assert!(decode_body::<JoinGroupRequest>(&mut join(0), 5).is_ok());
+        assert!(decode_body::<JoinGroupRequest>(&mut join(i32::MAX), 5).is_err());
+        // OffsetCommit v7: group "g", generation, member "", instance null, topics.
+        let commit = |count: i32| {
+            let mut b = BytesMut::new();
+            b.extend_from_slice(&[0, 1, b'g', 0xff, 0xff, 0xff, 0xff, 0, 0, 0xff, 0xff]);
+            b.put_i32(count);
+            b.freeze()
+        };
+        assert!(decode_body::<OffsetCommitRequest>(&mut commit(0), 7).is_ok());
+        assert!(decode_body::<OffsetCommitRequest>(&mut commit(i32::MAX), 7).is_err());
+        // ConsumerGroupHeartbeat v0 (flexible): subscribed topics as a compact array.
+        let heartbeat = |count: &[u8]| {
+            let mut b = BytesMut::new();
+            b.extend_from_slice(&[2, b'g', 1, 0, 0, 0, 0, 0, 0, 0, 0, 0x27, 0x10]);
+            b.extend_from_slice(count);
+            b.extend_from_slice(&[0, 0, 0]); // null assignor, null partitions, no tags
+            b.freeze()
+        };
+        assert!(decode_body::<ConsumerGroupHeartbeatRequest>(&mut heartbeat(&[1]), 0).is_ok());
+        let huge = [0xff, 0xff, 0xff, 0xff, 0x0f];
+        assert!(decode_body::<ConsumerGroupHeartbeatRequest>(&mut heartbeat(&huge), 0).is_err());
+    }
 }
