@@ -267,6 +267,15 @@ impl Broker {
                 tracing::error!(error = %e, "applying a metadata change to the logs failed");
                 return Err(E::from(format!("applying metadata: {e}")));
             }
+            let deleted: Vec<String> = delta
+                .deleted_topics
+                .iter()
+                .map(|(name, _, _)| name.clone())
+                .filter(|n| n != OFFSETS_TOPIC)
+                .collect();
+            if !deleted.is_empty() {
+                self.groups.on_topics_deleted(self, &deleted);
+            }
             Ok(next)
         })
     }

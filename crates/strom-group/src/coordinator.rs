@@ -926,6 +926,54 @@ impl GroupCoordinator {
     }
 }
 
+impl GroupCoordinator {
+    /// A topic was deleted: every group's committed offsets for it go (with tombstones), so a
+    /// topic re-created under the same name does not inherit them.
+    pub fn on_topics_deleted(&self, log: &dyn OffsetsLog, topics: &[String]) {
+        let shards: Vec<(i32, Arc<Mutex<Shard>>)> = self
+            .shards
+            .read()
+            .iter()
+            .map(|(p, s)| (*p, s.clone()))
+            .collect();
+        for (p, shard) in shards {
+            let mut guard = shard.lock();
+            let Shard::Active(groups) = &mut *guard else {
+                continue;
+            };
+            let mut records = Vec::new();
+            for g in groups.values_mut() {
+                let gone: Vec<(String, i32)> = g
+                    .offsets
+                    .keys()
+                    .filter(|(t, _)| topics.contains(t))
+                    .cloned()
+                    .collect();
+                for (t, part) in gone {
+                    g.offsets.remove(&(t.clone(), part));
+                    let key = RecordKey::Offset {
+                        group: g.id.clone(),
+                        topic: t,
+                        partition: part,
+                    };
+                    records.push((key.encode(), None));
+                }
+            }
+            if records.is_empty() {
+                continue;
+            }
+            match log.append(p, records) {
+                Ok(fut) => {
+                    if let Ok(h) = tokio::runtime::Handle::try_current() {
+                        h.spawn(fut);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "removing offsets of deleted topics failed"),
+            }
+        }
+    }
+}
+
 fn tombstones(g: &Group) -> Vec<KeyValue> {
     let mut records: Vec<KeyValue> = g
         .offsets

@@ -644,3 +644,35 @@ async fn classic_and_consumer_protocols_do_not_mix_in_one_group() {
         GroupError::StaleMemberEpoch
     );
 }
+
+#[tokio::test]
+async fn offsets_of_a_deleted_topic_are_removed() {
+    let log = MemLog::default();
+    let c = coordinator(&log);
+    c.commit_offsets(
+        &log,
+        "g",
+        "",
+        None,
+        -1,
+        vec![commit("gone", 0, 5), commit("kept", 0, 7)],
+        &|_, _| true,
+        0,
+    )
+    .await
+    .unwrap();
+    c.on_topics_deleted(&log, &["gone".to_string()]);
+    let left: Vec<String> = c
+        .fetch_offsets("g", None)
+        .unwrap()
+        .into_iter()
+        .map(|(t, _, _)| t)
+        .collect();
+    assert_eq!(left, vec!["kept".to_string()]);
+    let c2 = coordinator(&log);
+    assert_eq!(
+        c2.fetch_offsets("g", None).unwrap().len(),
+        1,
+        "tombstones written"
+    );
+}
