@@ -7,7 +7,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use crate::coordinator::KeyValue;
 use crate::error::GroupError;
+use crate::records::{
+    decode_epoch_value, decode_target_member_value, encode_epoch_value, encode_target_member_value,
+    ConsumerMemberValue, CurrentAssignmentValue, RecordKey, TopicPartitions,
+};
 
 /// A partition by topic id.
 pub type Tp = ([u8; 16], i32);
@@ -75,7 +80,7 @@ pub struct ConsumerMember {
     revocation_deadline: Option<i64>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct ConsumerGroup {
     pub group_epoch: i32,
     pub assignment_epoch: i32,
@@ -84,6 +89,9 @@ pub struct ConsumerGroup {
     /// Partition counts of the subscribed topics when the target was computed.
     subscribed_meta: BTreeMap<String, TopicInfo>,
     pub assignor: String,
+    /// Restored from the log: the subscribed topics' metadata is taken as current at the next
+    /// heartbeat instead of triggering a new assignment.
+    meta_unknown: bool,
 }
 
 /// Settings of consumer groups (Kafka's `group.consumer.*`).
@@ -154,7 +162,17 @@ impl ConsumerGroup {
     }
 
     /// Whether the partition counts of subscribed topics changed since the last assignment.
-    fn metadata_changed(&self, topics: &dyn Fn(&str) -> Option<TopicInfo>) -> bool {
+    fn metadata_changed(&mut self, topics: &dyn Fn(&str) -> Option<TopicInfo>) -> bool {
+        if self.meta_unknown {
+            self.meta_unknown = false;
+            self.subscribed_meta = self
+                .members
+                .values()
+                .flat_map(|m| &m.subscribed)
+                .filter_map(|t| topics(t).map(|i| (t.clone(), i)))
+                .collect();
+            return false;
+        }
         let names: BTreeSet<&String> = self.members.values().flat_map(|m| &m.subscribed).collect();
         names
             .into_iter()
@@ -336,6 +354,13 @@ impl ConsumerGroup {
         }
     }
 
+    /// Whether a member's session or revocation deadline has passed.
+    pub fn has_expired(&self, now: i64) -> bool {
+        self.members
+            .values()
+            .any(|m| m.session_deadline <= now || m.revocation_deadline.is_some_and(|d| d <= now))
+    }
+
     /// Session and revocation timeouts; returns whether members were removed.
     pub fn tick(&mut self, topics: &dyn Fn(&str) -> Option<TopicInfo>, now: i64) -> bool {
         let expired: Vec<String> = self
@@ -364,6 +389,249 @@ impl ConsumerGroup {
             .ok_or(GroupError::UnknownMemberId)?;
         if epoch != m.member_epoch && epoch != m.previous_epoch {
             return Err(GroupError::StaleMemberEpoch);
+        }
+        Ok(())
+    }
+}
+
+fn to_topic_partitions(set: &BTreeSet<Tp>) -> TopicPartitions {
+    let mut out: TopicPartitions = Vec::new();
+    for (id, p) in set {
+        match out.last_mut() {
+            Some((last, ps)) if last == id => ps.push(*p),
+            _ => out.push((*id, vec![*p])),
+        }
+    }
+    out
+}
+
+fn from_topic_partitions(tps: TopicPartitions) -> BTreeSet<Tp> {
+    tps.into_iter()
+        .flat_map(|(id, ps)| ps.into_iter().map(move |p| (id, p)))
+        .collect()
+}
+
+impl MemberState {
+    fn code(self) -> i8 {
+        match self {
+            MemberState::UnrevokedPartitions => 0,
+            MemberState::UnreleasedPartitions => 1,
+            MemberState::Stable => 2,
+        }
+    }
+    fn from_code(c: i8) -> Self {
+        match c {
+            0 => MemberState::UnrevokedPartitions,
+            1 => MemberState::UnreleasedPartitions,
+            _ => MemberState::Stable,
+        }
+    }
+}
+
+impl ConsumerMember {
+    fn metadata_value(&self) -> ConsumerMemberValue {
+        ConsumerMemberValue {
+            instance_id: self.instance_id.clone(),
+            rack_id: self.rack_id.clone(),
+            client_id: self.client_id.clone(),
+            client_host: self.client_host.clone(),
+            subscribed: self.subscribed.clone(),
+            rebalance_timeout_ms: self.rebalance_timeout_ms,
+            server_assignor: self.assignor.clone(),
+        }
+    }
+    fn assignment_value(&self) -> CurrentAssignmentValue {
+        CurrentAssignmentValue {
+            member_epoch: self.member_epoch,
+            previous_epoch: self.previous_epoch,
+            state: self.state.code(),
+            assigned: to_topic_partitions(&self.assigned),
+            pending_revocation: to_topic_partitions(&self.pending_revocation),
+        }
+    }
+    fn restored(member_id: &str, now: i64) -> Self {
+        ConsumerMember {
+            member_id: member_id.to_string(),
+            instance_id: None,
+            rack_id: None,
+            client_id: String::new(),
+            client_host: String::new(),
+            rebalance_timeout_ms: 0,
+            subscribed: Vec::new(),
+            assignor: None,
+            member_epoch: 0,
+            previous_epoch: -1,
+            state: MemberState::Stable,
+            assigned: BTreeSet::new(),
+            pending_revocation: BTreeSet::new(),
+            last_sent: None,
+            session_deadline: now,
+            revocation_deadline: None,
+        }
+    }
+}
+
+impl ConsumerGroup {
+    /// The records that bring the stored state from `before` to `self`: epochs, member
+    /// metadata, target and current assignments that changed, tombstones for members gone.
+    pub fn diff_records(&self, group: &str, before: &ConsumerGroup) -> Vec<KeyValue> {
+        let g = group.to_string();
+        let mut out = Vec::new();
+        if self.group_epoch != before.group_epoch {
+            let key = RecordKey::ConsumerGroup { group: g.clone() };
+            out.push((key.encode(), Some(encode_epoch_value(self.group_epoch))));
+        }
+        for (id, m) in &self.members {
+            let old = before.members.get(id);
+            if old.map(|o| o.metadata_value()) != Some(m.metadata_value()) {
+                let key = RecordKey::ConsumerMember {
+                    group: g.clone(),
+                    member: id.clone(),
+                };
+                out.push((key.encode(), Some(m.metadata_value().encode())));
+            }
+        }
+        for id in before.members.keys() {
+            if !self.members.contains_key(id) {
+                for key in [
+                    RecordKey::ConsumerMember {
+                        group: g.clone(),
+                        member: id.clone(),
+                    },
+                    RecordKey::CurrentAssignment {
+                        group: g.clone(),
+                        member: id.clone(),
+                    },
+                ] {
+                    out.push((key.encode(), None));
+                }
+            }
+        }
+        for (id, t) in &self.target {
+            if before.target.get(id) != Some(t) {
+                let key = RecordKey::TargetMember {
+                    group: g.clone(),
+                    member: id.clone(),
+                };
+                out.push((
+                    key.encode(),
+                    Some(encode_target_member_value(&to_topic_partitions(t))),
+                ));
+            }
+        }
+        for id in before.target.keys() {
+            if !self.target.contains_key(id) {
+                let key = RecordKey::TargetMember {
+                    group: g.clone(),
+                    member: id.clone(),
+                };
+                out.push((key.encode(), None));
+            }
+        }
+        if self.assignment_epoch != before.assignment_epoch {
+            let key = RecordKey::TargetAssignment { group: g.clone() };
+            out.push((
+                key.encode(),
+                Some(encode_epoch_value(self.assignment_epoch)),
+            ));
+        }
+        for (id, m) in &self.members {
+            let old = before.members.get(id);
+            if old.map(|o| o.assignment_value()) != Some(m.assignment_value()) {
+                let key = RecordKey::CurrentAssignment {
+                    group: g.clone(),
+                    member: id.clone(),
+                };
+                out.push((key.encode(), Some(m.assignment_value().encode())));
+            }
+        }
+        out
+    }
+
+    /// Tombstones for everything stored about this group (it is being deleted).
+    pub fn tombstones(&self, group: &str) -> Vec<KeyValue> {
+        let mut out: Vec<KeyValue> = ConsumerGroup::default()
+            .diff_records(group, self)
+            .into_iter()
+            .filter(|(_, v)| v.is_none())
+            .collect();
+        for key in [
+            RecordKey::TargetAssignment {
+                group: group.to_string(),
+            },
+            RecordKey::ConsumerGroup {
+                group: group.to_string(),
+            },
+        ] {
+            out.push((key.encode(), None));
+        }
+        out
+    }
+
+    /// Replays one stored record (coordinator load). Members get a fresh session.
+    pub fn apply_record(
+        &mut self,
+        key: &RecordKey,
+        value: Option<&[u8]>,
+        session_timeout_ms: i64,
+        now: i64,
+    ) -> Result<(), crate::records::DecodeError> {
+        self.meta_unknown = true;
+        match (key, value) {
+            (RecordKey::ConsumerGroup { .. }, Some(v)) => self.group_epoch = decode_epoch_value(v)?,
+            (RecordKey::TargetAssignment { .. }, Some(v)) => {
+                self.assignment_epoch = decode_epoch_value(v)?
+            }
+            (RecordKey::TargetMember { member, .. }, Some(v)) => {
+                let t = from_topic_partitions(decode_target_member_value(v)?);
+                self.target.insert(member.clone(), t);
+            }
+            (RecordKey::TargetMember { member, .. }, None) => {
+                self.target.remove(member);
+            }
+            (RecordKey::ConsumerMember { member, .. }, Some(v)) => {
+                let v = ConsumerMemberValue::decode(v)?;
+                let m = self
+                    .members
+                    .entry(member.clone())
+                    .or_insert_with(|| ConsumerMember::restored(member, now));
+                m.instance_id = v.instance_id;
+                m.rack_id = v.rack_id;
+                m.client_id = v.client_id;
+                m.client_host = v.client_host;
+                m.subscribed = v.subscribed;
+                m.rebalance_timeout_ms = v.rebalance_timeout_ms;
+                m.assignor = v.server_assignor;
+                m.session_deadline = now + session_timeout_ms;
+            }
+            (RecordKey::CurrentAssignment { member, .. }, Some(v)) => {
+                let v = CurrentAssignmentValue::decode(v)?;
+                let m = self
+                    .members
+                    .entry(member.clone())
+                    .or_insert_with(|| ConsumerMember::restored(member, now));
+                m.member_epoch = v.member_epoch;
+                m.previous_epoch = v.previous_epoch;
+                m.state = MemberState::from_code(v.state);
+                m.assigned = from_topic_partitions(v.assigned);
+                m.pending_revocation = from_topic_partitions(v.pending_revocation);
+                m.session_deadline = now + session_timeout_ms;
+                if !m.pending_revocation.is_empty() {
+                    m.revocation_deadline = Some(now + m.rebalance_timeout_ms as i64);
+                }
+            }
+            (RecordKey::ConsumerMember { member, .. }, None)
+            | (RecordKey::CurrentAssignment { member, .. }, None) => {
+                self.members.remove(member);
+            }
+            (RecordKey::ConsumerGroup { .. }, None)
+            | (RecordKey::TargetAssignment { .. }, None) => {}
+            _ => {}
+        }
+        if let Some(a) = self.members.values().find_map(|m| m.assignor.clone()) {
+            self.assignor = a;
+        } else if self.assignor.is_empty() {
+            self.assignor = "uniform".to_string();
         }
         Ok(())
     }
@@ -602,6 +870,49 @@ mod tests {
         let b = beat(&mut g, "b", 2, &[], 4).unwrap();
         assert_eq!(parts(&b).len(), 6);
         exclusive(&g);
+    }
+
+    #[test]
+    fn stored_records_restore_the_group() {
+        let mut g = ConsumerGroup::default();
+        let empty = ConsumerGroup::default();
+        join(&mut g, "a", 0);
+        join(&mut g, "b", 0);
+        let a = beat(&mut g, "a", 1, &[0, 1, 2, 3, 4, 5], 1).unwrap();
+        beat(&mut g, "a", 1, &parts(&a), 2).unwrap();
+        let records = g.diff_records("grp", &empty);
+        let mut restored = ConsumerGroup::default();
+        for (k, v) in &records {
+            let key = RecordKey::decode(k).unwrap();
+            restored
+                .apply_record(&key, v.as_deref(), 45_000, 100)
+                .unwrap();
+        }
+        assert_eq!(restored.group_epoch, g.group_epoch);
+        assert_eq!(restored.assignment_epoch, g.assignment_epoch);
+        assert_eq!(restored.target, g.target);
+        for (id, m) in &g.members {
+            let r = &restored.members[id];
+            assert_eq!(r.assigned, m.assigned);
+            assert_eq!(r.member_epoch, m.member_epoch);
+            assert_eq!(r.subscribed, m.subscribed);
+        }
+        // The restored group carries on: b gets its partitions with its current epoch, and no
+        // new epoch is started just because the group was reloaded.
+        let b = beat(&mut restored, "b", 2, &[], 200).unwrap();
+        assert_eq!(b.member_epoch, 2);
+        assert_eq!(parts(&b).len(), 3);
+        assert_eq!(restored.group_epoch, g.group_epoch);
+        // A member leaving is written as tombstones.
+        let before = restored.clone();
+        beat(&mut restored, "a", -1, &[], 300).unwrap();
+        let diff = restored.diff_records("grp", &before);
+        assert!(diff.iter().any(|(k, v)| v.is_none()
+            && RecordKey::decode(k).unwrap()
+                == RecordKey::ConsumerMember {
+                    group: "grp".into(),
+                    member: "a".into()
+                }));
     }
 
     #[test]

@@ -160,6 +160,9 @@ pub struct OffsetCommit {
 
 pub type PartitionResults = Vec<(String, i32, Result<(), GroupError>)>;
 
+/// Resolves once records appended for a request are durable.
+pub type Durable = BoxFuture<'static, Result<(), GroupError>>;
+
 pub struct GroupCoordinator {
     cfg: GroupConfig,
     /// Partition count of `__consumer_offsets` (0 until it exists).
@@ -253,6 +256,18 @@ impl GroupCoordinator {
                 },
                 (RecordKey::Group { group }, None) => {
                     groups.remove(&group);
+                }
+                (key, value) => {
+                    let group = key.group().to_string();
+                    let g = groups
+                        .entry(group.clone())
+                        .or_insert_with(|| self.new_group(&group, now));
+                    g.protocol_type = Some("consumer".to_string());
+                    let c = g.consumer.get_or_insert_with(ConsumerGroup::default);
+                    let session = self.cfg.consumer_session_timeout_ms;
+                    if let Err(e) = c.apply_record(&key, value.as_deref(), session, now) {
+                        tracing::warn!(partition = p, error = %e, "skipping a record");
+                    }
                 }
             }
         }
@@ -761,8 +776,24 @@ impl GroupCoordinator {
             };
             for g in groups.values_mut() {
                 if let Some(c) = g.consumer.as_mut() {
-                    if c.tick(topics, now) && c.members.is_empty() {
-                        g.state_timestamp = now;
+                    if c.has_expired(now) {
+                        let before = c.clone();
+                        if c.tick(topics, now) && c.members.is_empty() {
+                            g.state_timestamp = now;
+                        }
+                        let records = c.diff_records(&g.id, &before);
+                        if !records.is_empty() {
+                            match log.append(p, records) {
+                                Ok(fut) => {
+                                    if let Ok(h) = tokio::runtime::Handle::try_current() {
+                                        h.spawn(fut);
+                                    }
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "storing member expiry failed")
+                                }
+                            }
+                        }
                     }
                 }
                 let out = g.tick(now);
@@ -816,6 +847,9 @@ impl GroupCoordinator {
                 records.push((key.encode(), None));
             }
             if g.offsets.is_empty() && now - g.state_timestamp >= retention {
+                if let Some(c) = &g.consumer {
+                    records.extend(c.tombstones(&g.id));
+                }
                 records.push((
                     RecordKey::Group {
                         group: g.id.clone(),
@@ -863,16 +897,17 @@ impl GroupCoordinator {
     /// UNKNOWN_MEMBER_ID); committed offsets are durable as for every group.
     pub fn consumer_heartbeat(
         &self,
+        log: &dyn OffsetsLog,
         group_id: &str,
         req: HeartbeatRequest,
         topics: &dyn Fn(&str) -> Option<TopicInfo>,
         now: i64,
-    ) -> Result<HeartbeatResponse, GroupError> {
+    ) -> Result<(HeartbeatResponse, Option<Durable>), GroupError> {
         if group_id.is_empty() {
             return Err(GroupError::InvalidGroupId);
         }
         let settings = self.consumer_settings();
-        self.with_groups(group_id, |_, groups| {
+        self.with_groups(group_id, |p, groups| {
             if !groups.contains_key(group_id) {
                 if req.member_epoch != 0 {
                     return Err(GroupError::UnknownMemberId);
@@ -891,12 +926,19 @@ impl GroupCoordinator {
             let was_empty = !g.is_active_consumer_group();
             g.protocol_type = Some("consumer".to_string());
             let c = g.consumer.get_or_insert_with(ConsumerGroup::default);
-            let r = c.heartbeat(&settings, req, topics, now);
-            let now_empty = c.members.is_empty();
-            if was_empty != now_empty {
+            let before = c.clone();
+            let r = c.heartbeat(&settings, req, topics, now)?;
+            let records = c.diff_records(group_id, &before);
+            if was_empty != c.members.is_empty() {
                 g.state_timestamp = now;
             }
-            r
+            // Written in memory order under the shard lock; the answer waits until durable.
+            let durable = if records.is_empty() {
+                None
+            } else {
+                Some(log.append(p, records)?)
+            };
+            Ok((r, durable))
         })
     }
 

@@ -54,36 +54,49 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
     };
     let image = broker.image();
     let topics = |name: &str| topic_info(&image, name);
-    match broker
-        .groups
-        .consumer_heartbeat(req.group_id.0.as_str(), hb, &topics, broker.now_ms())
-    {
-        Err(e) => {
-            tracing::debug!(group = %req.group_id.0, error = %e, "consumer group heartbeat refused");
-            resp.error_code = e.code();
-            resp.error_message = message(e);
+    let result = broker.groups.consumer_heartbeat(
+        &**broker,
+        req.group_id.0.as_str(),
+        hb,
+        &topics,
+        broker.now_ms(),
+    );
+    let group = req.group_id.0.to_string();
+    Ok(ctx.later(async move {
+        // The answer goes out once what it changed is durable.
+        let result = match result {
+            Ok((r, Some(durable))) => durable.await.map(|()| r),
+            Ok((r, None)) => Ok(r),
+            Err(e) => Err(e),
+        };
+        match result {
+            Err(e) => {
+                tracing::debug!(%group, error = %e, "consumer group heartbeat refused");
+                resp.error_code = e.code();
+                resp.error_message = message(e);
+            }
+            Ok(r) => {
+                resp.member_id = Some(str_bytes(&r.member_id));
+                resp.member_epoch = r.member_epoch;
+                resp.heartbeat_interval_ms = r.heartbeat_interval_ms;
+                resp.assignment = r.assignment.map(|tps| {
+                    let mut by_topic: BTreeMap<[u8; 16], Vec<i32>> = BTreeMap::new();
+                    for (id, p) in tps {
+                        by_topic.entry(id).or_default().push(p);
+                    }
+                    Assignment::default().with_topic_partitions(
+                        by_topic
+                            .into_iter()
+                            .map(|(id, ps)| {
+                                TopicPartitions::default()
+                                    .with_topic_id(Uuid::from_bytes(id))
+                                    .with_partitions(ps)
+                            })
+                            .collect(),
+                    )
+                });
+            }
         }
-        Ok(r) => {
-            resp.member_id = Some(str_bytes(&r.member_id));
-            resp.member_epoch = r.member_epoch;
-            resp.heartbeat_interval_ms = r.heartbeat_interval_ms;
-            resp.assignment = r.assignment.map(|tps| {
-                let mut by_topic: BTreeMap<[u8; 16], Vec<i32>> = BTreeMap::new();
-                for (id, p) in tps {
-                    by_topic.entry(id).or_default().push(p);
-                }
-                Assignment::default().with_topic_partitions(
-                    by_topic
-                        .into_iter()
-                        .map(|(id, ps)| {
-                            TopicPartitions::default()
-                                .with_topic_id(Uuid::from_bytes(id))
-                                .with_partitions(ps)
-                        })
-                        .collect(),
-                )
-            });
-        }
-    }
-    ctx.reply(&resp)
+        resp
+    }))
 }
