@@ -214,27 +214,13 @@ impl ConsumerGroup {
                 }
                 // Rejoining with epoch 0 gives up everything it had.
                 self.members.remove(&id);
-                self.members.insert(
-                    id.clone(),
-                    ConsumerMember {
-                        member_id: id.clone(),
-                        instance_id: req.instance_id.clone(),
-                        rack_id: req.rack_id.clone(),
-                        client_id: req.client_id.clone(),
-                        client_host: req.client_host.clone(),
-                        rebalance_timeout_ms: req.rebalance_timeout_ms,
-                        subscribed: Vec::new(),
-                        assignor: None,
-                        member_epoch: 0,
-                        previous_epoch: -1,
-                        state: MemberState::Stable,
-                        assigned: BTreeSet::new(),
-                        pending_revocation: BTreeSet::new(),
-                        last_sent: None,
-                        session_deadline: now + cfg.session_timeout_ms,
-                        revocation_deadline: None,
-                    },
-                );
+                let mut m = ConsumerMember::new(&id, now + cfg.session_timeout_ms);
+                m.instance_id = req.instance_id.clone();
+                m.rack_id = req.rack_id.clone();
+                m.client_id = req.client_id.clone();
+                m.client_host = req.client_host.clone();
+                m.rebalance_timeout_ms = req.rebalance_timeout_ms;
+                self.members.insert(id.clone(), m);
                 changed = true;
                 id
             }
@@ -449,7 +435,8 @@ impl ConsumerMember {
             pending_revocation: to_topic_partitions(&self.pending_revocation),
         }
     }
-    fn restored(member_id: &str, now: i64) -> Self {
+    /// A member with nothing assigned yet, whose session lasts until `session_deadline`.
+    fn new(member_id: &str, session_deadline: i64) -> Self {
         ConsumerMember {
             member_id: member_id.to_string(),
             instance_id: None,
@@ -465,7 +452,7 @@ impl ConsumerMember {
             assigned: BTreeSet::new(),
             pending_revocation: BTreeSet::new(),
             last_sent: None,
-            session_deadline: now,
+            session_deadline,
             revocation_deadline: None,
         }
     }
@@ -594,7 +581,7 @@ impl ConsumerGroup {
                 let m = self
                     .members
                     .entry(member.clone())
-                    .or_insert_with(|| ConsumerMember::restored(member, now));
+                    .or_insert_with(|| ConsumerMember::new(member, now));
                 m.instance_id = v.instance_id;
                 m.rack_id = v.rack_id;
                 m.client_id = v.client_id;
@@ -609,7 +596,7 @@ impl ConsumerGroup {
                 let m = self
                     .members
                     .entry(member.clone())
-                    .or_insert_with(|| ConsumerMember::restored(member, now));
+                    .or_insert_with(|| ConsumerMember::new(member, now));
                 m.member_epoch = v.member_epoch;
                 m.previous_epoch = v.previous_epoch;
                 m.state = MemberState::from_code(v.state);

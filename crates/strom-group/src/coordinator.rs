@@ -171,7 +171,38 @@ pub struct GroupCoordinator {
     last_expiry_check: Mutex<i64>,
 }
 
+/// Appends `records` and lets them become durable in the background (housekeeping that no
+/// request waits for: expiry, removals).
+fn append_in_background(log: &dyn OffsetsLog, p: i32, records: Vec<KeyValue>, what: &str) {
+    if records.is_empty() {
+        return;
+    }
+    match log.append(p, records) {
+        Ok(fut) => {
+            if let Ok(h) = tokio::runtime::Handle::try_current() {
+                h.spawn(fut);
+            }
+        }
+        Err(e) => tracing::warn!(partition = p, error = %e, "storing {what} failed"),
+    }
+}
+
 impl GroupCoordinator {
+    /// Runs `f` on every loaded shard's groups, each shard locked in turn.
+    fn for_each_active_shard(&self, mut f: impl FnMut(i32, &mut HashMap<String, Group>)) {
+        let shards: Vec<(i32, Arc<Mutex<Shard>>)> = self
+            .shards
+            .read()
+            .iter()
+            .map(|(p, s)| (*p, s.clone()))
+            .collect();
+        for (p, shard) in shards {
+            if let Shard::Active(groups) = &mut *shard.lock() {
+                f(p, groups);
+            }
+        }
+    }
+
     pub fn new(cfg: GroupConfig) -> Self {
         GroupCoordinator {
             cfg,
@@ -763,17 +794,7 @@ impl GroupCoordinator {
                 false
             }
         };
-        let shards: Vec<(i32, Arc<Mutex<Shard>>)> = self
-            .shards
-            .read()
-            .iter()
-            .map(|(p, s)| (*p, s.clone()))
-            .collect();
-        for (p, shard) in shards {
-            let mut guard = shard.lock();
-            let Shard::Active(groups) = &mut *guard else {
-                continue;
-            };
+        self.for_each_active_shard(|p, groups| {
             for g in groups.values_mut() {
                 if let Some(c) = g.consumer.as_mut() {
                     if c.has_expired(now) {
@@ -782,18 +803,7 @@ impl GroupCoordinator {
                             g.state_timestamp = now;
                         }
                         let records = c.diff_records(&g.id, &before);
-                        if !records.is_empty() {
-                            match log.append(p, records) {
-                                Ok(fut) => {
-                                    if let Ok(h) = tokio::runtime::Handle::try_current() {
-                                        h.spawn(fut);
-                                    }
-                                }
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "storing member expiry failed")
-                                }
-                            }
-                        }
+                        append_in_background(log, p, records, "member expiry");
                     }
                 }
                 let out = g.tick(now);
@@ -804,7 +814,7 @@ impl GroupCoordinator {
             if check_expiry {
                 self.expire_offsets(log, p, groups, now);
             }
-        }
+        });
     }
 
     /// KIP-211: the offsets of an empty group expire `offsets.retention.minutes` after it
@@ -872,14 +882,7 @@ impl GroupCoordinator {
             groups_removed = gone.len(),
             "expired committed offsets"
         );
-        match log.append(p, records) {
-            Ok(fut) => {
-                if let Ok(h) = tokio::runtime::Handle::try_current() {
-                    h.spawn(fut);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "writing offset expiry failed"),
-        }
+        append_in_background(log, p, records, "offset expiry");
     }
 }
 
@@ -972,17 +975,7 @@ impl GroupCoordinator {
     /// A topic was deleted: every group's committed offsets for it go (with tombstones), so a
     /// topic re-created under the same name does not inherit them.
     pub fn on_topics_deleted(&self, log: &dyn OffsetsLog, topics: &[String]) {
-        let shards: Vec<(i32, Arc<Mutex<Shard>>)> = self
-            .shards
-            .read()
-            .iter()
-            .map(|(p, s)| (*p, s.clone()))
-            .collect();
-        for (p, shard) in shards {
-            let mut guard = shard.lock();
-            let Shard::Active(groups) = &mut *guard else {
-                continue;
-            };
+        self.for_each_active_shard(|p, groups| {
             let mut records = Vec::new();
             for g in groups.values_mut() {
                 let gone: Vec<(String, i32)> = g
@@ -1001,18 +994,8 @@ impl GroupCoordinator {
                     records.push((key.encode(), None));
                 }
             }
-            if records.is_empty() {
-                continue;
-            }
-            match log.append(p, records) {
-                Ok(fut) => {
-                    if let Ok(h) = tokio::runtime::Handle::try_current() {
-                        h.spawn(fut);
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "removing offsets of deleted topics failed"),
-            }
-        }
+            append_in_background(log, p, records, "removal of a deleted topic's offsets");
+        });
     }
 }
 
