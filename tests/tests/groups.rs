@@ -313,7 +313,7 @@ async fn committed_offsets_survive_broker_and_consumer_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn pause_keeps_the_session_and_resume_delivers_what_was_skipped() {
+async fn pause_resume_and_seek_within_a_session() {
     let s = StromProcess::start(GROUP_SETS);
     let b = s.bootstrap();
     create_topic(&b, "pz", 2, &[]).await;
@@ -355,6 +355,21 @@ async fn pause_keeps_the_session_and_resume_delivers_what_was_skipped() {
         p0,
         (0..20).collect::<Vec<_>>(),
         "resumed partition from where it stopped"
+    );
+    // seek() within the session: partition 1 is read again from offset 5.
+    c.seek("pz", 1, Offset::Offset(5), Duration::from_secs(10))
+        .unwrap();
+    let again = poll_n(&c, 15, Duration::from_secs(20));
+    let p1: Vec<i64> = again
+        .iter()
+        .filter(|(p, _)| *p == 1)
+        .map(|(_, o)| *o)
+        .collect();
+    assert_eq!(p1, (5..20).collect::<Vec<_>>(), "re-read after seek");
+    assert_eq!(
+        c.context().assigns.load(Ordering::SeqCst),
+        1,
+        "still no rebalance"
     );
 }
 
