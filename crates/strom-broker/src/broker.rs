@@ -337,6 +337,7 @@ impl RunningBroker {
             tokio::task::spawn_blocking(move || load_groups(&b));
         }
         let group_ticker = tokio::spawn(group_ticker(broker.clone()));
+        let retention = tokio::spawn(retention_checker(broker.clone()));
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
@@ -373,6 +374,7 @@ impl RunningBroker {
         }
         ticker.abort();
         group_ticker.abort();
+        retention.abort();
         flusher.abort();
         let dir = broker.data_dir.clone();
         tokio::task::block_in_place(|| broker.replicas.close_all())?;
@@ -396,6 +398,27 @@ async fn flush_ticker(broker: Arc<Broker>) {
         for p in broker.replicas.all() {
             p.flush_if_due(now);
         }
+    }
+}
+
+/// Applies retention.ms / retention.bytes every `log.retention.check.interval.ms`.
+async fn retention_checker(broker: Arc<Broker>) {
+    let every = broker.config.i64("log.retention.check.interval.ms").max(1) as u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(every));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let b = broker.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let now = now_ms();
+            for p in b.replicas.all() {
+                if let Err(e) = p.apply_retention(now) {
+                    tracing::warn!(topic = %p.topic, partition = p.index, error = %e, "retention check failed");
+                }
+            }
+        })
+        .await;
     }
 }
 

@@ -231,6 +231,26 @@ impl Partition {
         self.with_log(|log| log.max_timestamp_and_offset())
     }
 
+    /// Deletes the segments retention allows (a background check).
+    pub fn apply_retention(&self, now_ms: i64) -> Result<usize, LogError> {
+        let (n, start) = self.with_log(|log| {
+            let n = log.apply_retention(now_ms)?;
+            Ok((n, log.log_start_offset()))
+        })?;
+        self.log_start_offset.fetch_max(start, Ordering::AcqRel);
+        Ok(n)
+    }
+
+    /// DeleteRecords: records below `offset` (-1: the high watermark) become unreachable.
+    /// Returns the new log start offset.
+    pub fn delete_records(&self, offset: i64) -> Result<i64, LogError> {
+        let hw = self.high_watermark();
+        let offset = if offset == -1 { hw } else { offset };
+        let start = self.with_log(|log| log.delete_records_before(offset, hw))?;
+        self.log_start_offset.fetch_max(start, Ordering::AcqRel);
+        Ok(start)
+    }
+
     /// Takes the log out to close or delete it; every later call on this partition fails with
     /// a storage error, which requests still holding the partition report to their client.
     pub fn take_log(&self) -> Option<Log> {

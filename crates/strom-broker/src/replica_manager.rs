@@ -35,6 +35,11 @@ pub fn log_config(config: &BrokerConfig, topic: &TopicImage) -> LogConfig {
         max_message_bytes: config.topic_i64(o, "max.message.bytes").max(0) as u32,
         timestamp_type: ts_type,
         max_decompressed_bytes: config.i64("strom.max.decompressed.bytes").max(1024) as usize,
+        retention_ms: config.topic_i64(o, "retention.ms"),
+        retention_bytes: config.topic_i64(o, "retention.bytes"),
+        delete_retention: config
+            .topic_value(o, "cleanup.policy")
+            .is_none_or(|(v, _)| v.contains("delete")),
     }
 }
 

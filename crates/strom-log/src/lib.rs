@@ -4,6 +4,7 @@
 //! owns one `Log` per partition and calls it from one place at a time.
 
 mod producer_state;
+mod retention;
 mod segment;
 
 use std::path::{Path, PathBuf};
@@ -16,6 +17,8 @@ use segment::{BatchPos, Segment};
 
 const RECOVERY_POINT_FILE: &str = "recovery-point";
 const PRODUCER_STATE_FILE: &str = "producer-state";
+/// The log start offset when DeleteRecords moved it inside the first segment.
+const LOG_START_FILE: &str = "log-start-offset";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimestampType {
@@ -32,6 +35,12 @@ pub struct LogConfig {
     pub timestamp_type: TimestampType,
     /// Bound on any decompression the log performs (timestamp lookups).
     pub max_decompressed_bytes: usize,
+    /// `retention.ms`: whole segments whose newest record is older are deleted (-1: never).
+    pub retention_ms: i64,
+    /// `retention.bytes`: oldest segments are deleted while the log is larger (-1: no limit).
+    pub retention_bytes: i64,
+    /// `cleanup.policy` includes `delete` (retention applies).
+    pub delete_retention: bool,
 }
 
 impl Default for LogConfig {
@@ -43,6 +52,9 @@ impl Default for LogConfig {
             max_message_bytes: 1_048_588,
             timestamp_type: TimestampType::CreateTime,
             max_decompressed_bytes: 64 << 20,
+            retention_ms: 7 * 24 * 3600 * 1000,
+            retention_bytes: -1,
+            delete_retention: true,
         }
     }
 }
@@ -183,8 +195,12 @@ impl Log {
         if segments.is_empty() {
             segments.push(Segment::create(dir, 0, now)?);
         }
-        let log_start_offset = segments[0].base_offset;
         let leo = segments.last().map(|s| s.next_offset).unwrap_or(0);
+        let stored_start: i64 = std::fs::read_to_string(dir.join(LOG_START_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let log_start_offset = segments[0].base_offset.max(stored_start.min(leo));
         let mut log = Log {
             dir: dir.to_path_buf(),
             config,

@@ -328,3 +328,107 @@ fn write_error_leaves_the_log_readable() {
         vec![(0, 1)]
     );
 }
+
+#[test]
+fn retention_by_bytes_deletes_the_oldest_whole_segments_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LogConfig {
+        retention_ms: -1,
+        retention_bytes: 5000,
+        ..small_config()
+    };
+    let mut log = Log::open(dir.path(), cfg, true).unwrap();
+    for i in 0..60 {
+        log.append(&mut batch(3, 1000 + i, 50), 0, 0).unwrap();
+    }
+    let before: u64 = log.size_bytes();
+    let segments_before = log.segments.len();
+    assert!(before > 5000);
+    let deleted = log.apply_retention(0).unwrap();
+    assert!(deleted > 0);
+    assert_eq!(log.segments.len(), segments_before - deleted);
+    // Kafka's rule: a segment goes only if the log is still at least retention.bytes without
+    // it, so the log ends between retention.bytes and that plus its oldest segment.
+    let after = log.size_bytes();
+    assert!(after >= 5000, "{after}");
+    assert!(after - log.segments[0].size < 5000, "{after}");
+    let start = log.log_start_offset();
+    assert_eq!(start, log.segments[0].base_offset);
+    assert!(matches!(
+        log.read(start - 1, 1 << 20, i64::MAX, true),
+        Err(LogError::OffsetOutOfRange { .. })
+    ));
+    assert!(!log.read(start, 1 << 20, i64::MAX, true).unwrap().is_empty());
+    // Survives a reopen; the next append continues the offsets.
+    let leo = log.log_end_offset();
+    log.close().unwrap();
+    let mut log = Log::open(dir.path(), small_config(), true).unwrap();
+    assert_eq!(log.log_start_offset(), start);
+    assert_eq!(
+        log.append(&mut batch(1, 5, 5), 0, 0).unwrap().base_offset,
+        leo
+    );
+}
+
+#[test]
+fn retention_by_time_keeps_recent_segments_and_the_active_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LogConfig {
+        retention_ms: 10_000,
+        ..small_config()
+    };
+    let mut log = Log::open(dir.path(), cfg, true).unwrap();
+    // Old records (timestamps around 1000), then recent ones (around 100_000).
+    for i in 0..30 {
+        log.append(&mut batch(3, 1000 + i, 50), 0, 0).unwrap();
+    }
+    let old_end = log.log_end_offset();
+    for i in 0..30 {
+        log.append(&mut batch(3, 100_000 + i, 50), 0, 0).unwrap();
+    }
+    log.apply_retention(105_000).unwrap();
+    let start = log.log_start_offset();
+    assert!(start > 0 && start <= old_end, "{start} {old_end}");
+    // Far in the future everything but the active segment goes.
+    log.apply_retention(10_000_000).unwrap();
+    assert_eq!(log.segments.len(), 1);
+    assert_eq!(log.log_start_offset(), log.segments[0].base_offset);
+    // With delete retention off (cleanup.policy=compact) nothing is deleted by time.
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut log2 = Log::open(
+        dir2.path(),
+        LogConfig {
+            retention_ms: 1,
+            delete_retention: false,
+            ..small_config()
+        },
+        true,
+    )
+    .unwrap();
+    for i in 0..30 {
+        log2.append(&mut batch(3, 1000 + i, 50), 0, 0).unwrap();
+    }
+    assert_eq!(log2.apply_retention(10_000_000).unwrap(), 0);
+}
+
+#[test]
+fn delete_records_moves_the_start_inside_a_segment_durably() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), small_config(), true).unwrap();
+    for i in 0..40 {
+        log.append(&mut batch(3, 1000 + i, 50), 0, 0).unwrap();
+    }
+    let leo = log.log_end_offset();
+    assert!(matches!(
+        log.delete_records_before(leo + 1, leo),
+        Err(LogError::OffsetOutOfRange { .. })
+    ));
+    let segs = log.segments.len();
+    let target = log.segments[2].base_offset + 1;
+    assert_eq!(log.delete_records_before(target, leo).unwrap(), target);
+    assert_eq!(log.segments.len(), segs - 2, "whole segments below it went");
+    assert!(log.read(target - 1, 1 << 20, leo, true).is_err());
+    log.close().unwrap();
+    let log = Log::open(dir.path(), small_config(), false).unwrap();
+    assert_eq!(log.log_start_offset(), target, "kept across a restart");
+}

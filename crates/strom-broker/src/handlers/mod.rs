@@ -18,6 +18,7 @@ mod consumer_group_heartbeat;
 mod create_partitions;
 mod create_topics;
 mod delete_groups;
+mod delete_records;
 mod delete_topics;
 mod describe_cluster;
 mod describe_configs;
@@ -89,6 +90,7 @@ pub async fn dispatch(
         ApiKey::DescribeGroups => describe_groups::handle(broker, &mut ctx),
         ApiKey::DeleteGroups => delete_groups::handle(broker, &mut ctx),
         ApiKey::OffsetDelete => offset_delete::handle(broker, &mut ctx),
+        ApiKey::DeleteRecords => delete_records::handle(broker, &mut ctx),
         ApiKey::ConsumerGroupHeartbeat => consumer_group_heartbeat::handle(broker, &mut ctx),
         ApiKey::ConsumerGroupDescribe => consumer_group_describe::handle(broker, &mut ctx),
         // decode_header only lets served APIs through.

@@ -1,0 +1,187 @@
+//! Retention with real clients: by size and by time whole old segments go and the log start
+//! offset moves; a consumer behind it is reset by `auto.offset.reset`; DeleteRecords moves the
+//! start on request and the move survives `kill -9`.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{create_topic, produce_all, producer, rec};
+use kafka_protocol::messages::delete_records_request::{
+    DeleteRecordsPartition, DeleteRecordsTopic,
+};
+use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+use kafka_protocol::messages::*;
+use kafka_protocol::protocol::StrBytes;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use strom_tests::{wait_for, RawClient, StromProcess};
+
+fn earliest(c: &mut RawClient, topic: &str) -> i64 {
+    let req = ListOffsetsRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_topics(vec![ListOffsetsTopic::default()
+            .with_name(TopicName(StrBytes::from_string(topic.into())))
+            .with_partitions(vec![ListOffsetsPartition::default()
+                .with_partition_index(0)
+                .with_timestamp(-2)])]);
+    let r: ListOffsetsResponse = c.call(ApiKey::ListOffsets, 7, &req);
+    let p = &r.topics[0].partitions[0];
+    assert_eq!(p.error_code, 0);
+    p.offset
+}
+
+fn log_bytes(s: &StromProcess, topic: &str) -> u64 {
+    std::fs::read_dir(s.data_dir().join(format!("{topic}-0")))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum()
+}
+
+/// The first record a consumer gets when it starts at offset 0 with `auto.offset.reset`.
+fn first_offset_from_zero(bootstrap: &str, topic: &str) -> i64 {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "retention-reader")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(0))
+        .unwrap();
+    c.assign(&tpl).unwrap();
+    wait_for(Duration::from_secs(30), "a record", || {
+        match c.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => Some(m.offset()),
+            _ => None,
+        }
+    })
+}
+
+const SETS: &[&str] = &["log.retention.check.interval.ms=200"];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_bytes_deletes_old_segments_and_consumers_are_reset() {
+    let s = StromProcess::start(SETS);
+    let b = s.bootstrap();
+    create_topic(
+        &b,
+        "rbytes",
+        1,
+        &[
+            ("segment.bytes", "2048"),
+            ("retention.bytes", "8192"),
+            ("retention.ms", "-1"),
+        ],
+    )
+    .await;
+    let p = producer(&b, &[("linger.ms", "0"), ("batch.num.messages", "1")]);
+    let recs: Vec<_> = (0..300).map(|i| rec(i, 100)).collect();
+    produce_all(&p, "rbytes", &recs, |_| 0).await;
+    let mut c = RawClient::connect(s.addr());
+    let start = wait_for(Duration::from_secs(30), "log start to move", || {
+        let e = earliest(&mut c, "rbytes");
+        (e > 0).then_some(e)
+    });
+    // Give the checker a few more rounds: the size must settle within Kafka's bounds.
+    std::thread::sleep(Duration::from_millis(600));
+    let size = log_bytes(&s, "rbytes");
+    assert!(size >= 8192, "never below retention.bytes: {size}");
+    assert!(
+        size < 8192 + 2048 + 400,
+        "at most one segment above it: {size}"
+    );
+    let start = earliest(&mut c, "rbytes").max(start);
+    assert!(start > 0 && start < 300);
+    // A consumer at offset 0 is behind the log start: auto.offset.reset=earliest applies.
+    assert_eq!(first_offset_from_zero(&b, "rbytes"), start);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_ms_deletes_segments_of_old_records_only() {
+    let s = StromProcess::start(SETS);
+    let b = s.bootstrap();
+    create_topic(
+        &b,
+        "rtime",
+        1,
+        &[("segment.bytes", "2048"), ("retention.ms", "60000")],
+    )
+    .await;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let p = producer(&b, &[("linger.ms", "0"), ("batch.num.messages", "1")]);
+    let mut old: Vec<_> = (0..100).map(|i| rec(i, 100)).collect();
+    for r in &mut old {
+        r.timestamp = now - 3_600_000;
+    }
+    produce_all(&p, "rtime", &old, |_| 0).await;
+    let mut new: Vec<_> = (100..130).map(|i| rec(i, 100)).collect();
+    for r in &mut new {
+        r.timestamp = now;
+    }
+    produce_all(&p, "rtime", &new, |_| 0).await;
+    let mut c = RawClient::connect(s.addr());
+    let start = wait_for(Duration::from_secs(30), "old segments deleted", || {
+        let e = earliest(&mut c, "rtime");
+        (e > 0).then_some(e)
+    });
+    std::thread::sleep(Duration::from_millis(600));
+    let start = earliest(&mut c, "rtime").max(start);
+    // Old records went (all but the segment shared with new ones); every new one is there.
+    assert!(start > 50 && start <= 100, "{start}");
+    let got = common::consume(
+        &b,
+        "rtime",
+        1,
+        130 - start as usize,
+        Duration::from_secs(20),
+    );
+    assert_eq!(got.len(), 130 - start as usize);
+    assert_eq!(got[0].1, start);
+    assert!(got.iter().filter(|(_, o, _)| *o >= 100).count() == 30);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delete_records_moves_the_log_start_and_survives_kill9() {
+    let mut s = StromProcess::start(&[]);
+    let b = s.bootstrap();
+    create_topic(&b, "drec", 1, &[("segment.bytes", "4096")]).await;
+    let p = producer(&b, &[]);
+    let recs: Vec<_> = (0..100).map(|i| rec(i, 100)).collect();
+    produce_all(&p, "drec", &recs, |_| 0).await;
+    let mut c = RawClient::connect(s.addr());
+    let delete = |c: &mut RawClient, offset: i64| -> (i16, i64) {
+        let req = DeleteRecordsRequest::default()
+            .with_timeout_ms(5000)
+            .with_topics(vec![DeleteRecordsTopic::default()
+                .with_name(TopicName(StrBytes::from_static_str("drec")))
+                .with_partitions(vec![DeleteRecordsPartition::default()
+                    .with_partition_index(0)
+                    .with_offset(offset)])]);
+        let r: DeleteRecordsResponse = c.call(ApiKey::DeleteRecords, 2, &req);
+        let p = &r.topics[0].partitions[0];
+        (p.error_code, p.low_watermark)
+    };
+    assert_eq!(
+        delete(&mut c, 101).0,
+        1,
+        "OFFSET_OUT_OF_RANGE past the high watermark"
+    );
+    assert_eq!(delete(&mut c, 37), (0, 37));
+    assert_eq!(earliest(&mut c, "drec"), 37);
+    assert_eq!(delete(&mut c, 10), (0, 37), "never moves back");
+    s.kill9();
+    s.restart();
+    let mut c = RawClient::connect(s.addr());
+    assert_eq!(earliest(&mut c, "drec"), 37);
+    assert_eq!(first_offset_from_zero(&b, "drec"), 37);
+    // -1: everything up to the high watermark.
+    assert_eq!(delete(&mut c, -1), (0, 100));
+}
