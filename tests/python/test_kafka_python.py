@@ -216,3 +216,26 @@ def test_oversized_offset_metadata_is_refused(broker):
     c.commit({tp: OffsetAndMetadata(0, "fine", -1)})
     assert c.committed(tp) == 0
     c.close()
+
+
+def test_topic_configs_incremental_alter_and_reset(broker):
+    admin = _admin(broker)
+    name = "py-cfg-" + uuid.uuid4().hex[:6]
+    admin.create_topics([NewTopic(name, 1, 1)])
+    res = ConfigResource(ConfigResourceType.TOPIC, name, configs={"retention.ms": "12345"})
+    admin.alter_configs([res])
+
+    def value(key):
+        described = admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name)], config_filter="all"
+        )
+        return described["topic"][name][key]["value"]
+
+    assert value("retention.ms") == "12345"
+    bad = admin.alter_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, name, configs={"retention.ms": "soon"})]
+    )
+    assert "InvalidConfigurationError" in str(bad) and "retention.ms" in str(bad), bad
+    assert value("retention.ms") == "12345", "a refused change changes nothing"
+    admin.reset_configs([ConfigResource(ConfigResourceType.TOPIC, name, configs={"retention.ms": None})])
+    assert value("retention.ms") == "604800000"

@@ -185,3 +185,50 @@ async fn delete_records_moves_the_log_start_and_survives_kill9() {
     // -1: everything up to the high watermark.
     assert_eq!(delete(&mut c, -1), (0, 100));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn topic_config_changes_apply_live_and_survive_restart() {
+    use rdkafka::admin::{AdminOptions, AlterConfig, ResourceSpecifier};
+    let mut s = StromProcess::start(SETS);
+    let b = s.bootstrap();
+    create_topic(&b, "live", 1, &[]).await;
+    let p = producer(&b, &[("linger.ms", "0"), ("batch.num.messages", "1")]);
+    let recs: Vec<_> = (0..300).map(|i| rec(i, 100)).collect();
+    produce_all(&p, "live", &recs[..50], |_| 0).await;
+    let admin = common::admin(&b);
+    let opts = AdminOptions::new();
+    let change = AlterConfig::new(ResourceSpecifier::Topic("live"))
+        .set("segment.bytes", "2048")
+        .set("retention.bytes", "8192");
+    for r in admin.alter_configs(&[change], &opts).await.unwrap() {
+        r.unwrap();
+    }
+    // New segments roll at the new size, and retention applies, without a restart.
+    produce_all(&p, "live", &recs[50..], |_| 0).await;
+    let mut c = RawClient::connect(s.addr());
+    wait_for(
+        Duration::from_secs(30),
+        "retention after the change",
+        || (earliest(&mut c, "live") > 0).then_some(()),
+    );
+    // An invalid value is refused (INVALID_CONFIG; checked below: nothing changed).
+    let bad = AlterConfig::new(ResourceSpecifier::Topic("live")).set("retention.ms", "soon");
+    let _ = admin.alter_configs(&[bad], &opts).await.unwrap();
+    s.kill9();
+    s.restart();
+    let admin = common::admin(&b);
+    let described = admin
+        .describe_configs(&[ResourceSpecifier::Topic("live")], &opts)
+        .await
+        .unwrap();
+    let cfg = described[0].as_ref().unwrap();
+    let value = |n: &str| {
+        cfg.entries
+            .iter()
+            .find(|e| e.name == n)
+            .and_then(|e| e.value.clone())
+    };
+    assert_eq!(value("segment.bytes").as_deref(), Some("2048"));
+    assert_eq!(value("retention.bytes").as_deref(), Some("8192"));
+    assert_eq!(value("retention.ms").as_deref(), Some("604800000"));
+}

@@ -288,6 +288,88 @@ pub fn validate_topic_configs(
     Ok(out)
 }
 
+/// One change of IncrementalAlterConfigs (KIP-339).
+#[derive(Debug, Clone)]
+pub enum ConfigOp {
+    Set(String),
+    Delete,
+    /// Adds items to a list setting (`cleanup.policy`).
+    Append(String),
+    /// Removes items from a list setting.
+    Subtract(String),
+}
+
+impl ConfigOp {
+    /// From the wire: operation code and value.
+    pub fn from_wire(op: i8, value: Option<String>) -> Result<ConfigOp, String> {
+        let need = |v: Option<String>| v.ok_or_else(|| "a value is required".to_string());
+        Ok(match op {
+            0 => ConfigOp::Set(need(value)?),
+            1 => ConfigOp::Delete,
+            2 => ConfigOp::Append(need(value)?),
+            3 => ConfigOp::Subtract(need(value)?),
+            other => return Err(format!("unknown config operation {other}")),
+        })
+    }
+}
+
+const LIST_CONFIGS: &[&str] = &["cleanup.policy"];
+
+/// Applies IncrementalAlterConfigs operations to a topic's overrides; `effective` gives a
+/// setting's current value (override or default) for APPEND and SUBTRACT. Returns the new
+/// overrides, every value validated.
+pub fn apply_topic_config_ops(
+    current: &BTreeMap<String, String>,
+    ops: &[(String, ConfigOp)],
+    effective: impl Fn(&str) -> String,
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut out = current.clone();
+    for (name, op) in ops {
+        let def = lookup(name, Scope::Topic).ok_or_else(|| ConfigError::Unknown(name.clone()))?;
+        let list = |v: &str| -> Vec<String> {
+            v.split(',')
+                .map(|x| x.trim().to_string())
+                .filter(|x| !x.is_empty())
+                .collect()
+        };
+        let invalid = |reason: &str, value: &str| ConfigError::Invalid {
+            name: name.clone(),
+            value: value.to_string(),
+            reason: reason.to_string(),
+        };
+        match op {
+            ConfigOp::Set(v) => {
+                out.insert(name.clone(), validate(def, v)?);
+            }
+            ConfigOp::Delete => {
+                out.remove(name);
+            }
+            ConfigOp::Append(v) | ConfigOp::Subtract(v) => {
+                if !LIST_CONFIGS.contains(&name.as_str()) {
+                    return Err(invalid(
+                        "APPEND and SUBTRACT apply only to list settings",
+                        v,
+                    ));
+                }
+                let base = out.get(name).cloned().unwrap_or_else(|| effective(name));
+                let mut items = list(&base);
+                for item in list(v) {
+                    match op {
+                        ConfigOp::Append(_) if !items.contains(&item) => items.push(item),
+                        ConfigOp::Subtract(_) => items.retain(|x| *x != item),
+                        _ => {}
+                    }
+                }
+                if items.is_empty() {
+                    return Err(invalid("the list would be empty", v));
+                }
+                out.insert(name.clone(), validate(def, &items.join(","))?);
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
     match v {
         toml::Value::Table(t) => {

@@ -53,3 +53,66 @@ pub fn create_topic(
         .commit_metadata::<AdminError>(|img| Ok(broker.controller().create_topic(img, &spec)?))?;
     Ok(image.topic(name).cloned())
 }
+
+/// Why a topic's configs could not be changed: the wire error and a message saying what.
+pub struct ConfigChangeError(pub kafka_protocol::error::ResponseError, pub String);
+
+/// Replaces a topic's config overrides with `build(current)` (AlterConfigs and
+/// IncrementalAlterConfigs): the change is a set of TopicConfig records in the metadata log,
+/// applied to the partitions live. With `validate_only` nothing changes.
+pub fn change_topic_configs(
+    broker: &Broker,
+    name: &str,
+    build: impl FnOnce(
+        &BTreeMap<String, String>,
+    ) -> Result<BTreeMap<String, String>, crate::config::ConfigError>,
+    validate_only: bool,
+) -> Result<(), ConfigChangeError> {
+    use kafka_protocol::error::ResponseError;
+    use strom_meta::MetadataRecord;
+    let unknown = || {
+        ConfigChangeError(
+            ResponseError::UnknownTopicOrPartition,
+            format!("topic {name} does not exist"),
+        )
+    };
+    let image = broker.image();
+    let topic = image.topic(name).ok_or_else(unknown)?;
+    let wanted = build(&topic.configs)
+        .map_err(|e| ConfigChangeError(ResponseError::InvalidConfig, e.to_string()))?;
+    if validate_only {
+        return Ok(());
+    }
+    let diff = |current: &BTreeMap<String, String>, topic_id| -> Vec<MetadataRecord> {
+        let mut records: Vec<MetadataRecord> = wanted
+            .iter()
+            .filter(|(k, v)| current.get(*k) != Some(*v))
+            .map(|(k, v)| MetadataRecord::TopicConfig {
+                topic_id,
+                name: k.clone(),
+                value: Some(v.clone()),
+            })
+            .collect();
+        records.extend(
+            current
+                .keys()
+                .filter(|k| !wanted.contains_key(*k))
+                .map(|k| MetadataRecord::TopicConfig {
+                    topic_id,
+                    name: k.clone(),
+                    value: None,
+                }),
+        );
+        records
+    };
+    broker
+        .commit_metadata::<String>(|img| {
+            let t = img
+                .topic(name)
+                .ok_or_else(|| format!("topic {name} does not exist"))?;
+            Ok(diff(&t.configs, t.topic_id))
+        })
+        .map_err(|e| ConfigChangeError(ResponseError::UnknownServerError, e))?;
+    tracing::info!(topic = name, "topic configs changed");
+    Ok(())
+}

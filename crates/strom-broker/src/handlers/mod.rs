@@ -12,6 +12,7 @@ use strom_proto::api::RequestFrame;
 
 use crate::broker::Broker;
 
+mod alter_configs;
 mod api_versions;
 mod consumer_group_describe;
 mod consumer_group_heartbeat;
@@ -26,6 +27,7 @@ mod describe_groups;
 mod fetch;
 mod find_coordinator;
 mod heartbeat;
+mod incremental_alter_configs;
 mod init_producer_id;
 mod join_group;
 mod leave_group;
@@ -91,6 +93,8 @@ pub async fn dispatch(
         ApiKey::DeleteGroups => delete_groups::handle(broker, &mut ctx),
         ApiKey::OffsetDelete => offset_delete::handle(broker, &mut ctx),
         ApiKey::DeleteRecords => delete_records::handle(broker, &mut ctx),
+        ApiKey::AlterConfigs => alter_configs::handle(broker, &mut ctx),
+        ApiKey::IncrementalAlterConfigs => incremental_alter_configs::handle(broker, &mut ctx),
         ApiKey::ConsumerGroupHeartbeat => consumer_group_heartbeat::handle(broker, &mut ctx),
         ApiKey::ConsumerGroupDescribe => consumer_group_describe::handle(broker, &mut ctx),
         // decode_header only lets served APIs through.

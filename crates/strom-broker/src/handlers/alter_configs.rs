@@ -1,0 +1,55 @@
+//! AlterConfigs (the legacy, non-incremental form): a topic's overrides become exactly the
+//! given set. Dynamic broker settings are not served yet.
+
+use std::sync::Arc;
+
+use kafka_protocol::error::ResponseError;
+use kafka_protocol::messages::alter_configs_response::AlterConfigsResourceResponse;
+use kafka_protocol::messages::{AlterConfigsRequest, AlterConfigsResponse};
+
+use super::incremental_alter_configs::TOPIC;
+use super::{message, Ctx, HandlerError, Reply};
+use crate::broker::Broker;
+use crate::config::validate_topic_configs;
+use crate::topics::{change_topic_configs, ConfigChangeError};
+
+pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError> {
+    let req: AlterConfigsRequest = ctx.decode()?;
+    let responses = req
+        .resources
+        .iter()
+        .map(|r| {
+            let name = r.resource_name.to_string();
+            let result = if r.resource_type != TOPIC {
+                Err(ConfigChangeError(
+                    ResponseError::InvalidRequest,
+                    "only topic configs can be changed yet (dynamic broker configs are not supported)"
+                        .into(),
+                ))
+            } else {
+                let pairs: Vec<(String, Option<String>)> = r
+                    .configs
+                    .iter()
+                    .map(|c| (c.name.to_string(), c.value.as_ref().map(|v| v.to_string())))
+                    .collect();
+                tokio::task::block_in_place(|| {
+                    change_topic_configs(
+                        broker,
+                        &name,
+                        |_| validate_topic_configs(&pairs),
+                        req.validate_only,
+                    )
+                })
+            };
+            let mut resp = AlterConfigsResourceResponse::default()
+                .with_resource_type(r.resource_type)
+                .with_resource_name(r.resource_name.clone());
+            if let Err(ConfigChangeError(code, msg)) = result {
+                resp.error_code = code.code();
+                resp.error_message = message(msg);
+            }
+            resp
+        })
+        .collect();
+    ctx.reply(&AlterConfigsResponse::default().with_responses(responses))
+}

@@ -1,0 +1,69 @@
+//! IncrementalAlterConfigs (KIP-339): SET, DELETE, APPEND, SUBTRACT on topic settings, stored
+//! in the metadata log and applied live. Dynamic broker settings are not served yet.
+
+use std::sync::Arc;
+
+use kafka_protocol::error::ResponseError;
+use kafka_protocol::messages::incremental_alter_configs_response::AlterConfigsResourceResponse;
+use kafka_protocol::messages::{IncrementalAlterConfigsRequest, IncrementalAlterConfigsResponse};
+
+use super::{message, Ctx, HandlerError, Reply};
+use crate::broker::Broker;
+use crate::config::{apply_topic_config_ops, ConfigOp};
+use crate::topics::{change_topic_configs, ConfigChangeError};
+
+pub const TOPIC: i8 = 2;
+
+pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError> {
+    let req: IncrementalAlterConfigsRequest = ctx.decode()?;
+    let responses = req
+        .resources
+        .iter()
+        .map(|r| {
+            let name = r.resource_name.to_string();
+            let result = if r.resource_type != TOPIC {
+                Err(ConfigChangeError(
+                    ResponseError::InvalidRequest,
+                    "only topic configs can be changed yet (dynamic broker configs are not supported)"
+                        .into(),
+                ))
+            } else {
+                r.configs
+                    .iter()
+                    .map(|c| {
+                        ConfigOp::from_wire(c.config_operation, c.value.as_ref().map(|v| v.to_string()))
+                            .map(|op| (c.name.to_string(), op))
+                    })
+                    .collect::<Result<Vec<_>, String>>()
+                    .map_err(|e| ConfigChangeError(ResponseError::InvalidRequest, e))
+                    .and_then(|ops| {
+                        tokio::task::block_in_place(|| {
+                            change_topic_configs(
+                                broker,
+                                &name,
+                                |current| {
+                                    apply_topic_config_ops(current, &ops, |n| {
+                                        broker
+                                            .config
+                                            .topic_value(current, n)
+                                            .map(|(v, _)| v)
+                                            .unwrap_or_default()
+                                    })
+                                },
+                                req.validate_only,
+                            )
+                        })
+                    })
+            };
+            let mut resp = AlterConfigsResourceResponse::default()
+                .with_resource_type(r.resource_type)
+                .with_resource_name(r.resource_name.clone());
+            if let Err(ConfigChangeError(code, msg)) = result {
+                resp.error_code = code.code();
+                resp.error_message = message(msg);
+            }
+            resp
+        })
+        .collect();
+    ctx.reply(&IncrementalAlterConfigsResponse::default().with_responses(responses))
+}
