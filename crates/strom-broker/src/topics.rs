@@ -57,6 +57,17 @@ pub fn create_topic(
 /// Why a topic's configs could not be changed: the wire error and a message saying what.
 pub struct ConfigChangeError(pub kafka_protocol::error::ResponseError, pub String);
 
+impl ConfigChangeError {
+    /// A resource other than a topic: dynamic broker settings are not served yet.
+    pub fn not_a_topic() -> Self {
+        ConfigChangeError(
+            kafka_protocol::error::ResponseError::InvalidRequest,
+            "only topic configs can be changed yet (dynamic broker configs are not supported)"
+                .into(),
+        )
+    }
+}
+
 /// Replaces a topic's config overrides with `build(current)` (AlterConfigs and
 /// IncrementalAlterConfigs): the change is a set of TopicConfig records in the metadata log,
 /// applied to the partitions live. With `validate_only` nothing changes.

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::alter_configs_response::AlterConfigsResourceResponse;
 use kafka_protocol::messages::{AlterConfigsRequest, AlterConfigsResponse};
 
@@ -21,11 +20,7 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
         .map(|r| {
             let name = r.resource_name.to_string();
             let result = if r.resource_type != TOPIC {
-                Err(ConfigChangeError(
-                    ResponseError::InvalidRequest,
-                    "only topic configs can be changed yet (dynamic broker configs are not supported)"
-                        .into(),
-                ))
+                Err(ConfigChangeError::not_a_topic())
             } else {
                 let pairs: Vec<(String, Option<String>)> = r
                     .configs

@@ -22,17 +22,16 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
         .map(|r| {
             let name = r.resource_name.to_string();
             let result = if r.resource_type != TOPIC {
-                Err(ConfigChangeError(
-                    ResponseError::InvalidRequest,
-                    "only topic configs can be changed yet (dynamic broker configs are not supported)"
-                        .into(),
-                ))
+                Err(ConfigChangeError::not_a_topic())
             } else {
                 r.configs
                     .iter()
                     .map(|c| {
-                        ConfigOp::from_wire(c.config_operation, c.value.as_ref().map(|v| v.to_string()))
-                            .map(|op| (c.name.to_string(), op))
+                        ConfigOp::from_wire(
+                            c.config_operation,
+                            c.value.as_ref().map(|v| v.to_string()),
+                        )
+                        .map(|op| (c.name.to_string(), op))
                     })
                     .collect::<Result<Vec<_>, String>>()
                     .map_err(|e| ConfigChangeError(ResponseError::InvalidRequest, e))
