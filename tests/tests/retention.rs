@@ -232,3 +232,68 @@ async fn topic_config_changes_apply_live_and_survive_restart() {
     assert_eq!(value("retention.bytes").as_deref(), Some("8192"));
     assert_eq!(value("retention.ms").as_deref(), Some("604800000"));
 }
+
+fn strom_config(bootstrap: &str, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(strom_tests::strom_bin())
+        .arg("config")
+        .args(args)
+        .arg("--bootstrap")
+        .arg(bootstrap)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn strom_config_sets_describes_and_deletes_topic_settings() {
+    let mut s = StromProcess::start(&[]);
+    let b = s.bootstrap();
+    create_topic(&b, "cfgcli", 1, &[]).await;
+    let line = |text: &str, name: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+    };
+    let (ok, text) = strom_config(
+        &b,
+        &[
+            "set",
+            "--topic",
+            "cfgcli",
+            "retention.ms=3600000",
+            "cleanup.policy=compact,delete",
+        ],
+    );
+    assert!(ok, "{text}");
+    let (ok, text) = strom_config(&b, &["set", "--topic", "cfgcli", "retention.ms=an hour"]);
+    assert!(
+        !ok && text.contains("InvalidConfig") && text.contains("retention.ms"),
+        "{text}"
+    );
+    s.kill9();
+    s.restart();
+    let (ok, text) = strom_config(&b, &["describe", "--topic", "cfgcli"]);
+    assert!(ok, "{text}");
+    assert_eq!(
+        line(&text, "retention.ms").as_deref(),
+        Some("3600000 dynamic topic")
+    );
+    assert_eq!(
+        line(&text, "cleanup.policy").as_deref(),
+        Some("compact,delete dynamic topic")
+    );
+    let (ok, text) = strom_config(&b, &["delete", "--topic", "cfgcli", "retention.ms"]);
+    assert!(ok, "{text}");
+    let (_, text) = strom_config(&b, &["describe", "--topic", "cfgcli"]);
+    assert_eq!(
+        line(&text, "retention.ms").as_deref(),
+        Some("604800000 default")
+    );
+    let (ok, text) = strom_config(&b, &["describe", "--topic", "nope"]);
+    assert!(!ok && text.contains("UnknownTopicOrPartition"), "{text}");
+}

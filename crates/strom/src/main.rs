@@ -1,5 +1,5 @@
 //! The `strom` binary: `strom server` runs a broker; `strom bench` drives load against one;
-//! `strom group` administers consumer groups.
+//! `strom group` administers consumer groups; `strom config` topic and broker settings.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,6 +11,7 @@ use strom_broker::{Broker, BrokerConfig, BrokerOptions};
 mod bench;
 mod bench_groups;
 mod client;
+mod config_cmd;
 mod group;
 
 #[global_allocator]
@@ -38,6 +39,8 @@ enum Command {
     BenchGroups(bench_groups::GroupBenchArgs),
     /// Consumer groups: list, describe (lag), delete, reset offsets.
     Group(group::GroupArgs),
+    /// Topic and broker settings: describe, set, delete.
+    Config(config_cmd::ConfigArgs),
 }
 
 #[derive(clap::Args)]
@@ -99,6 +102,7 @@ fn run() -> Result<()> {
         Command::Server(args) => rt.block_on(server(args)),
         Command::Bench(args) => rt.block_on(bench::run(args)),
         Command::Group(args) => group::run(args),
+        Command::Config(args) => config_cmd::run(args),
         Command::BenchGroups(args) => rt.block_on(bench_groups::run(args)),
     }
 }
