@@ -37,6 +37,23 @@ pub fn strom_bin() -> PathBuf {
     );
 }
 
+/// Runs `strom ARGS... --bootstrap BOOTSTRAP` (an admin command); returns whether it
+/// succeeded and its stdout and stderr together.
+pub fn strom_cli(bootstrap: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(strom_bin())
+        .args(args)
+        .arg("--bootstrap")
+        .arg(bootstrap)
+        .output()
+        .expect("run strom");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()

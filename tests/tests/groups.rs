@@ -453,19 +453,9 @@ async fn kcat_balanced_consumer_commits_and_resumes() {
 }
 
 fn strom_group(bootstrap: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(strom_tests::strom_bin())
-        .arg("group")
-        .args(args)
-        .arg("--bootstrap")
-        .arg(bootstrap)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let mut all = vec!["group"];
+    all.extend_from_slice(args);
+    strom_tests::strom_cli(bootstrap, &all)
 }
 
 /// The CURRENT-OFFSET column of `strom group describe` for (topic, partition).

@@ -234,19 +234,9 @@ async fn topic_config_changes_apply_live_and_survive_restart() {
 }
 
 fn strom_config(bootstrap: &str, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(strom_tests::strom_bin())
-        .arg("config")
-        .args(args)
-        .arg("--bootstrap")
-        .arg(bootstrap)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let mut all = vec!["config"];
+    all.extend_from_slice(args);
+    strom_tests::strom_cli(bootstrap, &all)
 }
 
 #[tokio::test(flavor = "multi_thread")]
