@@ -57,6 +57,73 @@ async fn every_compression_codec_is_stored_and_served() {
     }
 }
 
+/// The codecs of the batches stored in partition 0 of `topic`, read with a raw Fetch.
+fn stored_codecs(s: &StromProcess, topic: &str) -> Vec<strom_proto::compression::Compression> {
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::{ApiKey, BrokerId, FetchRequest, FetchResponse, TopicName};
+    use kafka_protocol::protocol::StrBytes;
+    let mut c = strom_tests::RawClient::connect(s.addr());
+    let req = FetchRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_max_wait_ms(0)
+        .with_min_bytes(1)
+        .with_max_bytes(64 << 20)
+        .with_session_epoch(-1)
+        .with_topics(vec![FetchTopic::default()
+            .with_topic(TopicName(StrBytes::from_string(topic.to_string())))
+            .with_partitions(vec![FetchPartition::default()
+                .with_partition(0)
+                .with_fetch_offset(0)
+                .with_partition_max_bytes(64 << 20)])]);
+    let r: FetchResponse = c.call(ApiKey::Fetch, 11, &req);
+    let data = r.responses[0].partitions[0]
+        .records
+        .clone()
+        .unwrap_or_default();
+    strom_proto::batch::BatchIter::new(&data)
+        .map(|b| b.unwrap().0.compression().unwrap())
+        .collect()
+}
+
+/// `compression.type` other than `producer`: every producer codec is stored in the topic's
+/// codec, and every record reads back exactly.
+#[tokio::test(flavor = "multi_thread")]
+async fn compression_type_recompresses_every_codec() {
+    use strom_proto::compression::Compression;
+    let s = StromProcess::start(&[]);
+    let codecs = ["none", "gzip", "snappy", "lz4", "zstd"];
+    for (target, want) in [
+        ("uncompressed", Compression::None),
+        ("gzip", Compression::Gzip),
+        ("snappy", Compression::Snappy),
+        ("lz4", Compression::Lz4),
+        ("zstd", Compression::Zstd),
+    ] {
+        let topic = format!("ct-{target}");
+        create_topic(&s.bootstrap(), &topic, 1, &[("compression.type", target)]).await;
+        let recs: Vec<Rec> = (0..200).map(|i| rec(i, 300)).collect();
+        let mut acked = std::collections::HashMap::new();
+        for (i, codec) in codecs.iter().enumerate() {
+            let p = producer(&s.bootstrap(), &[("compression.codec", codec)]);
+            let part = &recs[i * 40..(i + 1) * 40];
+            for ((p_, o), j) in produce_all(&p, &topic, part, |_| 0).await {
+                acked.insert((p_, o), j + i * 40);
+            }
+        }
+        let stored = stored_codecs(&s, &topic);
+        assert!(!stored.is_empty());
+        assert!(stored.iter().all(|c| *c == want), "{target}: {stored:?}");
+        let got = consume(
+            &s.bootstrap(),
+            &topic,
+            1,
+            recs.len(),
+            Duration::from_secs(30),
+        );
+        check_exact(&recs, &acked, &got);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn acks_zero_and_one_are_stored() {
     let s = StromProcess::start(&[]);

@@ -94,7 +94,7 @@ pub static REGISTRY: &[ConfigDef] = &[
     def!("log.retention.bytes", Long, "-1", Broker, None, &[], Some(-1), "Default of retention.bytes."),
     def!("log.retention.check.interval.ms", Long, "300000", Broker, None, &[], Some(1), "How often segments are checked against retention.ms and retention.bytes."),
     def!("log.cleanup.policy", String, "delete", Broker, None, &["delete", "compact", "compact,delete", "delete,compact"], None, "Default of cleanup.policy. Compaction is not implemented yet."),
-    def!("compression.type", String, "producer", Broker, None, &["producer", "uncompressed", "gzip", "snappy", "lz4", "zstd"], None, "Default of the topic compression.type. Only 'producer' (store as sent) is applied yet."),
+    def!("compression.type", String, "producer", Broker, None, &["producer", "uncompressed", "gzip", "snappy", "lz4", "zstd"], None, "Default of the topic compression.type."),
     def!("min.insync.replicas", Int, "1", Broker, None, &[], Some(1), "Default of the topic min.insync.replicas."),
     def!("strom.max.decompressed.bytes", Int, "67108864", Broker, None, &[], Some(1024), "Upper bound on the output of any decompression the broker performs."),
     def!("strom.connection.max.pipelined.requests", Int, "500", Broker, None, &[], Some(1), "Requests read ahead on one connection while earlier responses are pending."),
@@ -123,7 +123,7 @@ pub static REGISTRY: &[ConfigDef] = &[
     def!("retention.ms", Long, "604800000", Topic, Some("log.retention.ms"), &[], Some(-1), "Whole segments whose newest record is older than this are deleted (-1: keep forever). Applies when cleanup.policy includes delete."),
     def!("retention.bytes", Long, "-1", Topic, Some("log.retention.bytes"), &[], Some(-1), "The oldest segments of a partition are deleted while it stays at least this large without them (-1: no limit). Applies when cleanup.policy includes delete."),
     def!("cleanup.policy", String, "delete", Topic, Some("log.cleanup.policy"), &["delete", "compact", "compact,delete", "delete,compact"], None, "delete: retention.ms and retention.bytes apply. compact: no time or size retention; compaction itself is not implemented yet."),
-    def!("compression.type", String, "producer", Topic, Some("compression.type"), &["producer", "uncompressed", "gzip", "snappy", "lz4", "zstd"], None, "Only 'producer' (store batches as sent) is applied yet."),
+    def!("compression.type", String, "producer", Topic, Some("compression.type"), &["producer", "uncompressed", "gzip", "snappy", "lz4", "zstd"], None, "producer: store batches as the producer compressed them. uncompressed, gzip, snappy, lz4, zstd: batches in another codec are recompressed on append (records, offsets and timestamps unchanged)."),
     def!("min.insync.replicas", Int, "1", Topic, Some("min.insync.replicas"), &[], Some(1), "Minimum in-sync replicas for acks=all."),
 ];
 

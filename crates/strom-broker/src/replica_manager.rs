@@ -10,6 +10,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use strom_log::{Log, LogConfig, LogError, TimestampType};
 use strom_meta::image::{MetadataDelta, MetadataImage, TopicImage};
+use strom_proto::compression::Compression;
 
 use crate::config::BrokerConfig;
 use crate::flusher::Flusher;
@@ -40,6 +41,17 @@ pub fn log_config(config: &BrokerConfig, topic: &TopicImage) -> LogConfig {
         delete_retention: config
             .topic_value(o, "cleanup.policy")
             .is_none_or(|(v, _)| v.contains("delete")),
+        compression: match config.topic_value(o, "compression.type") {
+            Some((v, _)) => match v.as_str() {
+                "uncompressed" => Some(Compression::None),
+                "gzip" => Some(Compression::Gzip),
+                "snappy" => Some(Compression::Snappy),
+                "lz4" => Some(Compression::Lz4),
+                "zstd" => Some(Compression::Zstd),
+                _ => None,
+            },
+            None => None,
+        },
     }
 }
 

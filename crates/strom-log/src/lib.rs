@@ -10,6 +10,7 @@ mod segment;
 use std::path::{Path, PathBuf};
 
 use strom_proto::batch::{self, validate_batch, BatchError, BatchHeader};
+use strom_proto::compression::Compression;
 use strom_proto::records::decode_records;
 
 pub use producer_state::{ProducerState, SequenceCheck};
@@ -41,6 +42,9 @@ pub struct LogConfig {
     pub retention_bytes: i64,
     /// `cleanup.policy` includes `delete` (retention applies).
     pub delete_retention: bool,
+    /// `compression.type`: batches in another codec are recompressed on append (`None`:
+    /// `producer`, stored as sent).
+    pub compression: Option<Compression>,
 }
 
 impl Default for LogConfig {
@@ -55,6 +59,7 @@ impl Default for LogConfig {
             retention_ms: 7 * 24 * 3600 * 1000,
             retention_bytes: -1,
             delete_retention: true,
+            compression: None,
         }
     }
 }
@@ -286,6 +291,18 @@ impl Log {
             return Err(LogError::Failed);
         }
         let header = validate_batch(records)?;
+        let mut converted;
+        let records: &mut [u8] = match self.config.compression {
+            Some(to)
+                if !header.is_control()
+                    && header.compression().map_err(BatchError::from)? != to =>
+            {
+                converted =
+                    batch::recompress_batch(records, to, self.config.max_decompressed_bytes)?;
+                &mut converted
+            }
+            _ => records,
+        };
         if records.len() > self.config.max_message_bytes as usize {
             return Err(LogError::MessageTooLarge {
                 size: records.len(),

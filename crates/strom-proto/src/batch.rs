@@ -174,6 +174,41 @@ pub fn validate_batch(batch: &[u8]) -> Result<BatchHeader, BatchError> {
     Ok(h)
 }
 
+/// The same batch with its records compressed with `codec` instead (topic `compression.type`):
+/// the records themselves (offset deltas, timestamps, keys, values, headers) and every header
+/// field but the compression bits, the length and the CRC stay as they were. Decompression is
+/// bounded by `max_decompressed_bytes`.
+pub fn recompress_batch(
+    batch: &[u8],
+    codec: Compression,
+    max_decompressed_bytes: usize,
+) -> Result<Vec<u8>, BatchError> {
+    let header = BatchHeader::parse(batch)?;
+    if batch.len() < BATCH_HEADER_LEN {
+        return Err(BatchError::Truncated);
+    }
+    let body = &batch[BATCH_HEADER_LEN..header.total_len()];
+    let from = header.compression()?;
+    let plain;
+    let records: &[u8] = if from == Compression::None {
+        body
+    } else {
+        plain = crate::compression::decompress(from, body, max_decompressed_bytes)?;
+        &plain
+    };
+    let body = crate::compression::compress(codec, records)?;
+    let mut out = Vec::with_capacity(BATCH_HEADER_LEN + body.len());
+    out.extend_from_slice(&batch[..BATCH_HEADER_LEN]);
+    out.extend_from_slice(&body);
+    let length = (out.len() - 12) as i32;
+    out[8..12].copy_from_slice(&length.to_be_bytes());
+    let attributes = (header.attributes & !0x07) | codec.attribute_bits();
+    out[21..23].copy_from_slice(&attributes.to_be_bytes());
+    let crc = compute_crc(&out);
+    out[17..21].copy_from_slice(&crc.to_be_bytes());
+    Ok(out)
+}
+
 /// Iterates the whole batches of a byte slice without checking CRCs. Ends at a trailing partial
 /// batch; yields an error for a length field that cannot be a batch (corruption, not a tear).
 pub struct BatchIter<'a> {

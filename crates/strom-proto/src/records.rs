@@ -232,6 +232,43 @@ mod tests {
     }
 
     #[test]
+    fn recompression_keeps_records_and_header_fields() {
+        use crate::batch::recompress_batch;
+        let codecs = [
+            Compression::None,
+            Compression::Gzip,
+            Compression::Snappy,
+            Compression::Lz4,
+            Compression::Zstd,
+        ];
+        let producer = ProducerInfo {
+            producer_id: 42,
+            producer_epoch: 3,
+            base_sequence: 7,
+        };
+        for from in codecs {
+            let original = encode_batch(&recs(20), from, producer).unwrap();
+            let want =
+                decode_records(&validate_batch(&original).unwrap(), &original, 1 << 20).unwrap();
+            for to in codecs {
+                let out = recompress_batch(&original, to, 1 << 20).unwrap();
+                let h = validate_batch(&out).unwrap();
+                assert_eq!(h.compression().unwrap(), to);
+                assert_eq!((h.producer_id, h.base_sequence), (42, 7));
+                assert_eq!(h.last_offset_delta, 19);
+                assert_eq!(
+                    decode_records(&h, &out, 1 << 20).unwrap(),
+                    want,
+                    "{from:?} -> {to:?}"
+                );
+            }
+        }
+        // Bounded: a batch that inflates past the limit is refused.
+        let big = encode_batch(&recs(200), Compression::Gzip, ProducerInfo::default()).unwrap();
+        assert!(recompress_batch(&big, Compression::Zstd, 100).is_err());
+    }
+
+    #[test]
     fn encode_validate_decode_every_codec() {
         for codec in [
             Compression::None,
