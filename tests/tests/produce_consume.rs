@@ -152,3 +152,48 @@ async fn acks_zero_and_one_are_stored() {
         }
     }
 }
+
+/// `message.timestamp.before.max.ms` / `after.max.ms`: a CreateTime record too far from the
+/// broker's clock is refused with INVALID_TIMESTAMP and not stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn timestamps_too_far_from_now_are_refused() {
+    use rdkafka::producer::FutureRecord;
+    use rdkafka::types::RDKafkaErrorCode;
+    let s = StromProcess::start(&[]);
+    create_topic(
+        &s.bootstrap(),
+        "tsrange",
+        1,
+        &[
+            ("message.timestamp.before.max.ms", "3600000"),
+            ("message.timestamp.after.max.ms", "60000"),
+        ],
+    )
+    .await;
+    let p = producer(&s.bootstrap(), &[("retries", "0")]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let send = |ts: i64| {
+        p.send(
+            FutureRecord::to("tsrange")
+                .payload("x")
+                .key("k")
+                .timestamp(ts),
+            Duration::from_secs(10),
+        )
+    };
+    for ts in [now - 2 * 3_600_000, now + 120_000] {
+        let err = send(ts).await.unwrap_err().0;
+        assert_eq!(
+            err.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::InvalidTimestamp),
+            "{err}"
+        );
+    }
+    let ok = send(now - 1000)
+        .await
+        .expect("a timestamp in range is stored");
+    assert_eq!(ok.offset, 0, "nothing was stored before it");
+}

@@ -13,6 +13,7 @@ pub fn log_error_code(e: &LogError) -> ResponseError {
         LogError::OffsetOutOfRange { .. } => ResponseError::OffsetOutOfRange,
         LogError::OutOfOrderSequence { .. } => ResponseError::OutOfOrderSequenceNumber,
         LogError::InvalidProducerEpoch { .. } => ResponseError::InvalidProducerEpoch,
+        LogError::InvalidTimestamp { .. } => ResponseError::InvalidTimestamp,
         LogError::Io(_) | LogError::Failed => ResponseError::KafkaStorageError,
     }
 }

@@ -52,6 +52,8 @@ pub fn log_config(config: &BrokerConfig, topic: &TopicImage) -> LogConfig {
             },
             None => None,
         },
+        timestamp_before_max_ms: config.topic_i64(o, "message.timestamp.before.max.ms"),
+        timestamp_after_max_ms: config.topic_i64(o, "message.timestamp.after.max.ms"),
     }
 }
 

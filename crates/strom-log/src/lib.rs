@@ -45,6 +45,10 @@ pub struct LogConfig {
     /// `compression.type`: batches in another codec are recompressed on append (`None`:
     /// `producer`, stored as sent).
     pub compression: Option<Compression>,
+    /// `message.timestamp.before.max.ms`: how far in the past a CreateTime batch may be.
+    pub timestamp_before_max_ms: i64,
+    /// `message.timestamp.after.max.ms`: how far in the future a CreateTime batch may be.
+    pub timestamp_after_max_ms: i64,
 }
 
 impl Default for LogConfig {
@@ -60,6 +64,8 @@ impl Default for LogConfig {
             retention_bytes: -1,
             delete_retention: true,
             compression: None,
+            timestamp_before_max_ms: i64::MAX,
+            timestamp_after_max_ms: i64::MAX,
         }
     }
 }
@@ -94,6 +100,8 @@ pub enum LogError {
         current: i16,
         got: i16,
     },
+    #[error("batch timestamp {timestamp} is outside the allowed range {min}..={max}")]
+    InvalidTimestamp { timestamp: i64, min: i64, max: i64 },
     #[error("log i/o: {0}")]
     Io(#[from] std::io::Error),
     #[error("log is offline after an unrecoverable write error")]
@@ -303,6 +311,21 @@ impl Log {
             }
             _ => records,
         };
+        if self.config.timestamp_type == TimestampType::CreateTime && !header.is_control() {
+            // The batch's first and largest timestamps stand for its records (the header is
+            // all the broker reads of a batch).
+            let min = now_ms.saturating_sub(self.config.timestamp_before_max_ms);
+            let max = now_ms.saturating_add(self.config.timestamp_after_max_ms);
+            for ts in [header.base_timestamp, header.max_timestamp] {
+                if ts < min || ts > max {
+                    return Err(LogError::InvalidTimestamp {
+                        timestamp: ts,
+                        min,
+                        max,
+                    });
+                }
+            }
+        }
         if records.len() > self.config.max_message_bytes as usize {
             return Err(LogError::MessageTooLarge {
                 size: records.len(),

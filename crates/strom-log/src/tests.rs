@@ -432,3 +432,27 @@ fn delete_records_moves_the_start_inside_a_segment_durably() {
     let log = Log::open(dir.path(), small_config(), false).unwrap();
     assert_eq!(log.log_start_offset(), target, "kept across a restart");
 }
+
+#[test]
+fn create_time_batches_outside_the_allowed_range_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LogConfig {
+        timestamp_before_max_ms: 1000,
+        timestamp_after_max_ms: 500,
+        ..small_config()
+    };
+    let mut log = Log::open(dir.path(), cfg, true).unwrap();
+    let now = 1_000_000;
+    assert!(matches!(
+        log.append(&mut batch(2, now - 1001, 10), 0, now),
+        Err(LogError::InvalidTimestamp { .. })
+    ));
+    assert!(matches!(
+        log.append(&mut batch(2, now + 500, 10), 0, now),
+        Err(LogError::InvalidTimestamp { .. })
+    ));
+    assert_eq!(log.log_end_offset(), 0, "nothing stored");
+    log.append(&mut batch(2, now - 1000, 10), 0, now).unwrap();
+    log.append(&mut batch(2, now + 498, 10), 0, now).unwrap();
+    assert_eq!(log.log_end_offset(), 4);
+}
