@@ -287,3 +287,60 @@ async fn strom_config_sets_describes_and_deletes_topic_settings() {
     let (ok, text) = strom_config(&b, &["describe", "--topic", "nope"]);
     assert!(!ok && text.contains("UnknownTopicOrPartition"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dynamic_broker_defaults_apply_to_topics_live_and_survive_restart() {
+    let mut s = StromProcess::start(SETS);
+    let b = s.bootstrap();
+    create_topic(&b, "dyn", 1, &[]).await;
+    let (ok, text) = strom_config(
+        &b,
+        &[
+            "set",
+            "--broker",
+            "1",
+            "log.segment.bytes=2048",
+            "log.retention.bytes=8192",
+        ],
+    );
+    assert!(ok, "{text}");
+    let (ok, text) = strom_config(&b, &["set", "--broker", "1", "max.connections=5"]);
+    assert!(
+        !ok && text.contains("cannot be changed at runtime"),
+        "{text}"
+    );
+    // The topic has no overrides: the new broker defaults apply to it without a restart.
+    let p = producer(&b, &[("linger.ms", "0"), ("batch.num.messages", "1")]);
+    let recs: Vec<_> = (0..300).map(|i| rec(i, 100)).collect();
+    produce_all(&p, "dyn", &recs, |_| 0).await;
+    let mut c = RawClient::connect(s.addr());
+    wait_for(
+        Duration::from_secs(30),
+        "retention from the broker default",
+        || (earliest(&mut c, "dyn") > 0).then_some(()),
+    );
+    s.kill9();
+    s.restart();
+    let line = |text: &str, name: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+    };
+    let (_, text) = strom_config(&b, &["describe", "--broker", "1"]);
+    assert_eq!(
+        line(&text, "log.retention.bytes").as_deref(),
+        Some("8192 dynamic broker")
+    );
+    let (_, text) = strom_config(&b, &["describe", "--topic", "dyn"]);
+    assert_eq!(
+        line(&text, "retention.bytes").as_deref(),
+        Some("8192 dynamic broker")
+    );
+    let (ok, _) = strom_config(&b, &["delete", "--broker", "1", "log.retention.bytes"]);
+    assert!(ok);
+    let (_, text) = strom_config(&b, &["describe", "--topic", "dyn"]);
+    assert_eq!(
+        line(&text, "retention.bytes").as_deref(),
+        Some("-1 default")
+    );
+}

@@ -187,6 +187,7 @@ impl Broker {
             image = image.apply(first, std::slice::from_ref(&me)).0;
         }
 
+        opts.config.set_dynamic(opts.node_id, &image.broker_configs);
         let replicas =
             ReplicaManager::new(dir.clone()).map_err(|e| StartError::DataDir(dir.clone(), e))?;
         let started = std::time::Instant::now();
@@ -263,6 +264,9 @@ impl Broker {
             let (next, delta): (MetadataImage, MetadataDelta) = current.apply(first, &records);
             let next = Arc::new(next);
             *self.image.write() = next.clone();
+            if delta.changed_broker_configs {
+                self.config.set_dynamic(self.node_id, &next.broker_configs);
+            }
             if let Err(e) = self.replicas.apply_delta(&self.config, &next, &delta) {
                 tracing::error!(error = %e, "applying a metadata change to the logs failed");
                 return Err(E::from(format!("applying metadata: {e}")));

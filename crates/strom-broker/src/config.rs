@@ -36,6 +36,8 @@ pub enum Scope {
 /// DescribeConfigs `config_source` values (Kafka's `ConfigSource`).
 pub mod source {
     pub const TOPIC: i8 = 1;
+    pub const DYNAMIC_BROKER: i8 = 2;
+    pub const DYNAMIC_DEFAULT_BROKER: i8 = 3;
     pub const STATIC_BROKER: i8 = 4;
     pub const DEFAULT: i8 = 5;
 }
@@ -190,10 +192,32 @@ pub fn validate(def: &ConfigDef, value: &str) -> Result<String, ConfigError> {
     }
 }
 
-/// The broker's static configuration: defaults overlaid with the config file and `--set`.
+/// Broker settings that can change at runtime (IncrementalAlterConfigs on a broker): the
+/// defaults of topic settings, which every topic without an override picks up at once.
+pub const DYNAMIC_BROKER_CONFIGS: &[&str] = &[
+    "message.max.bytes",
+    "log.segment.bytes",
+    "log.roll.ms",
+    "log.index.interval.bytes",
+    "log.message.timestamp.type",
+    "log.message.timestamp.before.max.ms",
+    "log.message.timestamp.after.max.ms",
+    "log.flush.interval.messages",
+    "log.flush.interval.ms",
+    "log.retention.ms",
+    "log.retention.bytes",
+    "log.cleanup.policy",
+    "compression.type",
+    "min.insync.replicas",
+];
+
+/// The broker's configuration: defaults overlaid with the config file and `--set` (static),
+/// overlaid with dynamic settings from the metadata log (this broker's, then the cluster
+/// default's).
 #[derive(Debug, Clone, Default)]
 pub struct BrokerConfig {
     explicit: BTreeMap<String, String>,
+    dynamic: std::sync::Arc<parking_lot::RwLock<BTreeMap<String, (String, i8)>>>,
 }
 
 impl BrokerConfig {
@@ -229,8 +253,30 @@ impl BrokerConfig {
         Ok(())
     }
 
-    /// The value of a broker setting and whether it was set explicitly.
+    /// Replaces the dynamic layer from the metadata image's broker settings for `node_id`.
+    pub fn set_dynamic(&self, node_id: i32, all: &BTreeMap<(Option<i32>, String), String>) {
+        let mut layer = BTreeMap::new();
+        for ((id, name), v) in all {
+            match id {
+                None => {
+                    layer
+                        .entry(name.clone())
+                        .or_insert((v.clone(), source::DYNAMIC_DEFAULT_BROKER));
+                }
+                Some(id) if *id == node_id => {
+                    layer.insert(name.clone(), (v.clone(), source::DYNAMIC_BROKER));
+                }
+                Some(_) => {}
+            }
+        }
+        *self.dynamic.write() = layer;
+    }
+
+    /// The value of a broker setting and where it comes from.
     pub fn get_with_source(&self, name: &str) -> (String, i8) {
+        if let Some(v) = self.dynamic.read().get(name) {
+            return v.clone();
+        }
         if let Some(v) = self.explicit.get(name) {
             return (v.clone(), source::STATIC_BROKER);
         }
@@ -271,6 +317,19 @@ impl BrokerConfig {
             .and_then(|(v, _)| v.parse().ok())
             .unwrap_or(0)
     }
+}
+
+/// Validates a dynamic broker setting: known, changeable at runtime, a valid value.
+pub fn validate_dynamic_broker_config(name: &str, value: &str) -> Result<String, ConfigError> {
+    let def = lookup(name, Scope::Broker).ok_or_else(|| ConfigError::Unknown(name.into()))?;
+    if !DYNAMIC_BROKER_CONFIGS.contains(&name) {
+        return Err(ConfigError::Invalid {
+            name: name.into(),
+            value: value.into(),
+            reason: "cannot be changed at runtime (set it with --set or the config file)".into(),
+        });
+    }
+    validate(def, value)
 }
 
 /// Validates topic-level configs from CreateTopics; returns them normalised.

@@ -182,7 +182,13 @@ impl ReplicaManager {
             let part = self.open_partition(config, topic, *p, true)?;
             self.partitions.write().insert((name.clone(), *p), part);
         }
-        for name in &delta.changed_topic_configs {
+        // A broker default changed: every topic may see new effective values.
+        let changed: Vec<String> = if delta.changed_broker_configs {
+            image.topics.keys().cloned().collect()
+        } else {
+            delta.changed_topic_configs.clone()
+        };
+        for name in &changed {
             let Some(topic) = image.topic(name) else {
                 continue;
             };

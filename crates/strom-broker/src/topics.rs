@@ -58,14 +58,86 @@ pub fn create_topic(
 pub struct ConfigChangeError(pub kafka_protocol::error::ResponseError, pub String);
 
 impl ConfigChangeError {
-    /// A resource other than a topic: dynamic broker settings are not served yet.
-    pub fn not_a_topic() -> Self {
+    /// A resource type that has no settings to change.
+    pub fn unsupported_resource(kind: i8) -> Self {
         ConfigChangeError(
             kafka_protocol::error::ResponseError::InvalidRequest,
-            "only topic configs can be changed yet (dynamic broker configs are not supported)"
-                .into(),
+            format!("resource type {kind} has no settings that can be changed"),
         )
     }
+}
+
+/// Which broker a BROKER resource names: "" is the cluster-wide default.
+fn broker_target(broker: &Broker, name: &str) -> Result<Option<i32>, ConfigChangeError> {
+    if name.is_empty() {
+        return Ok(None);
+    }
+    let id: i32 = name.parse().map_err(|_| {
+        ConfigChangeError(
+            kafka_protocol::error::ResponseError::InvalidRequest,
+            format!("broker resource name {name} is not a node id"),
+        )
+    })?;
+    if !broker.image().brokers.contains_key(&id) {
+        return Err(ConfigChangeError(
+            kafka_protocol::error::ResponseError::InvalidRequest,
+            format!("no broker {id}"),
+        ));
+    }
+    Ok(Some(id))
+}
+
+/// Changes dynamic broker settings: `changes` gives a value to set or `None` to delete; with
+/// `replace_all` (legacy AlterConfigs) every other dynamic setting of that resource goes.
+/// Stored in the metadata log; topics pick up new defaults at once.
+pub fn change_broker_configs(
+    broker: &Broker,
+    name: &str,
+    changes: &[(String, Option<String>)],
+    replace_all: bool,
+    validate_only: bool,
+) -> Result<(), ConfigChangeError> {
+    use kafka_protocol::error::ResponseError;
+    use strom_meta::MetadataRecord;
+    let target = broker_target(broker, name)?;
+    let mut records = Vec::new();
+    for (k, v) in changes {
+        let value = match v {
+            Some(v) => Some(
+                crate::config::validate_dynamic_broker_config(k, v)
+                    .map_err(|e| ConfigChangeError(ResponseError::InvalidConfig, e.to_string()))?,
+            ),
+            None => None,
+        };
+        records.push(MetadataRecord::BrokerConfig {
+            broker_id: target,
+            name: k.clone(),
+            value,
+        });
+    }
+    if validate_only {
+        return Ok(());
+    }
+    broker
+        .commit_metadata::<String>(|img| {
+            let mut all = records.clone();
+            if replace_all {
+                all.extend(
+                    img.broker_configs
+                        .keys()
+                        .filter(|(id, n)| *id == target && !changes.iter().any(|(k, _)| k == n))
+                        .map(|(id, n)| MetadataRecord::BrokerConfig {
+                            broker_id: *id,
+                            name: n.clone(),
+                            value: None,
+                        }),
+                );
+            }
+            Ok(all)
+        })
+        .map_err(|e| ConfigChangeError(ResponseError::UnknownServerError, e))?;
+    tracing::info!(broker = name, "dynamic broker configs changed");
+    Ok(())
 }
 
 /// Replaces a topic's config overrides with `build(current)` (AlterConfigs and

@@ -42,6 +42,8 @@ pub struct MetadataImage {
     pub topics: BTreeMap<String, Arc<TopicImage>>,
     pub topic_names_by_id: HashMap<TopicId, String>,
     pub next_producer_id: i64,
+    /// Dynamic broker settings by (broker id, or `None` for the cluster default, and name).
+    pub broker_configs: BTreeMap<(Option<i32>, String), String>,
 }
 
 /// What changed between two images, for the broker to act on (create or delete logs).
@@ -50,6 +52,7 @@ pub struct MetadataDelta {
     pub created_partitions: Vec<(String, TopicId, i32)>,
     pub deleted_topics: Vec<(String, TopicId, Vec<i32>)>,
     pub changed_topic_configs: Vec<String>,
+    pub changed_broker_configs: bool,
 }
 
 impl MetadataImage {
@@ -178,6 +181,18 @@ impl MetadataImage {
                         delta.changed_topic_configs.push(topic_name);
                     }
                 }
+            }
+            MetadataRecord::BrokerConfig {
+                broker_id,
+                name,
+                value,
+            } => {
+                let key = (*broker_id, name.clone());
+                match value {
+                    Some(v) => self.broker_configs.insert(key, v.clone()),
+                    None => self.broker_configs.remove(&key),
+                };
+                delta.changed_broker_configs = true;
             }
             MetadataRecord::ProducerIds { next_producer_id } => {
                 self.next_producer_id = (*next_producer_id).max(self.next_producer_id);

@@ -43,6 +43,13 @@ pub enum MetadataRecord {
         name: String,
         value: Option<String>,
     },
+    /// A dynamic broker setting: for one broker, or (`broker_id: None`) the cluster-wide
+    /// default; `value: None` deletes it.
+    BrokerConfig {
+        broker_id: Option<i32>,
+        name: String,
+        value: Option<String>,
+    },
     /// The next block of producer ids handed out starts at `next_producer_id`.
     ProducerIds {
         next_producer_id: i64,

@@ -64,8 +64,7 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
                             vec![]
                         };
                         let mut e = entry(d, value, src, synonyms, v, req.include_documentation);
-                        // Static broker settings cannot be changed at runtime yet.
-                        e.read_only = true;
+                        e.read_only = !config::DYNAMIC_BROKER_CONFIGS.contains(&d.name);
                         e
                     })
                     .collect(),

@@ -1,5 +1,6 @@
-//! IncrementalAlterConfigs (KIP-339): SET, DELETE, APPEND, SUBTRACT on topic settings, stored
-//! in the metadata log and applied live. Dynamic broker settings are not served yet.
+//! IncrementalAlterConfigs (KIP-339): SET, DELETE, APPEND, SUBTRACT on topic settings, SET
+//! and DELETE on the broker settings that can change at runtime; stored in the metadata log and
+//! applied live.
 
 use std::sync::Arc;
 
@@ -10,9 +11,10 @@ use kafka_protocol::messages::{IncrementalAlterConfigsRequest, IncrementalAlterC
 use super::{message, Ctx, HandlerError, Reply};
 use crate::broker::Broker;
 use crate::config::{apply_topic_config_ops, ConfigOp};
-use crate::topics::{change_topic_configs, ConfigChangeError};
+use crate::topics::{change_broker_configs, change_topic_configs, ConfigChangeError};
 
 pub const TOPIC: i8 = 2;
+pub const BROKER: i8 = 4;
 
 pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError> {
     let req: IncrementalAlterConfigsRequest = ctx.decode()?;
@@ -21,8 +23,25 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
         .iter()
         .map(|r| {
             let name = r.resource_name.to_string();
-            let result = if r.resource_type != TOPIC {
-                Err(ConfigChangeError::not_a_topic())
+            let result = if r.resource_type == BROKER {
+                r.configs
+                    .iter()
+                    .map(|c| match c.config_operation {
+                        0 => Ok((c.name.to_string(), c.value.as_ref().map(|v| v.to_string()))),
+                        1 => Ok((c.name.to_string(), None)),
+                        _ => Err(ConfigChangeError(
+                            ResponseError::InvalidRequest,
+                            "only SET and DELETE apply to broker settings".into(),
+                        )),
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .and_then(|changes| {
+                        tokio::task::block_in_place(|| {
+                            change_broker_configs(broker, &name, &changes, false, req.validate_only)
+                        })
+                    })
+            } else if r.resource_type != TOPIC {
+                Err(ConfigChangeError::unsupported_resource(r.resource_type))
             } else {
                 r.configs
                     .iter()
