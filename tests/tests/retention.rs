@@ -233,6 +233,13 @@ async fn topic_config_changes_apply_live_and_survive_restart() {
     assert_eq!(value("retention.ms").as_deref(), Some("604800000"));
 }
 
+/// The VALUE SOURCE columns of `name` in `strom config describe` output.
+fn line(text: &str, name: &str) -> Option<String> {
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+}
+
 fn strom_config(bootstrap: &str, args: &[&str]) -> (bool, String) {
     let mut all = vec!["config"];
     all.extend_from_slice(args);
@@ -244,11 +251,6 @@ async fn strom_config_sets_describes_and_deletes_topic_settings() {
     let mut s = StromProcess::start(&[]);
     let b = s.bootstrap();
     create_topic(&b, "cfgcli", 1, &[]).await;
-    let line = |text: &str, name: &str| {
-        text.lines()
-            .find(|l| l.split_whitespace().next() == Some(name))
-            .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
-    };
     let (ok, text) = strom_config(
         &b,
         &[
@@ -321,11 +323,6 @@ async fn dynamic_broker_defaults_apply_to_topics_live_and_survive_restart() {
     );
     s.kill9();
     s.restart();
-    let line = |text: &str, name: &str| {
-        text.lines()
-            .find(|l| l.split_whitespace().next() == Some(name))
-            .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
-    };
     let (_, text) = strom_config(&b, &["describe", "--broker", "1"]);
     assert_eq!(
         line(&text, "log.retention.bytes").as_deref(),
