@@ -171,6 +171,9 @@ pub struct Group {
     pending: HashMap<String, i64>,
     static_members: HashMap<String, String>,
     rebalance_deadline: i64,
+    /// Members of the current generation that have not sent SyncGroup yet; those still here at
+    /// the rebalance deadline are removed (they hold an assignment they never received).
+    pending_sync: std::collections::HashSet<String>,
     initial_delay: Option<InitialDelay>,
     /// `group.initial.rebalance.delay.ms`
     initial_delay_ms: i64,
@@ -198,6 +201,7 @@ impl Group {
             pending: HashMap::new(),
             static_members: HashMap::new(),
             rebalance_deadline: 0,
+            pending_sync: Default::default(),
             initial_delay: None,
             initial_delay_ms,
             state_timestamp: now,
@@ -528,6 +532,9 @@ impl Group {
         m.protocols = req.protocols;
         m.heartbeat_deadline = now + m.session_timeout_ms as i64;
         self.static_members.insert(inst, new_id.clone());
+        if self.pending_sync.remove(old_id) {
+            self.pending_sync.insert(new_id.clone());
+        }
         let was_leader = self.leader.as_deref() == Some(old_id);
         if was_leader {
             self.leader = Some(new_id.clone());
@@ -568,6 +575,7 @@ impl Group {
         for m in self.members.values_mut() {
             m.assignment = Bytes::new();
         }
+        self.pending_sync.clear();
         let was_empty = self.state == GroupState::Empty;
         self.set_state(GroupState::PreparingRebalance, now);
         let timeout = self.max_rebalance_timeout();
@@ -601,6 +609,7 @@ impl Group {
     }
 
     fn remove_member(&mut self, id: &str, out: &mut Outbox, error: GroupError) {
+        self.pending_sync.remove(id);
         if let Some(mut m) = self.members.remove(id) {
             if let Some(inst) = &m.group_instance_id {
                 if self.static_members.get(inst).map(String::as_str) == Some(id) {
@@ -659,6 +668,7 @@ impl Group {
         );
         self.set_state(GroupState::CompletingRebalance, now);
         self.rebalance_deadline = now + self.max_rebalance_timeout();
+        self.pending_sync = self.members.keys().cloned().collect();
         let ids: Vec<String> = self.members.keys().cloned().collect();
         for id in ids {
             let result = self.current_join_result(&id);
@@ -708,6 +718,7 @@ impl Group {
             out.syncs.push((waiter, SyncResult::error(e)));
             return out;
         }
+        self.pending_sync.remove(member_id);
         let (ptype, pname) = (self.protocol_type.clone(), self.protocol.clone());
         let ok = |assignment: Bytes| SyncResult {
             error: None,
@@ -885,6 +896,15 @@ impl Group {
                 }
                 out.merge(self.prepare_rebalance(now));
                 out.merge(self.try_complete_join(now));
+            }
+            GroupState::Stable if !self.pending_sync.is_empty() => {
+                // Members that never fetched their assignment leave; the rest rebalance.
+                let lagging: Vec<String> = self.pending_sync.iter().cloned().collect();
+                for id in &lagging {
+                    tracing::info!(group = %self.id, member = %id, "member never sent SyncGroup");
+                    self.remove_member(id, &mut out, GroupError::UnknownMemberId);
+                }
+                out.merge(self.after_removal(now));
             }
             _ => {}
         }

@@ -308,6 +308,38 @@ fn leaving_rebalances_and_the_last_leave_empties_the_group() {
 }
 
 #[test]
+fn a_member_that_never_syncs_after_the_leader_is_removed_at_the_deadline() {
+    let mut g = Group::new("g", 0, 0);
+    let j1 = join(&mut g, req("", &[("range", "s")]), 0);
+    let a = j1[0].member_id.clone();
+    join(&mut g, req("", &[("range", "s")]), 1);
+    let joins = join(&mut g, req(&a, &[("range", "s")]), 2);
+    assert_eq!(joins.len(), 2);
+    let b = joins
+        .iter()
+        .find(|j| j.member_id != a)
+        .unwrap()
+        .member_id
+        .clone();
+    let gen = g.generation;
+    let leader = g.leader.clone().unwrap();
+    let (tx, _rx) = oneshot::channel();
+    g.sync(&leader, None, gen, None, None, vec![], tx, 3);
+    assert_eq!(g.state, GroupState::Stable);
+    let silent = if leader == a { b } else { a };
+    // The silent member keeps heartbeating but never syncs: at the rebalance deadline it goes.
+    for t in (1000..30_000).step_by(1000) {
+        let _ = g.heartbeat(&silent, None, gen, t);
+        let _ = g.heartbeat(&leader, None, gen, t);
+        assert!(deliver(g.tick(t)).0.is_empty());
+        assert!(g.members.contains_key(&silent));
+    }
+    g.tick(30_002);
+    assert!(!g.members.contains_key(&silent));
+    assert_eq!(g.state, GroupState::PreparingRebalance);
+}
+
+#[test]
 fn commits_are_checked_against_member_and_generation() {
     let (g, ids) = stable_group(1);
     assert_eq!(g.validate_commit(&ids[0], None, 1), Ok(()));
