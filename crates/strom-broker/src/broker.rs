@@ -342,6 +342,7 @@ impl RunningBroker {
         }
         let group_ticker = tokio::spawn(group_ticker(broker.clone()));
         let retention = tokio::spawn(retention_checker(broker.clone()));
+        let cleaner = tokio::spawn(crate::cleaner::run(broker.clone()));
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
@@ -379,6 +380,7 @@ impl RunningBroker {
         ticker.abort();
         group_ticker.abort();
         retention.abort();
+        cleaner.abort();
         flusher.abort();
         let dir = broker.data_dir.clone();
         tokio::task::block_in_place(|| broker.replicas.close_all())?;

@@ -12,6 +12,7 @@ pub enum ConfigKind {
     Int,
     Short,
     Long,
+    Double,
 }
 
 impl ConfigKind {
@@ -23,6 +24,7 @@ impl ConfigKind {
             ConfigKind::Int => 3,
             ConfigKind::Short => 4,
             ConfigKind::Long => 5,
+            ConfigKind::Double => 6,
         }
     }
 }
@@ -97,7 +99,14 @@ pub static REGISTRY: &[ConfigDef] = &[
     def!("log.retention.ms", Long, "604800000", Broker, None, &[], Some(-1), "Default of retention.ms."),
     def!("log.retention.bytes", Long, "-1", Broker, None, &[], Some(-1), "Default of retention.bytes."),
     def!("log.retention.check.interval.ms", Long, "300000", Broker, None, &[], Some(1), "How often segments are checked against retention.ms and retention.bytes."),
-    def!("log.cleanup.policy", String, "delete", Broker, None, &["delete", "compact", "compact,delete", "delete,compact"], None, "Default of cleanup.policy. Compaction is not implemented yet."),
+    def!("log.cleanup.policy", String, "delete", Broker, None, &["delete", "compact", "compact,delete", "delete,compact"], None, "Default of cleanup.policy."),
+    def!("log.cleaner.enable", Boolean, "true", Broker, None, &[], None, "Run the log cleaner (compaction of topics with cleanup.policy compact)."),
+    def!("log.cleaner.backoff.ms", Long, "15000", Broker, None, &[], Some(1), "How long the cleaner sleeps when no log needs cleaning."),
+    def!("log.cleaner.dedupe.buffer.size", Long, "134217728", Broker, None, &[], Some(1048576), "Memory for the cleaner's key map; a log with more distinct keys is cleaned in parts."),
+    def!("log.cleaner.min.cleanable.ratio", Double, "0.5", Broker, None, &[], Some(0), "Default of min.cleanable.dirty.ratio."),
+    def!("log.cleaner.delete.retention.ms", Long, "86400000", Broker, None, &[], Some(0), "Default of delete.retention.ms."),
+    def!("log.cleaner.min.compaction.lag.ms", Long, "0", Broker, None, &[], Some(0), "Default of min.compaction.lag.ms."),
+    def!("log.cleaner.max.compaction.lag.ms", Long, LONG_MAX, Broker, None, &[], Some(1), "Default of max.compaction.lag.ms."),
     def!("compression.type", String, "producer", Broker, None, &["producer", "uncompressed", "gzip", "snappy", "lz4", "zstd"], None, "Default of the topic compression.type."),
     def!("min.insync.replicas", Int, "1", Broker, None, &[], Some(1), "Default of the topic min.insync.replicas."),
     def!("strom.max.decompressed.bytes", Int, "67108864", Broker, None, &[], Some(1024), "Upper bound on the output of any decompression the broker performs."),
@@ -128,7 +137,11 @@ pub static REGISTRY: &[ConfigDef] = &[
     def!("flush.ms", Long, LONG_MAX, Topic, Some("log.flush.interval.ms"), &[], Some(0), "Fsync at least this often when flush.messages > 1."),
     def!("retention.ms", Long, "604800000", Topic, Some("log.retention.ms"), &[], Some(-1), "Whole segments whose newest record is older than this are deleted (-1: keep forever). Applies when cleanup.policy includes delete."),
     def!("retention.bytes", Long, "-1", Topic, Some("log.retention.bytes"), &[], Some(-1), "The oldest segments of a partition are deleted while it stays at least this large without them (-1: no limit). Applies when cleanup.policy includes delete."),
-    def!("cleanup.policy", String, "delete", Topic, Some("log.cleanup.policy"), &["delete", "compact", "compact,delete", "delete,compact"], None, "delete: retention.ms and retention.bytes apply. compact: no time or size retention; compaction itself is not implemented yet."),
+    def!("cleanup.policy", String, "delete", Topic, Some("log.cleanup.policy"), &["delete", "compact", "compact,delete", "delete,compact"], None, "delete: retention.ms and retention.bytes apply. compact: the cleaner keeps the latest record of every key (no time or size retention). compact,delete: both."),
+    def!("min.cleanable.dirty.ratio", Double, "0.5", Topic, Some("log.cleaner.min.cleanable.ratio"), &[], Some(0), "A compacted log is cleaned once this share of its cleanable bytes was written since the last clean."),
+    def!("delete.retention.ms", Long, "86400000", Topic, Some("log.cleaner.delete.retention.ms"), &[], Some(0), "Tombstones (null values) of a compacted topic are removed once older than this."),
+    def!("min.compaction.lag.ms", Long, "0", Topic, Some("log.cleaner.min.compaction.lag.ms"), &[], Some(0), "Segments with records newer than this are not compacted yet."),
+    def!("max.compaction.lag.ms", Long, LONG_MAX, Topic, Some("log.cleaner.max.compaction.lag.ms"), &[], Some(1), "A log with uncleaned records older than this is cleaned whatever its dirty ratio."),
     def!("compression.type", String, "producer", Topic, Some("compression.type"), &["producer", "uncompressed", "gzip", "snappy", "lz4", "zstd"], None, "producer: store batches as the producer compressed them. uncompressed, gzip, snappy, lz4, zstd: batches in another codec are recompressed on append (records, offsets and timestamps unchanged)."),
     def!("min.insync.replicas", Int, "1", Topic, Some("min.insync.replicas"), &[], Some(1), "Minimum in-sync replicas for acks=all."),
 ];
@@ -183,6 +196,15 @@ pub fn validate(def: &ConfigDef, value: &str) -> Result<String, ConfigError> {
             }
             Ok(n.to_string())
         }
+        ConfigKind::Double => {
+            let x: f64 = value
+                .parse()
+                .map_err(|_| invalid("expected a number".into()))?;
+            if !x.is_finite() || def.min.is_some_and(|m| x < m as f64) {
+                return Err(invalid("out of range".into()));
+            }
+            Ok(x.to_string())
+        }
         ConfigKind::String => {
             if !def.one_of.is_empty() && !def.one_of.contains(&value) {
                 return Err(invalid(format!("expected one of {:?}", def.one_of)));
@@ -209,6 +231,10 @@ pub const DYNAMIC_BROKER_CONFIGS: &[&str] = &[
     "log.cleanup.policy",
     "compression.type",
     "min.insync.replicas",
+    "log.cleaner.min.cleanable.ratio",
+    "log.cleaner.delete.retention.ms",
+    "log.cleaner.min.compaction.lag.ms",
+    "log.cleaner.max.compaction.lag.ms",
 ];
 
 /// The broker's configuration: defaults overlaid with the config file and `--set` (static),
@@ -290,6 +316,10 @@ impl BrokerConfig {
 
     pub fn i64(&self, name: &str) -> i64 {
         self.get(name).parse().unwrap_or(0)
+    }
+
+    pub fn f64(&self, name: &str) -> f64 {
+        self.get(name).parse().unwrap_or(0.0)
     }
 
     pub fn bool(&self, name: &str) -> bool {

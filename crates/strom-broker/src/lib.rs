@@ -2,6 +2,7 @@
 //! manager with its partitions, fetch sessions, and the config registry.
 
 pub mod broker;
+pub mod cleaner;
 pub mod config;
 pub mod connection;
 pub mod error;

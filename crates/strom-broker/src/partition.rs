@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use strom_log::cleaner::CleanTarget;
 use strom_log::{AppendOutcome, FlushTarget, Log, LogConfig, LogError};
 use tokio::sync::{watch, Notify};
 
@@ -35,6 +36,8 @@ pub struct Partition {
     flusher: Arc<Flusher>,
     /// Woken whenever the high watermark moves.
     pub hw_advanced: Notify,
+    /// Segments below this offset were compacted since the broker started (dirty-ratio base).
+    pub cleaned_through: AtomicI64,
 }
 
 impl Partition {
@@ -64,6 +67,7 @@ impl Partition {
             flush_queued: AtomicBool::new(false),
             flusher,
             hw_advanced: Notify::new(),
+            cleaned_through: AtomicI64::new(0),
             log: Mutex::new(Some(log)),
         }
     }
@@ -239,6 +243,28 @@ impl Partition {
         })?;
         self.log_start_offset.fetch_max(start, Ordering::AcqRel);
         Ok(n)
+    }
+
+    /// Segments the cleaner may compact: not the active one, fully below the high watermark,
+    /// newest record at least `min_lag_ms` old.
+    pub fn clean_targets(
+        &self,
+        now_ms: i64,
+        min_lag_ms: i64,
+    ) -> Result<Vec<CleanTarget>, LogError> {
+        let hw = self.high_watermark();
+        let mut t = self.with_log(|log| Ok(log.clean_targets(now_ms, min_lag_ms)))?;
+        t.retain(|s| s.next_offset <= hw);
+        Ok(t)
+    }
+
+    /// Swaps in a cleaned segment (a short critical section: renames and an index walk).
+    pub fn install_cleaned(
+        &self,
+        base_offset: i64,
+        path: &std::path::Path,
+    ) -> Result<bool, LogError> {
+        self.with_log(|log| log.install_cleaned(base_offset, path))
     }
 
     /// DeleteRecords: records below `offset` (-1: the high watermark) become unreachable.

@@ -3,13 +3,14 @@
 //! recovery after a crash. It knows nothing of the network or of other replicas; the broker
 //! owns one `Log` per partition and calls it from one place at a time.
 
+pub mod cleaner;
 mod producer_state;
 mod retention;
 mod segment;
 
 use std::path::{Path, PathBuf};
 
-use strom_proto::batch::{self, validate_batch, BatchError, BatchHeader};
+use strom_proto::batch::{self, BatchError, BatchHeader};
 use strom_proto::compression::Compression;
 use strom_proto::records::decode_records;
 
@@ -162,6 +163,7 @@ fn segment_bases(dir: &Path) -> Result<Vec<i64>, LogError> {
 impl Log {
     pub fn open(dir: &Path, config: LogConfig, clean_shutdown: bool) -> Result<Log, LogError> {
         std::fs::create_dir_all(dir)?;
+        cleaner::remove_leftovers(dir);
         let now = now_ms();
         let recovery_point: i64 = std::fs::read_to_string(dir.join(RECOVERY_POINT_FILE))
             .ok()
@@ -298,7 +300,7 @@ impl Log {
         if self.failed {
             return Err(LogError::Failed);
         }
-        let header = validate_batch(records)?;
+        let header = batch::validate_produced_batch(records)?;
         let mut converted;
         let records: &mut [u8] = match self.config.compression {
             Some(to)

@@ -1,5 +1,6 @@
 use super::*;
 use std::os::unix::fs::FileExt;
+use strom_proto::batch::validate_batch;
 use strom_proto::compression::Compression;
 use strom_proto::records::{encode_batch, NewRecord, ProducerInfo};
 
@@ -455,4 +456,223 @@ fn create_time_batches_outside_the_allowed_range_are_refused() {
     log.append(&mut batch(2, now - 1000, 10), 0, now).unwrap();
     log.append(&mut batch(2, now + 498, 10), 0, now).unwrap();
     assert_eq!(log.log_end_offset(), 4);
+}
+
+mod compaction {
+    use super::*;
+    use crate::cleaner::{build_offset_map, clean_segment, CleanConfig, CleanStats};
+    use strom_proto::records::decode_records;
+
+    fn keyed(keys_values: &[(String, Option<String>)], ts: i64) -> Vec<u8> {
+        let recs: Vec<NewRecord> = keys_values
+            .iter()
+            .map(|(k, v)| NewRecord {
+                key: Some(k.clone().into_bytes()),
+                value: v.clone().map(|v| v.into_bytes()),
+                headers: vec![],
+                timestamp: ts,
+            })
+            .collect();
+        encode_batch(&recs, Compression::Lz4, ProducerInfo::default()).unwrap()
+    }
+
+    fn cfg() -> CleanConfig {
+        CleanConfig {
+            delete_retention_ms: 1_000,
+            min_compaction_lag_ms: 0,
+            max_map_entries: 1 << 20,
+            max_decompressed_bytes: 64 << 20,
+        }
+    }
+
+    /// Runs one whole clean as the broker's cleaner does.
+    fn clean(log: &mut Log, now: i64, cfg: &CleanConfig) -> CleanStats {
+        let targets = log.clean_targets(now, cfg.min_compaction_lag_ms);
+        let (map, covered) = build_offset_map(&targets, cfg).unwrap();
+        let mut stats = CleanStats::default();
+        for t in &targets[..covered] {
+            if let Some(path) = clean_segment(t, &map, now, cfg, &mut stats).unwrap() {
+                assert!(log.install_cleaned(t.base_offset, &path).unwrap());
+            }
+            stats.segments += 1;
+        }
+        stats
+    }
+
+    fn all_records(log: &Log) -> Vec<strom_proto::records::RecordView> {
+        let data = log
+            .read(log.log_start_offset(), 1 << 30, i64::MAX, true)
+            .unwrap();
+        strom_proto::batch::BatchIter::new(&data)
+            .flat_map(|b| {
+                let (h, bytes) = b.unwrap();
+                decode_records(&h, bytes, 64 << 20).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_record_per_key_the_latest_with_offsets_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            segment_bytes: 64 << 10,
+            segment_ms: 10_000,
+            ..LogConfig::default()
+        };
+        let mut log = Log::open(dir.path(), config.clone(), true).unwrap();
+        // 100k updates over 1000 keys, in batches of 100.
+        let mut latest = std::collections::HashMap::new();
+        let mut n = 0u64;
+        for round in 0..1000 {
+            let kv: Vec<(String, Option<String>)> = (0..100)
+                .map(|i| {
+                    let k = format!("key-{}", (round * 37 + i * 13) % 1000);
+                    let v = format!("v{n}");
+                    n += 1;
+                    (k, Some(v))
+                })
+                .collect();
+            let base = log.log_end_offset();
+            for (j, (k, v)) in kv.iter().enumerate() {
+                latest.insert(k.clone(), (base + j as i64, v.clone().unwrap()));
+            }
+            log.append(&mut keyed(&kv, 0), 0, 0).unwrap();
+        }
+        // A record with another key after a roll: every update is in a cleanable segment.
+        log.append(
+            &mut keyed(&[("sentinel".into(), Some("s".into()))], 100_000),
+            0,
+            100_000,
+        )
+        .unwrap();
+        let leo = log.log_end_offset();
+        let stats = clean(&mut log, 100_000, &cfg());
+        assert!(stats.records_dropped >= 99_000, "{stats:?}");
+        let recs = all_records(&log);
+        let updates: Vec<_> = recs
+            .iter()
+            .filter(|r| r.key.as_deref() != Some(b"sentinel"))
+            .collect();
+        assert_eq!(updates.len(), 1000, "exactly one record per key");
+        for r in &updates {
+            let k = String::from_utf8(r.key.clone().unwrap()).unwrap();
+            let (off, v) = &latest[&k];
+            assert_eq!(r.offset, *off, "{k} keeps its offset");
+            assert_eq!(
+                r.value.as_deref(),
+                Some(v.as_bytes()),
+                "{k} keeps its latest value"
+            );
+        }
+        assert_eq!(
+            log.log_end_offset(),
+            leo,
+            "offsets continue where they were"
+        );
+        // Reopening (indexes rebuilt from the cleaned files) reads the same.
+        drop(log);
+        let log = Log::open(dir.path(), config, false).unwrap();
+        assert_eq!(all_records(&log).len(), recs.len());
+        assert_eq!(log.log_end_offset(), leo);
+        // A second clean finds nothing to drop.
+        let mut log = log;
+        assert_eq!(clean(&mut log, 100_000, &cfg()).records_dropped, 0);
+    }
+
+    #[test]
+    fn tombstones_go_after_delete_retention_and_not_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            segment_ms: 10_000,
+            ..LogConfig::default()
+        };
+        let mut log = Log::open(dir.path(), config, true).unwrap();
+        log.append(
+            &mut keyed(
+                &[
+                    ("a".into(), Some("1".into())),
+                    ("b".into(), Some("2".into())),
+                ],
+                0,
+            ),
+            0,
+            0,
+        )
+        .unwrap();
+        log.append(&mut keyed(&[("a".into(), None)], 50_000), 0, 0)
+            .unwrap();
+        log.append(
+            &mut keyed(&[("z".into(), Some("z".into()))], 100_000),
+            0,
+            100_000,
+        )
+        .unwrap();
+        // Within delete.retention.ms of the tombstone: it stays, the value it deletes goes.
+        clean(&mut log, 50_500, &cfg());
+        let keys: Vec<(Vec<u8>, bool)> = all_records(&log)
+            .iter()
+            .map(|r| (r.key.clone().unwrap(), r.value.is_none()))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                (b"b".to_vec(), false),
+                (b"a".to_vec(), true),
+                (b"z".to_vec(), false)
+            ]
+        );
+        // Later: the tombstone itself goes.
+        clean(&mut log, 60_000, &cfg());
+        let keys: Vec<Vec<u8>> = all_records(&log)
+            .iter()
+            .map(|r| r.key.clone().unwrap())
+            .collect();
+        assert_eq!(keys, vec![b"b".to_vec(), b"z".to_vec()]);
+    }
+
+    #[test]
+    fn a_crash_mid_clean_leaves_a_complete_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            segment_bytes: 4096,
+            ..LogConfig::default()
+        };
+        let mut log = Log::open(dir.path(), config.clone(), true).unwrap();
+        for i in 0..200 {
+            log.append(
+                &mut keyed(&[(format!("k{}", i % 10), Some(format!("{i}")))], 0),
+                0,
+                0,
+            )
+            .unwrap();
+        }
+        let leo = log.log_end_offset();
+        let before = all_records(&log).len();
+        // The cleaner wrote its files, then the process died before installing them.
+        let targets = log.clean_targets(0, 0);
+        let (map, _) = build_offset_map(&targets, &cfg()).unwrap();
+        let mut stats = CleanStats::default();
+        let written = clean_segment(&targets[0], &map, 0, &cfg(), &mut stats)
+            .unwrap()
+            .unwrap();
+        assert!(written.exists());
+        drop(log);
+        let log = Log::open(dir.path(), config.clone(), false).unwrap();
+        assert!(!written.exists(), "leftover removed");
+        assert_eq!(all_records(&log).len(), before, "the old segment is intact");
+        // A crash after the rename but before the index was rebuilt: indexes are rebuilt.
+        let mut log = log;
+        clean(&mut log, 0, &cfg());
+        let after = all_records(&log).len();
+        for f in std::fs::read_dir(dir.path()).unwrap().flatten() {
+            let name = f.file_name().to_string_lossy().to_string();
+            if name.ends_with(".index") || name.ends_with(".timeindex") {
+                std::fs::remove_file(f.path()).unwrap();
+            }
+        }
+        drop(log);
+        let log = Log::open(dir.path(), config, false).unwrap();
+        assert_eq!(all_records(&log).len(), after);
+        assert_eq!(log.log_end_offset(), leo);
+    }
 }

@@ -167,10 +167,7 @@ pub fn validate_batch(batch: &[u8]) -> Result<BatchHeader, BatchError> {
     if h.records_count < 0 || h.last_offset_delta < 0 {
         return Err(BatchError::InvalidRecordCount);
     }
-    let codec = h.compression()?;
-    if codec == Compression::None && h.records_count != h.last_offset_delta + 1 {
-        return Err(BatchError::InvalidRecordCount);
-    }
+    h.compression()?;
     Ok(h)
 }
 
@@ -207,6 +204,16 @@ pub fn recompress_batch(
     let crc = compute_crc(&out);
     out[17..21].copy_from_slice(&crc.to_be_bytes());
     Ok(out)
+}
+
+/// `validate_batch` plus what a producer's batch must also satisfy: an uncompressed batch holds
+/// exactly one record per offset (stored batches may have gaps after compaction).
+pub fn validate_produced_batch(batch: &[u8]) -> Result<BatchHeader, BatchError> {
+    let h = validate_batch(batch)?;
+    if h.compression()? == Compression::None && h.records_count != h.last_offset_delta + 1 {
+        return Err(BatchError::InvalidRecordCount);
+    }
+    Ok(h)
 }
 
 /// Iterates the whole batches of a byte slice without checking CRCs. Ends at a trailing partial

@@ -118,6 +118,95 @@ pub fn decode_records(
     Ok(out)
 }
 
+/// Where one record lies in a batch's (decompressed) record data, for the log cleaner.
+#[derive(Debug, Clone)]
+pub struct RecordSlice {
+    /// The record's bytes, length prefix included: `data[start..end]`.
+    pub start: usize,
+    pub end: usize,
+    pub offset: i64,
+    pub timestamp: i64,
+    pub key: Option<std::ops::Range<usize>>,
+    pub value_is_null: bool,
+}
+
+/// The records of a whole batch as slices of its decompressed record data (returned too).
+pub fn record_slices(
+    header: &BatchHeader,
+    batch: &[u8],
+    max_decompressed_bytes: usize,
+) -> Result<(Vec<u8>, Vec<RecordSlice>), BatchError> {
+    if batch.len() < BATCH_HEADER_LEN {
+        return Err(BatchError::Truncated);
+    }
+    let body = &batch[BATCH_HEADER_LEN..];
+    let codec = header.compression()?;
+    let data = if codec == Compression::None {
+        body.to_vec()
+    } else {
+        decompress(codec, body, max_decompressed_bytes)?
+    };
+    let mut out =
+        Vec::with_capacity((header.records_count.max(0) as usize).min(data.len() / 7 + 1));
+    let mut c = Cursor { buf: &data, pos: 0 };
+    for _ in 0..header.records_count.max(0) {
+        let start = c.pos;
+        let len = c.varlong()?;
+        let body_start = c.pos;
+        if len < 0 || len as usize > data.len() - body_start {
+            return Err(BatchError::InvalidRecord("record length"));
+        }
+        let end = body_start + len as usize;
+        c.bytes(1)?;
+        let ts_delta = c.varlong()?;
+        let offset_delta = c.varlong()?;
+        let klen = c.varlong()?;
+        let key_start = c.pos;
+        let key = c.bytes(klen)?.map(|k| key_start..key_start + k.len());
+        let vlen = c.varlong()?;
+        c.pos = end;
+        let timestamp = if header.is_log_append_time() {
+            header.max_timestamp
+        } else {
+            header.base_timestamp + ts_delta
+        };
+        out.push(RecordSlice {
+            start,
+            end,
+            offset: header.base_offset + offset_delta,
+            timestamp,
+            key,
+            value_is_null: vlen < 0,
+        });
+    }
+    Ok((data, out))
+}
+
+/// The same batch with only the `keep` records (slices of `data`), compressed with the
+/// batch's codec. Base offset, last offset delta, timestamps and producer fields stay, so
+/// offsets and producer state are preserved; count, length and CRC are recomputed.
+pub fn filter_batch(
+    batch: &[u8],
+    data: &[u8],
+    keep: &[&RecordSlice],
+) -> Result<Vec<u8>, BatchError> {
+    let header = BatchHeader::parse(batch)?;
+    let mut records = Vec::new();
+    for r in keep {
+        records.extend_from_slice(&data[r.start..r.end]);
+    }
+    let body = compress(header.compression()?, &records)?;
+    let mut out = Vec::with_capacity(BATCH_HEADER_LEN + body.len());
+    out.extend_from_slice(&batch[..BATCH_HEADER_LEN]);
+    out.extend_from_slice(&body);
+    let length = (out.len() - 12) as i32;
+    out[8..12].copy_from_slice(&length.to_be_bytes());
+    out[57..61].copy_from_slice(&(keep.len() as i32).to_be_bytes());
+    let crc = compute_crc(&out);
+    out[17..21].copy_from_slice(&crc.to_be_bytes());
+    Ok(out)
+}
+
 fn put_varlong(out: &mut Vec<u8>, v: i64) {
     let mut z = ((v << 1) ^ (v >> 63)) as u64;
     while z >= 0x80 {
@@ -229,6 +318,34 @@ mod tests {
                 timestamp: 1000 + i as i64,
             })
             .collect()
+    }
+
+    #[test]
+    fn filtering_a_batch_keeps_offsets_and_the_chosen_records() {
+        for codec in [Compression::None, Compression::Zstd, Compression::Gzip] {
+            let b = encode_batch(&recs(10), codec, ProducerInfo::default()).unwrap();
+            let h = validate_batch(&b).unwrap();
+            let (data, slices) = record_slices(&h, &b, 1 << 20).unwrap();
+            assert_eq!(slices.len(), 10);
+            assert!(slices[1].value_is_null);
+            let keep: Vec<&RecordSlice> = slices.iter().filter(|r| r.offset % 3 == 0).collect();
+            let out = filter_batch(&b, &data, &keep).unwrap();
+            let h2 = validate_batch(&out).unwrap();
+            assert_eq!(
+                h2.last_offset(),
+                h.last_offset(),
+                "the batch spans the same offsets"
+            );
+            let got = decode_records(&h2, &out, 1 << 20).unwrap();
+            let want: Vec<_> = decode_records(&h, &b, 1 << 20)
+                .unwrap()
+                .into_iter()
+                .filter(|r| r.offset % 3 == 0)
+                .collect();
+            assert_eq!(got, want);
+            let k = slices[4].key.clone().unwrap();
+            assert_eq!(&data[k], b"k4");
+        }
     }
 
     #[test]
