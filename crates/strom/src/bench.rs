@@ -46,6 +46,12 @@ pub struct BenchArgs {
     /// Also consume everything back and report consume throughput.
     #[arg(long)]
     consume: bool,
+    /// Distinct keys (record i gets key i % keys).
+    #[arg(long, default_value_t = 1024)]
+    keys: u64,
+    /// A config of the topic created for the run, NAME=VALUE (repeatable).
+    #[arg(long = "topic-config", value_name = "NAME=VALUE")]
+    topic_config: Vec<String>,
     /// A label for the result row (e.g. "strom" or "null-sink").
     #[arg(long, default_value = "strom")]
     label: String,
@@ -89,7 +95,13 @@ async fn create_topic(args: &BenchArgs) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &args.bootstrap)
         .create()?;
-    let topic = NewTopic::new(&args.topic, args.partitions, TopicReplication::Fixed(1));
+    let mut topic = NewTopic::new(&args.topic, args.partitions, TopicReplication::Fixed(1));
+    for kv in &args.topic_config {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--topic-config {kv}: expected NAME=VALUE"))?;
+        topic = topic.set(k, v);
+    }
     let res = admin
         .create_topics(
             [&topic],
@@ -136,7 +148,7 @@ fn run_blocking(args: BenchArgs) -> Result<()> {
                 std::thread::sleep(due - now);
             }
         }
-        let key = (i % 1024).to_be_bytes();
+        let key = (i % args.keys.max(1)).to_be_bytes();
         let partition = (i % args.partitions as u64) as i32;
         let mut record = BaseRecord::with_opaque_to(&args.topic, Box::new(Instant::now()))
             .key(&key[..])
