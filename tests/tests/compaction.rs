@@ -143,3 +143,82 @@ async fn a_compacted_topic_keeps_the_latest_value_of_every_key() {
     }
     assert_eq!(latest, want, "after kill -9 during cleaning");
 }
+
+/// A tombstone removes its key's older values at once and disappears itself only after
+/// `delete.retention.ms`.
+#[tokio::test(flavor = "multi_thread")]
+async fn tombstones_stay_for_delete_retention_then_go() {
+    let s = StromProcess::start(&["log.cleaner.backoff.ms=200"]);
+    let b = s.bootstrap();
+    create_topic(
+        &b,
+        "tomb",
+        1,
+        &[
+            ("cleanup.policy", "compact"),
+            ("segment.ms", "1000"),
+            ("min.cleanable.dirty.ratio", "0.01"),
+            ("delete.retention.ms", "15000"),
+        ],
+    )
+    .await;
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &b)
+        .create()
+        .unwrap();
+    let send = |k: &'static str, v: Option<&'static str>| {
+        let mut r = FutureRecord::<str, str>::to("tomb").key(k);
+        if let Some(v) = v {
+            r = r.payload(v);
+        }
+        p.send(r, Duration::from_secs(10))
+    };
+    send("a", Some("1")).await.unwrap();
+    send("b", Some("2")).await.unwrap();
+    send("a", None).await.unwrap();
+    // Roll the segment so the cleaner may take it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    send("z", Some("roll")).await.unwrap();
+    let keys = |b: &str| -> Vec<(String, bool)> {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", b)
+            .set("group.id", "tomb-reader")
+            .set("enable.partition.eof", "true")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("tomb", 0, Offset::Beginning)
+            .unwrap();
+        c.assign(&tpl).unwrap();
+        let mut out = Vec::new();
+        loop {
+            match c.poll(Duration::from_secs(10)) {
+                Some(Ok(m)) => out.push((
+                    String::from_utf8(m.key().unwrap().to_vec()).unwrap(),
+                    m.payload().is_none(),
+                )),
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) | None => return out,
+                Some(Err(e)) => panic!("{e}"),
+            }
+        }
+    };
+    let first = wait_for(Duration::from_secs(10), "a's old value cleaned", || {
+        let k = keys(&b);
+        (!k.contains(&("a".to_string(), false))).then_some(k)
+    });
+    assert!(
+        first.contains(&("a".to_string(), true)),
+        "the tombstone stays: {first:?}"
+    );
+    assert!(first.contains(&("b".to_string(), false)));
+    // Past delete.retention.ms, the next clean (new data makes the log dirty again) drops it.
+    tokio::time::sleep(Duration::from_millis(15_000)).await;
+    send("y", Some("more")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    send("x", Some("roll")).await.unwrap();
+    wait_for(Duration::from_secs(30), "the tombstone gone", || {
+        let k = keys(&b);
+        (!k.iter().any(|(key, _)| key == "a") && k.contains(&("b".to_string(), false)))
+            .then_some(())
+    });
+}

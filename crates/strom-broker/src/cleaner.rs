@@ -3,13 +3,14 @@
 //! bytes reached `min.cleanable.dirty.ratio`, or whose oldest uncleaned record is older than
 //! `max.compaction.lag.ms`. The work (reading, mapping keys, rewriting) happens on a blocking
 //! thread without the partition's lock; produce and fetch only wait for the short swap of each
-//! cleaned segment. Memory is bounded by `log.cleaner.dedupe.buffer.size`.
+//! cleaned segment. Memory is bounded by `log.cleaner.dedupe.buffer.size`, I/O by
+//! `log.cleaner.io.max.bytes.per.second`.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use strom_log::cleaner::{build_offset_map, clean_segment, CleanConfig, CleanStats};
+use strom_log::cleaner::{build_offset_map, clean_segment, CleanConfig, CleanStats, Throttle};
 
 use crate::broker::Broker;
 use crate::partition::Partition;
@@ -57,6 +58,7 @@ pub fn clean_round(broker: &Broker) {
                 .max(1024) as usize,
             max_decompressed_bytes: broker.config.i64("strom.max.decompressed.bytes").max(1024)
                 as usize,
+            io_max_bytes_per_sec: broker.config.f64("log.cleaner.io.max.bytes.per.second"),
         };
         let max_lag = broker.config.topic_i64(o, "max.compaction.lag.ms");
         if let Err(e) = clean_partition(broker, &p, &cfg, ratio, max_lag) {
@@ -91,10 +93,11 @@ fn clean_partition(
         return Ok(());
     }
     let started = std::time::Instant::now();
-    let (map, covered) = build_offset_map(&targets, cfg)?;
+    let mut throttle = Throttle::new(cfg.io_max_bytes_per_sec);
+    let (map, covered) = build_offset_map(&targets, cfg, &mut throttle)?;
     let mut stats = CleanStats::default();
     for t in &targets[..covered] {
-        if let Some(path) = clean_segment(t, &map, now, cfg, &mut stats)? {
+        if let Some(path) = clean_segment(t, &map, now, cfg, &mut stats, &mut throttle)? {
             p.install_cleaned(t.base_offset, &path)?;
         }
         stats.segments += 1;

@@ -460,7 +460,7 @@ fn create_time_batches_outside_the_allowed_range_are_refused() {
 
 mod compaction {
     use super::*;
-    use crate::cleaner::{build_offset_map, clean_segment, CleanConfig, CleanStats};
+    use crate::cleaner::{build_offset_map, clean_segment, CleanConfig, CleanStats, Throttle};
     use strom_proto::records::decode_records;
 
     fn keyed(keys_values: &[(String, Option<String>)], ts: i64) -> Vec<u8> {
@@ -482,16 +482,19 @@ mod compaction {
             min_compaction_lag_ms: 0,
             max_map_entries: 1 << 20,
             max_decompressed_bytes: 64 << 20,
+            io_max_bytes_per_sec: f64::MAX,
         }
     }
 
     /// Runs one whole clean as the broker's cleaner does.
     fn clean(log: &mut Log, now: i64, cfg: &CleanConfig) -> CleanStats {
         let targets = log.clean_targets(now, cfg.min_compaction_lag_ms);
-        let (map, covered) = build_offset_map(&targets, cfg).unwrap();
+        let mut throttle = Throttle::new(cfg.io_max_bytes_per_sec);
+        let (map, covered) = build_offset_map(&targets, cfg, &mut throttle).unwrap();
         let mut stats = CleanStats::default();
         for t in &targets[..covered] {
-            if let Some(path) = clean_segment(t, &map, now, cfg, &mut stats).unwrap() {
+            if let Some(path) = clean_segment(t, &map, now, cfg, &mut stats, &mut throttle).unwrap()
+            {
                 assert!(log.install_cleaned(t.base_offset, &path).unwrap());
             }
             stats.segments += 1;
@@ -650,9 +653,10 @@ mod compaction {
         let before = all_records(&log).len();
         // The cleaner wrote its files, then the process died before installing them.
         let targets = log.clean_targets(0, 0);
-        let (map, _) = build_offset_map(&targets, &cfg()).unwrap();
+        let mut throttle = Throttle::new(f64::MAX);
+        let (map, _) = build_offset_map(&targets, &cfg(), &mut throttle).unwrap();
         let mut stats = CleanStats::default();
-        let written = clean_segment(&targets[0], &map, 0, &cfg(), &mut stats)
+        let written = clean_segment(&targets[0], &map, 0, &cfg(), &mut stats, &mut throttle)
             .unwrap()
             .unwrap();
         assert!(written.exists());
