@@ -76,6 +76,8 @@ pub struct ConsumerMember {
     /// What it was told to give up and has not confirmed yet.
     pub pending_revocation: BTreeSet<Tp>,
     last_sent: Option<BTreeSet<Tp>>,
+    /// A static member that left with epoch -2: its next incarnation may take over.
+    static_left: bool,
     session_deadline: i64,
     revocation_deadline: Option<i64>,
 }
@@ -186,6 +188,13 @@ impl ConsumerGroup {
         topics: &dyn Fn(&str) -> Option<TopicInfo>,
         now: i64,
     ) -> Result<HeartbeatResponse, GroupError> {
+        if req
+            .server_assignor
+            .as_ref()
+            .is_some_and(|a| !ASSIGNORS.contains(&a.as_str()))
+        {
+            return Err(GroupError::UnsupportedAssignor);
+        }
         let mut changed = false;
         let member_id = match req.member_epoch {
             0 => {
@@ -200,16 +209,44 @@ impl ConsumerGroup {
                 if !self.members.contains_key(&id) && self.members.len() >= cfg.max_size {
                     return Err(GroupError::GroupMaxSizeReached);
                 }
-                // A static member replacing its previous incarnation takes its place.
+                // A static member's new incarnation takes over from one that left with epoch
+                // -2 (its partitions and epoch pass on, so nothing is owned twice); while the
+                // old one is still a member it is UNRELEASED_INSTANCE_ID.
                 if let Some(inst) = &req.instance_id {
-                    let old: Vec<String> = self
+                    let old = self
                         .members
                         .values()
-                        .filter(|m| m.instance_id.as_ref() == Some(inst) && m.member_id != id)
-                        .map(|m| m.member_id.clone())
-                        .collect();
-                    for o in old {
-                        self.members.remove(&o);
+                        .find(|m| m.instance_id.as_ref() == Some(inst) && m.member_id != id)
+                        .map(|m| (m.member_id.clone(), m.static_left));
+                    match old {
+                        Some((_, false)) => return Err(GroupError::UnreleasedInstanceId),
+                        Some((old_id, true)) => {
+                            if let Some(mut m) = self.members.remove(&old_id) {
+                                m.member_id = id.clone();
+                                m.static_left = false;
+                                m.last_sent = None;
+                                m.client_id = req.client_id.clone();
+                                m.client_host = req.client_host.clone();
+                                m.session_deadline = now + cfg.session_timeout_ms;
+                                if let Some(t) = self.target.remove(&old_id) {
+                                    self.target.insert(id.clone(), t);
+                                }
+                                let epoch = m.member_epoch;
+                                self.members.insert(id.clone(), m);
+                                let assignment =
+                                    self.members[&id].assigned.iter().copied().collect();
+                                if let Some(m) = self.members.get_mut(&id) {
+                                    m.last_sent = Some(m.assigned.clone());
+                                }
+                                return Ok(HeartbeatResponse {
+                                    member_id: id,
+                                    member_epoch: epoch,
+                                    heartbeat_interval_ms: cfg.heartbeat_interval_ms,
+                                    assignment: Some(assignment),
+                                });
+                            }
+                        }
+                        None => {}
                     }
                 }
                 // Rejoining with epoch 0 gives up everything it had.
@@ -223,6 +260,23 @@ impl ConsumerGroup {
                 self.members.insert(id.clone(), m);
                 changed = true;
                 id
+            }
+            -2 if self
+                .members
+                .get(&req.member_id)
+                .is_some_and(|m| m.instance_id.is_some()) =>
+            {
+                // A static member's temporary leave: it keeps its assignment until its session
+                // ends or its next incarnation takes over.
+                if let Some(m) = self.members.get_mut(&req.member_id) {
+                    m.static_left = true;
+                }
+                return Ok(HeartbeatResponse {
+                    member_id: req.member_id,
+                    member_epoch: -2,
+                    heartbeat_interval_ms: 0,
+                    assignment: None,
+                });
             }
             -1 | -2 => {
                 self.members
@@ -452,6 +506,7 @@ impl ConsumerMember {
             assigned: BTreeSet::new(),
             pending_revocation: BTreeSet::new(),
             last_sent: None,
+            static_left: false,
             session_deadline,
             revocation_deadline: None,
         }
@@ -900,6 +955,67 @@ mod tests {
                     group: "grp".into(),
                     member: "a".into()
                 }));
+    }
+
+    #[test]
+    fn a_static_member_is_replaced_only_after_it_left_and_keeps_its_partitions() {
+        let mut g = ConsumerGroup::default();
+        let static_join = |g: &mut ConsumerGroup, id: &str| {
+            g.heartbeat(
+                &settings(),
+                HeartbeatRequest {
+                    member_id: id.into(),
+                    member_epoch: 0,
+                    instance_id: Some("inst".into()),
+                    rebalance_timeout_ms: 30_000,
+                    subscribed_topics: Some(vec!["t".into()]),
+                    ..Default::default()
+                },
+                &topics,
+                0,
+            )
+        };
+        let a = static_join(&mut g, "a").unwrap();
+        join(&mut g, "b", 0);
+        let a = beat(&mut g, "a", a.member_epoch, &[0, 1, 2, 3, 4, 5], 1).unwrap();
+        let kept = parts(&a);
+        beat(&mut g, "a", 1, &kept, 2).unwrap();
+        // A new incarnation while the old one is a member: refused, nothing changes.
+        assert_eq!(
+            static_join(&mut g, "a2"),
+            Err(GroupError::UnreleasedInstanceId)
+        );
+        exclusive(&g);
+        // The old one leaves temporarily: the new one takes its partitions and epoch over.
+        beat(&mut g, "a", -2, &[], 3).unwrap();
+        let epoch_before = g.group_epoch;
+        let a2 = static_join(&mut g, "a2").unwrap();
+        let mut got = parts(&a2);
+        got.sort();
+        assert_eq!(got, kept);
+        assert_eq!(g.group_epoch, epoch_before, "no rebalance");
+        assert!(!g.members.contains_key("a"));
+        exclusive(&g);
+    }
+
+    #[test]
+    fn an_unknown_assignor_changes_nothing() {
+        let mut g = ConsumerGroup::default();
+        let r = g.heartbeat(
+            &settings(),
+            HeartbeatRequest {
+                member_id: "m".into(),
+                member_epoch: 0,
+                rebalance_timeout_ms: 1000,
+                subscribed_topics: Some(vec!["t".into()]),
+                server_assignor: Some("mystery".into()),
+                ..Default::default()
+            },
+            &topics,
+            0,
+        );
+        assert_eq!(r, Err(GroupError::UnsupportedAssignor));
+        assert!(g.members.is_empty());
     }
 
     #[test]

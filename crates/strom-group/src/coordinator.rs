@@ -288,6 +288,11 @@ impl GroupCoordinator {
                 (RecordKey::Group { group }, None) => {
                     groups.remove(&group);
                 }
+                (RecordKey::ConsumerGroup { group }, None) => {
+                    if let Some(g) = groups.get_mut(&group) {
+                        g.consumer = None;
+                    }
+                }
                 (key, value) => {
                     let group = key.group().to_string();
                     let g = groups
@@ -350,26 +355,42 @@ impl GroupCoordinator {
     /// Sends the answers in `out`; when the group's metadata must be persisted first, appends
     /// it now (under the caller's lock) and sends the SyncGroup answers once it is durable.
     fn dispatch(&self, log: &dyn OffsetsLog, p: i32, group: &Group, out: Outbox) {
-        for (w, r) in out.joins {
-            let _ = w.send(r);
-        }
         if !out.persist {
+            for (w, r) in out.joins {
+                let _ = w.send(r);
+            }
             for (w, r) in out.syncs {
                 let _ = w.send(r);
             }
             return;
         }
+        // What these answers report (an assignment, a static member's new id) must be durable
+        // first; if it cannot be stored the members hear COORDINATOR_NOT_AVAILABLE and retry.
         let key = RecordKey::Group {
             group: group.id.clone(),
         }
         .encode();
         let value = group.to_record().encode();
         let durable = log.append(p, vec![(key, Some(value))]);
-        let syncs = out.syncs;
+        let (joins, syncs) = (out.joins, out.syncs);
         let send_all = move |res: Result<(), GroupError>| {
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "storing group metadata failed");
+            }
+            let failed = res.is_err();
+            for (w, mut r) in joins {
+                if failed {
+                    r = JoinResult {
+                        error: Some(GroupError::CoordinatorNotAvailable),
+                        generation: -1,
+                        member_id: r.member_id,
+                        ..Default::default()
+                    };
+                }
+                let _ = w.send(r);
+            }
             for (w, mut r) in syncs {
-                if let Err(e) = res {
-                    tracing::warn!(error = %e, "storing group metadata failed");
+                if failed {
                     r = SyncResult {
                         error: Some(GroupError::CoordinatorNotAvailable),
                         ..Default::default()
@@ -411,6 +432,11 @@ impl GroupCoordinator {
             let g = groups
                 .entry(group_id.to_string())
                 .or_insert_with(|| self.new_group(group_id, now));
+            // An empty consumer group becomes a classic one: its stored KIP-848 state goes, so
+            // a reload does not bring it back.
+            if let Some(c) = g.consumer.take_if(|c| c.members.is_empty()) {
+                append_in_background(log, p, c.tombstones(group_id), "consumer-group removal");
+            }
             let out = g.join(&self.cfg, req, tx, now);
             self.dispatch(log, p, g, out);
             Ok(())
@@ -1015,6 +1041,9 @@ fn tombstones(g: &Group) -> Vec<KeyValue> {
             )
         })
         .collect();
+    if let Some(c) = &g.consumer {
+        records.extend(c.tombstones(&g.id));
+    }
     records.push((
         RecordKey::Group {
             group: g.id.clone(),

@@ -48,6 +48,8 @@ pub enum GroupError {
     StaleMemberEpoch,
     #[error("UNSUPPORTED_ASSIGNOR")]
     UnsupportedAssignor,
+    #[error("UNRELEASED_INSTANCE_ID")]
+    UnreleasedInstanceId,
 }
 
 impl GroupError {
@@ -77,6 +79,7 @@ impl GroupError {
             GroupError::FencedMemberEpoch => 110,
             GroupError::StaleMemberEpoch => 113,
             GroupError::UnsupportedAssignor => 112,
+            GroupError::UnreleasedInstanceId => 111,
         }
     }
 }

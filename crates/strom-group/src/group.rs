@@ -184,8 +184,14 @@ pub struct Group {
     pub consumer: Option<ConsumerGroup>,
 }
 
+/// A fresh member id: a prefix (client or instance id, cut to 255 bytes so ids always fit the
+/// stored record's string length) and a UUID.
 fn new_member_id(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4())
+    let mut end = prefix.len().min(255);
+    while !prefix.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}-{}", &prefix[..end], uuid::Uuid::new_v4())
 }
 
 impl Group {
@@ -924,7 +930,7 @@ impl Group {
         if generation < 0 && self.state == GroupState::Empty && !self.is_active_consumer_group() {
             return Ok(());
         }
-        if let Some(c) = &self.consumer {
+        if let Some(c) = self.consumer.as_ref().filter(|c| !c.members.is_empty()) {
             return c.validate_commit(member_id, generation);
         }
         self.check_member(member_id, instance_id)?;
@@ -966,6 +972,10 @@ impl Group {
     /// Restores a group from its stored metadata (coordinator load). Members get a fresh
     /// session: those that do not heartbeat within it leave as usual.
     pub fn restore(&mut self, v: GroupValue, now: i64) {
+        if !v.members.is_empty() {
+            // Classic members: whatever KIP-848 state preceded it is over.
+            self.consumer = None;
+        }
         self.protocol_type = (!v.protocol_type.is_empty()).then_some(v.protocol_type);
         self.generation = v.generation;
         self.protocol = v.protocol;

@@ -709,3 +709,65 @@ async fn offsets_of_a_deleted_topic_are_removed() {
         "tombstones written"
     );
 }
+
+#[tokio::test]
+async fn a_classic_group_after_a_consumer_group_commits_after_a_reload() {
+    use crate::consumer::{HeartbeatRequest, TopicInfo};
+    let log = Arc::new(MemLog::default());
+    let c = coordinator(&log);
+    let topics = |n: &str| {
+        (n == "t").then_some(TopicInfo {
+            id: [1; 16],
+            partitions: 2,
+        })
+    };
+    let hb = |epoch: i32| HeartbeatRequest {
+        member_id: "m1".into(),
+        member_epoch: epoch,
+        rebalance_timeout_ms: 1000,
+        subscribed_topics: Some(vec!["t".into()]),
+        ..Default::default()
+    };
+    c.consumer_heartbeat(&*log, "g", hb(0), &topics, 0).unwrap();
+    c.consumer_heartbeat(&*log, "g", hb(-1), &topics, 1)
+        .unwrap();
+    // Now classic members take the group over and commit.
+    let j = c.join(&*log, "g", req("", &[("range", "s")]), 2).await;
+    assert_eq!(j.error, None);
+    let s = c
+        .sync(
+            &*log,
+            "g",
+            &j.member_id,
+            None,
+            j.generation,
+            None,
+            None,
+            vec![],
+            3,
+        )
+        .await;
+    assert_eq!(s.error, None);
+    async fn commit_as(c: &GroupCoordinator, log: &MemLog, member: &str, gen: i32) -> bool {
+        c.commit_offsets(
+            log,
+            "g",
+            member,
+            None,
+            gen,
+            vec![commit("t", 0, 9)],
+            &|_, _| true,
+            4,
+        )
+        .await
+        .is_ok()
+    }
+    assert!(commit_as(&c, &log, &j.member_id, j.generation).await);
+    let c2 = coordinator(&log);
+    assert!(
+        commit_as(&c2, &log, &j.member_id, j.generation).await,
+        "after a reload too"
+    );
+    let (listed, _) = c2.list_groups();
+    assert_eq!(listed[0].group_type, "Classic");
+}
