@@ -593,13 +593,32 @@ impl GroupCoordinator {
                 return Ok((results, None));
             }
             let fut = log.append(p, records)?;
+            // In memory now, in log order; undone below if the write does not become durable.
+            let mut undo = Vec::with_capacity(accepted.len());
             for (k, v) in accepted {
-                g.offsets.insert(k, v);
+                let before = g.offsets.insert(k.clone(), v.clone());
+                undo.push((k, v, before));
             }
-            Ok((results, Some(fut)))
+            Ok((results, Some((fut, undo))))
         })?;
-        if let Some(fut) = durable {
-            fut.await?;
+        if let Some((fut, undo)) = durable {
+            if let Err(e) = fut.await {
+                // Put back what was there, unless a later commit already replaced ours.
+                let _ = self.with_groups(group_id, |_, groups| {
+                    if let Some(g) = groups.get_mut(group_id) {
+                        for (k, ours, before) in undo {
+                            if g.offsets.get(&k) == Some(&ours) {
+                                match before {
+                                    Some(b) => g.offsets.insert(k, b),
+                                    None => g.offsets.remove(&k),
+                                };
+                            }
+                        }
+                    }
+                    Ok(())
+                });
+                return Err(e);
+            }
         }
         Ok(results)
     }

@@ -376,6 +376,8 @@ fn stored_group_metadata_restores_the_group() {
 struct MemLog {
     parts: Mutex<std::collections::HashMap<i32, Vec<KeyValue>>>,
     fail: std::sync::atomic::AtomicBool,
+    /// Appends succeed but never become durable.
+    fail_durability: std::sync::atomic::AtomicBool,
 }
 
 impl OffsetsLog for MemLog {
@@ -392,6 +394,12 @@ impl OffsetsLog for MemLog {
             .entry(partition)
             .or_default()
             .extend(records);
+        if self
+            .fail_durability
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Ok(Box::pin(async { Err(GroupError::StorageError) }));
+        }
         Ok(Box::pin(async { Ok(()) }))
     }
     fn read_all(&self, partition: i32) -> Result<Vec<KeyValue>, GroupError> {
@@ -770,4 +778,26 @@ async fn a_classic_group_after_a_consumer_group_commits_after_a_reload() {
     );
     let (listed, _) = c2.list_groups();
     assert_eq!(listed[0].group_type, "Classic");
+}
+
+#[tokio::test]
+async fn a_commit_that_never_became_durable_is_not_served() {
+    let log = MemLog::default();
+    let c = coordinator(&log);
+    let all = |_: &str, _: i32| true;
+    c.commit_offsets(&log, "g", "", None, -1, vec![commit("t", 0, 5)], &all, 0)
+        .await
+        .unwrap();
+    log.fail_durability
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let r = c
+        .commit_offsets(&log, "g", "", None, -1, vec![commit("t", 0, 9)], &all, 1)
+        .await;
+    assert_eq!(r.unwrap_err(), GroupError::StorageError);
+    let got = c.fetch_offsets("g", Some(vec![("t".into(), 0)])).unwrap();
+    assert_eq!(
+        got[0].2.as_ref().unwrap().offset,
+        5,
+        "the acknowledged value stays"
+    );
 }
