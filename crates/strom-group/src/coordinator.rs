@@ -171,6 +171,16 @@ pub struct GroupCoordinator {
     last_expiry_check: Mutex<i64>,
 }
 
+/// Sends the answers of an outbox that needs nothing stored.
+fn send_outbox(out: Outbox) {
+    for (w, r) in out.joins {
+        let _ = w.send(r);
+    }
+    for (w, r) in out.syncs {
+        let _ = w.send(r);
+    }
+}
+
 /// Appends `records` and lets them become durable in the background (housekeeping that no
 /// request waits for: expiry, removals).
 fn append_in_background(log: &dyn OffsetsLog, p: i32, records: Vec<KeyValue>, what: &str) {
@@ -354,14 +364,9 @@ impl GroupCoordinator {
 
     /// Sends the answers in `out`; when the group's metadata must be persisted first, appends
     /// it now (under the caller's lock) and sends the SyncGroup answers once it is durable.
-    fn dispatch(&self, log: &dyn OffsetsLog, p: i32, group: &Group, out: Outbox) {
+    fn dispatch(&self, log: &dyn OffsetsLog, p: i32, group: &mut Group, out: Outbox) {
         if !out.persist {
-            for (w, r) in out.joins {
-                let _ = w.send(r);
-            }
-            for (w, r) in out.syncs {
-                let _ = w.send(r);
-            }
+            send_outbox(out);
             return;
         }
         // What these answers report (an assignment, a static member's new id) must be durable
@@ -372,6 +377,7 @@ impl GroupCoordinator {
         .encode();
         let value = group.to_record().encode();
         let durable = log.append(p, vec![(key, Some(value))]);
+        let stored_generation = out.stored_generation;
         let (joins, syncs) = (out.joins, out.syncs);
         let send_all = move |res: Result<(), GroupError>| {
             if let Err(e) = res {
@@ -399,13 +405,45 @@ impl GroupCoordinator {
                 let _ = w.send(r);
             }
         };
-        match durable {
-            Err(e) => send_all(Err(e)),
-            Ok(fut) => {
-                if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                    handle.spawn(async move { send_all(fut.await) });
-                } else {
-                    send_all(futures::executor::block_on(fut));
+        let fut = match durable {
+            Ok(fut) => fut,
+            Err(e) => {
+                send_all(Err(e));
+                if let Some(gen) = stored_generation {
+                    let now = group.state_timestamp;
+                    send_outbox(group.stored(gen, false, now));
+                }
+                return;
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                // Finishes once durable: the shard is locked again then (not now).
+                let shard = self.shards.read().get(&p).cloned();
+                let group_id = group.id.clone();
+                handle.spawn(async move {
+                    let res = fut.await;
+                    let ok = res.is_ok();
+                    send_all(res);
+                    let (Some(gen), Some(shard)) = (stored_generation, shard) else {
+                        return;
+                    };
+                    let mut guard = shard.lock();
+                    if let Shard::Active(groups) = &mut *guard {
+                        if let Some(g) = groups.get_mut(&group_id) {
+                            let now = g.state_timestamp;
+                            send_outbox(g.stored(gen, ok, now));
+                        }
+                    }
+                });
+            }
+            Err(_) => {
+                let res = futures::executor::block_on(fut);
+                let ok = res.is_ok();
+                send_all(res);
+                if let Some(gen) = stored_generation {
+                    let now = group.state_timestamp;
+                    send_outbox(group.stored(gen, ok, now));
                 }
             }
         }

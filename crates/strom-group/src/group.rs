@@ -109,6 +109,9 @@ pub struct Outbox {
     pub joins: Vec<(Waiter<JoinResult>, JoinResult)>,
     pub syncs: Vec<(Waiter<SyncResult>, SyncResult)>,
     pub persist: bool,
+    /// The leader's assignment of this generation is being stored: call `Group::stored` once
+    /// the write is durable (or failed).
+    pub stored_generation: Option<i32>,
 }
 
 impl Outbox {
@@ -119,6 +122,7 @@ impl Outbox {
         self.joins.extend(other.joins);
         self.syncs.extend(other.syncs);
         self.persist |= other.persist;
+        self.stored_generation = self.stored_generation.or(other.stored_generation);
     }
 }
 
@@ -174,6 +178,9 @@ pub struct Group {
     /// Members of the current generation that have not sent SyncGroup yet; those still here at
     /// the rebalance deadline are removed (they hold an assignment they never received).
     pending_sync: std::collections::HashSet<String>,
+    /// The leader's assignment was handed in and is being stored; the group turns Stable (and
+    /// SyncGroup is answered) only once it is durable.
+    storing: bool,
     initial_delay: Option<InitialDelay>,
     /// `group.initial.rebalance.delay.ms`
     initial_delay_ms: i64,
@@ -208,6 +215,7 @@ impl Group {
             static_members: HashMap::new(),
             rebalance_deadline: 0,
             pending_sync: Default::default(),
+            storing: false,
             initial_delay: None,
             initial_delay_ms,
             state_timestamp: now,
@@ -582,6 +590,7 @@ impl Group {
             m.assignment = Bytes::new();
         }
         self.pending_sync.clear();
+        self.storing = false;
         let was_empty = self.state == GroupState::Empty;
         self.set_state(GroupState::PreparingRebalance, now);
         let timeout = self.max_rebalance_timeout();
@@ -743,20 +752,48 @@ impl Group {
             m.heartbeat_deadline = now + m.session_timeout_ms as i64;
             m.sync_waiter = Some(waiter);
         }
-        if is_leader {
+        if is_leader && !self.storing {
             let mut given: HashMap<String, Bytes> = assignments.into_iter().collect();
             for m in self.members.values_mut() {
                 m.assignment = given.remove(&m.member_id).unwrap_or_default();
             }
-            self.set_state(GroupState::Stable, now);
+            self.storing = true;
             out.persist = true;
-            let ready: Vec<(Waiter<SyncResult>, Bytes)> = self
-                .members
-                .values_mut()
-                .filter_map(|m| m.sync_waiter.take().map(|w| (w, m.assignment.clone())))
-                .collect();
-            for (w, a) in ready {
-                out.syncs.push((w, ok(a)));
+            out.stored_generation = Some(self.generation);
+        }
+        out
+    }
+
+    /// The group record written after the leader's SyncGroup of `generation` is durable (`ok`)
+    /// or could not be stored. Durable: the group is Stable and every waiting SyncGroup gets its
+    /// assignment. Failed: the assignment is dropped and the group rebalances, as Kafka does.
+    pub fn stored(&mut self, generation: i32, ok: bool, now: i64) -> Outbox {
+        let mut out = Outbox::default();
+        if !self.storing
+            || self.generation != generation
+            || self.state != GroupState::CompletingRebalance
+        {
+            return out;
+        }
+        self.storing = false;
+        if !ok {
+            out.merge(self.prepare_rebalance(now));
+            out.merge(self.try_complete_join(now));
+            return out;
+        }
+        self.set_state(GroupState::Stable, now);
+        let (ptype, pname) = (self.protocol_type.clone(), self.protocol.clone());
+        for m in self.members.values_mut() {
+            if let Some(w) = m.sync_waiter.take() {
+                out.syncs.push((
+                    w,
+                    SyncResult {
+                        error: None,
+                        protocol_type: ptype.clone(),
+                        protocol_name: pname.clone(),
+                        assignment: m.assignment.clone(),
+                    },
+                ));
             }
         }
         out
@@ -889,7 +926,7 @@ impl Group {
                 }
                 out.merge(self.complete_join(now));
             }
-            GroupState::CompletingRebalance => {
+            GroupState::CompletingRebalance if !self.storing => {
                 // The leader never sent its assignment: drop whoever did not sync, start over.
                 let lagging: Vec<String> = self
                     .members

@@ -77,8 +77,12 @@ fn stable_group(n: usize) -> (Group, Vec<String>) {
         .collect();
     let (tx, _rx) = oneshot::channel();
     let gen = g.generation;
-    let (_, syncs, persist) = deliver(g.sync(&leader, None, gen, None, None, assignments, tx, 0));
-    assert!(persist);
+    let out = g.sync(&leader, None, gen, None, None, assignments, tx, 0);
+    assert!(out.persist);
+    assert_eq!(out.stored_generation, Some(gen));
+    assert!(out.syncs.is_empty(), "answered only once stored");
+    assert_eq!(g.state, GroupState::CompletingRebalance);
+    let (_, syncs, _) = deliver(g.stored(gen, true, 0));
     assert_eq!(syncs.len(), 1);
     assert_eq!(g.state, GroupState::Stable);
     (g, ids)
@@ -158,7 +162,11 @@ fn a_new_member_triggers_a_rebalance_that_completes_when_everyone_rejoined() {
     ];
     let out = g.sync(&ids[0], None, gen, None, None, asg, tx, 50);
     assert!(out.persist);
-    for (w, r) in out.syncs {
+    assert!(
+        rx_follower.try_recv().is_err(),
+        "nothing before the record is durable"
+    );
+    for (w, r) in g.stored(gen, true, 51).syncs {
         let _ = w.send(r);
     }
     assert_eq!(
@@ -271,6 +279,7 @@ fn static_member_rejoin_keeps_its_assignment_without_a_rebalance() {
         tx,
         0,
     );
+    g.stored(1, true, 0);
     assert_eq!(g.state, GroupState::Stable);
     // The process restarts: same instance id, no member id.
     let j = join(&mut g, r.clone(), 1000);
@@ -325,6 +334,7 @@ fn a_member_that_never_syncs_after_the_leader_is_removed_at_the_deadline() {
     let leader = g.leader.clone().unwrap();
     let (tx, _rx) = oneshot::channel();
     g.sync(&leader, None, gen, None, None, vec![], tx, 3);
+    g.stored(gen, true, 3);
     assert_eq!(g.state, GroupState::Stable);
     let silent = if leader == a { b } else { a };
     // The silent member keeps heartbeating but never syncs: at the rebalance deadline it goes.
@@ -336,6 +346,37 @@ fn a_member_that_never_syncs_after_the_leader_is_removed_at_the_deadline() {
     }
     g.tick(30_002);
     assert!(!g.members.contains_key(&silent));
+    assert_eq!(g.state, GroupState::PreparingRebalance);
+}
+
+#[test]
+fn a_failed_store_of_the_assignment_rebalances_instead_of_going_stable() {
+    let mut g = Group::new("g", 0, 0);
+    let j = join(&mut g, req("", &[("range", "s")]), 0);
+    let id = j[0].member_id.clone();
+    let gen = g.generation;
+    let (tx, mut rx) = oneshot::channel();
+    g.sync(
+        &id,
+        None,
+        gen,
+        None,
+        None,
+        vec![(id.clone(), Bytes::from_static(b"x"))],
+        tx,
+        1,
+    );
+    for (w, r) in g.stored(gen, false, 2).syncs {
+        let _ = w.send(r);
+    }
+    assert_eq!(
+        rx.try_recv().unwrap().error,
+        Some(GroupError::RebalanceInProgress)
+    );
+    assert_eq!(g.state, GroupState::PreparingRebalance);
+    assert!(g.members[&id].assignment.is_empty());
+    // A late confirmation for that generation changes nothing.
+    assert!(g.stored(gen, true, 3).syncs.is_empty());
     assert_eq!(g.state, GroupState::PreparingRebalance);
 }
 
