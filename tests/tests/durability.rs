@@ -307,7 +307,12 @@ async fn clean_shutdown_keeps_data_and_skips_recovery() {
     assert!(s.terminate(), "SIGTERM exits cleanly:\n{}", s.log());
     assert!(s.data_dir().join(".strom-clean-shutdown").exists());
     s.restart();
-    assert!(s.log().contains("clean_shutdown=true"), "{}", s.log());
+    // The listener is bound before the logs are loaded: wait for the second start's line.
+    let log = strom_tests::wait_for(Duration::from_secs(20), "the restart logged", || {
+        let log = s.log();
+        (log.matches("logs loaded").count() >= 2).then_some(log)
+    });
+    assert!(log.contains("clean_shutdown=true"), "{log}");
     let got = consume(
         &s.bootstrap(),
         "clean",
