@@ -310,6 +310,23 @@ pub fn produce_raw(c: &mut RawClient, topic: &str, batch: Bytes) -> (i16, i64) {
     produce_raw_to(c, topic, 0, batch)
 }
 
+/// ListOffsets (v7) for partition `partition` of `topic` at `timestamp` (-1 latest, -2
+/// earliest); returns the error code and the offset.
+pub fn list_offset(c: &mut RawClient, topic: &str, partition: i32, timestamp: i64) -> (i16, i64) {
+    use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+    use kafka_protocol::messages::{BrokerId, ListOffsetsRequest, ListOffsetsResponse, TopicName};
+    let req = ListOffsetsRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_topics(vec![ListOffsetsTopic::default()
+            .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+            .with_partitions(vec![ListOffsetsPartition::default()
+                .with_partition_index(partition)
+                .with_timestamp(timestamp)])]);
+    let r: ListOffsetsResponse = c.call(ApiKey::ListOffsets, 7, &req);
+    let p = &r.topics[0].partitions[0];
+    (p.error_code, p.offset)
+}
+
 /// `produce_raw` to a given partition.
 pub fn produce_raw_to(c: &mut RawClient, topic: &str, partition: i32, batch: Bytes) -> (i16, i64) {
     use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use kafka_protocol::messages::*;
-use kafka_protocol::protocol::{Decodable, StrBytes};
+use kafka_protocol::protocol::Decodable;
 use rdkafka::producer::FutureRecord;
 use strom_proto::compression::Compression;
 use strom_proto::records::{encode_batch, NewRecord, ProducerInfo};
@@ -277,16 +277,7 @@ fn batch(n: usize, value_bytes: usize) -> Vec<u8> {
 }
 
 fn end_offset(c: &mut RawClient, topic: &str) -> i64 {
-    use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
-    let req = ListOffsetsRequest::default()
-        .with_replica_id(BrokerId(-1))
-        .with_topics(vec![ListOffsetsTopic::default()
-            .with_name(TopicName(StrBytes::from_string(topic.into())))
-            .with_partitions(vec![ListOffsetsPartition::default()
-                .with_partition_index(0)
-                .with_timestamp(-1)])]);
-    let r: ListOffsetsResponse = c.call(ApiKey::ListOffsets, 5, &req);
-    r.topics[0].partitions[0].offset
+    strom_tests::list_offset(c, topic, 0, -1).1
 }
 
 #[tokio::test(flavor = "multi_thread")]

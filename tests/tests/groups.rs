@@ -417,27 +417,31 @@ fn kcat(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// kcat as a group member: reads to the end of every partition (from the committed offsets,
+/// else the earliest), commits on exit, prints `partition offset` lines.
+fn kcat_group_read(bootstrap: &str, group: &str, topic: &str) -> String {
+    kcat(&[
+        "-b",
+        bootstrap,
+        "-G",
+        group,
+        "-X",
+        "auto.offset.reset=earliest",
+        "-e",
+        "-q",
+        "-f",
+        "%p %o\\n",
+        topic,
+    ])
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn kcat_balanced_consumer_commits_and_resumes() {
     let s = StromProcess::start(GROUP_SETS);
     let b = s.bootstrap();
     create_topic(&b, "kg", 2, &[]).await;
     produce_n(&b, "kg", 0, 50, 2).await;
-    let group_read = || {
-        kcat(&[
-            "-b",
-            &b,
-            "-G",
-            "kcat-group",
-            "-X",
-            "auto.offset.reset=earliest",
-            "-e",
-            "-q",
-            "-f",
-            "%p %o\\n",
-            "kg",
-        ])
-    };
+    let group_read = || kcat_group_read(&b, "kcat-group", "kg");
     let first = group_read();
     assert_eq!(first.lines().count(), 50, "{first}");
     let second = group_read();
@@ -473,21 +477,7 @@ async fn strom_group_cli_lists_describes_resets_and_deletes() {
     let b = s.bootstrap();
     create_topic(&b, "cli", 2, &[]).await;
     produce_n(&b, "cli", 0, 40, 2).await;
-    let read_all = || {
-        kcat(&[
-            "-b",
-            &b,
-            "-G",
-            "cli-group",
-            "-X",
-            "auto.offset.reset=earliest",
-            "-e",
-            "-q",
-            "-f",
-            "%p %o\\n",
-            "cli",
-        ])
-    };
+    let read_all = || kcat_group_read(&b, "cli-group", "cli");
     assert_eq!(read_all().lines().count(), 40);
 
     let (ok, text) = strom_group(&b, &["describe", "cli-group"]);

@@ -10,7 +10,6 @@ use common::{create_topic, produce_all, producer, rec};
 use kafka_protocol::messages::delete_records_request::{
     DeleteRecordsPartition, DeleteRecordsTopic,
 };
-use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
 use rdkafka::config::ClientConfig;
@@ -19,17 +18,9 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use strom_tests::{wait_for, RawClient, StromProcess};
 
 fn earliest(c: &mut RawClient, topic: &str) -> i64 {
-    let req = ListOffsetsRequest::default()
-        .with_replica_id(BrokerId(-1))
-        .with_topics(vec![ListOffsetsTopic::default()
-            .with_name(TopicName(StrBytes::from_string(topic.into())))
-            .with_partitions(vec![ListOffsetsPartition::default()
-                .with_partition_index(0)
-                .with_timestamp(-2)])]);
-    let r: ListOffsetsResponse = c.call(ApiKey::ListOffsets, 7, &req);
-    let p = &r.topics[0].partitions[0];
-    assert_eq!(p.error_code, 0);
-    p.offset
+    let (code, offset) = strom_tests::list_offset(c, topic, 0, -2);
+    assert_eq!(code, 0);
+    offset
 }
 
 fn log_bytes(s: &StromProcess, topic: &str) -> u64 {

@@ -532,6 +532,13 @@ impl ConsumerGroup {
                 };
                 out.push((key.encode(), Some(m.metadata_value().encode())));
             }
+            if old.map(|o| o.assignment_value()) != Some(m.assignment_value()) {
+                let key = RecordKey::CurrentAssignment {
+                    group: g.clone(),
+                    member: id.clone(),
+                };
+                out.push((key.encode(), Some(m.assignment_value().encode())));
+            }
         }
         for id in before.members.keys() {
             if !self.members.contains_key(id) {
@@ -576,16 +583,6 @@ impl ConsumerGroup {
                 key.encode(),
                 Some(encode_epoch_value(self.assignment_epoch)),
             ));
-        }
-        for (id, m) in &self.members {
-            let old = before.members.get(id);
-            if old.map(|o| o.assignment_value()) != Some(m.assignment_value()) {
-                let key = RecordKey::CurrentAssignment {
-                    group: g.clone(),
-                    member: id.clone(),
-                };
-                out.push((key.encode(), Some(m.assignment_value().encode())));
-            }
         }
         out
     }
