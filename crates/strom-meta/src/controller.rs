@@ -78,12 +78,212 @@ fn collision_key(name: &str) -> String {
     name.replace('.', "_")
 }
 
+/// Why an ISR change (AlterPartition) was refused; each maps to Kafka's error code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AlterPartitionError {
+    #[error("unknown topic or partition")]
+    UnknownTopicOrPartition,
+    #[error("the sender is not the leader of this partition")]
+    NotLeaderOrFollower,
+    #[error("leader epoch {got} is not the current {current}")]
+    FencedLeaderEpoch { got: i32, current: i32 },
+    #[error("the proposed ISR contains a replica that is not live or not assigned: {0}")]
+    IneligibleReplica(i32),
+    #[error("the proposed ISR is not valid: {0}")]
+    InvalidRequest(String),
+}
+
+/// The brokers that can take new replicas, in an order that alternates racks (Kafka's
+/// rack-aware assignment): consecutive entries sit in different racks whenever racks allow.
+fn rack_alternating(image: &MetadataImage) -> Vec<i32> {
+    let mut by_rack: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+    for b in image.live_brokers() {
+        by_rack
+            .entry(b.rack.clone().unwrap_or_default())
+            .or_default()
+            .push(b.broker_id);
+    }
+    let mut out = Vec::new();
+    let longest = by_rack.values().map(Vec::len).max().unwrap_or(0);
+    for i in 0..longest {
+        for ids in by_rack.values() {
+            if let Some(id) = ids.get(i) {
+                out.push(*id);
+            }
+        }
+    }
+    out
+}
+
+/// The leader a partition should have after its ISR or the set of live brokers changed: the
+/// first replica (in preference order) that is in the ISR and live, else -1 — or, with unclean
+/// election allowed, the first live replica, which then forms the ISR alone.
+fn elect(image: &MetadataImage, replicas: &[i32], isr: &[i32], unclean: bool) -> (i32, Vec<i32>) {
+    if let Some(r) = replicas
+        .iter()
+        .find(|r| isr.contains(r) && image.is_live(**r))
+    {
+        return (*r, isr.to_vec());
+    }
+    if unclean {
+        if let Some(r) = replicas.iter().find(|r| image.is_live(**r)) {
+            return (*r, vec![*r]);
+        }
+    }
+    (-1, isr.to_vec())
+}
+
+fn partition_record(
+    topic_id: TopicId,
+    p: &crate::image::PartitionImage,
+    leader: i32,
+    isr: Vec<i32>,
+) -> MetadataRecord {
+    let leader_epoch = if leader != p.leader {
+        p.leader_epoch + 1
+    } else {
+        p.leader_epoch
+    };
+    MetadataRecord::Partition {
+        topic_id,
+        partition: p.partition,
+        replicas: p.replicas.clone(),
+        isr,
+        leader,
+        leader_epoch,
+        partition_epoch: p.partition_epoch + 1,
+    }
+}
+
 impl Controller {
-    fn placement(&self, image: &MetadataImage, partition: i32, rf: usize) -> Vec<i32> {
-        let brokers: Vec<i32> = image.brokers.keys().copied().collect();
-        (0..rf)
-            .map(|i| brokers[(partition as usize + i) % brokers.len()])
+    fn placement(
+        &self,
+        image: &MetadataImage,
+        topic_id: &TopicId,
+        partition: i32,
+        rf: usize,
+    ) -> Vec<i32> {
+        let brokers = rack_alternating(image);
+        if brokers.is_empty() {
+            return Vec::new();
+        }
+        // A start derived from the topic id spreads leaders of different topics; consecutive
+        // partitions then rotate through the brokers so leaders are balanced within a topic.
+        let start = topic_id.iter().map(|b| *b as usize).sum::<usize>();
+        (0..rf.min(brokers.len()))
+            .map(|i| brokers[(start + partition as usize + i) % brokers.len()])
             .collect()
+    }
+
+    /// A broker stopped heartbeating or shut down: fence it, move the leaderships it held to
+    /// other in-sync replicas and take it out of every ISR (it stays the ISR's last member if it
+    /// was the only one, so that no out-of-sync replica can be elected without unclean election).
+    pub fn fence_broker(
+        &self,
+        image: &MetadataImage,
+        broker_id: i32,
+        unclean: &dyn Fn(&crate::image::TopicImage) -> bool,
+    ) -> Vec<MetadataRecord> {
+        if !image.is_live(broker_id) {
+            return Vec::new();
+        }
+        let mut records = vec![MetadataRecord::FenceBroker { broker_id }];
+        let (after, _) = image.apply(image.offset, &records);
+        for topic in image.topics.values() {
+            for p in topic.partitions.values() {
+                if p.leader != broker_id && !p.isr.contains(&broker_id) {
+                    continue;
+                }
+                let mut isr: Vec<i32> = p.isr.iter().copied().filter(|r| *r != broker_id).collect();
+                if isr.is_empty() {
+                    isr = p.isr.clone();
+                }
+                let (leader, isr) = if p.leader == broker_id || p.leader == -1 {
+                    elect(&after, &p.replicas, &isr, unclean(topic))
+                } else {
+                    (p.leader, isr)
+                };
+                records.push(partition_record(topic.topic_id, p, leader, isr));
+            }
+        }
+        records
+    }
+
+    /// A fenced broker heartbeats again: unfence it and give it the leadership of partitions
+    /// that have none and where it is in the ISR (or, with unclean election, a replica).
+    pub fn unfence_broker(
+        &self,
+        image: &MetadataImage,
+        broker_id: i32,
+        unclean: &dyn Fn(&crate::image::TopicImage) -> bool,
+    ) -> Vec<MetadataRecord> {
+        match image.brokers.get(&broker_id) {
+            Some(b) if b.fenced => {}
+            _ => return Vec::new(),
+        }
+        let mut records = vec![MetadataRecord::UnfenceBroker { broker_id }];
+        let (after, _) = image.apply(image.offset, &records);
+        for topic in image.topics.values() {
+            for p in topic.partitions.values() {
+                if p.leader != -1 || !p.replicas.contains(&broker_id) {
+                    continue;
+                }
+                let (leader, isr) = elect(&after, &p.replicas, &p.isr, unclean(topic));
+                if leader != -1 {
+                    records.push(partition_record(topic.topic_id, p, leader, isr));
+                }
+            }
+        }
+        records
+    }
+
+    /// AlterPartition (KIP-497): the leader proposes a new ISR for its partition.
+    pub fn alter_isr(
+        &self,
+        image: &MetadataImage,
+        topic: &str,
+        partition: i32,
+        leader_id: i32,
+        leader_epoch: i32,
+        new_isr: &[i32],
+    ) -> Result<Vec<MetadataRecord>, AlterPartitionError> {
+        let t = image
+            .topic(topic)
+            .ok_or(AlterPartitionError::UnknownTopicOrPartition)?;
+        let p = t
+            .partitions
+            .get(&partition)
+            .ok_or(AlterPartitionError::UnknownTopicOrPartition)?;
+        if p.leader != leader_id {
+            return Err(AlterPartitionError::NotLeaderOrFollower);
+        }
+        if p.leader_epoch != leader_epoch {
+            return Err(AlterPartitionError::FencedLeaderEpoch {
+                got: leader_epoch,
+                current: p.leader_epoch,
+            });
+        }
+        if !new_isr.contains(&leader_id) {
+            return Err(AlterPartitionError::InvalidRequest(
+                "the ISR must contain the leader".into(),
+            ));
+        }
+        for r in new_isr {
+            if !p.replicas.contains(r) || (!p.isr.contains(r) && !image.is_live(*r)) {
+                return Err(AlterPartitionError::IneligibleReplica(*r));
+            }
+        }
+        let mut isr: Vec<i32> = p
+            .replicas
+            .iter()
+            .copied()
+            .filter(|r| new_isr.contains(r))
+            .collect();
+        isr.dedup();
+        if isr == p.isr {
+            return Ok(Vec::new());
+        }
+        Ok(vec![partition_record(t.topic_id, p, p.leader, isr)])
     }
 
     fn partition_records(
@@ -95,7 +295,7 @@ impl Controller {
     ) -> Vec<MetadataRecord> {
         partitions
             .map(|p| {
-                let replicas = self.placement(image, p, rf);
+                let replicas = self.placement(image, &topic_id, p, rf);
                 MetadataRecord::Partition {
                     topic_id,
                     partition: p,
@@ -131,7 +331,7 @@ impl Controller {
                 self.max_partitions_per_topic, spec.num_partitions
             )));
         }
-        let live = image.brokers.len();
+        let live = image.live_brokers().count();
         if spec.replication_factor <= 0 || spec.replication_factor as usize > live {
             return Err(ControllerError::InvalidReplicationFactor(format!(
                 "replication factor {} is not between 1 and the {live} available broker(s)",
@@ -198,7 +398,7 @@ impl Controller {
             .next()
             .map(|p| p.replicas.len())
             .unwrap_or(1)
-            .min(image.brokers.len().max(1));
+            .min(image.live_brokers().count().max(1));
         Ok(self.partition_records(image, topic.topic_id, current..new_count, rf))
     }
 
@@ -285,5 +485,134 @@ mod tests {
         let (img, delta) = img.apply(20, &recs);
         assert!(img.topic("t.x").is_none());
         assert_eq!(delta.deleted_topics[0].2.len(), 5);
+    }
+
+    fn cluster(brokers: &[(i32, &str)]) -> MetadataImage {
+        let records: Vec<MetadataRecord> = brokers
+            .iter()
+            .map(|(id, rack)| MetadataRecord::RegisterBroker {
+                broker_id: *id,
+                host: "h".into(),
+                port: 9092 + id,
+                rack: (!rack.is_empty()).then(|| rack.to_string()),
+            })
+            .collect();
+        MetadataImage::empty().apply(0, &records).0
+    }
+
+    fn partition(img: &MetadataImage, topic: &str, p: i32) -> crate::image::PartitionImage {
+        img.topic(topic).unwrap().partitions[&p].clone()
+    }
+
+    #[test]
+    fn placement_is_rack_aware_and_balances_leaders() {
+        let c = Controller::default();
+        let img = cluster(&[(1, "a"), (2, "a"), (3, "b"), (4, "b")]);
+        let mut s = spec("t", 8);
+        s.replication_factor = 2;
+        let (img, _) = img.apply(10, &c.create_topic(&img, &s).unwrap());
+        let mut leaders = BTreeMap::new();
+        for p in img.topic("t").unwrap().partitions.values() {
+            let racks: Vec<_> = p
+                .replicas
+                .iter()
+                .map(|r| img.brokers[r].rack.clone())
+                .collect();
+            assert_ne!(racks[0], racks[1], "replicas of {p:?} share a rack");
+            *leaders.entry(p.leader).or_insert(0) += 1;
+        }
+        assert_eq!(leaders.len(), 4);
+        assert!(leaders.values().all(|n| *n == 2), "{leaders:?}");
+    }
+
+    #[test]
+    fn fencing_moves_leadership_to_the_isr_and_unfencing_restores_offline_partitions() {
+        let c = Controller::default();
+        let no_unclean = |_: &crate::image::TopicImage| false;
+        let img = cluster(&[(1, ""), (2, ""), (3, "")]);
+        let mut s = spec("t", 3);
+        s.replication_factor = 3;
+        let (img, _) = img.apply(10, &c.create_topic(&img, &s).unwrap());
+        let before = partition(&img, "t", 0);
+        let leader = before.leader;
+        let (img, delta) = img.apply(20, &c.fence_broker(&img, leader, &no_unclean));
+        assert!(img.brokers[&leader].fenced);
+        assert_eq!(delta.changed_partitions.len(), 3);
+        let after = partition(&img, "t", 0);
+        assert_ne!(after.leader, leader);
+        assert!(!after.isr.contains(&leader));
+        assert_eq!(after.leader_epoch, before.leader_epoch + 1);
+        assert_eq!(after.partition_epoch, before.partition_epoch + 1);
+        assert!(c.fence_broker(&img, leader, &no_unclean).is_empty());
+
+        // Fence the other two: the last ISR member stays in the ISR, the partition goes offline.
+        let others: Vec<i32> = after.isr.clone();
+        let mut img = img;
+        for b in &others {
+            img = img.apply(30, &c.fence_broker(&img, *b, &no_unclean)).0;
+        }
+        let offline = partition(&img, "t", 0);
+        assert_eq!(offline.leader, -1);
+        assert_eq!(offline.isr.len(), 1);
+        let last = offline.isr[0];
+        // The first fenced broker is not in the ISR: without unclean election it cannot lead.
+        let img2 = img
+            .apply(40, &c.unfence_broker(&img, leader, &no_unclean))
+            .0;
+        assert_eq!(partition(&img2, "t", 0).leader, -1);
+        let unclean = |_: &crate::image::TopicImage| true;
+        let img3 = img.apply(40, &c.unfence_broker(&img, leader, &unclean)).0;
+        assert_eq!(partition(&img3, "t", 0).leader, leader);
+        assert_eq!(partition(&img3, "t", 0).isr, vec![leader]);
+        // The last ISR member coming back takes the leadership cleanly.
+        let img4 = img.apply(40, &c.unfence_broker(&img, last, &no_unclean)).0;
+        assert_eq!(partition(&img4, "t", 0).leader, last);
+    }
+
+    #[test]
+    fn alter_isr_checks_leader_epoch_and_eligibility() {
+        let c = Controller::default();
+        let img = cluster(&[(1, ""), (2, ""), (3, "")]);
+        let mut s = spec("t", 1);
+        s.replication_factor = 3;
+        let (img, _) = img.apply(10, &c.create_topic(&img, &s).unwrap());
+        let p = partition(&img, "t", 0);
+        let follower = *p.replicas.iter().find(|r| **r != p.leader).unwrap();
+        assert_eq!(
+            c.alter_isr(&img, "t", 0, follower, p.leader_epoch, &[follower]),
+            Err(AlterPartitionError::NotLeaderOrFollower)
+        );
+        assert!(matches!(
+            c.alter_isr(&img, "t", 0, p.leader, p.leader_epoch + 1, &[p.leader]),
+            Err(AlterPartitionError::FencedLeaderEpoch { .. })
+        ));
+        let shrink = c
+            .alter_isr(&img, "t", 0, p.leader, p.leader_epoch, &[p.leader])
+            .unwrap();
+        let (img, _) = img.apply(20, &shrink);
+        assert_eq!(partition(&img, "t", 0).isr, vec![p.leader]);
+        assert_eq!(partition(&img, "t", 0).leader_epoch, p.leader_epoch);
+        // A fenced broker may not rejoin the ISR.
+        let (img, _) = img.apply(
+            30,
+            &[MetadataRecord::FenceBroker {
+                broker_id: follower,
+            }],
+        );
+        assert_eq!(
+            c.alter_isr(
+                &img,
+                "t",
+                0,
+                p.leader,
+                p.leader_epoch,
+                &[p.leader, follower]
+            ),
+            Err(AlterPartitionError::IneligibleReplica(follower))
+        );
+        assert_eq!(
+            c.alter_isr(&img, "t", 0, p.leader, p.leader_epoch, &[p.leader, 9]),
+            Err(AlterPartitionError::IneligibleReplica(9))
+        );
     }
 }

@@ -13,6 +13,8 @@ pub struct BrokerImage {
     pub host: String,
     pub port: i32,
     pub rack: Option<String>,
+    /// Fenced brokers lead nothing and are not in any ISR; Metadata still lists them.
+    pub fenced: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,9 +52,13 @@ pub struct MetadataImage {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MetadataDelta {
     pub created_partitions: Vec<(String, TopicId, i32)>,
+    /// Existing partitions whose leader, ISR, replicas or epochs changed.
+    pub changed_partitions: Vec<(String, i32)>,
     pub deleted_topics: Vec<(String, TopicId, Vec<i32>)>,
     pub changed_topic_configs: Vec<String>,
     pub changed_broker_configs: bool,
+    /// Brokers registered, fenced or unfenced.
+    pub changed_brokers: bool,
 }
 
 impl MetadataImage {
@@ -89,6 +95,31 @@ impl MetadataImage {
         (next, delta)
     }
 
+    /// Applies one replicated batch: every record gets the batch's `offset` (a Raft log index),
+    /// so image offsets stay comparable with the log's offsets.
+    pub fn apply_batch(
+        &self,
+        offset: i64,
+        records: &[MetadataRecord],
+    ) -> (MetadataImage, MetadataDelta) {
+        let mut next = self.clone();
+        let mut delta = MetadataDelta::default();
+        for record in records {
+            next.apply_one(record, &mut delta);
+        }
+        next.offset = offset.max(self.offset);
+        (next, delta)
+    }
+
+    /// Brokers that are registered and not fenced.
+    pub fn live_brokers(&self) -> impl Iterator<Item = &BrokerImage> {
+        self.brokers.values().filter(|b| !b.fenced)
+    }
+
+    pub fn is_live(&self, broker_id: i32) -> bool {
+        self.brokers.get(&broker_id).is_some_and(|b| !b.fenced)
+    }
+
     fn apply_one(&mut self, record: &MetadataRecord, delta: &mut MetadataDelta) {
         match record {
             MetadataRecord::ClusterId { cluster_id } => self.cluster_id = cluster_id.clone(),
@@ -105,8 +136,18 @@ impl MetadataImage {
                         host: host.clone(),
                         port: *port,
                         rack: rack.clone(),
+                        fenced: false,
                     },
                 );
+                delta.changed_brokers = true;
+            }
+            MetadataRecord::FenceBroker { broker_id }
+            | MetadataRecord::UnfenceBroker { broker_id } => {
+                let fenced = matches!(record, MetadataRecord::FenceBroker { .. });
+                if let Some(b) = self.brokers.get_mut(broker_id) {
+                    b.fenced = fenced;
+                    delta.changed_brokers = true;
+                }
             }
             MetadataRecord::Topic { name, topic_id } => {
                 self.topic_names_by_id.insert(*topic_id, name.clone());
@@ -150,6 +191,11 @@ impl MetadataImage {
                 );
                 if !existed {
                     delta.created_partitions.push((name, *topic_id, *partition));
+                } else if !delta
+                    .changed_partitions
+                    .contains(&(name.clone(), *partition))
+                {
+                    delta.changed_partitions.push((name, *partition));
                 }
             }
             MetadataRecord::RemoveTopic { topic_id } => {
@@ -159,6 +205,7 @@ impl MetadataImage {
                         delta
                             .created_partitions
                             .retain(|(n, id, _)| !(n == &name && id == topic_id));
+                        delta.changed_partitions.retain(|(n, _)| n != &name);
                         delta.deleted_topics.push((name, *topic_id, parts));
                     }
                 }

@@ -8,7 +8,7 @@ pub mod image;
 pub mod log;
 pub mod record;
 
-pub use controller::{Controller, ControllerError, CreateTopicSpec};
+pub use controller::{AlterPartitionError, Controller, ControllerError, CreateTopicSpec};
 pub use image::{BrokerImage, MetadataImage, PartitionImage, TopicImage};
 pub use log::{FileMetadataLog, MetadataLog, MetadataLogError};
 pub use record::{MetadataRecord, TopicId};

@@ -21,10 +21,21 @@ pub enum MetadataRecord {
         port: i32,
         rack: Option<String>,
     },
+    /// The controller stopped hearing from a broker (`broker.session.timeout.ms`) or it shut
+    /// down: it leads nothing and leaves every ISR until it is unfenced.
+    FenceBroker {
+        broker_id: i32,
+    },
+    /// A fenced broker is back (heartbeating again).
+    UnfenceBroker {
+        broker_id: i32,
+    },
     Topic {
         name: String,
         topic_id: TopicId,
     },
+    /// A partition's full state; a later record for the same partition replaces it (leader
+    /// elections, ISR changes and reassignments all write one).
     Partition {
         topic_id: TopicId,
         partition: i32,
