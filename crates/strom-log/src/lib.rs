@@ -1,19 +1,23 @@
 //! One partition's log: an ordered list of segments, appends with validation, offset assignment
 //! and idempotent-producer checks, reads of whole batches by offset, timestamp lookups, and
 //! recovery after a crash. It knows nothing of the network or of other replicas; the broker
-//! owns one `Log` per partition and calls it from one place at a time.
+//! owns one `Log` per partition and calls it from one place at a time. For replication it keeps
+//! the leader epoch cache (`epoch_cache`).
 
 pub mod cleaner;
+mod epoch_cache;
 mod producer_state;
 mod retention;
 mod segment;
 
 use std::path::{Path, PathBuf};
 
-use strom_proto::batch::{self, BatchError, BatchHeader};
+use strom_proto::batch::{self, BatchError, BatchHeader, BATCH_HEADER_LEN, LOG_OVERHEAD};
 use strom_proto::compression::Compression;
 use strom_proto::records::decode_records;
 
+use epoch_cache::EpochCache;
+pub use epoch_cache::{UNDEFINED_EPOCH, UNDEFINED_EPOCH_OFFSET};
 pub use producer_state::{ProducerState, SequenceCheck};
 use segment::{BatchPos, Segment};
 
@@ -134,6 +138,8 @@ pub struct Log {
     flushed_offset: i64,
     last_flush_ms: i64,
     producers: ProducerState,
+    /// Leader epochs and the offsets they started at, mirrored in `leader-epoch-checkpoint`.
+    epochs: EpochCache,
     failed: bool,
 }
 
@@ -172,6 +178,8 @@ impl Log {
         let bases = segment_bases(dir)?;
         let mut segments: Vec<Segment> = Vec::with_capacity(bases.len().max(1));
         let mut truncated_at: Option<usize> = None;
+        // Base of the first segment whose contents were rescanned rather than trusted.
+        let mut recovered_from: Option<i64> = None;
         for (i, &base) in bases.iter().enumerate() {
             let next_base = bases.get(i + 1).copied();
             // A segment is trusted if the shutdown was clean or it lies wholly below the point
@@ -182,11 +190,13 @@ impl Log {
                     Ok(s) => s,
                     Err(LogError::Corrupt(why)) => {
                         tracing::warn!(%why, "segment inconsistent; recovering it");
+                        recovered_from.get_or_insert(base);
                         Segment::recover(dir, base, config.index_interval_bytes, now)?.0
                     }
                     Err(e) => return Err(e),
                 }
             } else {
+                recovered_from.get_or_insert(base);
                 let (s, truncated) = Segment::recover(dir, base, config.index_interval_bytes, now)?;
                 if truncated && next_base.is_some() {
                     truncated_at = Some(i);
@@ -224,10 +234,79 @@ impl Log {
             flushed_offset: leo,
             last_flush_ms: now,
             producers: ProducerState::default(),
+            epochs: EpochCache::default(),
             failed: false,
         };
         log.load_producer_state()?;
+        log.load_epoch_cache(recovered_from)?;
         Ok(log)
+    }
+
+    /// The epoch cache = the checkpoint, cut to the recovered log, plus the epochs of batches
+    /// recovery rescanned (from `recovered_from`). Without a usable checkpoint it is rebuilt
+    /// from the batch headers of every segment. Written back if that changed anything.
+    fn load_epoch_cache(&mut self, recovered_from: Option<i64>) -> Result<(), LogError> {
+        let leo = self.log_end_offset();
+        let mut changed = false;
+        let walk_from = match EpochCache::read(&self.dir) {
+            Ok(Some(cache)) => {
+                self.epochs = cache;
+                // Entries past a truncated (torn) tail describe data that is gone.
+                changed |= self.epochs.truncate_from_end(leo);
+                recovered_from
+            }
+            Ok(None) if self.segments.iter().all(|s| s.size == 0) => None,
+            missing_or_bad => {
+                if let Err(why) = missing_or_bad {
+                    tracing::warn!(dir = %self.dir.display(), %why, "leader epoch checkpoint unusable; rebuilding it from the log");
+                }
+                self.epochs = EpochCache::default();
+                changed = true;
+                Some(self.segments[0].base_offset)
+            }
+        };
+        if let Some(from) = walk_from {
+            let mut epochs = std::mem::take(&mut self.epochs);
+            self.walk_headers(from, |h| {
+                changed |= epochs.assign_if_newer(h.partition_leader_epoch, h.base_offset);
+            })?;
+            self.epochs = epochs;
+        }
+        changed |= self.epochs.truncate_from_start(self.log_start_offset);
+        if changed {
+            self.epochs.write(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Calls `f` with the header of every batch from the one holding `from_offset` to the end
+    /// of the log (headers only; records are not read).
+    fn walk_headers(
+        &self,
+        from_offset: i64,
+        mut f: impl FnMut(&BatchHeader),
+    ) -> Result<(), LogError> {
+        let Some((mut si, first)) = self.locate(from_offset)? else {
+            return Ok(());
+        };
+        let mut pos = first.position;
+        while let Some(seg) = self.segments.get(si) {
+            while pos + BATCH_HEADER_LEN as u64 <= seg.size {
+                let h = seg.header_at(pos)?;
+                if h.batch_length < (BATCH_HEADER_LEN - LOG_OVERHEAD) as i32 {
+                    return Err(LogError::Corrupt(format!(
+                        "batch length {} at position {pos} of {}",
+                        h.batch_length,
+                        seg.path("log").display()
+                    )));
+                }
+                f(&h);
+                pos += h.total_len() as u64;
+            }
+            si += 1;
+            pos = 0;
+        }
+        Ok(())
     }
 
     /// Producer state = the snapshot (if it is not ahead of the log) plus a replay of batch
@@ -281,6 +360,51 @@ impl Log {
     }
     pub fn producer_state(&self) -> &ProducerState {
         &self.producers
+    }
+
+    /// The newest leader epoch that wrote to this log.
+    pub fn latest_epoch(&self) -> Option<i32> {
+        self.epochs.latest_epoch()
+    }
+
+    /// The leader epoch cache: `(epoch, start_offset)`, both strictly increasing.
+    pub fn epoch_entries(&self) -> Vec<(i32, i64)> {
+        self.epochs.entries().to_vec()
+    }
+
+    /// OffsetsForLeaderEpoch for this log (Kafka's `LeaderEpochFileCache.endOffsetFor`):
+    /// `(largest known epoch <= requested_epoch, offset where the next epoch starts)`, the log
+    /// end offset for the latest epoch, `(-1, -1)` when nothing fits.
+    pub fn end_offset_for_epoch(&self, requested_epoch: i32) -> (i32, i64) {
+        self.epochs
+            .end_offset_for(requested_epoch, self.log_end_offset())
+    }
+
+    /// Records that `epoch` starts at `start_offset` if it is newer than every cached epoch,
+    /// durably, before the batch that starts it is written. Undone in memory if the checkpoint
+    /// cannot be written.
+    fn assign_epoch(&mut self, epoch: i32, start_offset: i64) -> Result<(), LogError> {
+        if epoch < 0 || self.epochs.latest_epoch().is_some_and(|l| epoch <= l) {
+            return Ok(());
+        }
+        let before = self.epochs.clone();
+        if self.epochs.assign_if_newer(epoch, start_offset) {
+            if let Err(e) = self.epochs.write(&self.dir) {
+                self.epochs = before;
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Persists a cache change that follows a change of the log itself (truncation, start
+    /// moving). A failure here leaves a checkpoint with extra entries, which the next open
+    /// cuts back to the log, so the change stays in memory either way.
+    fn persist_epochs_if(&self, changed: bool) -> Result<(), LogError> {
+        if changed {
+            self.epochs.write(&self.dir)?;
+        }
+        Ok(())
     }
 
     fn active(&mut self) -> &mut Segment {
@@ -370,6 +494,8 @@ impl Log {
         };
         self.maybe_roll(records.len() as u64, now_ms)?;
         let h = BatchHeader::parse(records)?;
+        // A new leader's first batch (control batches too) starts its epoch.
+        self.assign_epoch(leader_epoch, base)?;
         let interval = self.config.index_interval_bytes;
         let seg = self.active();
         let pos = BatchPos {
@@ -593,7 +719,8 @@ impl Log {
         Ok(())
     }
 
-    /// Drops every batch at or after `offset` (for replication); producer state is rebuilt.
+    /// Drops every batch at or after `offset` (for replication); producer state is rebuilt and
+    /// leader epochs starting at or after the new end are forgotten.
     pub fn truncate_to(&mut self, offset: i64) -> Result<(), LogError> {
         if offset >= self.log_end_offset() {
             return Ok(());
@@ -616,6 +743,9 @@ impl Log {
         let rp = self.flushed_offset.min(self.active().base_offset);
         self.write_recovery_point(rp)?;
         let _ = std::fs::remove_file(self.dir.join(PRODUCER_STATE_FILE));
+        // After the data: a crash in between leaves entries past the end, which open drops.
+        let changed = self.epochs.truncate_from_end(leo);
+        self.persist_epochs_if(changed)?;
         self.load_producer_state()
     }
 }
