@@ -2,7 +2,8 @@
 //! and idempotent-producer checks, reads of whole batches by offset, timestamp lookups, and
 //! recovery after a crash. It knows nothing of the network or of other replicas; the broker
 //! owns one `Log` per partition and calls it from one place at a time. For replication it keeps
-//! the leader epoch cache (`epoch_cache`).
+//! the leader epoch cache (`epoch_cache`), takes a leader's batches as they are
+//! (`append_replicated`), and truncates either end on a follower's behalf.
 
 pub mod cleaner;
 mod epoch_cache;
@@ -25,6 +26,8 @@ const RECOVERY_POINT_FILE: &str = "recovery-point";
 const PRODUCER_STATE_FILE: &str = "producer-state";
 /// The log start offset when DeleteRecords moved it inside the first segment.
 const LOG_START_FILE: &str = "log-start-offset";
+/// Largest batch length field `append_replicated` accepts (Kafka bounds fetches far below).
+const MAX_REPLICATED_BATCH_LENGTH: i32 = 1 << 30;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimestampType {
@@ -113,6 +116,20 @@ pub enum LogError {
     Failed,
     #[error("log is corrupt: {0}")]
     Corrupt(String),
+}
+
+/// What `append_replicated` did with one fetch response's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicatedAppend {
+    /// Whole batches written (batches the log already had are skipped, not counted).
+    pub appended_batches: usize,
+    /// Bytes of whole batches consumed, written or skipped; a partial trailing batch is not.
+    pub bytes_consumed: usize,
+    /// Base offset of the first batch written.
+    pub first_offset: Option<i64>,
+    /// Last offset of the last batch written.
+    pub last_offset: Option<i64>,
+    pub log_end_offset: i64,
 }
 
 /// Cloned handles of the segment files an fsync must cover, and the offset it makes durable.
@@ -492,8 +509,8 @@ impl Log {
         } else {
             -1
         };
-        self.maybe_roll(records.len() as u64, now_ms)?;
         let h = BatchHeader::parse(records)?;
+        self.maybe_roll(records.len() as u64, base, h.last_offset(), now_ms)?;
         // A new leader's first batch (control batches too) starts its epoch.
         self.assign_epoch(leader_epoch, base)?;
         let interval = self.config.index_interval_bytes;
@@ -527,7 +544,16 @@ impl Log {
         })
     }
 
-    fn maybe_roll(&mut self, incoming: u64, now_ms: i64) -> Result<(), LogError> {
+    /// Rolls the active segment if a batch of `incoming` bytes holding `base_offset..=
+    /// last_offset` may not go into it. The new segment starts at `base_offset` (which is past
+    /// the log end only for a follower whose leader's log has gaps after compaction).
+    fn maybe_roll(
+        &mut self,
+        incoming: u64,
+        base_offset: i64,
+        last_offset: i64,
+        now_ms: i64,
+    ) -> Result<(), LogError> {
         let seg_bytes = self.config.segment_bytes;
         let seg_ms = self.config.segment_ms;
         let active = self.active();
@@ -535,21 +561,39 @@ impl Log {
         let old = active.size > 0 && now_ms.saturating_sub(active.created_ms) >= seg_ms;
         // Positions are u32 in the index: never let a segment pass 4 GiB.
         let too_big = active.size + incoming > u32::MAX as u64;
-        if !(full || old || too_big) {
+        // Offsets are relative to the segment base in the indexes (Kafka keeps them in an i32).
+        let offsets_overflow = last_offset.saturating_sub(active.base_offset) > i32::MAX as i64;
+        if offsets_overflow && active.size == 0 {
+            // Nothing in it yet: the empty segment moves up to where the data starts.
+            let empty = self.segments.pop();
+            if let Some(s) = empty {
+                s.delete_files();
+            }
+            let seg = Segment::create(&self.dir, base_offset, now_ms)?;
+            self.segments.push(seg);
+            crate::sync_dir(&self.dir);
+            if self.segments.len() == 1 {
+                // What a reopen would make of it: the log starts at its first segment.
+                self.log_start_offset = self.log_start_offset.max(base_offset);
+            }
+            return Ok(());
+        }
+        if !(full || old || too_big || offsets_overflow) {
             return Ok(());
         }
         let next = active.next_offset;
+        let new_base = base_offset.max(next);
         // The finished segment becomes immutable: fsync it with its index files, then move the
         // recovery point past it so an unclean restart never rescans it.
         active.write_index_files()?;
         active.flushed_next_offset = active.next_offset;
-        let seg = Segment::create(&self.dir, next, now_ms)?;
+        let seg = Segment::create(&self.dir, new_base, now_ms)?;
         self.segments.push(seg);
         crate::sync_dir(&self.dir);
-        self.write_recovery_point(next)?;
-        self.flushed_offset = self.flushed_offset.max(next);
+        self.write_recovery_point(new_base)?;
+        self.flushed_offset = self.flushed_offset.max(new_base);
         self.producers
-            .write_snapshot(&self.dir.join(PRODUCER_STATE_FILE), next)?;
+            .write_snapshot(&self.dir.join(PRODUCER_STATE_FILE), new_base)?;
         Ok(())
     }
 
@@ -747,6 +791,94 @@ impl Log {
         let changed = self.epochs.truncate_from_end(leo);
         self.persist_epochs_if(changed)?;
         self.load_producer_state()
+    }
+
+    /// Follower append (Kafka's `appendAsFollower`): `data` is what the leader's Fetch returned
+    /// for this partition, whole v2 batches possibly followed by a partial one. Batches are
+    /// stored byte for byte with the leader's offsets and epochs. Batches the log already has
+    /// are skipped; one that overlaps the log end is refused, while a gap before a batch is
+    /// legal (the leader's log may be compacted). Producer state follows without sequence
+    /// checks, and a batch of a newer epoch starts a leader epoch cache entry. Nothing is
+    /// fsynced here: durability comes with the normal flush path. On an error the batches
+    /// before the bad one stay appended.
+    pub fn append_replicated(&mut self, data: &[u8]) -> Result<ReplicatedAppend, LogError> {
+        if self.failed {
+            return Err(LogError::Failed);
+        }
+        let mut out = ReplicatedAppend {
+            appended_batches: 0,
+            bytes_consumed: 0,
+            first_offset: None,
+            last_offset: None,
+            log_end_offset: self.log_end_offset(),
+        };
+        let now = now_ms();
+        while data.len() - out.bytes_consumed >= LOG_OVERHEAD {
+            let rest = &data[out.bytes_consumed..];
+            let length = i32::from_be_bytes([rest[8], rest[9], rest[10], rest[11]]);
+            if !((BATCH_HEADER_LEN - LOG_OVERHEAD) as i32..=MAX_REPLICATED_BATCH_LENGTH)
+                .contains(&length)
+            {
+                return Err(LogError::Corrupt(format!(
+                    "replicated batch at byte {} has length {length}",
+                    out.bytes_consumed
+                )));
+            }
+            let total_len = length as usize + LOG_OVERHEAD;
+            if rest.len() < total_len {
+                break; // the fetch cut the last batch
+            }
+            let batch = &rest[..total_len];
+            let h = batch::validate_batch(batch)?;
+            let Some(last_offset) = h.base_offset.checked_add(h.last_offset_delta as i64) else {
+                return Err(LogError::Corrupt(format!(
+                    "replicated batch offsets overflow: base {} delta {}",
+                    h.base_offset, h.last_offset_delta
+                )));
+            };
+            let leo = self.log_end_offset();
+            if last_offset < leo {
+                // Already here (the fetch started inside a batch we have).
+                out.bytes_consumed += total_len;
+                continue;
+            }
+            if h.base_offset < leo {
+                return Err(LogError::Corrupt(format!(
+                    "replicated batch {}..={last_offset} overlaps the log end {leo}",
+                    h.base_offset
+                )));
+            }
+            self.maybe_roll(total_len as u64, h.base_offset, last_offset, now)?;
+            self.assign_epoch(h.partition_leader_epoch, h.base_offset)?;
+            let interval = self.config.index_interval_bytes;
+            let seg = self.active();
+            let pos = BatchPos {
+                base_offset: h.base_offset,
+                last_offset,
+                position: seg.size,
+                total_len: total_len as u64,
+                max_timestamp: h.max_timestamp,
+            };
+            if seg.size == 0 {
+                seg.created_ms = now;
+            }
+            match seg.append(batch, &pos, interval) {
+                Ok(()) => {}
+                Err(LogError::Failed) => {
+                    tracing::error!(dir = %self.dir.display(), "write failed and the segment could not be restored; log is offline for writes");
+                    self.failed = true;
+                    return Err(LogError::Failed);
+                }
+                Err(e) => return Err(e),
+            }
+            self.producers.update(&h);
+            out.appended_batches += 1;
+            out.bytes_consumed += total_len;
+            out.first_offset.get_or_insert(h.base_offset);
+            out.last_offset = Some(last_offset);
+            out.log_end_offset = self.log_end_offset();
+        }
+        Ok(out)
     }
 }
 

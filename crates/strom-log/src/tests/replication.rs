@@ -1,7 +1,8 @@
-//! Replication support: the leader epoch cache.
+//! Replication support: the leader epoch cache, follower appends, truncation of either end.
 
 use super::*;
-use strom_proto::batch::compute_crc;
+use proptest::prelude::*;
+use strom_proto::batch::{compute_crc, set_base_offset, BatchIter};
 
 const CHECKPOINT: &str = "leader-epoch-checkpoint";
 
@@ -12,6 +13,11 @@ fn control(mut b: Vec<u8>) -> Vec<u8> {
     let crc = compute_crc(&b);
     b[17..21].copy_from_slice(&crc.to_be_bytes());
     b
+}
+
+fn read_all(log: &Log) -> Vec<u8> {
+    log.read(log.log_start_offset(), usize::MAX, i64::MAX, true)
+        .unwrap()
 }
 
 fn checkpoint_text(dir: &Path) -> String {
@@ -207,4 +213,295 @@ fn a_moving_log_start_cuts_the_epoch_cache_from_the_start() {
         EpochCache::read(dir.path()).unwrap().unwrap().entries(),
         &entries[..]
     );
+}
+
+#[test]
+fn a_follower_stores_the_leaders_batches_byte_for_byte() {
+    let leader_dir = tempfile::tempdir().unwrap();
+    let mut leader = leader_with_epochs(leader_dir.path());
+    let p = ProducerInfo {
+        producer_id: 77,
+        producer_epoch: 0,
+        base_sequence: 0,
+    };
+    leader
+        .append(&mut batch_with(2, 5, 10, Compression::Zstd, p), 9, 0)
+        .unwrap();
+    let data = read_all(&leader);
+    let follower_dir = tempfile::tempdir().unwrap();
+    let mut follower = Log::open(follower_dir.path(), small_config(), true).unwrap();
+    let out = follower.append_replicated(&data).unwrap();
+    assert_eq!(out.appended_batches, 16);
+    assert_eq!(out.bytes_consumed, data.len());
+    assert_eq!(out.first_offset, Some(0));
+    assert_eq!(out.last_offset, Some(leader.log_end_offset() - 1));
+    assert_eq!(out.log_end_offset, leader.log_end_offset());
+    assert_eq!(read_all(&follower), data);
+    assert_eq!(follower.epoch_entries(), leader.epoch_entries());
+    assert_eq!(follower.producer_state(), leader.producer_state());
+    assert!(follower.segments.len() > 2, "rolled by the same rules");
+    assert!(
+        follower.unflushed_messages() > 0,
+        "no fsync per append: the flush path makes it durable"
+    );
+    // Fetching the same range again appends nothing.
+    let again = follower.append_replicated(&data).unwrap();
+    assert_eq!(again.appended_batches, 0);
+    assert_eq!(again.bytes_consumed, data.len());
+    assert_eq!((again.first_offset, again.last_offset), (None, None));
+    // The follower's copy survives an unclean restart intact.
+    let t = follower.flush_target().unwrap().unwrap();
+    t.sync().unwrap();
+    follower.mark_flushed(t.end_offset);
+    drop(follower);
+    let follower = Log::open(follower_dir.path(), small_config(), false).unwrap();
+    assert_eq!(read_all(&follower), data);
+    assert_eq!(follower.epoch_entries(), leader.epoch_entries());
+    assert_eq!(follower.producer_state(), leader.producer_state());
+}
+
+#[test]
+fn a_follower_takes_what_the_leader_has_without_sequence_checks() {
+    // The leader's producer state expired (or it was a different producer lineage): a sequence
+    // the follower would refuse from a client is taken from the leader.
+    let p = |seq| ProducerInfo {
+        producer_id: 5,
+        producer_epoch: 0,
+        base_sequence: seq,
+    };
+    let mut data = batch_with(2, 0, 1, Compression::None, p(0));
+    let mut gap = batch_with(1, 0, 1, Compression::None, p(10));
+    set_base_offset(&mut gap, 2);
+    data.extend_from_slice(&gap);
+    let dir = tempfile::tempdir().unwrap();
+    let mut follower = Log::open(dir.path(), small_config(), true).unwrap();
+    let out = follower.append_replicated(&data).unwrap();
+    assert_eq!(out.appended_batches, 2);
+    let last = follower.producer_state().producers[&5]
+        .batches
+        .back()
+        .copied();
+    assert_eq!(last.map(|b| b.first_seq), Some(10));
+}
+
+#[test]
+fn a_partial_trailing_batch_is_left_for_the_next_fetch() {
+    let leader_dir = tempfile::tempdir().unwrap();
+    let leader = leader_with_epochs(leader_dir.path());
+    let data = read_all(&leader);
+    let sizes: Vec<usize> = BatchIter::new(&data).map(|b| b.unwrap().1.len()).collect();
+    let follower_dir = tempfile::tempdir().unwrap();
+    let mut follower = Log::open(follower_dir.path(), small_config(), true).unwrap();
+    // Cut inside the 3rd batch's length field, then inside its header, then in its records.
+    let cuts = [sizes[0] + sizes[1] + 5, sizes[0] + sizes[1] + 30];
+    for cut in cuts {
+        let out = follower.append_replicated(&data[..cut]).unwrap();
+        assert_eq!(out.bytes_consumed, sizes[0] + sizes[1], "cut at {cut}");
+    }
+    assert_eq!(follower.log_end_offset(), 6);
+    assert_eq!(follower.epoch_entries(), vec![(1, 0)]);
+    let out = follower
+        .append_replicated(&data[sizes[0] + sizes[1]..data.len() - 1])
+        .unwrap();
+    assert_eq!(out.first_offset, Some(6));
+    assert_eq!(
+        out.bytes_consumed,
+        data.len() - sizes[0] - sizes[1] - sizes[14]
+    );
+    let out = follower
+        .append_replicated(&data[data.len() - sizes[14]..])
+        .unwrap();
+    assert_eq!(out.appended_batches, 1);
+    assert_eq!(read_all(&follower), data);
+    assert_eq!(follower.epoch_entries(), leader.epoch_entries());
+    // Nothing at all, or less than a length field: nothing to do.
+    for tiny in [&data[..0], &data[..11]] {
+        let out = follower.append_replicated(tiny).unwrap();
+        assert_eq!((out.appended_batches, out.bytes_consumed), (0, 0));
+    }
+}
+
+#[test]
+fn overlapping_corrupt_and_absurd_batches_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), small_config(), true).unwrap();
+    let mut first = batch(3, 0, 1);
+    set_base_offset(&mut first, 0);
+    log.append_replicated(&first).unwrap();
+    assert_eq!(log.log_end_offset(), 3);
+    // 1..=3 overlaps the end at 3; nothing after it is taken either.
+    let mut overlap = batch(3, 0, 1);
+    set_base_offset(&mut overlap, 1);
+    let mut next = batch(1, 0, 1);
+    set_base_offset(&mut next, 4);
+    let mut data = overlap.clone();
+    data.extend_from_slice(&next);
+    assert!(matches!(
+        log.append_replicated(&data),
+        Err(LogError::Corrupt(_))
+    ));
+    assert_eq!(log.log_end_offset(), 3);
+    // A flipped bit.
+    let mut bad = next.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    assert!(matches!(
+        log.append_replicated(&bad),
+        Err(LogError::Batch(BatchError::CorruptCrc { .. }))
+    ));
+    // Absurd or negative lengths stop everything after the good batches before them.
+    for length in [-1i32, 0, 48, (1 << 30) + 1, i32::MAX] {
+        let mut data = next.clone();
+        let mut junk = vec![0u8; 70];
+        junk[8..12].copy_from_slice(&length.to_be_bytes());
+        data.extend_from_slice(&junk);
+        let mut after = batch(1, 0, 1);
+        set_base_offset(&mut after, 5);
+        data.extend_from_slice(&after);
+        assert!(
+            matches!(log.append_replicated(&data), Err(LogError::Corrupt(_))),
+            "{length}"
+        );
+        assert_eq!(log.log_end_offset(), 5, "the batch before it went in");
+    }
+    // Offsets that overflow.
+    let mut huge = batch(2, 0, 1);
+    set_base_offset(&mut huge, i64::MAX);
+    assert!(log.append_replicated(&huge).is_err());
+    assert_eq!(read_all(&log).len(), first.len() + next.len());
+}
+
+#[test]
+fn gaps_between_a_compacted_leaders_batches_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), small_config(), true).unwrap();
+    let mut data = Vec::new();
+    // Batches at 0..=1, 10..=11 and, far away, 5_000_000_000..=5_000_000_001.
+    for base in [0i64, 10, 5_000_000_000] {
+        let mut b = batch(2, 0, 1);
+        set_base_offset(&mut b, base);
+        batch::set_partition_leader_epoch(&mut b, 2);
+        data.extend_from_slice(&b);
+    }
+    let out = log.append_replicated(&data).unwrap();
+    assert_eq!(out.appended_batches, 3);
+    assert_eq!(log.log_end_offset(), 5_000_000_002);
+    assert_eq!(
+        log.segments.last().unwrap().base_offset,
+        5_000_000_000,
+        "offsets past i32 from the segment base roll a new segment"
+    );
+    assert_eq!(read_all(&log), data);
+    assert_eq!(
+        offsets_of(&log.read(5, 1 << 20, i64::MAX, true).unwrap())[0],
+        (10, 11)
+    );
+    assert_eq!(
+        offsets_of(&log.read(12, 1 << 20, i64::MAX, true).unwrap()),
+        vec![(5_000_000_000, 5_000_000_001)]
+    );
+    log.close().unwrap();
+    let log = Log::open(dir.path(), small_config(), false).unwrap();
+    assert_eq!(read_all(&log), data);
+    assert_eq!(log.epoch_entries(), vec![(2, 0)]);
+
+    // An empty log whose first batch is far past its base moves its empty segment up.
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), small_config(), true).unwrap();
+    let out = log.append_replicated(&data[data.len() / 3 * 2..]).unwrap();
+    assert_eq!(out.first_offset, Some(5_000_000_000));
+    assert_eq!(log.segments.len(), 1);
+    assert_eq!(log.segments[0].base_offset, 5_000_000_000);
+    assert_eq!(log.log_start_offset(), 5_000_000_000);
+    drop(log);
+    let log = Log::open(dir.path(), small_config(), false).unwrap();
+    assert_eq!(log.log_start_offset(), 5_000_000_000);
+    assert_eq!(log.log_end_offset(), 5_000_000_002);
+}
+
+#[test]
+fn a_follower_truncates_a_divergent_tail_and_takes_the_new_leaders_history() {
+    // Leader A wrote epoch 1 (0..=5) and epoch 2 (6..=11); the follower copied all of it.
+    // Leader B never saw epoch 2: it has epoch 1 (0..=5) and then epoch 3 from 6.
+    let a_dir = tempfile::tempdir().unwrap();
+    let mut a = Log::open(a_dir.path(), small_config(), true).unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let mut b = Log::open(b_dir.path(), small_config(), true).unwrap();
+    for i in 0..3 {
+        let rec = batch(2, i, 40);
+        a.append(&mut rec.clone(), 1, 0).unwrap();
+        b.append(&mut rec.clone(), 1, 0).unwrap();
+    }
+    for i in 0..3 {
+        a.append(&mut batch(2, 100 + i, 40), 2, 0).unwrap();
+    }
+    for i in 0..5 {
+        b.append(&mut batch(3, 200 + i, 40), 3, 0).unwrap();
+    }
+    let f_dir = tempfile::tempdir().unwrap();
+    let mut f = Log::open(f_dir.path(), small_config(), true).unwrap();
+    f.append_replicated(&read_all(&a)).unwrap();
+    assert_eq!(f.epoch_entries(), vec![(1, 0), (2, 6)]);
+    // OffsetsForLeaderEpoch to B for the follower's latest epoch.
+    let (epoch, end) = b.end_offset_for_epoch(f.latest_epoch().unwrap());
+    assert_eq!((epoch, end), (1, 6));
+    f.truncate_to(end).unwrap();
+    assert_eq!(f.log_end_offset(), 6);
+    assert_eq!(f.epoch_entries(), vec![(1, 0)]);
+    let tail = b.read(end, usize::MAX, i64::MAX, true).unwrap();
+    f.append_replicated(&tail).unwrap();
+    assert_eq!(read_all(&f), read_all(&b));
+    assert_eq!(f.epoch_entries(), b.epoch_entries());
+    assert_eq!(f.epoch_entries(), vec![(1, 0), (3, 6)]);
+    drop(f);
+    let f = Log::open(f_dir.path(), small_config(), false).unwrap();
+    assert_eq!(read_all(&f), read_all(&b));
+    assert_eq!(f.epoch_entries(), vec![(1, 0), (3, 6)]);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    /// Whatever sizes the leader's fetch responses are cut to, a follower that re-fetches from
+    /// its log end ends up with the leader's bytes and epochs.
+    #[test]
+    fn any_fetch_cuts_converge_to_the_leaders_log(
+        epochs in proptest::collection::vec(0i32..4, 1..25),
+        cuts in proptest::collection::vec(1usize..700, 1..200),
+    ) {
+        let leader_dir = tempfile::tempdir().unwrap();
+        let mut leader = Log::open(leader_dir.path(), small_config(), true).unwrap();
+        let mut epoch = 0;
+        for (i, step) in epochs.iter().enumerate() {
+            epoch += step;
+            let n = 1 + i % 3;
+            leader.append(&mut batch(n, i as i64, 50 + 13 * i), epoch, 0).unwrap();
+        }
+        let follower_dir = tempfile::tempdir().unwrap();
+        let mut follower = Log::open(follower_dir.path(), small_config(), true).unwrap();
+        let leo = leader.log_end_offset();
+        let mut cuts = cuts.into_iter().cycle();
+        let mut rounds = 0;
+        while follower.log_end_offset() < leo {
+            rounds += 1;
+            prop_assert!(rounds < 10_000);
+            // As a fetch: from the follower's end, whole batches up to a byte limit, the last
+            // one cut. Starting inside a batch returns all of it (it is skipped as known).
+            let from = follower.log_end_offset();
+            let full = leader.read(from, usize::MAX, i64::MAX, true).unwrap();
+            let limit = cuts.next().unwrap_or(1).min(full.len());
+            let out = follower.append_replicated(&full[..limit]).unwrap();
+            prop_assert!(out.bytes_consumed <= limit);
+            if limit == full.len() {
+                prop_assert_eq!(out.bytes_consumed, full.len());
+            }
+            if out.bytes_consumed == 0 {
+                // A cut inside the first batch: a real follower asks for more next time.
+                let first = BatchIter::new(&full).next().unwrap().unwrap().1.len();
+                follower.append_replicated(&full[..first]).unwrap();
+            }
+        }
+        prop_assert_eq!(read_all(&follower), read_all(&leader));
+        prop_assert_eq!(follower.epoch_entries(), leader.epoch_entries());
+        prop_assert_eq!(follower.producer_state(), leader.producer_state());
+    }
 }
