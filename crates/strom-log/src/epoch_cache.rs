@@ -83,6 +83,12 @@ impl EpochCache {
         changed
     }
 
+    pub fn clear(&mut self) -> bool {
+        let changed = !self.entries.is_empty();
+        self.entries.clear();
+        changed
+    }
+
     /// Kafka's `LeaderEpochFileCache.endOffsetFor`: the largest epoch <= `requested_epoch` this
     /// log knows, and the offset where the epoch after `requested_epoch` starts (the log end
     /// offset when `requested_epoch` is the latest).

@@ -880,6 +880,46 @@ impl Log {
         }
         Ok(out)
     }
+
+    /// Kafka's `truncateFullyAndStartAt`: a follower that fell below its leader's log start
+    /// drops everything and continues, empty, from `offset` (log start = log end = `offset`),
+    /// with no producer state and no leader epochs.
+    pub fn truncate_fully_and_start_at(&mut self, offset: i64) -> Result<(), LogError> {
+        if offset < 0 {
+            return Err(LogError::OffsetOutOfRange {
+                offset,
+                start: self.log_start_offset,
+                end: self.log_end_offset(),
+            });
+        }
+        // The epochs go first: an old epoch surviving a crash here would claim the new log.
+        let changed = self.epochs.clear();
+        self.persist_epochs_if(changed)?;
+        for seg in &self.segments {
+            seg.delete_files();
+        }
+        sync_dir(&self.dir);
+        let now = now_ms();
+        match Segment::create(&self.dir, offset, now) {
+            Ok(seg) => self.segments = vec![seg],
+            Err(e) => {
+                // The old segments stay readable through their open files until a restart.
+                tracing::error!(dir = %self.dir.display(), error = %e, "could not create a segment after deleting the log; log is offline for writes");
+                self.failed = true;
+                return Err(e);
+            }
+        }
+        sync_dir(&self.dir);
+        self.write_recovery_point(offset)?;
+        retention::write_log_start(&self.dir, offset)?;
+        self.log_start_offset = offset;
+        self.flushed_offset = offset;
+        self.last_flush_ms = now;
+        self.producers = ProducerState::default();
+        self.producers
+            .write_snapshot(&self.dir.join(PRODUCER_STATE_FILE), offset)?;
+        Ok(())
+    }
 }
 
 pub(crate) fn sync_dir(dir: &Path) {

@@ -88,7 +88,7 @@ impl Log {
     }
 }
 
-fn write_log_start(dir: &Path, offset: i64) -> Result<(), LogError> {
+pub(crate) fn write_log_start(dir: &Path, offset: i64) -> Result<(), LogError> {
     let tmp = dir.join(format!("{LOG_START_FILE}.tmp"));
     std::fs::write(&tmp, offset.to_string())?;
     std::fs::File::open(&tmp)?.sync_all()?;

@@ -459,6 +459,57 @@ fn a_follower_truncates_a_divergent_tail_and_takes_the_new_leaders_history() {
     assert_eq!(f.epoch_entries(), vec![(1, 0), (3, 6)]);
 }
 
+#[test]
+fn truncate_fully_and_start_at_leaves_an_empty_log_that_takes_appends() {
+    let f_dir = tempfile::tempdir().unwrap();
+    let mut f = leader_with_epochs(f_dir.path());
+    assert!(f.segments.len() > 1);
+    let p = ProducerInfo {
+        producer_id: 9,
+        producer_epoch: 0,
+        base_sequence: 0,
+    };
+    f.append(&mut batch_with(1, 0, 1, Compression::None, p), 9, 0)
+        .unwrap();
+    f.truncate_fully_and_start_at(1000).unwrap();
+    assert_eq!(f.log_start_offset(), 1000);
+    assert_eq!(f.log_end_offset(), 1000);
+    assert!(f.epoch_entries().is_empty());
+    assert!(f.producer_state().producers.is_empty());
+    assert_eq!(f.segments.len(), 1);
+    assert!(read_all(&f).is_empty());
+    assert_eq!(checkpoint_text(f_dir.path()), "0\n0\n");
+    let logs: Vec<_> = std::fs::read_dir(f_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".log"))
+        .collect();
+    assert_eq!(logs, vec!["00000000000000001000.log".to_string()]);
+    assert!(matches!(
+        f.read(999, 100, i64::MAX, true),
+        Err(LogError::OffsetOutOfRange { .. })
+    ));
+    // A leader whose log starts at 1000 feeds it.
+    let l_dir = tempfile::tempdir().unwrap();
+    let mut l = Log::open(l_dir.path(), small_config(), true).unwrap();
+    l.truncate_fully_and_start_at(1000).unwrap();
+    for epoch in [11, 11, 12] {
+        l.append(&mut batch(2, 0, 30), epoch, 0).unwrap();
+    }
+    let out = f.append_replicated(&read_all(&l)).unwrap();
+    assert_eq!(out.first_offset, Some(1000));
+    assert_eq!(f.epoch_entries(), vec![(11, 1000), (12, 1004)]);
+    assert_eq!(read_all(&f), read_all(&l));
+    // Unclean restart: still starts at 1000 with the new history only.
+    drop(f);
+    let f = Log::open(f_dir.path(), small_config(), false).unwrap();
+    assert_eq!(f.log_start_offset(), 1000);
+    assert_eq!(f.log_end_offset(), 1006);
+    assert_eq!(f.epoch_entries(), vec![(11, 1000), (12, 1004)]);
+    assert_eq!(read_all(&f), read_all(&l));
+    assert!(f.producer_state().producers.is_empty());
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
     /// Whatever sizes the leader's fetch responses are cut to, a follower that re-fetches from
