@@ -789,8 +789,8 @@ impl Log {
         let _ = std::fs::remove_file(self.dir.join(PRODUCER_STATE_FILE));
         // After the data: a crash in between leaves entries past the end, which open drops.
         let changed = self.epochs.truncate_from_end(leo);
-        self.persist_epochs_if(changed)?;
-        self.load_producer_state()
+        self.load_producer_state()?;
+        self.persist_epochs_if(changed)
     }
 
     /// Follower append (Kafka's `appendAsFollower`): `data` is what the leader's Fetch returned
