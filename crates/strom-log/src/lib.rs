@@ -1,19 +1,24 @@
 //! One partition's log: an ordered list of segments, appends with validation, offset assignment
 //! and idempotent-producer checks, reads of whole batches by offset, timestamp lookups, and
 //! recovery after a crash. It knows nothing of the network or of other replicas; the broker
-//! owns one `Log` per partition and calls it from one place at a time.
+//! owns one `Log` per partition and calls it from one place at a time. For replication it keeps
+//! the leader epoch cache (`epoch_cache`), takes a leader's batches as they are
+//! (`append_replicated`), and truncates either end on a follower's behalf.
 
 pub mod cleaner;
+mod epoch_cache;
 mod producer_state;
 mod retention;
 mod segment;
 
 use std::path::{Path, PathBuf};
 
-use strom_proto::batch::{self, BatchError, BatchHeader};
+use strom_proto::batch::{self, BatchError, BatchHeader, BATCH_HEADER_LEN, LOG_OVERHEAD};
 use strom_proto::compression::Compression;
 use strom_proto::records::decode_records;
 
+use epoch_cache::EpochCache;
+pub use epoch_cache::{UNDEFINED_EPOCH, UNDEFINED_EPOCH_OFFSET};
 pub use producer_state::{ProducerState, SequenceCheck};
 use segment::{BatchPos, Segment};
 
@@ -21,6 +26,8 @@ const RECOVERY_POINT_FILE: &str = "recovery-point";
 const PRODUCER_STATE_FILE: &str = "producer-state";
 /// The log start offset when DeleteRecords moved it inside the first segment.
 const LOG_START_FILE: &str = "log-start-offset";
+/// Largest batch length field `append_replicated` accepts (Kafka bounds fetches far below).
+const MAX_REPLICATED_BATCH_LENGTH: i32 = 1 << 30;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimestampType {
@@ -111,6 +118,20 @@ pub enum LogError {
     Corrupt(String),
 }
 
+/// What `append_replicated` did with one fetch response's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicatedAppend {
+    /// Whole batches written (batches the log already had are skipped, not counted).
+    pub appended_batches: usize,
+    /// Bytes of whole batches consumed, written or skipped; a partial trailing batch is not.
+    pub bytes_consumed: usize,
+    /// Base offset of the first batch written.
+    pub first_offset: Option<i64>,
+    /// Last offset of the last batch written.
+    pub last_offset: Option<i64>,
+    pub log_end_offset: i64,
+}
+
 /// Cloned handles of the segment files an fsync must cover, and the offset it makes durable.
 pub struct FlushTarget {
     pub files: Vec<std::fs::File>,
@@ -134,6 +155,8 @@ pub struct Log {
     flushed_offset: i64,
     last_flush_ms: i64,
     producers: ProducerState,
+    /// Leader epochs and the offsets they started at, mirrored in `leader-epoch-checkpoint`.
+    epochs: EpochCache,
     failed: bool,
 }
 
@@ -172,6 +195,8 @@ impl Log {
         let bases = segment_bases(dir)?;
         let mut segments: Vec<Segment> = Vec::with_capacity(bases.len().max(1));
         let mut truncated_at: Option<usize> = None;
+        // Base of the first segment whose contents were rescanned rather than trusted.
+        let mut recovered_from: Option<i64> = None;
         for (i, &base) in bases.iter().enumerate() {
             let next_base = bases.get(i + 1).copied();
             // A segment is trusted if the shutdown was clean or it lies wholly below the point
@@ -182,11 +207,13 @@ impl Log {
                     Ok(s) => s,
                     Err(LogError::Corrupt(why)) => {
                         tracing::warn!(%why, "segment inconsistent; recovering it");
+                        recovered_from.get_or_insert(base);
                         Segment::recover(dir, base, config.index_interval_bytes, now)?.0
                     }
                     Err(e) => return Err(e),
                 }
             } else {
+                recovered_from.get_or_insert(base);
                 let (s, truncated) = Segment::recover(dir, base, config.index_interval_bytes, now)?;
                 if truncated && next_base.is_some() {
                     truncated_at = Some(i);
@@ -224,10 +251,79 @@ impl Log {
             flushed_offset: leo,
             last_flush_ms: now,
             producers: ProducerState::default(),
+            epochs: EpochCache::default(),
             failed: false,
         };
         log.load_producer_state()?;
+        log.load_epoch_cache(recovered_from)?;
         Ok(log)
+    }
+
+    /// The epoch cache = the checkpoint, cut to the recovered log, plus the epochs of batches
+    /// recovery rescanned (from `recovered_from`). Without a usable checkpoint it is rebuilt
+    /// from the batch headers of every segment. Written back if that changed anything.
+    fn load_epoch_cache(&mut self, recovered_from: Option<i64>) -> Result<(), LogError> {
+        let leo = self.log_end_offset();
+        let mut changed = false;
+        let walk_from = match EpochCache::read(&self.dir) {
+            Ok(Some(cache)) => {
+                self.epochs = cache;
+                // Entries past a truncated (torn) tail describe data that is gone.
+                changed |= self.epochs.truncate_from_end(leo);
+                recovered_from
+            }
+            Ok(None) if self.segments.iter().all(|s| s.size == 0) => None,
+            missing_or_bad => {
+                if let Err(why) = missing_or_bad {
+                    tracing::warn!(dir = %self.dir.display(), %why, "leader epoch checkpoint unusable; rebuilding it from the log");
+                }
+                self.epochs = EpochCache::default();
+                changed = true;
+                Some(self.segments[0].base_offset)
+            }
+        };
+        if let Some(from) = walk_from {
+            let mut epochs = std::mem::take(&mut self.epochs);
+            self.walk_headers(from, |h| {
+                changed |= epochs.assign_if_newer(h.partition_leader_epoch, h.base_offset);
+            })?;
+            self.epochs = epochs;
+        }
+        changed |= self.epochs.truncate_from_start(self.log_start_offset);
+        if changed {
+            self.epochs.write(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Calls `f` with the header of every batch from the one holding `from_offset` to the end
+    /// of the log (headers only; records are not read).
+    fn walk_headers(
+        &self,
+        from_offset: i64,
+        mut f: impl FnMut(&BatchHeader),
+    ) -> Result<(), LogError> {
+        let Some((mut si, first)) = self.locate(from_offset)? else {
+            return Ok(());
+        };
+        let mut pos = first.position;
+        while let Some(seg) = self.segments.get(si) {
+            while pos + BATCH_HEADER_LEN as u64 <= seg.size {
+                let h = seg.header_at(pos)?;
+                if h.batch_length < (BATCH_HEADER_LEN - LOG_OVERHEAD) as i32 {
+                    return Err(LogError::Corrupt(format!(
+                        "batch length {} at position {pos} of {}",
+                        h.batch_length,
+                        seg.path("log").display()
+                    )));
+                }
+                f(&h);
+                pos += h.total_len() as u64;
+            }
+            si += 1;
+            pos = 0;
+        }
+        Ok(())
     }
 
     /// Producer state = the snapshot (if it is not ahead of the log) plus a replay of batch
@@ -281,6 +377,51 @@ impl Log {
     }
     pub fn producer_state(&self) -> &ProducerState {
         &self.producers
+    }
+
+    /// The newest leader epoch that wrote to this log.
+    pub fn latest_epoch(&self) -> Option<i32> {
+        self.epochs.latest_epoch()
+    }
+
+    /// The leader epoch cache: `(epoch, start_offset)`, both strictly increasing.
+    pub fn epoch_entries(&self) -> Vec<(i32, i64)> {
+        self.epochs.entries().to_vec()
+    }
+
+    /// OffsetsForLeaderEpoch for this log (Kafka's `LeaderEpochFileCache.endOffsetFor`):
+    /// `(largest known epoch <= requested_epoch, offset where the next epoch starts)`, the log
+    /// end offset for the latest epoch, `(-1, -1)` when nothing fits.
+    pub fn end_offset_for_epoch(&self, requested_epoch: i32) -> (i32, i64) {
+        self.epochs
+            .end_offset_for(requested_epoch, self.log_end_offset())
+    }
+
+    /// Records that `epoch` starts at `start_offset` if it is newer than every cached epoch,
+    /// durably, before the batch that starts it is written. Undone in memory if the checkpoint
+    /// cannot be written.
+    fn assign_epoch(&mut self, epoch: i32, start_offset: i64) -> Result<(), LogError> {
+        if epoch < 0 || self.epochs.latest_epoch().is_some_and(|l| epoch <= l) {
+            return Ok(());
+        }
+        let before = self.epochs.clone();
+        if self.epochs.assign_if_newer(epoch, start_offset) {
+            if let Err(e) = self.epochs.write(&self.dir) {
+                self.epochs = before;
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Persists a cache change that follows a change of the log itself (truncation, start
+    /// moving). A failure here leaves a checkpoint with extra entries, which the next open
+    /// cuts back to the log, so the change stays in memory either way.
+    fn persist_epochs_if(&self, changed: bool) -> Result<(), LogError> {
+        if changed {
+            self.epochs.write(&self.dir)?;
+        }
+        Ok(())
     }
 
     fn active(&mut self) -> &mut Segment {
@@ -368,8 +509,10 @@ impl Log {
         } else {
             -1
         };
-        self.maybe_roll(records.len() as u64, now_ms)?;
         let h = BatchHeader::parse(records)?;
+        self.maybe_roll(records.len() as u64, base, h.last_offset(), now_ms)?;
+        // A new leader's first batch (control batches too) starts its epoch.
+        self.assign_epoch(leader_epoch, base)?;
         let interval = self.config.index_interval_bytes;
         let seg = self.active();
         let pos = BatchPos {
@@ -401,7 +544,16 @@ impl Log {
         })
     }
 
-    fn maybe_roll(&mut self, incoming: u64, now_ms: i64) -> Result<(), LogError> {
+    /// Rolls the active segment if a batch of `incoming` bytes holding `base_offset..=
+    /// last_offset` may not go into it. The new segment starts at `base_offset` (which is past
+    /// the log end only for a follower whose leader's log has gaps after compaction).
+    fn maybe_roll(
+        &mut self,
+        incoming: u64,
+        base_offset: i64,
+        last_offset: i64,
+        now_ms: i64,
+    ) -> Result<(), LogError> {
         let seg_bytes = self.config.segment_bytes;
         let seg_ms = self.config.segment_ms;
         let active = self.active();
@@ -409,21 +561,39 @@ impl Log {
         let old = active.size > 0 && now_ms.saturating_sub(active.created_ms) >= seg_ms;
         // Positions are u32 in the index: never let a segment pass 4 GiB.
         let too_big = active.size + incoming > u32::MAX as u64;
-        if !(full || old || too_big) {
+        // Offsets are relative to the segment base in the indexes (Kafka keeps them in an i32).
+        let offsets_overflow = last_offset.saturating_sub(active.base_offset) > i32::MAX as i64;
+        if offsets_overflow && active.size == 0 {
+            // Nothing in it yet: the empty segment moves up to where the data starts.
+            let empty = self.segments.pop();
+            if let Some(s) = empty {
+                s.delete_files();
+            }
+            let seg = Segment::create(&self.dir, base_offset, now_ms)?;
+            self.segments.push(seg);
+            crate::sync_dir(&self.dir);
+            if self.segments.len() == 1 {
+                // What a reopen would make of it: the log starts at its first segment.
+                self.log_start_offset = self.log_start_offset.max(base_offset);
+            }
+            return Ok(());
+        }
+        if !(full || old || too_big || offsets_overflow) {
             return Ok(());
         }
         let next = active.next_offset;
+        let new_base = base_offset.max(next);
         // The finished segment becomes immutable: fsync it with its index files, then move the
         // recovery point past it so an unclean restart never rescans it.
         active.write_index_files()?;
         active.flushed_next_offset = active.next_offset;
-        let seg = Segment::create(&self.dir, next, now_ms)?;
+        let seg = Segment::create(&self.dir, new_base, now_ms)?;
         self.segments.push(seg);
         crate::sync_dir(&self.dir);
-        self.write_recovery_point(next)?;
-        self.flushed_offset = self.flushed_offset.max(next);
+        self.write_recovery_point(new_base)?;
+        self.flushed_offset = self.flushed_offset.max(new_base);
         self.producers
-            .write_snapshot(&self.dir.join(PRODUCER_STATE_FILE), next)?;
+            .write_snapshot(&self.dir.join(PRODUCER_STATE_FILE), new_base)?;
         Ok(())
     }
 
@@ -593,7 +763,8 @@ impl Log {
         Ok(())
     }
 
-    /// Drops every batch at or after `offset` (for replication); producer state is rebuilt.
+    /// Drops every batch at or after `offset` (for replication); producer state is rebuilt and
+    /// leader epochs starting at or after the new end are forgotten.
     pub fn truncate_to(&mut self, offset: i64) -> Result<(), LogError> {
         if offset >= self.log_end_offset() {
             return Ok(());
@@ -616,7 +787,138 @@ impl Log {
         let rp = self.flushed_offset.min(self.active().base_offset);
         self.write_recovery_point(rp)?;
         let _ = std::fs::remove_file(self.dir.join(PRODUCER_STATE_FILE));
-        self.load_producer_state()
+        // After the data: a crash in between leaves entries past the end, which open drops.
+        let changed = self.epochs.truncate_from_end(leo);
+        self.load_producer_state()?;
+        self.persist_epochs_if(changed)
+    }
+
+    /// Follower append (Kafka's `appendAsFollower`): `data` is what the leader's Fetch returned
+    /// for this partition, whole v2 batches possibly followed by a partial one. Batches are
+    /// stored byte for byte with the leader's offsets and epochs. Batches the log already has
+    /// are skipped; one that overlaps the log end is refused, while a gap before a batch is
+    /// legal (the leader's log may be compacted). Producer state follows without sequence
+    /// checks, and a batch of a newer epoch starts a leader epoch cache entry. Nothing is
+    /// fsynced here: durability comes with the normal flush path. On an error the batches
+    /// before the bad one stay appended.
+    pub fn append_replicated(&mut self, data: &[u8]) -> Result<ReplicatedAppend, LogError> {
+        if self.failed {
+            return Err(LogError::Failed);
+        }
+        let mut out = ReplicatedAppend {
+            appended_batches: 0,
+            bytes_consumed: 0,
+            first_offset: None,
+            last_offset: None,
+            log_end_offset: self.log_end_offset(),
+        };
+        let now = now_ms();
+        while data.len() - out.bytes_consumed >= LOG_OVERHEAD {
+            let rest = &data[out.bytes_consumed..];
+            let length = i32::from_be_bytes([rest[8], rest[9], rest[10], rest[11]]);
+            if !((BATCH_HEADER_LEN - LOG_OVERHEAD) as i32..=MAX_REPLICATED_BATCH_LENGTH)
+                .contains(&length)
+            {
+                return Err(LogError::Corrupt(format!(
+                    "replicated batch at byte {} has length {length}",
+                    out.bytes_consumed
+                )));
+            }
+            let total_len = length as usize + LOG_OVERHEAD;
+            if rest.len() < total_len {
+                break; // the fetch cut the last batch
+            }
+            let batch = &rest[..total_len];
+            let h = batch::validate_batch(batch)?;
+            let Some(last_offset) = h.base_offset.checked_add(h.last_offset_delta as i64) else {
+                return Err(LogError::Corrupt(format!(
+                    "replicated batch offsets overflow: base {} delta {}",
+                    h.base_offset, h.last_offset_delta
+                )));
+            };
+            let leo = self.log_end_offset();
+            if last_offset < leo {
+                // Already here (the fetch started inside a batch we have).
+                out.bytes_consumed += total_len;
+                continue;
+            }
+            if h.base_offset < leo {
+                return Err(LogError::Corrupt(format!(
+                    "replicated batch {}..={last_offset} overlaps the log end {leo}",
+                    h.base_offset
+                )));
+            }
+            self.maybe_roll(total_len as u64, h.base_offset, last_offset, now)?;
+            self.assign_epoch(h.partition_leader_epoch, h.base_offset)?;
+            let interval = self.config.index_interval_bytes;
+            let seg = self.active();
+            let pos = BatchPos {
+                base_offset: h.base_offset,
+                last_offset,
+                position: seg.size,
+                total_len: total_len as u64,
+                max_timestamp: h.max_timestamp,
+            };
+            if seg.size == 0 {
+                seg.created_ms = now;
+            }
+            match seg.append(batch, &pos, interval) {
+                Ok(()) => {}
+                Err(LogError::Failed) => {
+                    tracing::error!(dir = %self.dir.display(), "write failed and the segment could not be restored; log is offline for writes");
+                    self.failed = true;
+                    return Err(LogError::Failed);
+                }
+                Err(e) => return Err(e),
+            }
+            self.producers.update(&h);
+            out.appended_batches += 1;
+            out.bytes_consumed += total_len;
+            out.first_offset.get_or_insert(h.base_offset);
+            out.last_offset = Some(last_offset);
+            out.log_end_offset = self.log_end_offset();
+        }
+        Ok(out)
+    }
+
+    /// Kafka's `truncateFullyAndStartAt`: a follower that fell below its leader's log start
+    /// drops everything and continues, empty, from `offset` (log start = log end = `offset`),
+    /// with no producer state and no leader epochs.
+    pub fn truncate_fully_and_start_at(&mut self, offset: i64) -> Result<(), LogError> {
+        if offset < 0 {
+            return Err(LogError::OffsetOutOfRange {
+                offset,
+                start: self.log_start_offset,
+                end: self.log_end_offset(),
+            });
+        }
+        // The epochs go first: an old epoch surviving a crash here would claim the new log.
+        let changed = self.epochs.clear();
+        self.persist_epochs_if(changed)?;
+        for seg in &self.segments {
+            seg.delete_files();
+        }
+        sync_dir(&self.dir);
+        let now = now_ms();
+        match Segment::create(&self.dir, offset, now) {
+            Ok(seg) => self.segments = vec![seg],
+            Err(e) => {
+                // The old segments stay readable through their open files until a restart.
+                tracing::error!(dir = %self.dir.display(), error = %e, "could not create a segment after deleting the log; log is offline for writes");
+                self.failed = true;
+                return Err(e);
+            }
+        }
+        sync_dir(&self.dir);
+        self.write_recovery_point(offset)?;
+        retention::write_log_start(&self.dir, offset)?;
+        self.log_start_offset = offset;
+        self.flushed_offset = offset;
+        self.last_flush_ms = now;
+        self.producers = ProducerState::default();
+        self.producers
+            .write_snapshot(&self.dir.join(PRODUCER_STATE_FILE), offset)?;
+        Ok(())
     }
 }
 

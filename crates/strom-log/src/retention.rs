@@ -2,7 +2,7 @@
 //! newest record's timestamp), when the log is larger than `retention.bytes`, or when
 //! DeleteRecords moved the log start offset past them. The active segment always stays, so
 //! offsets keep growing from where they were. Readers below the log start offset get
-//! OFFSET_OUT_OF_RANGE.
+//! OFFSET_OUT_OF_RANGE. A moved log start also cuts the leader epoch cache from the start.
 
 use std::path::Path;
 
@@ -51,6 +51,8 @@ impl Log {
         if new_start > self.log_start_offset {
             self.log_start_offset = new_start;
         }
+        let changed = self.epochs.truncate_from_start(self.log_start_offset);
+        self.persist_epochs_if(changed)?;
         Ok(gone.len())
     }
 
@@ -71,6 +73,8 @@ impl Log {
         if offset > self.log_start_offset {
             write_log_start(&self.dir, offset)?;
             self.log_start_offset = offset;
+            let changed = self.epochs.truncate_from_start(offset);
+            self.persist_epochs_if(changed)?;
             let config = self.config.clone();
             // Whole segments below the new start go now; time and size limits wait for the
             // next retention check.
@@ -84,7 +88,7 @@ impl Log {
     }
 }
 
-fn write_log_start(dir: &Path, offset: i64) -> Result<(), LogError> {
+pub(crate) fn write_log_start(dir: &Path, offset: i64) -> Result<(), LogError> {
     let tmp = dir.join(format!("{LOG_START_FILE}.tmp"));
     std::fs::write(&tmp, offset.to_string())?;
     std::fs::File::open(&tmp)?.sync_all()?;

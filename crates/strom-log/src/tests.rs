@@ -680,3 +680,5 @@ mod compaction {
         assert_eq!(log.log_end_offset(), leo);
     }
 }
+
+mod replication;

@@ -1,0 +1,558 @@
+//! Replication support: the leader epoch cache, follower appends, truncation of either end.
+
+use super::*;
+use proptest::prelude::*;
+use strom_proto::batch::{compute_crc, set_base_offset, BatchIter};
+
+const CHECKPOINT: &str = "leader-epoch-checkpoint";
+
+/// The same batch marked as a control batch (transaction marker), CRC fixed.
+fn control(mut b: Vec<u8>) -> Vec<u8> {
+    let attrs = i16::from_be_bytes([b[21], b[22]]) | 0x20;
+    b[21..23].copy_from_slice(&attrs.to_be_bytes());
+    let crc = compute_crc(&b);
+    b[17..21].copy_from_slice(&crc.to_be_bytes());
+    b
+}
+
+fn read_all(log: &Log) -> Vec<u8> {
+    log.read(log.log_start_offset(), usize::MAX, i64::MAX, true)
+        .unwrap()
+}
+
+fn checkpoint_text(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join(CHECKPOINT)).unwrap()
+}
+
+/// A leader log with batches in epochs 1, 1, 3 (a control batch), 3, 6, 6, ... rolling segments.
+fn leader_with_epochs(dir: &Path) -> Log {
+    let mut log = Log::open(dir, small_config(), true).unwrap();
+    let epochs = [1, 1, 3, 3, 3, 6, 6, 6, 6, 9, 9, 9, 9, 9, 9];
+    for (i, &epoch) in epochs.iter().enumerate() {
+        let mut b = if i == 2 {
+            control(batch(1, 1000 + i as i64, 5))
+        } else {
+            batch(3, 1000 + i as i64, 120)
+        };
+        log.append(&mut b, epoch, 0).unwrap();
+    }
+    log
+}
+
+#[test]
+fn leader_appends_start_epochs_durably_and_they_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), small_config(), true).unwrap();
+    assert_eq!(log.latest_epoch(), None);
+    assert!(!dir.path().join(CHECKPOINT).exists(), "nothing to say yet");
+    log.append(&mut batch(2, 0, 10), 0, 0).unwrap();
+    log.append(&mut batch(2, 0, 10), 0, 0).unwrap();
+    // A new leader's first batch is a transaction marker: it starts the epoch.
+    log.append(&mut control(batch(1, 0, 1)), 4, 0).unwrap();
+    log.append(&mut batch(3, 0, 10), 4, 0).unwrap();
+    // A stale leader's epoch does not go back in time.
+    log.append(&mut batch(1, 0, 10), 2, 0).unwrap();
+    log.append(&mut batch(1, 0, 10), 7, 0).unwrap();
+    let expected = vec![(0, 0), (4, 4), (7, 9)];
+    assert_eq!(log.epoch_entries(), expected);
+    assert_eq!(log.latest_epoch(), Some(7));
+    assert_eq!(
+        checkpoint_text(dir.path()),
+        "0\n3\n0 0\n4 4\n7 9\n",
+        "written with the append, before any close"
+    );
+    drop(log); // unclean
+    let log = Log::open(dir.path(), small_config(), false).unwrap();
+    assert_eq!(log.epoch_entries(), expected);
+    log.close().unwrap();
+    let log = Log::open(dir.path(), small_config(), true).unwrap();
+    assert_eq!(log.epoch_entries(), expected);
+    assert_eq!(log.end_offset_for_epoch(4), (4, 9));
+    assert_eq!(log.end_offset_for_epoch(7), (7, 10));
+}
+
+#[test]
+fn end_offset_for_epoch_answers_as_kafka() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), small_config(), true).unwrap();
+    assert_eq!(log.end_offset_for_epoch(0), (-1, -1), "empty cache");
+    assert_eq!(log.end_offset_for_epoch(-1), (-1, -1));
+    // Epoch 2 at 0..=4, epoch 5 at 5..=6, epoch 8 at 7..=9; log end 10.
+    for (epoch, n) in [(2, 5), (5, 2), (8, 3)] {
+        log.append(&mut batch(n, 0, 1), epoch, 0).unwrap();
+    }
+    let table = [
+        (-1, (-1, -1)),
+        (0, (0, 0)),
+        (1, (1, 0)),
+        (2, (2, 5)),
+        (3, (2, 5)),
+        (4, (2, 5)),
+        (5, (5, 7)),
+        (7, (5, 7)),
+        (8, (8, 10)),
+        (9, (-1, -1)),
+        (i32::MAX, (-1, -1)),
+    ];
+    for (requested, expected) in table {
+        assert_eq!(log.end_offset_for_epoch(requested), expected, "{requested}");
+    }
+}
+
+#[test]
+fn a_torn_tail_after_a_new_epoch_drops_that_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), LogConfig::default(), true).unwrap();
+    for _ in 0..5 {
+        log.append(&mut batch(2, 0, 30), 1, 0).unwrap();
+    }
+    log.append(&mut batch(2, 0, 30), 3, 0).unwrap();
+    assert_eq!(log.epoch_entries(), vec![(1, 0), (3, 10)]);
+    drop(log); // kill -9 before the last batch reached the disk whole
+    let path = dir.path().join("00000000000000000000.log");
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 7)
+        .unwrap();
+    let mut log = Log::open(dir.path(), LogConfig::default(), false).unwrap();
+    assert_eq!(log.log_end_offset(), 10);
+    assert_eq!(log.epoch_entries(), vec![(1, 0)]);
+    assert_eq!(checkpoint_text(dir.path()), "0\n1\n1 0\n", "rewritten");
+    assert_eq!(log.end_offset_for_epoch(1), (1, 10));
+    assert_eq!(log.end_offset_for_epoch(3), (-1, -1));
+    log.append(&mut batch(1, 0, 3), 4, 0).unwrap();
+    assert_eq!(log.epoch_entries(), vec![(1, 0), (4, 10)]);
+}
+
+#[test]
+fn recovery_adds_epochs_of_a_rescanned_tail_missing_from_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), LogConfig::default(), true).unwrap();
+    log.append(&mut batch(2, 0, 30), 1, 0).unwrap();
+    log.append(&mut batch(2, 0, 30), 2, 0).unwrap();
+    log.append(&mut batch(2, 0, 30), 5, 0).unwrap();
+    drop(log);
+    // A checkpoint that lags the data (as a crash between the two could leave).
+    std::fs::write(dir.path().join(CHECKPOINT), "0\n1\n1 0\n").unwrap();
+    let log = Log::open(dir.path(), LogConfig::default(), false).unwrap();
+    assert_eq!(log.epoch_entries(), vec![(1, 0), (2, 2), (5, 4)]);
+    assert_eq!(checkpoint_text(dir.path()), "0\n3\n1 0\n2 2\n5 4\n");
+}
+
+#[test]
+fn a_missing_or_damaged_checkpoint_is_rebuilt_from_batch_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = leader_with_epochs(dir.path());
+    let expected = log.epoch_entries();
+    assert_eq!(expected, vec![(1, 0), (3, 6), (6, 13), (9, 25)]);
+    assert!(log.segments.len() > 2);
+    drop(log);
+    for (damage, clean) in [("missing", false), ("garbage", false), ("missing", true)] {
+        let path = dir.path().join(CHECKPOINT);
+        match damage {
+            "missing" => std::fs::remove_file(&path).unwrap(),
+            _ => std::fs::write(&path, "0\n9\n1 0\n").unwrap(),
+        }
+        let log = Log::open(dir.path(), small_config(), clean).unwrap();
+        assert_eq!(log.epoch_entries(), expected, "{damage} clean={clean}");
+        assert_eq!(
+            EpochCache::read(dir.path()).unwrap().unwrap().entries(),
+            &expected[..],
+            "written back ({damage})"
+        );
+        drop(log);
+    }
+}
+
+#[test]
+fn truncate_to_forgets_epochs_from_the_new_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = leader_with_epochs(dir.path());
+    log.truncate_to(26).unwrap();
+    assert_eq!(log.log_end_offset(), 25, "the batch holding 26 goes whole");
+    assert_eq!(log.epoch_entries(), vec![(1, 0), (3, 6), (6, 13)]);
+    log.truncate_to(13).unwrap();
+    assert_eq!(log.epoch_entries(), vec![(1, 0), (3, 6)]);
+    assert_eq!(log.end_offset_for_epoch(3), (3, 13));
+    drop(log);
+    let log = Log::open(dir.path(), small_config(), false).unwrap();
+    assert_eq!(log.epoch_entries(), vec![(1, 0), (3, 6)]);
+}
+
+#[test]
+fn a_moving_log_start_cuts_the_epoch_cache_from_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = leader_with_epochs(dir.path());
+    let leo = log.log_end_offset();
+    // Inside epoch 1: it stays, starting at the new log start.
+    log.delete_records_before(4, leo).unwrap();
+    assert_eq!(log.epoch_entries(), vec![(1, 4), (3, 6), (6, 13), (9, 25)]);
+    // Exactly at an epoch start: the older epoch goes.
+    log.delete_records_before(6, leo).unwrap();
+    assert_eq!(log.epoch_entries(), vec![(3, 6), (6, 13), (9, 25)]);
+    log.delete_records_before(20, leo).unwrap();
+    assert_eq!(log.epoch_entries(), vec![(6, 20), (9, 25)]);
+    assert_eq!(log.end_offset_for_epoch(3), (3, 20));
+    log.close().unwrap();
+    let log = Log::open(dir.path(), small_config(), true).unwrap();
+    assert_eq!(log.epoch_entries(), vec![(6, 20), (9, 25)]);
+
+    // Retention deleting whole segments moves it too.
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = leader_with_epochs(dir.path());
+    log.config.retention_bytes = 1500;
+    assert!(log.apply_retention(0).unwrap() > 0);
+    let start = log.log_start_offset();
+    let entries = log.epoch_entries();
+    assert_eq!(entries[0].1, start, "{entries:?}");
+    assert!(entries.iter().all(|e| e.1 >= start));
+    assert_eq!(
+        EpochCache::read(dir.path()).unwrap().unwrap().entries(),
+        &entries[..]
+    );
+}
+
+#[test]
+fn a_follower_stores_the_leaders_batches_byte_for_byte() {
+    let leader_dir = tempfile::tempdir().unwrap();
+    let mut leader = leader_with_epochs(leader_dir.path());
+    let p = ProducerInfo {
+        producer_id: 77,
+        producer_epoch: 0,
+        base_sequence: 0,
+    };
+    leader
+        .append(&mut batch_with(2, 5, 10, Compression::Zstd, p), 9, 0)
+        .unwrap();
+    let data = read_all(&leader);
+    let follower_dir = tempfile::tempdir().unwrap();
+    let mut follower = Log::open(follower_dir.path(), small_config(), true).unwrap();
+    let out = follower.append_replicated(&data).unwrap();
+    assert_eq!(out.appended_batches, 16);
+    assert_eq!(out.bytes_consumed, data.len());
+    assert_eq!(out.first_offset, Some(0));
+    assert_eq!(out.last_offset, Some(leader.log_end_offset() - 1));
+    assert_eq!(out.log_end_offset, leader.log_end_offset());
+    assert_eq!(read_all(&follower), data);
+    assert_eq!(follower.epoch_entries(), leader.epoch_entries());
+    assert_eq!(follower.producer_state(), leader.producer_state());
+    assert!(follower.segments.len() > 2, "rolled by the same rules");
+    assert!(
+        follower.unflushed_messages() > 0,
+        "no fsync per append: the flush path makes it durable"
+    );
+    // Fetching the same range again appends nothing.
+    let again = follower.append_replicated(&data).unwrap();
+    assert_eq!(again.appended_batches, 0);
+    assert_eq!(again.bytes_consumed, data.len());
+    assert_eq!((again.first_offset, again.last_offset), (None, None));
+    // The follower's copy survives an unclean restart intact.
+    let t = follower.flush_target().unwrap().unwrap();
+    t.sync().unwrap();
+    follower.mark_flushed(t.end_offset);
+    drop(follower);
+    let follower = Log::open(follower_dir.path(), small_config(), false).unwrap();
+    assert_eq!(read_all(&follower), data);
+    assert_eq!(follower.epoch_entries(), leader.epoch_entries());
+    assert_eq!(follower.producer_state(), leader.producer_state());
+}
+
+#[test]
+fn a_follower_takes_what_the_leader_has_without_sequence_checks() {
+    // The leader's producer state expired (or it was a different producer lineage): a sequence
+    // the follower would refuse from a client is taken from the leader.
+    let p = |seq| ProducerInfo {
+        producer_id: 5,
+        producer_epoch: 0,
+        base_sequence: seq,
+    };
+    let mut data = batch_with(2, 0, 1, Compression::None, p(0));
+    let mut gap = batch_with(1, 0, 1, Compression::None, p(10));
+    set_base_offset(&mut gap, 2);
+    data.extend_from_slice(&gap);
+    let dir = tempfile::tempdir().unwrap();
+    let mut follower = Log::open(dir.path(), small_config(), true).unwrap();
+    let out = follower.append_replicated(&data).unwrap();
+    assert_eq!(out.appended_batches, 2);
+    let last = follower.producer_state().producers[&5]
+        .batches
+        .back()
+        .copied();
+    assert_eq!(last.map(|b| b.first_seq), Some(10));
+}
+
+#[test]
+fn a_partial_trailing_batch_is_left_for_the_next_fetch() {
+    let leader_dir = tempfile::tempdir().unwrap();
+    let leader = leader_with_epochs(leader_dir.path());
+    let data = read_all(&leader);
+    let sizes: Vec<usize> = BatchIter::new(&data).map(|b| b.unwrap().1.len()).collect();
+    let follower_dir = tempfile::tempdir().unwrap();
+    let mut follower = Log::open(follower_dir.path(), small_config(), true).unwrap();
+    // Cut inside the 3rd batch's length field, then inside its header, then in its records.
+    let cuts = [sizes[0] + sizes[1] + 5, sizes[0] + sizes[1] + 30];
+    for cut in cuts {
+        let out = follower.append_replicated(&data[..cut]).unwrap();
+        assert_eq!(out.bytes_consumed, sizes[0] + sizes[1], "cut at {cut}");
+    }
+    assert_eq!(follower.log_end_offset(), 6);
+    assert_eq!(follower.epoch_entries(), vec![(1, 0)]);
+    let out = follower
+        .append_replicated(&data[sizes[0] + sizes[1]..data.len() - 1])
+        .unwrap();
+    assert_eq!(out.first_offset, Some(6));
+    assert_eq!(
+        out.bytes_consumed,
+        data.len() - sizes[0] - sizes[1] - sizes[14]
+    );
+    let out = follower
+        .append_replicated(&data[data.len() - sizes[14]..])
+        .unwrap();
+    assert_eq!(out.appended_batches, 1);
+    assert_eq!(read_all(&follower), data);
+    assert_eq!(follower.epoch_entries(), leader.epoch_entries());
+    // Nothing at all, or less than a length field: nothing to do.
+    for tiny in [&data[..0], &data[..11]] {
+        let out = follower.append_replicated(tiny).unwrap();
+        assert_eq!((out.appended_batches, out.bytes_consumed), (0, 0));
+    }
+}
+
+#[test]
+fn overlapping_corrupt_and_absurd_batches_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), small_config(), true).unwrap();
+    let mut first = batch(3, 0, 1);
+    set_base_offset(&mut first, 0);
+    log.append_replicated(&first).unwrap();
+    assert_eq!(log.log_end_offset(), 3);
+    // 1..=3 overlaps the end at 3; nothing after it is taken either.
+    let mut overlap = batch(3, 0, 1);
+    set_base_offset(&mut overlap, 1);
+    let mut next = batch(1, 0, 1);
+    set_base_offset(&mut next, 4);
+    let mut data = overlap.clone();
+    data.extend_from_slice(&next);
+    assert!(matches!(
+        log.append_replicated(&data),
+        Err(LogError::Corrupt(_))
+    ));
+    assert_eq!(log.log_end_offset(), 3);
+    // A flipped bit.
+    let mut bad = next.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    assert!(matches!(
+        log.append_replicated(&bad),
+        Err(LogError::Batch(BatchError::CorruptCrc { .. }))
+    ));
+    // Absurd or negative lengths stop everything after the good batches before them.
+    for length in [-1i32, 0, 48, (1 << 30) + 1, i32::MAX] {
+        let mut data = next.clone();
+        let mut junk = vec![0u8; 70];
+        junk[8..12].copy_from_slice(&length.to_be_bytes());
+        data.extend_from_slice(&junk);
+        let mut after = batch(1, 0, 1);
+        set_base_offset(&mut after, 5);
+        data.extend_from_slice(&after);
+        assert!(
+            matches!(log.append_replicated(&data), Err(LogError::Corrupt(_))),
+            "{length}"
+        );
+        assert_eq!(log.log_end_offset(), 5, "the batch before it went in");
+    }
+    // Offsets that overflow.
+    let mut huge = batch(2, 0, 1);
+    set_base_offset(&mut huge, i64::MAX);
+    assert!(log.append_replicated(&huge).is_err());
+    assert_eq!(read_all(&log).len(), first.len() + next.len());
+}
+
+#[test]
+fn gaps_between_a_compacted_leaders_batches_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), small_config(), true).unwrap();
+    let mut data = Vec::new();
+    // Batches at 0..=1, 10..=11 and, far away, 5_000_000_000..=5_000_000_001.
+    for base in [0i64, 10, 5_000_000_000] {
+        let mut b = batch(2, 0, 1);
+        set_base_offset(&mut b, base);
+        batch::set_partition_leader_epoch(&mut b, 2);
+        data.extend_from_slice(&b);
+    }
+    let out = log.append_replicated(&data).unwrap();
+    assert_eq!(out.appended_batches, 3);
+    assert_eq!(log.log_end_offset(), 5_000_000_002);
+    assert_eq!(
+        log.segments.last().unwrap().base_offset,
+        5_000_000_000,
+        "offsets past i32 from the segment base roll a new segment"
+    );
+    assert_eq!(read_all(&log), data);
+    assert_eq!(
+        offsets_of(&log.read(5, 1 << 20, i64::MAX, true).unwrap())[0],
+        (10, 11)
+    );
+    assert_eq!(
+        offsets_of(&log.read(12, 1 << 20, i64::MAX, true).unwrap()),
+        vec![(5_000_000_000, 5_000_000_001)]
+    );
+    log.close().unwrap();
+    let log = Log::open(dir.path(), small_config(), false).unwrap();
+    assert_eq!(read_all(&log), data);
+    assert_eq!(log.epoch_entries(), vec![(2, 0)]);
+
+    // An empty log whose first batch is far past its base moves its empty segment up.
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), small_config(), true).unwrap();
+    let out = log.append_replicated(&data[data.len() / 3 * 2..]).unwrap();
+    assert_eq!(out.first_offset, Some(5_000_000_000));
+    assert_eq!(log.segments.len(), 1);
+    assert_eq!(log.segments[0].base_offset, 5_000_000_000);
+    assert_eq!(log.log_start_offset(), 5_000_000_000);
+    drop(log);
+    let log = Log::open(dir.path(), small_config(), false).unwrap();
+    assert_eq!(log.log_start_offset(), 5_000_000_000);
+    assert_eq!(log.log_end_offset(), 5_000_000_002);
+}
+
+#[test]
+fn a_follower_truncates_a_divergent_tail_and_takes_the_new_leaders_history() {
+    // Leader A wrote epoch 1 (0..=5) and epoch 2 (6..=11); the follower copied all of it.
+    // Leader B never saw epoch 2: it has epoch 1 (0..=5) and then epoch 3 from 6.
+    let a_dir = tempfile::tempdir().unwrap();
+    let mut a = Log::open(a_dir.path(), small_config(), true).unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let mut b = Log::open(b_dir.path(), small_config(), true).unwrap();
+    for i in 0..3 {
+        let rec = batch(2, i, 40);
+        a.append(&mut rec.clone(), 1, 0).unwrap();
+        b.append(&mut rec.clone(), 1, 0).unwrap();
+    }
+    for i in 0..3 {
+        a.append(&mut batch(2, 100 + i, 40), 2, 0).unwrap();
+    }
+    for i in 0..5 {
+        b.append(&mut batch(3, 200 + i, 40), 3, 0).unwrap();
+    }
+    let f_dir = tempfile::tempdir().unwrap();
+    let mut f = Log::open(f_dir.path(), small_config(), true).unwrap();
+    f.append_replicated(&read_all(&a)).unwrap();
+    assert_eq!(f.epoch_entries(), vec![(1, 0), (2, 6)]);
+    // OffsetsForLeaderEpoch to B for the follower's latest epoch.
+    let (epoch, end) = b.end_offset_for_epoch(f.latest_epoch().unwrap());
+    assert_eq!((epoch, end), (1, 6));
+    f.truncate_to(end).unwrap();
+    assert_eq!(f.log_end_offset(), 6);
+    assert_eq!(f.epoch_entries(), vec![(1, 0)]);
+    let tail = b.read(end, usize::MAX, i64::MAX, true).unwrap();
+    f.append_replicated(&tail).unwrap();
+    assert_eq!(read_all(&f), read_all(&b));
+    assert_eq!(f.epoch_entries(), b.epoch_entries());
+    assert_eq!(f.epoch_entries(), vec![(1, 0), (3, 6)]);
+    drop(f);
+    let f = Log::open(f_dir.path(), small_config(), false).unwrap();
+    assert_eq!(read_all(&f), read_all(&b));
+    assert_eq!(f.epoch_entries(), vec![(1, 0), (3, 6)]);
+}
+
+#[test]
+fn truncate_fully_and_start_at_leaves_an_empty_log_that_takes_appends() {
+    let f_dir = tempfile::tempdir().unwrap();
+    let mut f = leader_with_epochs(f_dir.path());
+    assert!(f.segments.len() > 1);
+    let p = ProducerInfo {
+        producer_id: 9,
+        producer_epoch: 0,
+        base_sequence: 0,
+    };
+    f.append(&mut batch_with(1, 0, 1, Compression::None, p), 9, 0)
+        .unwrap();
+    f.truncate_fully_and_start_at(1000).unwrap();
+    assert_eq!(f.log_start_offset(), 1000);
+    assert_eq!(f.log_end_offset(), 1000);
+    assert!(f.epoch_entries().is_empty());
+    assert!(f.producer_state().producers.is_empty());
+    assert_eq!(f.segments.len(), 1);
+    assert!(read_all(&f).is_empty());
+    assert_eq!(checkpoint_text(f_dir.path()), "0\n0\n");
+    let logs: Vec<_> = std::fs::read_dir(f_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".log"))
+        .collect();
+    assert_eq!(logs, vec!["00000000000000001000.log".to_string()]);
+    assert!(matches!(
+        f.read(999, 100, i64::MAX, true),
+        Err(LogError::OffsetOutOfRange { .. })
+    ));
+    // A leader whose log starts at 1000 feeds it.
+    let l_dir = tempfile::tempdir().unwrap();
+    let mut l = Log::open(l_dir.path(), small_config(), true).unwrap();
+    l.truncate_fully_and_start_at(1000).unwrap();
+    for epoch in [11, 11, 12] {
+        l.append(&mut batch(2, 0, 30), epoch, 0).unwrap();
+    }
+    let out = f.append_replicated(&read_all(&l)).unwrap();
+    assert_eq!(out.first_offset, Some(1000));
+    assert_eq!(f.epoch_entries(), vec![(11, 1000), (12, 1004)]);
+    assert_eq!(read_all(&f), read_all(&l));
+    // Unclean restart: still starts at 1000 with the new history only.
+    drop(f);
+    let f = Log::open(f_dir.path(), small_config(), false).unwrap();
+    assert_eq!(f.log_start_offset(), 1000);
+    assert_eq!(f.log_end_offset(), 1006);
+    assert_eq!(f.epoch_entries(), vec![(11, 1000), (12, 1004)]);
+    assert_eq!(read_all(&f), read_all(&l));
+    assert!(f.producer_state().producers.is_empty());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    /// Whatever sizes the leader's fetch responses are cut to, a follower that re-fetches from
+    /// its log end ends up with the leader's bytes and epochs.
+    #[test]
+    fn any_fetch_cuts_converge_to_the_leaders_log(
+        epochs in proptest::collection::vec(0i32..4, 1..25),
+        cuts in proptest::collection::vec(1usize..700, 1..200),
+    ) {
+        let leader_dir = tempfile::tempdir().unwrap();
+        let mut leader = Log::open(leader_dir.path(), small_config(), true).unwrap();
+        let mut epoch = 0;
+        for (i, step) in epochs.iter().enumerate() {
+            epoch += step;
+            let n = 1 + i % 3;
+            leader.append(&mut batch(n, i as i64, 50 + 13 * i), epoch, 0).unwrap();
+        }
+        let follower_dir = tempfile::tempdir().unwrap();
+        let mut follower = Log::open(follower_dir.path(), small_config(), true).unwrap();
+        let leo = leader.log_end_offset();
+        let mut cuts = cuts.into_iter().cycle();
+        let mut rounds = 0;
+        while follower.log_end_offset() < leo {
+            rounds += 1;
+            prop_assert!(rounds < 10_000);
+            // As a fetch: from the follower's end, whole batches up to a byte limit, the last
+            // one cut. Starting inside a batch returns all of it (it is skipped as known).
+            let from = follower.log_end_offset();
+            let full = leader.read(from, usize::MAX, i64::MAX, true).unwrap();
+            let limit = cuts.next().unwrap_or(1).min(full.len());
+            let out = follower.append_replicated(&full[..limit]).unwrap();
+            prop_assert!(out.bytes_consumed <= limit);
+            if limit == full.len() {
+                prop_assert_eq!(out.bytes_consumed, full.len());
+            }
+            if out.bytes_consumed == 0 {
+                // A cut inside the first batch: a real follower asks for more next time.
+                let first = BatchIter::new(&full).next().unwrap().unwrap().1.len();
+                follower.append_replicated(&full[..first]).unwrap();
+            }
+        }
+        prop_assert_eq!(read_all(&follower), read_all(&leader));
+        prop_assert_eq!(follower.epoch_entries(), leader.epoch_entries());
+        prop_assert_eq!(follower.producer_state(), leader.producer_state());
+    }
+}
