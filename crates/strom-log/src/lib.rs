@@ -397,6 +397,15 @@ impl Log {
             .end_offset_for(requested_epoch, self.log_end_offset())
     }
 
+    /// A replica became leader in `epoch`: the epoch starts at the current log end (Kafka
+    /// records it on election, not at the first append, so that OffsetForLeaderEpoch answers a
+    /// follower of an older epoch with where that epoch ends here even before anything new
+    /// is written).
+    pub fn start_leader_epoch(&mut self, epoch: i32) -> Result<(), LogError> {
+        let leo = self.log_end_offset();
+        self.assign_epoch(epoch, leo)
+    }
+
     /// Records that `epoch` starts at `start_offset` if it is newer than every cached epoch,
     /// durably, before the batch that starts it is written. Undone in memory if the checkpoint
     /// cannot be written.

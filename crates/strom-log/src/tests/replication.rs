@@ -556,3 +556,30 @@ proptest! {
         prop_assert_eq!(follower.producer_state(), leader.producer_state());
     }
 }
+
+#[test]
+fn a_new_leader_records_its_epoch_at_election_and_answers_older_epochs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), small_config(), true).unwrap();
+    log.append(&mut batch(3, 0, 10), 1, 0).unwrap();
+    // Elected in epoch 4 with nothing new written: a follower that last wrote in epoch 3
+    // learns that everything up to here (epoch 1's end) is shared.
+    log.start_leader_epoch(4).unwrap();
+    assert_eq!(log.epoch_entries(), vec![(1, 0), (4, 3)]);
+    assert_eq!(log.end_offset_for_epoch(3), (1, 3));
+    assert_eq!(log.end_offset_for_epoch(4), (4, 3));
+    // Idempotent, and an older epoch changes nothing.
+    log.start_leader_epoch(4).unwrap();
+    log.start_leader_epoch(2).unwrap();
+    assert_eq!(log.epoch_entries(), vec![(1, 0), (4, 3)]);
+    // The first append of the epoch does not add a second entry.
+    log.append(&mut batch(1, 0, 10), 4, 0).unwrap();
+    assert_eq!(log.epoch_entries(), vec![(1, 0), (4, 3)]);
+    drop(log);
+    let log = Log::open(dir.path(), small_config(), false).unwrap();
+    assert_eq!(
+        log.epoch_entries(),
+        vec![(1, 0), (4, 3)],
+        "persisted at election"
+    );
+}
