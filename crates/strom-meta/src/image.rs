@@ -79,6 +79,62 @@ impl MetadataImage {
             .and_then(|n| self.topics.get(n))
     }
 
+    /// Records that rebuild an equivalent image when applied to an empty one (everything but
+    /// `offset`): the content of a metadata snapshot.
+    pub fn to_records(&self) -> Vec<MetadataRecord> {
+        let mut out = Vec::new();
+        if !self.cluster_id.is_empty() {
+            out.push(MetadataRecord::ClusterId {
+                cluster_id: self.cluster_id.clone(),
+            });
+        }
+        for b in self.brokers.values() {
+            out.push(MetadataRecord::RegisterBroker {
+                broker_id: b.broker_id,
+                host: b.host.clone(),
+                port: b.port,
+                rack: b.rack.clone(),
+            });
+        }
+        for ((broker_id, name), value) in &self.broker_configs {
+            out.push(MetadataRecord::BrokerConfig {
+                broker_id: *broker_id,
+                name: name.clone(),
+                value: Some(value.clone()),
+            });
+        }
+        if self.next_producer_id != 0 {
+            out.push(MetadataRecord::ProducerIds {
+                next_producer_id: self.next_producer_id,
+            });
+        }
+        for topic in self.topics.values() {
+            out.push(MetadataRecord::Topic {
+                name: topic.name.clone(),
+                topic_id: topic.topic_id,
+            });
+            for (name, value) in &topic.configs {
+                out.push(MetadataRecord::TopicConfig {
+                    topic_id: topic.topic_id,
+                    name: name.clone(),
+                    value: Some(value.clone()),
+                });
+            }
+            for p in topic.partitions.values() {
+                out.push(MetadataRecord::Partition {
+                    topic_id: topic.topic_id,
+                    partition: p.partition,
+                    replicas: p.replicas.clone(),
+                    isr: p.isr.clone(),
+                    leader: p.leader,
+                    leader_epoch: p.leader_epoch,
+                    partition_epoch: p.partition_epoch,
+                });
+            }
+        }
+        out
+    }
+
     /// Applies records (already durable at offsets `first_offset..`) and returns the new image
     /// with the delta. Records that refer to unknown topics are ignored: replay must never fail.
     pub fn apply(
@@ -251,6 +307,94 @@ impl MetadataImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every field of the image but `offset`.
+    fn same_content(a: &MetadataImage, b: &MetadataImage) -> bool {
+        a.cluster_id == b.cluster_id
+            && a.brokers == b.brokers
+            && a.topics == b.topics
+            && a.topic_names_by_id == b.topic_names_by_id
+            && a.next_producer_id == b.next_producer_id
+            && a.broker_configs == b.broker_configs
+    }
+
+    #[test]
+    fn to_records_round_trips() {
+        let empty = MetadataImage::empty();
+        assert!(empty.to_records().is_empty());
+        let (t1, t2, gone) = ([1u8; 16], [2u8; 16], [3u8; 16]);
+        let mut records = vec![
+            MetadataRecord::ClusterId {
+                cluster_id: "c-1".into(),
+            },
+            MetadataRecord::RegisterBroker {
+                broker_id: 1,
+                host: "h1".into(),
+                port: 9092,
+                rack: Some("r1".into()),
+            },
+            MetadataRecord::RegisterBroker {
+                broker_id: 2,
+                host: "h2".into(),
+                port: 9093,
+                rack: None,
+            },
+            MetadataRecord::BrokerConfig {
+                broker_id: None,
+                name: "log.retention.ms".into(),
+                value: Some("1000".into()),
+            },
+            MetadataRecord::BrokerConfig {
+                broker_id: Some(2),
+                name: "x".into(),
+                value: Some("y".into()),
+            },
+            MetadataRecord::BrokerConfig {
+                broker_id: Some(2),
+                name: "deleted".into(),
+                value: Some("soon".into()),
+            },
+            MetadataRecord::BrokerConfig {
+                broker_id: Some(2),
+                name: "deleted".into(),
+                value: None,
+            },
+            MetadataRecord::ProducerIds {
+                next_producer_id: 5000,
+            },
+        ];
+        for (name, id) in [("a", t1), ("b", t2), ("gone", gone)] {
+            records.push(MetadataRecord::Topic {
+                name: name.into(),
+                topic_id: id,
+            });
+            records.push(MetadataRecord::TopicConfig {
+                topic_id: id,
+                name: "cleanup.policy".into(),
+                value: Some("compact".into()),
+            });
+            for p in 0..3 {
+                records.push(MetadataRecord::Partition {
+                    topic_id: id,
+                    partition: p,
+                    replicas: vec![1, 2],
+                    isr: vec![2],
+                    leader: 2,
+                    leader_epoch: p + 4,
+                    partition_epoch: p + 7,
+                });
+            }
+        }
+        records.push(MetadataRecord::RemoveTopic { topic_id: gone });
+        let (img, _) = MetadataImage::empty().apply(0, &records);
+        let rebuilt_records = img.to_records();
+        let (rebuilt, _) = MetadataImage::empty().apply(100, &rebuilt_records);
+        assert!(same_content(&img, &rebuilt), "{img:?}\n{rebuilt:?}");
+        assert!(rebuilt.topic("gone").is_none());
+        assert_eq!(rebuilt.topic("a").unwrap().partitions.len(), 3);
+        // Idempotent: a snapshot of a snapshot is the same records.
+        assert_eq!(rebuilt.to_records(), rebuilt_records);
+    }
 
     #[test]
     fn replay_builds_topics_and_deltas() {

@@ -6,9 +6,13 @@
 pub mod controller;
 pub mod image;
 pub mod log;
+pub mod raft;
 pub mod record;
 
 pub use controller::{AlterPartitionError, Controller, ControllerError, CreateTopicSpec};
 pub use image::{BrokerImage, MetadataImage, PartitionImage, TopicImage};
 pub use log::{FileMetadataLog, MetadataLog, MetadataLogError};
+pub use raft::{
+    Committed, ControllerHandler, QuorumState, RaftConfig, RaftMetadataLog, VoterState,
+};
 pub use record::{MetadataRecord, TopicId};

@@ -17,6 +17,17 @@ pub enum MetadataLogError {
     Io(#[from] std::io::Error),
     #[error("metadata log entry could not be encoded: {0}")]
     Encode(String),
+    /// Only the Raft leader (the active controller) may do this; `leader` is the current one
+    /// if known.
+    #[error("this node is not the metadata leader (leader: {leader:?})")]
+    NotLeader { leader: Option<i32> },
+    #[error("the metadata log is shut down")]
+    Shutdown,
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// Anything else from the Raft layer (configuration, storage, protocol).
+    #[error("metadata quorum: {0}")]
+    Raft(String),
 }
 
 pub trait MetadataLog: Send + Sync {

@@ -1,0 +1,538 @@
+//! Transport on the controller listener: plain TCP, length-prefixed frames.
+//!
+//! A frame is `[len u32 BE][tag u8][body]` where `len` counts the tag and the body and is at
+//! most 64 MiB (checked before anything is allocated). A connection starts with a handshake:
+//! the client sends `HELLO {to, from}`; the server answers `OK <its node id>` only if `to` is
+//! its id (and the client checks the id too), so a wrong node at an address is refused. Then
+//! the client sends requests one at a time and reads one answer for each:
+//!
+//! | request tag         | body                         | answer                              |
+//! |---------------------|------------------------------|-------------------------------------|
+//! | 1 append_entries    | json AppendEntriesRequest    | OK json AppendEntriesResponse       |
+//! | 2 vote, 3 pre_vote  | json VoteRequest             | OK json VoteResponse                |
+//! | 4 full snapshot     | json {vote, meta, records}   | OK json SnapshotResponse            |
+//! | 5 application       | raw bytes                    | OK raw bytes, or NOT_LEADER json    |
+//!
+//! `ERR <utf-8 message>` answers any request the server could not serve. Bad input (an
+//! oversized frame, an unknown tag, json that does not parse) closes the connection; nothing
+//! read from a socket can panic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::error::{
+    RPCError, ReplicationClosed, StreamingError, Timeout as RaftTimeout, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, RPCTypes, RaftNetworkV2};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+use super::state_machine::StateMachine;
+use super::types::{from_node_id, io_err, SnapshotMeta, SnapshotRecords, TypeConfig, Vote};
+use super::ControllerHandler;
+use crate::record::MetadataRecord;
+
+pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+
+pub const TAG_HELLO: u8 = 0;
+pub const TAG_APPEND: u8 = 1;
+pub const TAG_VOTE: u8 = 2;
+pub const TAG_PRE_VOTE: u8 = 3;
+pub const TAG_SNAPSHOT: u8 = 4;
+pub const TAG_APP: u8 = 5;
+
+pub const ANSWER_OK: u8 = 0;
+pub const ANSWER_ERR: u8 = 1;
+pub const ANSWER_NOT_LEADER: u8 = 2;
+
+/// How long a new connection may take to say who it wants.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub type RaftHandle = openraft::Raft<TypeConfig, StateMachine>;
+
+#[derive(Serialize, Deserialize)]
+struct Hello {
+    to: u64,
+    from: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct SnapshotOut<'a> {
+    vote: &'a Vote,
+    meta: &'a SnapshotMeta,
+    records: &'a [MetadataRecord],
+}
+
+#[derive(Deserialize)]
+struct SnapshotIn {
+    vote: Vote,
+    meta: SnapshotMeta,
+    records: Vec<MetadataRecord>,
+}
+
+pub async fn write_frame<W: AsyncWriteExt + Unpin>(
+    w: &mut W,
+    tag: u8,
+    body: &[u8],
+) -> io::Result<()> {
+    if body.len() + 1 > MAX_FRAME_BYTES {
+        return Err(io_err(format!(
+            "frame of {} bytes exceeds the {MAX_FRAME_BYTES} byte limit",
+            body.len() + 1
+        )));
+    }
+    let mut buf = Vec::with_capacity(5 + body.len());
+    buf.extend_from_slice(&((body.len() + 1) as u32).to_be_bytes());
+    buf.push(tag);
+    buf.extend_from_slice(body);
+    w.write_all(&buf).await?;
+    w.flush().await
+}
+
+pub async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> io::Result<(u8, Vec<u8>)> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len == 0 || len > MAX_FRAME_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame length {len} is out of bounds"),
+        ));
+    }
+    let mut tag = [0u8; 1];
+    r.read_exact(&mut tag).await?;
+    let mut body = vec![0u8; len - 1];
+    r.read_exact(&mut body).await?;
+    Ok((tag[0], body))
+}
+
+fn invalid(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server
+
+pub struct ServerCtx {
+    pub node_id: u64,
+    pub raft: RaftHandle,
+    pub handler: Arc<dyn ControllerHandler>,
+}
+
+/// Accepts connections until the returned future is dropped (dropping it closes every
+/// connection it spawned, as they live in its `JoinSet`).
+pub async fn serve(listener: TcpListener, ctx: Arc<ServerCtx>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let ctx = ctx.clone();
+                    conns.spawn(async move {
+                        if let Err(e) = serve_conn(stream, &ctx).await {
+                            if e.kind() != io::ErrorKind::UnexpectedEof {
+                                tracing::debug!(%peer, error = %e, "controller connection closed");
+                            }
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "controller listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+async fn serve_conn(mut stream: TcpStream, ctx: &ServerCtx) -> io::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let (tag, body) = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut stream))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no handshake"))??;
+    if tag != TAG_HELLO {
+        return Err(invalid(format!("expected a handshake, got tag {tag}")));
+    }
+    let hello: Hello = serde_json::from_slice(&body).map_err(invalid)?;
+    if hello.to != ctx.node_id {
+        let msg = format!(
+            "this is node {}, not node {}",
+            from_node_id(ctx.node_id),
+            from_node_id(hello.to)
+        );
+        write_frame(&mut stream, ANSWER_ERR, msg.as_bytes()).await?;
+        return Err(invalid(msg));
+    }
+    let me = serde_json::to_vec(&ctx.node_id).map_err(io_err)?;
+    write_frame(&mut stream, ANSWER_OK, &me).await?;
+    loop {
+        let (tag, body) = read_frame(&mut stream).await?;
+        let (answer, out) = match tag {
+            TAG_APPEND => {
+                let req: AppendEntriesRequest<TypeConfig> =
+                    serde_json::from_slice(&body).map_err(invalid)?;
+                json_answer(ctx.raft.append_entries(req).await)
+            }
+            TAG_VOTE => {
+                let req: VoteRequest<TypeConfig> =
+                    serde_json::from_slice(&body).map_err(invalid)?;
+                json_answer(ctx.raft.vote(req).await)
+            }
+            TAG_PRE_VOTE => {
+                let req: VoteRequest<TypeConfig> =
+                    serde_json::from_slice(&body).map_err(invalid)?;
+                json_answer(ctx.raft.pre_vote(req).await)
+            }
+            TAG_SNAPSHOT => {
+                let req: SnapshotIn = serde_json::from_slice(&body).map_err(invalid)?;
+                let snap = openraft::alias::SnapshotOf::<TypeConfig, SnapshotRecords> {
+                    meta: req.meta,
+                    snapshot: SnapshotRecords(Arc::new(req.records)),
+                };
+                json_answer(ctx.raft.install_full_snapshot(req.vote, snap).await)
+            }
+            TAG_APP => {
+                if ctx.raft.is_leader() {
+                    (ANSWER_OK, ctx.handler.handle(body).await)
+                } else {
+                    let leader = ctx
+                        .raft
+                        .metrics()
+                        .borrow_watched()
+                        .current_leader
+                        .map(from_node_id);
+                    (
+                        ANSWER_NOT_LEADER,
+                        serde_json::to_vec(&leader).map_err(io_err)?,
+                    )
+                }
+            }
+            other => return Err(invalid(format!("unknown request tag {other}"))),
+        };
+        write_frame(&mut stream, answer, &out).await?;
+    }
+}
+
+fn json_answer<T: Serialize, E: std::fmt::Display>(r: Result<T, E>) -> (u8, Vec<u8>) {
+    match r {
+        Ok(v) => match serde_json::to_vec(&v) {
+            Ok(b) => (ANSWER_OK, b),
+            Err(e) => (ANSWER_ERR, e.to_string().into_bytes()),
+        },
+        Err(e) => (ANSWER_ERR, e.to_string().into_bytes()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client
+
+/// Connects to `addr` and checks that node `to` answers there.
+pub async fn connect(addr: SocketAddr, to: u64, from: Option<u64>) -> io::Result<TcpStream> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let _ = stream.set_nodelay(true);
+    let hello = serde_json::to_vec(&Hello { to, from }).map_err(io_err)?;
+    write_frame(&mut stream, TAG_HELLO, &hello).await?;
+    let (answer, body) = read_frame(&mut stream).await?;
+    if answer != ANSWER_OK {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!(
+                "{addr} refused the handshake for node {}: {}",
+                from_node_id(to),
+                String::from_utf8_lossy(&body)
+            ),
+        ));
+    }
+    let id: u64 = serde_json::from_slice(&body).map_err(invalid)?;
+    if id != to {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!(
+                "{addr} is node {}, expected node {}",
+                from_node_id(id),
+                from_node_id(to)
+            ),
+        ));
+    }
+    Ok(stream)
+}
+
+async fn exchange(stream: &mut TcpStream, tag: u8, body: &[u8]) -> io::Result<(u8, Vec<u8>)> {
+    write_frame(stream, tag, body).await?;
+    read_frame(stream).await
+}
+
+enum CallError {
+    Io(io::Error),
+    Timeout,
+}
+
+/// One lazily opened connection to one peer, reopened after any error.
+pub struct PeerClient {
+    me: u64,
+    target: u64,
+    addr: Option<SocketAddr>,
+    conn: Option<TcpStream>,
+}
+
+impl PeerClient {
+    async fn call_once(&mut self, tag: u8, body: &[u8]) -> io::Result<(u8, Vec<u8>)> {
+        let reused = self.conn.is_some();
+        let mut stream = match self.conn.take() {
+            Some(s) => s,
+            None => self.open().await?,
+        };
+        match exchange(&mut stream, tag, body).await {
+            Ok(r) => {
+                self.conn = Some(stream);
+                Ok(r)
+            }
+            // A kept connection may have died while idle (the peer restarted): one fresh try.
+            Err(_) if reused => {
+                let mut stream = self.open().await?;
+                let r = exchange(&mut stream, tag, body).await?;
+                self.conn = Some(stream);
+                Ok(r)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn open(&self) -> io::Result<TcpStream> {
+        let addr = self.addr.ok_or_else(|| {
+            io_err(format!(
+                "no address known for node {}",
+                from_node_id(self.target)
+            ))
+        })?;
+        connect(addr, self.target, Some(self.me)).await
+    }
+
+    async fn call<Resp: DeserializeOwned>(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        ttl: Duration,
+    ) -> Result<Resp, CallError> {
+        let r = match tokio::time::timeout(ttl, self.call_once(tag, body)).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.conn = None;
+                return Err(CallError::Timeout);
+            }
+        };
+        let (answer, body) = r.map_err(CallError::Io)?;
+        match answer {
+            ANSWER_OK => serde_json::from_slice(&body).map_err(|e| {
+                self.conn = None;
+                CallError::Io(invalid(e))
+            }),
+            _ => Err(CallError::Io(io_err(format!(
+                "node {} answered: {}",
+                from_node_id(self.target),
+                String::from_utf8_lossy(&body)
+            )))),
+        }
+    }
+
+    fn rpc_error(&self, e: CallError, action: RPCTypes, ttl: Duration) -> RPCError<TypeConfig> {
+        match e {
+            CallError::Io(e) => RPCError::Unreachable(Unreachable::new(&e)),
+            CallError::Timeout => RPCError::Timeout(RaftTimeout {
+                action,
+                id: self.me,
+                target: self.target,
+                timeout: ttl,
+            }),
+        }
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerClient {
+    type SnapshotData = SnapshotRecords;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let ttl = option.soft_ttl();
+        let body =
+            serde_json::to_vec(&rpc).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        self.call(TAG_APPEND, &body, ttl)
+            .await
+            .map_err(|e| self.rpc_error(e, RPCTypes::AppendEntries, ttl))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let ttl = option.soft_ttl();
+        let body =
+            serde_json::to_vec(&rpc).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        self.call(TAG_VOTE, &body, ttl)
+            .await
+            .map_err(|e| self.rpc_error(e, RPCTypes::Vote, ttl))
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let ttl = option.soft_ttl();
+        let body =
+            serde_json::to_vec(&rpc).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        self.call(TAG_PRE_VOTE, &body, ttl)
+            .await
+            .map_err(|e| self.rpc_error(e, RPCTypes::Vote, ttl))
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: openraft::alias::SnapshotOf<TypeConfig, SnapshotRecords>,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let ttl = option.soft_ttl();
+        let body = serde_json::to_vec(&SnapshotOut {
+            vote: &vote,
+            meta: &snapshot.meta,
+            records: &snapshot.snapshot.0,
+        })
+        .map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?;
+        tokio::select! {
+            closed = cancel => {
+                self.conn = None;
+                Err(StreamingError::Closed(closed))
+            }
+            r = self.call(TAG_SNAPSHOT, &body, ttl) => r.map_err(|e| match e {
+                CallError::Io(e) => StreamingError::Unreachable(Unreachable::new(&e)),
+                CallError::Timeout => StreamingError::Timeout(RaftTimeout {
+                    action: RPCTypes::InstallSnapshot,
+                    id: self.me,
+                    target: self.target,
+                    timeout: ttl,
+                }),
+            }),
+        }
+    }
+}
+
+/// Creates a `PeerClient` per replication stream; addresses come from the configured voters
+/// (falling back to the address stored in the membership).
+#[derive(Clone)]
+pub struct NetworkFactory {
+    pub me: u64,
+    pub addrs: Arc<BTreeMap<u64, SocketAddr>>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerClient {
+        let addr = self
+            .addrs
+            .get(&target)
+            .copied()
+            .or_else(|| node.addr.parse().ok());
+        PeerClient {
+            me: self.me,
+            target,
+            addr,
+            conn: None,
+        }
+    }
+}
+
+/// What the active controller answered to an application request.
+pub enum AppAnswer {
+    Ok(Vec<u8>),
+    NotLeader(Option<i32>),
+}
+
+/// Pooled connections for application requests to the active controller.
+pub struct AppClient {
+    pub me: u64,
+    pub addrs: Arc<BTreeMap<u64, SocketAddr>>,
+    pool: Mutex<HashMap<u64, Vec<TcpStream>>>,
+}
+
+impl AppClient {
+    pub fn new(me: u64, addrs: Arc<BTreeMap<u64, SocketAddr>>) -> Self {
+        AppClient {
+            me,
+            addrs,
+            pool: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn take(&self, target: u64) -> Option<TcpStream> {
+        self.pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&target)
+            .and_then(|v| v.pop())
+    }
+
+    fn put(&self, target: u64, stream: TcpStream) {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let conns = pool.entry(target).or_default();
+        if conns.len() < 8 {
+            conns.push(stream);
+        }
+    }
+
+    /// Sends one request to `target` (the caller bounds the time).
+    pub async fn call(&self, target: u64, request: &[u8]) -> io::Result<AppAnswer> {
+        let addr = *self.addrs.get(&target).ok_or_else(|| {
+            io_err(format!(
+                "node {} is not a configured voter",
+                from_node_id(target)
+            ))
+        })?;
+        let (mut stream, reused) = match self.take(target) {
+            Some(s) => (s, true),
+            None => (connect(addr, target, Some(self.me)).await?, false),
+        };
+        let (answer, body) = match exchange(&mut stream, TAG_APP, request).await {
+            Ok(r) => r,
+            Err(_) if reused => {
+                stream = connect(addr, target, Some(self.me)).await?;
+                exchange(&mut stream, TAG_APP, request).await?
+            }
+            Err(e) => return Err(e),
+        };
+        let out = match answer {
+            ANSWER_OK => AppAnswer::Ok(body),
+            ANSWER_NOT_LEADER => {
+                AppAnswer::NotLeader(serde_json::from_slice(&body).map_err(invalid)?)
+            }
+            _ => {
+                return Err(io_err(format!(
+                    "node {} answered: {}",
+                    from_node_id(target),
+                    String::from_utf8_lossy(&body)
+                )))
+            }
+        };
+        self.put(target, stream);
+        Ok(out)
+    }
+}
