@@ -11,6 +11,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 
+pub mod cluster;
 pub mod proxy;
 
 /// The strom binary: `STROM_BIN`, else the release (then debug) build in the target dir.
@@ -106,19 +107,31 @@ impl StromProcess {
             std::process::id(),
             free_port()
         ));
-        let mut p = StromProcess {
+        let mut p = Self::new_stopped(data_dir, tmp, port, args, log_path);
+        p.spawn();
+        p
+    }
+
+    fn new_stopped(
+        data_dir: PathBuf,
+        tmp: Option<tempfile::TempDir>,
+        port: Option<u16>,
+        args: Vec<String>,
+        log_path: PathBuf,
+    ) -> StromProcess {
+        StromProcess {
             child: None,
             port: port.unwrap_or_else(free_port),
             data_dir,
             _tmp: tmp,
             args,
             log_path,
-        };
-        p.spawn();
-        p
+        }
     }
 
-    fn spawn(&mut self) {
+    /// Starts the process without waiting for its listener (cluster nodes listen only once a
+    /// quorum exists, so they must all be started first).
+    pub fn spawn_nowait(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -136,7 +149,11 @@ impl StromProcess {
             .spawn()
             .expect("spawn strom");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
+    }
+
+    /// Waits (bounded) until the Kafka listener accepts connections.
+    pub fn wait_listening(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
         while TcpStream::connect(self.addr()).is_err() {
             if let Some(status) = self
                 .child
@@ -152,6 +169,11 @@ impl StromProcess {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    fn spawn(&mut self) {
+        self.spawn_nowait();
+        self.wait_listening(Duration::from_secs(20));
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -227,14 +249,19 @@ pub struct RawClient {
 
 impl RawClient {
     pub fn connect(addr: SocketAddr) -> RawClient {
-        let stream = TcpStream::connect(addr).unwrap();
+        Self::try_connect(addr).expect("connect")
+    }
+
+    /// Connects with short timeouts (cluster probes must not hang on a paused node).
+    pub fn try_connect(addr: SocketAddr) -> Option<RawClient> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        RawClient {
+            .ok()?;
+        Some(RawClient {
             stream,
             correlation_id: 0,
-        }
+        })
     }
 
     pub fn send_bytes(&mut self, body: &[u8]) -> std::io::Result<()> {

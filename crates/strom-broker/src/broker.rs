@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use strom_meta::image::MetadataDelta;
+use strom_meta::raft::{Committed, RaftConfig, RaftMetadataLog};
 use strom_meta::{Controller, FileMetadataLog, MetadataImage, MetadataLog, MetadataRecord};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -37,6 +38,19 @@ pub struct BrokerOptions {
     pub config: BrokerConfig,
     /// Benchmark baseline: acknowledge Produce without storing anything.
     pub null_sink: bool,
+    /// Member of a replicated cluster (`--controller-quorum`); `None`: a one-node cluster.
+    pub cluster: Option<crate::cluster::ClusterOptions>,
+}
+
+/// Where metadata records are made durable and ordered.
+enum MetadataBackend {
+    /// A one-node cluster: a local file log, appended and applied under one lock.
+    Local(Mutex<FileMetadataLog>),
+    /// A Raft quorum: records go to the active controller; every node applies what commits.
+    Raft {
+        log: RaftMetadataLog,
+        service: Arc<crate::cluster::ControllerService>,
+    },
 }
 
 pub struct Broker {
@@ -52,8 +66,13 @@ pub struct Broker {
     /// Serialises the creation of `__consumer_offsets`.
     pub(crate) offsets_topic_init: Mutex<()>,
     controller: Controller,
-    metadata_log: Mutex<FileMetadataLog>,
+    metadata: MetadataBackend,
     image: parking_lot::RwLock<Arc<MetadataImage>>,
+    /// The offset of the published image, for waiting on metadata to arrive.
+    image_offset: watch::Sender<i64>,
+    /// Serialises publishing images (the Raft applier and local commits).
+    publish_lock: Mutex<()>,
+    pub fetchers: crate::replication::ReplicaFetchers,
     producer_ids: Mutex<(i64, i64)>,
     pub connections: AtomicUsize,
     pub request_memory: RequestMemory,
@@ -99,6 +118,8 @@ pub enum StartError {
     Log(#[from] strom_log::LogError),
     #[error("listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
+    #[error("joining the metadata quorum: {0}")]
+    Quorum(String),
 }
 
 fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StartError> {
@@ -151,16 +172,17 @@ impl Broker {
             sync_dir(&dir);
         }
 
-        let mut mlog = FileMetadataLog::open(&dir.join("__cluster_metadata-0"))?;
-        let (mut image, _) = MetadataImage::empty().apply(0, mlog.committed());
-        if image.cluster_id.is_empty() {
-            let id = uuid::Uuid::new_v4();
-            let recs = vec![MetadataRecord::ClusterId {
-                cluster_id: base64_url(id.as_bytes()),
-            }];
-            let first = mlog.append(&recs)?;
-            image = image.apply(first, &recs).0;
-        }
+        let (metadata, mut image, committed_rx) = match &opts.cluster {
+            None => {
+                let mlog = FileMetadataLog::open(&dir.join("__cluster_metadata-0"))?;
+                let (image, _) = MetadataImage::empty().apply(0, mlog.committed());
+                (MetadataBackend::Local(Mutex::new(mlog)), image, None)
+            }
+            Some(c) => {
+                let (log, service, image, rx) = join_quorum(&opts, c, &dir).await?;
+                (MetadataBackend::Raft { log, service }, image, Some(rx))
+            }
+        };
 
         let listener = TcpListener::bind(opts.listen)
             .await
@@ -172,24 +194,35 @@ impl Broker {
             .advertise
             .clone()
             .unwrap_or((local_addr.ip().to_string(), local_addr.port()));
-        let me = MetadataRecord::RegisterBroker {
-            broker_id: opts.node_id,
-            host: host.clone(),
-            port: port as i32,
-            rack: None,
-        };
-        let registered = image
-            .brokers
-            .get(&opts.node_id)
-            .is_some_and(|b| b.host == host && b.port == port as i32);
-        if !registered {
-            let first = mlog.append(std::slice::from_ref(&me))?;
-            image = image.apply(first, std::slice::from_ref(&me)).0;
+        let rack = Some(opts.config.get("broker.rack")).filter(|r| !r.is_empty());
+        if let MetadataBackend::Local(mlog) = &metadata {
+            let mut mlog = mlog.lock();
+            let mut records = Vec::new();
+            if image.cluster_id.is_empty() {
+                records.push(MetadataRecord::ClusterId {
+                    cluster_id: new_cluster_id(),
+                });
+            }
+            let registered = image.brokers.get(&opts.node_id).is_some_and(|b| {
+                b.host == host && b.port == port as i32 && b.rack == rack && !b.fenced
+            });
+            if !registered {
+                records.push(MetadataRecord::RegisterBroker {
+                    broker_id: opts.node_id,
+                    host: host.clone(),
+                    port: port as i32,
+                    rack: rack.clone(),
+                });
+            }
+            if !records.is_empty() {
+                let first = mlog.append(&records)?;
+                image = image.apply(first, &records).0;
+            }
         }
 
         opts.config.set_dynamic(opts.node_id, &image.broker_configs);
-        let replicas =
-            ReplicaManager::new(dir.clone()).map_err(|e| StartError::DataDir(dir.clone(), e))?;
+        let replicas = ReplicaManager::new(opts.node_id, dir.clone())
+            .map_err(|e| StartError::DataDir(dir.clone(), e))?;
         let started = std::time::Instant::now();
         replicas.load(&opts.config, &image, clean_shutdown)?;
         tracing::info!(
@@ -200,6 +233,7 @@ impl Broker {
         );
 
         let groups = GroupCoordinator::new(group_config(&opts.config));
+        let image_offset = watch::channel(image.offset).0;
         if let Some(t) = image.topic(OFFSETS_TOPIC) {
             // Loaded in the background once serving; until then COORDINATOR_LOAD_IN_PROGRESS.
             groups.begin_load(t.partitions.len() as i32);
@@ -220,14 +254,29 @@ impl Broker {
             groups,
             offsets_topic_init: Mutex::new(()),
             controller: Controller::default(),
-            metadata_log: Mutex::new(mlog),
+            metadata,
             image: parking_lot::RwLock::new(Arc::new(image)),
+            image_offset,
+            publish_lock: Mutex::new(()),
+            fetchers: crate::replication::ReplicaFetchers::default(),
             producer_ids: Mutex::new((0, 0)),
             connections: AtomicUsize::new(0),
             request_memory: RequestMemory::new(opts.config.i64("queued.max.request.bytes")),
             shutdown_tx,
             config: opts.config,
         });
+        broker.fetchers.attach(&broker);
+        if let (MetadataBackend::Raft { service, .. }, Some(rx)) = (&broker.metadata, committed_rx)
+        {
+            service.attach(&broker);
+            tokio::spawn(run_applier(broker.clone(), rx));
+            broker
+                .register(host_port_rack(&broker, rack))
+                .await
+                .map_err(StartError::Quorum)?;
+        }
+        // Followers start fetching; leaders start tracking their followers.
+        broker.on_leadership_changed(broker.replicas.all());
         Ok(RunningBroker {
             broker,
             local_addr,
@@ -244,44 +293,248 @@ impl Broker {
         &self.controller
     }
 
-    /// Builds records from the current image, makes them durable in the metadata log, publishes
-    /// the new image and applies the change to the hosted partitions — all under one lock, so
-    /// metadata changes are totally ordered.
+    pub fn raft(&self) -> Option<&RaftMetadataLog> {
+        match &self.metadata {
+            MetadataBackend::Raft { log, .. } => Some(log),
+            MetadataBackend::Local(_) => None,
+        }
+    }
+
+    pub fn controller_service_arc(&self) -> Option<Arc<crate::cluster::ControllerService>> {
+        match &self.metadata {
+            MetadataBackend::Raft { service, .. } => Some(service.clone()),
+            MetadataBackend::Local(_) => None,
+        }
+    }
+
+    /// The active controller's node id: the Raft leader, or this node on its own.
+    pub fn controller_id(&self) -> i32 {
+        match self.raft() {
+            Some(r) => r.leader().unwrap_or(-1),
+            None => self.node_id,
+        }
+    }
+
+    pub fn controller_timeout(&self) -> Duration {
+        Duration::from_millis(
+            self.config
+                .i64("controller.quorum.request.timeout.ms")
+                .max(10) as u64,
+        )
+    }
+
+    /// Resolves once the published image has reached `offset`.
+    pub async fn wait_image(&self, offset: i64, timeout: Duration) -> Result<(), String> {
+        let mut rx = self.image_offset.subscribe();
+        let reached = tokio::time::timeout(timeout, rx.wait_for(|o| *o >= offset))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if reached {
+            Ok(())
+        } else {
+            Err(format!("metadata did not reach offset {offset} in time"))
+        }
+    }
+
+    /// Builds records from the current image, makes them durable in the metadata log and
+    /// publishes the new image (applying the change to the hosted partitions). One node: all
+    /// under one lock, so metadata changes are totally ordered. A cluster: the active
+    /// controller appends them only if its image is the one they were built from; otherwise
+    /// this broker catches up and builds them again.
     pub fn commit_metadata<E: From<String>>(
         &self,
-        build: impl FnOnce(&MetadataImage) -> Result<Vec<MetadataRecord>, E>,
+        build: impl FnMut(&MetadataImage) -> Result<Vec<MetadataRecord>, E>,
     ) -> Result<Arc<MetadataImage>, E> {
-        tokio::task::block_in_place(|| {
-            let mut mlog = self.metadata_log.lock();
+        tokio::task::block_in_place(|| match &self.metadata {
+            MetadataBackend::Local(mlog) => self.commit_local(mlog, build),
+            MetadataBackend::Raft { .. } => {
+                tokio::runtime::Handle::current().block_on(self.commit_remote(build))
+            }
+        })
+    }
+
+    /// `commit_metadata` for async callers.
+    pub async fn commit_metadata_async<E: From<String>>(
+        &self,
+        build: impl FnMut(&MetadataImage) -> Result<Vec<MetadataRecord>, E>,
+    ) -> Result<Arc<MetadataImage>, E> {
+        match &self.metadata {
+            MetadataBackend::Local(mlog) => {
+                tokio::task::block_in_place(|| self.commit_local(mlog, build))
+            }
+            MetadataBackend::Raft { .. } => self.commit_remote(build).await,
+        }
+    }
+
+    fn commit_local<E: From<String>>(
+        &self,
+        mlog: &Mutex<FileMetadataLog>,
+        mut build: impl FnMut(&MetadataImage) -> Result<Vec<MetadataRecord>, E>,
+    ) -> Result<Arc<MetadataImage>, E> {
+        let mut mlog = mlog.lock();
+        let current = self.image();
+        let records = build(&current)?;
+        if records.is_empty() {
+            return Ok(current);
+        }
+        let first = mlog
+            .append(&records)
+            .map_err(|e| E::from(format!("metadata log: {e}")))?;
+        let (next, delta) = current.apply(first, &records);
+        self.publish(next, delta).map_err(E::from)
+    }
+
+    async fn commit_remote<E: From<String>>(
+        &self,
+        mut build: impl FnMut(&MetadataImage) -> Result<Vec<MetadataRecord>, E>,
+    ) -> Result<Arc<MetadataImage>, E> {
+        use crate::cluster::{ControllerRequest, ControllerResponse};
+        let timeout = self.controller_timeout();
+        let deadline = tokio::time::Instant::now() + timeout * 4;
+        loop {
             let current = self.image();
             let records = build(&current)?;
             if records.is_empty() {
                 return Ok(current);
             }
-            let first = mlog
-                .append(&records)
-                .map_err(|e| E::from(format!("metadata log: {e}")))?;
-            let (next, delta): (MetadataImage, MetadataDelta) = current.apply(first, &records);
-            let next = Arc::new(next);
-            *self.image.write() = next.clone();
-            if delta.changed_broker_configs {
-                self.config.set_dynamic(self.node_id, &next.broker_configs);
+            let req = ControllerRequest::Append {
+                expected_offset: current.offset,
+                records,
+            };
+            let resp = crate::cluster::call(self, &req).await.map_err(E::from)?;
+            match resp {
+                ControllerResponse::Appended { offset } => {
+                    self.wait_image(offset, timeout).await.map_err(E::from)?;
+                    return Ok(self.image());
+                }
+                ControllerResponse::Stale { offset } => {
+                    let _ = self.wait_image(offset, timeout).await;
+                }
+                ControllerResponse::NotController | ControllerResponse::Ok => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                ControllerResponse::Error(e) => return Err(E::from(e)),
             }
-            if let Err(e) = self.replicas.apply_delta(&self.config, &next, &delta) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(E::from(
+                    "the metadata change did not commit in time".to_string(),
+                ));
+            }
+        }
+    }
+
+    /// Publishes a new image and brings the hosted partitions, dynamic configs and groups in
+    /// line with it. Callers serialise (the local log lock, or the one Raft applier).
+    fn publish(
+        &self,
+        next: MetadataImage,
+        delta: MetadataDelta,
+    ) -> Result<Arc<MetadataImage>, String> {
+        let _guard = self.publish_lock.lock();
+        let next = Arc::new(next);
+        *self.image.write() = next.clone();
+        if delta.changed_broker_configs {
+            self.config.set_dynamic(self.node_id, &next.broker_configs);
+        }
+        let changed = match self
+            .replicas
+            .apply_delta(&self.config, &next, &delta, now_ms())
+        {
+            Ok(c) => c,
+            Err(e) => {
                 tracing::error!(error = %e, "applying a metadata change to the logs failed");
-                return Err(E::from(format!("applying metadata: {e}")));
+                self.image_offset.send_replace(next.offset);
+                return Err(format!("applying metadata: {e}"));
             }
-            let deleted: Vec<String> = delta
-                .deleted_topics
+        };
+        for (name, _, parts) in &delta.deleted_topics {
+            for p in parts {
+                self.fetchers.remove(name, *p);
+            }
+        }
+        let deleted: Vec<String> = delta
+            .deleted_topics
+            .iter()
+            .map(|(name, _, _)| name.clone())
+            .filter(|n| n != OFFSETS_TOPIC)
+            .collect();
+        if !deleted.is_empty() {
+            self.groups.on_topics_deleted(self, &deleted);
+        }
+        self.image_offset.send_replace(next.offset);
+        if !changed.is_empty() {
+            self.on_leadership_changed(changed);
+        }
+        Ok(next)
+    }
+
+    /// Applies one committed entry of the Raft metadata log.
+    fn apply_committed(&self, committed: Committed) {
+        let current = self.image();
+        let (next, delta) = match committed {
+            Committed::Batch { offset, records } => current.apply_batch(offset, &records),
+            Committed::Snapshot { offset, records } => {
+                let (next, _) = MetadataImage::empty().apply_batch(offset, &records);
+                let delta = current.diff(&next);
+                (next, delta)
+            }
+        };
+        if let Err(e) = self.publish(next, delta) {
+            tracing::error!(error = %e, "publishing committed metadata failed");
+        }
+    }
+
+    /// Partitions whose leadership changed: followers (re)start fetching from their leader.
+    pub fn on_leadership_changed(&self, parts: Vec<Arc<crate::partition::Partition>>) {
+        for p in parts {
+            self.fetchers.update(self.node_id, &p);
+        }
+    }
+
+    /// Cluster start: registers this broker (fenced, so leaderships it held before a restart
+    /// move on with a new leader epoch before it serves) and the cluster id if none exists.
+    /// The heartbeat loop unfences it.
+    async fn register(
+        &self,
+        (host, port, rack): (String, i32, Option<String>),
+    ) -> Result<(), String> {
+        let me = self.node_id;
+        self.commit_metadata_async::<String>(|img| {
+            let mut records = Vec::new();
+            if img.cluster_id.is_empty() {
+                records.push(MetadataRecord::ClusterId {
+                    cluster_id: new_cluster_id(),
+                });
+            }
+            let same = img
+                .brokers
+                .get(&me)
+                .is_some_and(|b| b.host == host && b.port == port && b.rack == rack);
+            if !same {
+                records.push(MetadataRecord::RegisterBroker {
+                    broker_id: me,
+                    host: host.clone(),
+                    port,
+                    rack: rack.clone(),
+                });
+            }
+            let (after, _) = img.apply(img.offset, &records);
+            records.extend(
+                self.controller
+                    .fence_broker(&after, me, &|t| crate::cluster::unclean_allowed(self, t)),
+            );
+            if !records
                 .iter()
-                .map(|(name, _, _)| name.clone())
-                .filter(|n| n != OFFSETS_TOPIC)
-                .collect();
-            if !deleted.is_empty() {
-                self.groups.on_topics_deleted(self, &deleted);
+                .any(|r| matches!(r, MetadataRecord::FenceBroker { .. }))
+                && !after.brokers.get(&me).is_some_and(|b| b.fenced)
+            {
+                records.push(MetadataRecord::FenceBroker { broker_id: me });
             }
-            Ok(next)
+            Ok(records)
         })
+        .await?;
+        tracing::info!(node_id = me, "registered with the controller");
+        Ok(())
     }
 
     /// Next producer id (KIP-98 InitProducerId), reserving a new block in the metadata log when
@@ -343,6 +596,11 @@ impl RunningBroker {
         let group_ticker = tokio::spawn(group_ticker(broker.clone()));
         let retention = tokio::spawn(retention_checker(broker.clone()));
         let cleaner = tokio::spawn(crate::cleaner::run(broker.clone()));
+        let isr = tokio::spawn(crate::replication::isr_ticker(broker.clone()));
+        let heartbeats = broker
+            .raft()
+            .is_some()
+            .then(|| tokio::spawn(crate::cluster::heartbeat_loop(broker.clone())));
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
@@ -370,6 +628,17 @@ impl RunningBroker {
             }
         }
         drop(listener);
+        if broker.raft().is_some() {
+            // Controlled shutdown: leaderships move to other in-sync replicas first, so
+            // producers fail over at once instead of after the session timeout.
+            let req = crate::cluster::ControllerRequest::ControlledShutdown {
+                broker_id: broker.node_id,
+            };
+            match crate::cluster::call(&broker, &req).await {
+                Ok(_) => tracing::info!("controlled shutdown: leaderships moved"),
+                Err(e) => tracing::warn!(error = %e, "controlled shutdown failed; leaving anyway"),
+            }
+        }
         tracing::info!("shutting down: draining connections");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while broker.connections.load(Ordering::Acquire) > 0
@@ -382,6 +651,13 @@ impl RunningBroker {
         retention.abort();
         cleaner.abort();
         flusher.abort();
+        isr.abort();
+        if let Some(h) = heartbeats {
+            h.abort();
+        }
+        if let Some(raft) = broker.raft() {
+            raft.shutdown().await;
+        }
         let dir = broker.data_dir.clone();
         tokio::task::block_in_place(|| broker.replicas.close_all())?;
         let marker = dir.join(CLEAN_SHUTDOWN_FILE);
@@ -437,6 +713,99 @@ async fn group_ticker(broker: Arc<Broker>) {
         let image = broker.image();
         let topics = |name: &str| crate::groups::topic_info(&image, name);
         broker.groups.tick(&*broker, &topics, now_ms());
+    }
+}
+
+fn new_cluster_id() -> String {
+    base64_url(uuid::Uuid::new_v4().as_bytes())
+}
+
+fn host_port_rack(broker: &Broker, rack: Option<String>) -> (String, i32, Option<String>) {
+    (broker.advertised_host.clone(), broker.advertised_port, rack)
+}
+
+/// Starts this node's member of the metadata quorum and replays what is committed, until the
+/// node has caught up with the leader.
+async fn join_quorum(
+    opts: &BrokerOptions,
+    c: &crate::cluster::ClusterOptions,
+    dir: &Path,
+) -> Result<
+    (
+        RaftMetadataLog,
+        Arc<crate::cluster::ControllerService>,
+        MetadataImage,
+        tokio::sync::mpsc::Receiver<Committed>,
+    ),
+    StartError,
+> {
+    let listener = TcpListener::bind(c.controller_listen)
+        .await
+        .map_err(|e| StartError::Listen(c.controller_listen, e))?;
+    let election_ms = opts
+        .config
+        .i64("controller.quorum.election.timeout.ms")
+        .max(10) as u64;
+    let cfg = RaftConfig {
+        node_id: opts.node_id,
+        voters: c.quorum.clone(),
+        dir: dir.join("__cluster_metadata-0"),
+        election_timeout_min_ms: election_ms,
+        election_timeout_max_ms: election_ms * 2,
+        heartbeat_interval_ms: (election_ms / 6).max(5),
+        snapshot_every_entries: 10_000,
+    };
+    let service = crate::cluster::ControllerService::new();
+    let (log, mut rx) = RaftMetadataLog::start(cfg, listener, service.clone())
+        .await
+        .map_err(|e| StartError::Quorum(e.to_string()))?;
+    let mut image = MetadataImage::empty();
+    let started = std::time::Instant::now();
+    {
+        let caught_up = log.wait_caught_up(Duration::from_secs(120));
+        tokio::pin!(caught_up);
+        loop {
+            tokio::select! {
+                c = rx.recv() => match c {
+                    Some(c) => image = apply_to(&image, c),
+                    None => return Err(StartError::Quorum("metadata quorum stopped".into())),
+                },
+                r = &mut caught_up => {
+                    r.map_err(|e| StartError::Quorum(e.to_string()))?;
+                    break;
+                }
+            }
+        }
+    }
+    while image.offset < log.applied_offset() {
+        match rx.recv().await {
+            Some(c) => image = apply_to(&image, c),
+            None => return Err(StartError::Quorum("metadata quorum stopped".into())),
+        }
+    }
+    tracing::info!(
+        offset = image.offset,
+        leader = ?log.leader(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "caught up with the metadata quorum"
+    );
+    Ok((log, service, image, rx))
+}
+
+fn apply_to(image: &MetadataImage, c: Committed) -> MetadataImage {
+    match c {
+        Committed::Batch { offset, records } => image.apply_batch(offset, &records).0,
+        Committed::Snapshot { offset, records } => {
+            MetadataImage::empty().apply_batch(offset, &records).0
+        }
+    }
+}
+
+/// Applies committed metadata as the quorum delivers it.
+async fn run_applier(broker: Arc<Broker>, mut rx: tokio::sync::mpsc::Receiver<Committed>) {
+    while let Some(c) = rx.recv().await {
+        let b = broker.clone();
+        tokio::task::block_in_place(move || b.apply_committed(c));
     }
 }
 

@@ -112,6 +112,18 @@ pub static REGISTRY: &[ConfigDef] = &[
     def!("min.insync.replicas", Int, "1", Broker, None, &[], Some(1), "Default of the topic min.insync.replicas."),
     def!("strom.max.decompressed.bytes", Int, "67108864", Broker, None, &[], Some(1024), "Upper bound on the output of any decompression the broker performs."),
     def!("strom.connection.max.pipelined.requests", Int, "500", Broker, None, &[], Some(1), "Requests read ahead on one connection while earlier responses are pending."),
+    // Replication and the cluster (used with --controller-quorum).
+    def!("broker.rack", String, "", Broker, None, &[], None, "Rack (or zone) of this broker: replicas of a partition are spread over racks, and consumers with client.rack may fetch from a replica in theirs."),
+    def!("broker.heartbeat.interval.ms", Int, "200", Broker, None, &[], Some(10), "How often a broker heartbeats to the active controller. Strom's default is 200 ms (Kafka's 2000) so that failover stays under 2 s."),
+    def!("broker.session.timeout.ms", Int, "1200", Broker, None, &[], Some(50), "A broker that has not heartbeated for this long is fenced: its leaderships move to other in-sync replicas. Strom's default is 1200 ms (Kafka's 9000) so that failover stays under 2 s."),
+    def!("unclean.leader.election.enable", Boolean, "false", Broker, None, &[], None, "Default of the topic unclean.leader.election.enable."),
+    def!("replica.lag.time.max.ms", Long, "30000", Broker, None, &[], Some(1), "A follower that has not caught up with the leader's log end for this long leaves the ISR."),
+    def!("replica.fetch.max.bytes", Int, "1048576", Broker, None, &[], Some(0), "Bytes a follower asks for per partition in one fetch (at least one batch is always returned)."),
+    def!("replica.fetch.response.max.bytes", Int, "10485760", Broker, None, &[], Some(0), "Bytes a follower asks for in one fetch across partitions."),
+    def!("replica.fetch.wait.max.ms", Int, "500", Broker, None, &[], Some(0), "Longest a follower's fetch waits at the leader for new data."),
+    def!("replica.fetch.backoff.ms", Int, "1000", Broker, None, &[], Some(0), "Pause after a follower's fetch failed before it tries again."),
+    def!("controller.quorum.election.timeout.ms", Int, "600", Broker, None, &[], Some(10), "Raft election timeout of the metadata quorum (randomised between this and twice this). Strom's default is 600 ms (Kafka's 1000)."),
+    def!("controller.quorum.request.timeout.ms", Int, "2000", Broker, None, &[], Some(10), "Timeout of a request to the active controller."),
     // Group coordinator.
     def!("group.min.session.timeout.ms", Int, "6000", Broker, None, &[], Some(1), "Smallest session.timeout.ms a consumer may ask for (INVALID_SESSION_TIMEOUT below)."),
     def!("group.max.session.timeout.ms", Int, "1800000", Broker, None, &[], Some(1), "Largest session.timeout.ms a consumer may ask for."),
@@ -144,6 +156,7 @@ pub static REGISTRY: &[ConfigDef] = &[
     def!("min.compaction.lag.ms", Long, "0", Topic, Some("log.cleaner.min.compaction.lag.ms"), &[], Some(0), "Segments with records newer than this are not compacted yet."),
     def!("max.compaction.lag.ms", Long, LONG_MAX, Topic, Some("log.cleaner.max.compaction.lag.ms"), &[], Some(1), "A log with uncleaned records older than this is cleaned whatever its dirty ratio."),
     def!("compression.type", String, "producer", Topic, Some("compression.type"), &["producer", "uncompressed", "gzip", "snappy", "lz4", "zstd"], None, "producer: store batches as the producer compressed them. uncompressed, gzip, snappy, lz4, zstd: batches in another codec are recompressed on append (records, offsets and timestamps unchanged)."),
+    def!("unclean.leader.election.enable", Boolean, "false", Topic, Some("unclean.leader.election.enable"), &[], None, "Allow a replica outside the ISR to become leader when no in-sync replica is alive (acknowledged records may be lost)."),
     def!("min.insync.replicas", Int, "1", Topic, Some("min.insync.replicas"), &[], Some(1), "Minimum in-sync replicas for acks=all."),
 ];
 
@@ -232,6 +245,7 @@ pub const DYNAMIC_BROKER_CONFIGS: &[&str] = &[
     "log.cleanup.policy",
     "compression.type",
     "min.insync.replicas",
+    "unclean.leader.election.enable",
     "log.cleaner.min.cleanable.ratio",
     "log.cleaner.io.max.bytes.per.second",
     "log.cleaner.delete.retention.ms",

@@ -83,7 +83,7 @@ impl Broker {
                     self.config.i64("offsets.topic.segment.bytes").to_string(),
                 );
                 let rf = (self.config.i64("offsets.topic.replication.factor") as usize)
-                    .min(image.brokers.len().max(1)) as i16;
+                    .min(image.live_brokers().count().max(1)) as i16;
                 let n = self.config.i64("offsets.topic.num.partitions") as i32;
                 match crate::topics::create_topic(self, OFFSETS_TOPIC, n, rf, configs, false) {
                     Ok(_)
@@ -122,6 +122,7 @@ impl OffsetsLog for Broker {
         let part = self
             .replicas
             .get(OFFSETS_TOPIC, partition)
+            .filter(|p| p.is_leader())
             .ok_or(GroupError::NotCoordinator)?;
         let now = self.now_ms();
         let records: Vec<NewRecord> = records
@@ -143,10 +144,15 @@ impl OffsetsLog for Broker {
             }
         })?;
         let end = outcome.last_offset + 1;
+        let timeout = self.controller_timeout() * 3;
         Ok(Box::pin(async move {
             part.wait_durable(end)
                 .await
-                .map_err(|_| GroupError::StorageError)
+                .map_err(|_| GroupError::StorageError)?;
+            // Replicated like an acks=all produce before the coordinator answers.
+            part.wait_replicated(end, 1, timeout)
+                .await
+                .map_err(|_| GroupError::NotCoordinator)
         }))
     }
 

@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod cleaner;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod error;
@@ -11,7 +12,9 @@ pub mod flusher;
 pub mod groups;
 pub mod handlers;
 pub mod partition;
+pub mod peer;
 pub mod replica_manager;
+pub mod replication;
 pub mod topics;
 
 pub use broker::{Broker, BrokerOptions, RunningBroker, StartError};

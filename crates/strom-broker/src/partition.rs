@@ -2,20 +2,71 @@
 //! an append or a read), the replica offsets (log end offset, high watermark, leader epoch), the
 //! group commit that makes appends durable, and the notification that wakes long-poll fetches.
 //!
+//! Replication: the leader tracks each follower's log end offset (the offset of its fetches,
+//! which followers send only for data they have fsynced) and the high watermark is the lowest
+//! durable log end offset of the ISR. A follower's high watermark is the leader's, capped at
+//! what it has itself made durable.
+//!
 //! Durability: with `flush.messages` = 1 (Strom's default) the high watermark is the flushed
 //! offset, so a consumer never sees a record that a crash could take back, and an acks>=1
 //! produce is answered only once its records are fsynced. Concurrent producers, on all
 //! partitions, share each fsync through the broker's `Flusher`.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use strom_log::cleaner::CleanTarget;
 use strom_log::{AppendOutcome, FlushTarget, Log, LogConfig, LogError};
 use tokio::sync::{watch, Notify};
 
 use crate::flusher::Flusher;
+
+/// The leader's high watermark: the lowest durable log end offset across the ISR (`None` while
+/// an ISR follower has not fetched in this leader epoch, so nothing is known of its log).
+pub fn leader_high_watermark(
+    leader_durable: i64,
+    leader: i32,
+    isr: &[i32],
+    followers: &HashMap<i32, FollowerState>,
+) -> Option<i64> {
+    let mut hw = leader_durable;
+    for r in isr.iter().filter(|r| **r != leader) {
+        match followers.get(r) {
+            Some(s) if s.log_end_offset >= 0 => hw = hw.min(s.log_end_offset),
+            _ => return None,
+        }
+    }
+    Some(hw)
+}
+
+/// Why an acks=all produce was not acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicationWait {
+    NotLeader,
+    NotEnoughReplicasAfterAppend,
+    Timeout,
+}
+
+/// This replica's view of the partition's assignment, from the metadata image.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReplicaRole {
+    pub leader: i32,
+    pub leader_epoch: i32,
+    pub partition_epoch: i32,
+    pub replicas: Vec<i32>,
+    pub isr: Vec<i32>,
+}
+
+/// What the leader knows of one follower.
+#[derive(Debug, Clone, Copy)]
+pub struct FollowerState {
+    /// Offset of the follower's last fetch (-1 until it fetched in this leader epoch).
+    pub log_end_offset: i64,
+    /// Last time the follower's fetch reached the leader's log end offset.
+    pub last_caught_up_ms: i64,
+}
 
 pub struct Partition {
     pub topic: String,
@@ -38,18 +89,29 @@ pub struct Partition {
     pub hw_advanced: Notify,
     /// Segments below this offset were compacted since the broker started (dirty-ratio base).
     pub cleaned_through: AtomicI64,
+    /// This broker's node id.
+    local_id: i32,
+    role: RwLock<ReplicaRole>,
+    /// Leader: what each follower has fetched.
+    followers: Mutex<HashMap<i32, FollowerState>>,
+    /// Follower: the leader's high watermark from its last fetch response.
+    leader_hw: AtomicI64,
+    /// Leader: an ISR change is on its way to the controller.
+    pub isr_change_pending: AtomicBool,
+    /// Woken on every append (replica fetches long-poll on it).
+    pub appended: Notify,
 }
 
 impl Partition {
     pub fn new(
-        topic: String,
-        topic_id: [u8; 16],
-        index: i32,
+        (topic, topic_id, index): (String, [u8; 16], i32),
         log: Log,
-        leader_epoch: i32,
+        local_id: i32,
+        role: ReplicaRole,
         (flush_messages, flush_ms): (i64, i64),
         flusher: Arc<Flusher>,
     ) -> Self {
+        let leader_epoch = role.leader_epoch;
         let leo = log.log_end_offset();
         let flushed = log.flushed_offset().min(leo);
         let lazy = flush_messages > 1;
@@ -68,7 +130,187 @@ impl Partition {
             flusher,
             hw_advanced: Notify::new(),
             cleaned_through: AtomicI64::new(0),
+            local_id,
+            followers: Mutex::new(HashMap::new()),
+            role: RwLock::new(role),
+            leader_hw: AtomicI64::new(-1),
+            isr_change_pending: AtomicBool::new(false),
+            appended: Notify::new(),
             log: Mutex::new(Some(log)),
+        }
+    }
+
+    pub fn role(&self) -> ReplicaRole {
+        self.role.read().clone()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.role.read().leader == self.local_id
+    }
+
+    pub fn isr_len(&self) -> usize {
+        self.role.read().isr.len()
+    }
+
+    /// A new assignment from the metadata image. Returns true when this replica's leadership
+    /// changed (became leader or follower, or a new leader epoch), which the caller acts on.
+    pub fn set_role(&self, role: ReplicaRole, now_ms: i64) -> bool {
+        let mut current = self.role.write();
+        if *current == role {
+            return false;
+        }
+        let changed = current.leader != role.leader || current.leader_epoch != role.leader_epoch;
+        if role.leader == self.local_id && changed {
+            // Kafka records the new epoch's start at election (KIP-101/279).
+            if let Err(e) = self.with_log(|log| log.start_leader_epoch(role.leader_epoch)) {
+                tracing::error!(topic = %self.topic, partition = self.index, error = %e, "recording the leader epoch failed");
+            }
+            // A new leader epoch starts with no knowledge of the followers (Kafka: -1) but
+            // treats the ISR as caught up now, so nobody is dropped before it could fetch.
+            let mut f = self.followers.lock();
+            f.clear();
+            for r in role.replicas.iter().filter(|r| **r != self.local_id) {
+                f.insert(
+                    *r,
+                    FollowerState {
+                        log_end_offset: -1,
+                        last_caught_up_ms: now_ms,
+                    },
+                );
+            }
+        }
+        self.leader_epoch
+            .store(role.leader_epoch, Ordering::Release);
+        self.isr_change_pending.store(false, Ordering::Release);
+        *current = role;
+        drop(current);
+        self.maybe_advance_hw();
+        // Waiters (acks=all, long polls) re-check their conditions under the new role.
+        self.hw_advanced.notify_waiters();
+        self.appended.notify_waiters();
+        changed
+    }
+
+    /// Leader: a follower fetched from `fetch_offset` (everything below it is durable on the
+    /// follower). Returns the ISR the leader should propose if it changes (expansion).
+    pub fn record_follower_fetch(
+        &self,
+        replica: i32,
+        fetch_offset: i64,
+        now_ms: i64,
+    ) -> Option<Vec<i32>> {
+        let role = self.role.read().clone();
+        if role.leader != self.local_id || !role.replicas.contains(&replica) {
+            return None;
+        }
+        let leo = self.log_end_offset();
+        if fetch_offset > leo {
+            // A follower that has not truncated its divergent tail yet: it proves nothing.
+            return None;
+        }
+        {
+            let mut f = self.followers.lock();
+            let st = f.entry(replica).or_insert(FollowerState {
+                log_end_offset: -1,
+                last_caught_up_ms: 0,
+            });
+            st.log_end_offset = fetch_offset;
+            if fetch_offset >= leo {
+                st.last_caught_up_ms = now_ms;
+            }
+        }
+        self.maybe_advance_hw();
+        // KIP-497 / Kafka: a follower rejoins the ISR once it has caught up to the high
+        // watermark (and so holds everything acknowledged).
+        if !role.isr.contains(&replica) && fetch_offset >= self.high_watermark() {
+            let mut isr = role.isr.clone();
+            isr.push(replica);
+            return Some(isr);
+        }
+        None
+    }
+
+    /// Leader: the ISR without followers that have not caught up for `lag_max_ms`.
+    pub fn shrunk_isr(&self, now_ms: i64, lag_max_ms: i64) -> Option<Vec<i32>> {
+        let role = self.role.read().clone();
+        if role.leader != self.local_id {
+            return None;
+        }
+        let f = self.followers.lock();
+        let keep: Vec<i32> = role
+            .isr
+            .iter()
+            .copied()
+            .filter(|r| {
+                *r == self.local_id
+                    || f.get(r)
+                        .is_some_and(|s| now_ms.saturating_sub(s.last_caught_up_ms) <= lag_max_ms)
+            })
+            .collect();
+        (keep.len() < role.isr.len()).then_some(keep)
+    }
+
+    /// Follower: the leader's high watermark from a fetch response.
+    pub fn set_leader_hw(&self, hw: i64) {
+        self.leader_hw.fetch_max(hw, Ordering::AcqRel);
+        self.maybe_advance_hw();
+    }
+
+    /// Moves the high watermark as far as the replicas allow: the leader takes the lowest
+    /// durable log end of the ISR; a follower the leader's high watermark capped at its own
+    /// durable end.
+    pub fn maybe_advance_hw(&self) {
+        let durable = if self.is_durable_mode() {
+            self.flush_state.borrow().0
+        } else {
+            self.log_end_offset()
+        }
+        .min(self.log_end_offset());
+        let role = self.role.read();
+        let hw = if role.leader == self.local_id {
+            match leader_high_watermark(durable, self.local_id, &role.isr, &self.followers.lock()) {
+                Some(hw) => hw,
+                None => return,
+            }
+        } else {
+            durable.min(self.leader_hw.load(Ordering::Acquire))
+        };
+        drop(role);
+        if hw > self.high_watermark() {
+            self.advance_hw(hw);
+        }
+    }
+
+    /// acks=all: resolves once the high watermark covers `end_offset`, or fails when this
+    /// replica stops being the leader, or the ISR fell below `min_isr` (Kafka's
+    /// NOT_ENOUGH_REPLICAS_AFTER_APPEND), or the request timed out.
+    pub async fn wait_replicated(
+        &self,
+        end_offset: i64,
+        min_isr: usize,
+        timeout: std::time::Duration,
+    ) -> Result<(), ReplicationWait> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.hw_advanced.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.is_leader() {
+                return Err(ReplicationWait::NotLeader);
+            }
+            if self.high_watermark() >= end_offset {
+                if self.isr_len() < min_isr {
+                    return Err(ReplicationWait::NotEnoughReplicasAfterAppend);
+                }
+                return Ok(());
+            }
+            if self.log.lock().is_none() {
+                return Err(ReplicationWait::NotLeader);
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => return Err(ReplicationWait::Timeout),
+            }
         }
     }
 
@@ -130,8 +372,9 @@ impl Partition {
             Ok((outcome, log.log_end_offset(), log.unflushed_messages()))
         })?;
         self.log_end_offset.fetch_max(leo, Ordering::AcqRel);
+        self.appended.notify_waiters();
         if !self.is_durable_mode() {
-            self.advance_hw(leo);
+            self.maybe_advance_hw();
             if unflushed as i64 >= self.flush_messages.load(Ordering::Relaxed) {
                 self.spawn_flush();
             }
@@ -191,9 +434,7 @@ impl Partition {
             Ok(())
         });
         self.flush_state.send_modify(|s| s.0 = s.0.max(end));
-        if self.is_durable_mode() {
-            self.advance_hw(end.min(self.log_end_offset()));
-        }
+        self.maybe_advance_hw();
     }
 
     pub(crate) fn flush_failed(&self) {
@@ -225,6 +466,60 @@ impl Partition {
     ) -> Result<Vec<u8>, LogError> {
         let hw = self.high_watermark();
         self.with_log(|log| log.read(offset, max_bytes, hw, min_one_batch))
+    }
+
+    /// A follower's fetch: whole batches up to the log end offset (followers replicate what
+    /// is not yet committed).
+    pub fn read_for_replica(&self, offset: i64, max_bytes: usize) -> Result<Vec<u8>, LogError> {
+        self.with_log(|log| {
+            let leo = log.log_end_offset();
+            log.read(offset, max_bytes, leo, true)
+        })
+    }
+
+    /// Follower: appends what the leader's fetch returned, keeping its offsets and epochs.
+    /// Durability is awaited separately (`wait_durable`).
+    pub fn append_replicated(&self, data: &[u8]) -> Result<strom_log::ReplicatedAppend, LogError> {
+        let out = self.with_log(|log| log.append_replicated(data))?;
+        self.log_end_offset
+            .fetch_max(out.log_end_offset, Ordering::AcqRel);
+        self.appended.notify_waiters();
+        Ok(out)
+    }
+
+    /// Follower: drops everything at or after `offset` (a divergent tail, KIP-101).
+    pub fn truncate_to(&self, offset: i64) -> Result<(), LogError> {
+        let leo = self.with_log(|log| {
+            log.truncate_to(offset)?;
+            Ok(log.log_end_offset())
+        })?;
+        self.cut_offsets(leo);
+        Ok(())
+    }
+
+    /// Follower whose log ends below the leader's log start: start over at `offset`.
+    pub fn truncate_fully_and_start_at(&self, offset: i64) -> Result<(), LogError> {
+        self.with_log(|log| log.truncate_fully_and_start_at(offset))?;
+        self.log_start_offset.store(offset, Ordering::Release);
+        self.cut_offsets(offset);
+        self.high_watermark.store(offset, Ordering::Release);
+        Ok(())
+    }
+
+    fn cut_offsets(&self, leo: i64) {
+        self.log_end_offset.store(leo, Ordering::Release);
+        self.flush_state.send_modify(|s| s.0 = s.0.min(leo));
+        let hw = self.high_watermark().min(leo);
+        self.high_watermark.store(hw, Ordering::Release);
+    }
+
+    /// OffsetForLeaderEpoch (KIP-101/279): the largest epoch <= `epoch` and where it ends.
+    pub fn end_offset_for_epoch(&self, epoch: i32) -> Result<(i32, i64), LogError> {
+        self.with_log(|log| Ok(log.end_offset_for_epoch(epoch)))
+    }
+
+    pub fn latest_epoch(&self) -> Result<Option<i32>, LogError> {
+        self.with_log(|log| Ok(log.latest_epoch()))
     }
 
     pub fn offset_for_timestamp(&self, ts_ms: i64) -> Result<Option<(i64, i64)>, LogError> {

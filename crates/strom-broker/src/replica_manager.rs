@@ -14,9 +14,28 @@ use strom_proto::compression::Compression;
 
 use crate::config::BrokerConfig;
 use crate::flusher::Flusher;
-use crate::partition::Partition;
+use crate::partition::{Partition, ReplicaRole};
+
+/// The assignment of `partition` in `topic`, as this broker's replica sees it.
+pub fn role_of(topic: &TopicImage, partition: i32) -> Option<ReplicaRole> {
+    topic.partitions.get(&partition).map(|p| ReplicaRole {
+        leader: p.leader,
+        leader_epoch: p.leader_epoch,
+        partition_epoch: p.partition_epoch,
+        replicas: p.replicas.clone(),
+        isr: p.isr.clone(),
+    })
+}
+
+fn hosts(topic: &TopicImage, partition: i32, node_id: i32) -> bool {
+    topic
+        .partitions
+        .get(&partition)
+        .is_some_and(|p| p.replicas.contains(&node_id))
+}
 
 pub struct ReplicaManager {
+    node_id: i32,
     data_dir: PathBuf,
     partitions: RwLock<HashMap<(String, i32), Arc<Partition>>>,
     pub flusher: Arc<Flusher>,
@@ -62,8 +81,9 @@ fn partition_dir(data_dir: &Path, topic: &str, partition: i32) -> PathBuf {
 }
 
 impl ReplicaManager {
-    pub fn new(data_dir: PathBuf) -> std::io::Result<Self> {
+    pub fn new(node_id: i32, data_dir: PathBuf) -> std::io::Result<Self> {
         Ok(ReplicaManager {
+            node_id,
             flusher: Flusher::new(&data_dir)?,
             data_dir,
             partitions: RwLock::new(HashMap::new()),
@@ -90,17 +110,12 @@ impl ReplicaManager {
     ) -> Result<Arc<Partition>, LogError> {
         let dir = partition_dir(&self.data_dir, &topic.name, partition);
         let log = Log::open(&dir, log_config(config, topic), clean_shutdown)?;
-        let epoch = topic
-            .partitions
-            .get(&partition)
-            .map(|p| p.leader_epoch)
-            .unwrap_or(0);
+        let role = role_of(topic, partition).unwrap_or_default();
         Ok(Arc::new(Partition::new(
-            topic.name.clone(),
-            topic.topic_id,
-            partition,
+            (topic.name.clone(), topic.topic_id, partition),
             log,
-            epoch,
+            self.node_id,
+            role,
             (
                 config.topic_i64(&topic.configs, "flush.messages"),
                 config.topic_i64(&topic.configs, "flush.ms"),
@@ -119,6 +134,9 @@ impl ReplicaManager {
         let mut map = HashMap::new();
         for topic in image.topics.values() {
             for &p in topic.partitions.keys() {
+                if !hosts(topic, p, self.node_id) {
+                    continue;
+                }
                 let part = self.open_partition(config, topic, p, clean_shutdown)?;
                 map.insert((topic.name.clone(), p), part);
             }
@@ -147,7 +165,7 @@ impl ReplicaManager {
             };
             let known = image
                 .topic(topic)
-                .is_some_and(|t| t.partitions.contains_key(&part));
+                .is_some_and(|t| hosts(t, part, self.node_id));
             if !known {
                 tracing::warn!(dir = %entry.path().display(), "removing the log of a deleted partition");
                 if let Err(e) = std::fs::remove_dir_all(entry.path()) {
@@ -157,13 +175,16 @@ impl ReplicaManager {
         }
     }
 
-    /// Brings the hosted partitions in line with a metadata change.
+    /// Brings the hosted partitions in line with a metadata change. Returns the partitions
+    /// whose leadership changed (new leader or leader epoch), for replication to act on.
     pub fn apply_delta(
         &self,
         config: &BrokerConfig,
         image: &MetadataImage,
         delta: &MetadataDelta,
-    ) -> Result<(), LogError> {
+        now_ms: i64,
+    ) -> Result<Vec<Arc<Partition>>, LogError> {
+        let mut leadership_changed = Vec::new();
         for (name, _id, parts) in &delta.deleted_topics {
             for p in parts {
                 let removed = self.partitions.write().remove(&(name.clone(), *p));
@@ -179,8 +200,37 @@ impl ReplicaManager {
             let Some(topic) = image.topic(name) else {
                 continue;
             };
+            if !hosts(topic, *p, self.node_id) || self.get(name, *p).is_some() {
+                continue;
+            }
             let part = self.open_partition(config, topic, *p, true)?;
-            self.partitions.write().insert((name.clone(), *p), part);
+            self.partitions
+                .write()
+                .insert((name.clone(), *p), part.clone());
+            leadership_changed.push(part);
+        }
+        for (name, p) in &delta.changed_partitions {
+            let Some(topic) = image.topic(name) else {
+                continue;
+            };
+            let Some(role) = role_of(topic, *p) else {
+                continue;
+            };
+            match self.get(name, *p) {
+                Some(part) if part.set_role(role.clone(), now_ms) => {
+                    leadership_changed.push(part);
+                }
+                Some(_) => {}
+                None if role.replicas.contains(&self.node_id) => {
+                    // Newly assigned here (a reassignment): start an empty replica.
+                    let part = self.open_partition(config, topic, *p, true)?;
+                    self.partitions
+                        .write()
+                        .insert((name.clone(), *p), part.clone());
+                    leadership_changed.push(part);
+                }
+                None => {}
+            }
         }
         // A broker default changed: every topic may see new effective values.
         let changed: Vec<String> = if delta.changed_broker_configs {
@@ -201,7 +251,7 @@ impl ReplicaManager {
                 );
             }
         }
-        Ok(())
+        Ok(leadership_changed)
     }
 
     /// Clean shutdown: close every log (fsync, producer-state snapshot, recovery point).

@@ -176,6 +176,49 @@ impl MetadataImage {
         self.brokers.get(&broker_id).is_some_and(|b| !b.fenced)
     }
 
+    /// What changed from `self` to `next` (used when a snapshot replaces the whole image).
+    pub fn diff(&self, next: &MetadataImage) -> MetadataDelta {
+        let mut delta = MetadataDelta::default();
+        for (name, old) in &self.topics {
+            match next.topic(name) {
+                Some(new) if new.topic_id == old.topic_id => {
+                    for (p, np) in &new.partitions {
+                        match old.partitions.get(p) {
+                            None => delta
+                                .created_partitions
+                                .push((name.clone(), new.topic_id, *p)),
+                            Some(op) if op != np => {
+                                delta.changed_partitions.push((name.clone(), *p))
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                    if new.configs != old.configs {
+                        delta.changed_topic_configs.push(name.clone());
+                    }
+                }
+                _ => delta.deleted_topics.push((
+                    name.clone(),
+                    old.topic_id,
+                    old.partitions.keys().copied().collect(),
+                )),
+            }
+        }
+        for (name, new) in &next.topics {
+            let same = self.topic(name).is_some_and(|t| t.topic_id == new.topic_id);
+            if !same {
+                for p in new.partitions.keys() {
+                    delta
+                        .created_partitions
+                        .push((name.clone(), new.topic_id, *p));
+                }
+            }
+        }
+        delta.changed_broker_configs = self.broker_configs != next.broker_configs;
+        delta.changed_brokers = self.brokers != next.brokers;
+        delta
+    }
+
     fn apply_one(&mut self, record: &MetadataRecord, delta: &mut MetadataDelta) {
         match record {
             MetadataRecord::ClusterId { cluster_id } => self.cluster_id = cluster_id.clone(),

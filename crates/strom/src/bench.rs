@@ -30,6 +30,9 @@ pub struct BenchArgs {
     topic: String,
     #[arg(long, default_value_t = 1)]
     partitions: i32,
+    /// Replication factor of the topic created for the run.
+    #[arg(long, default_value_t = 1)]
+    replication_factor: i32,
     /// Value size of each record.
     #[arg(long, default_value_t = 1024)]
     record_bytes: usize,
@@ -95,7 +98,11 @@ async fn create_topic(args: &BenchArgs) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &args.bootstrap)
         .create()?;
-    let mut topic = NewTopic::new(&args.topic, args.partitions, TopicReplication::Fixed(1));
+    let mut topic = NewTopic::new(
+        &args.topic,
+        args.partitions,
+        TopicReplication::Fixed(args.replication_factor),
+    );
     for kv in &args.topic_config {
         let (k, v) = kv
             .split_once('=')

@@ -66,6 +66,13 @@ struct ServerArgs {
     /// Benchmark baseline: acknowledge Produce without storing anything.
     #[arg(long, hide = true)]
     null_sink: bool,
+    /// The metadata quorum's voters, ID@HOST:PORT,... (their controller listeners). Without
+    /// it the node is a one-node cluster of its own.
+    #[arg(long, value_name = "ID@HOST:PORT,...")]
+    controller_quorum: Option<String>,
+    /// This node's controller listener (default: its entry in --controller-quorum).
+    #[arg(long)]
+    controller_listen: Option<SocketAddr>,
 }
 
 fn parse_host_port(s: &str) -> Result<(String, u16)> {
@@ -90,7 +97,7 @@ fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=error")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -110,7 +117,31 @@ fn run() -> Result<()> {
 async fn server(args: ServerArgs) -> Result<()> {
     let config = BrokerConfig::new(args.config.as_deref(), &args.set)?;
     let advertise = args.advertise.as_deref().map(parse_host_port).transpose()?;
+    let cluster = match &args.controller_quorum {
+        None => None,
+        Some(q) => {
+            let quorum = strom_broker::cluster::parse_quorum(q)
+                .map_err(|e| anyhow::anyhow!("--controller-quorum: {e}"))?;
+            let mine = quorum
+                .iter()
+                .find(|(id, _)| *id == args.node_id)
+                .map(|(_, a)| *a);
+            let controller_listen = match (args.controller_listen, mine) {
+                (Some(l), _) => l,
+                (None, Some(a)) => a,
+                (None, None) => anyhow::bail!(
+                    "node {} is not a voter of --controller-quorum (broker-only nodes are not supported yet)",
+                    args.node_id
+                ),
+            };
+            Some(strom_broker::cluster::ClusterOptions {
+                controller_listen,
+                quorum,
+            })
+        }
+    };
     let running = Broker::start(BrokerOptions {
+        cluster,
         node_id: args.node_id,
         listen: args.listen,
         advertise,

@@ -12,8 +12,7 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
     let _req: DescribeClusterRequest = ctx.decode()?;
     let image = broker.image();
     let brokers = image
-        .brokers
-        .values()
+        .live_brokers()
         .map(|b| {
             DescribeClusterBroker::default()
                 .with_broker_id(BrokerId(b.broker_id))
@@ -24,7 +23,7 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
         .collect();
     let resp = DescribeClusterResponse::default()
         .with_cluster_id(str_bytes(&image.cluster_id))
-        .with_controller_id(BrokerId(broker.node_id))
+        .with_controller_id(BrokerId(broker.controller_id()))
         .with_brokers(brokers);
     ctx.reply(&resp)
 }

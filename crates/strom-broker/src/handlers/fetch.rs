@@ -18,6 +18,7 @@ use super::{str_bytes, Ctx, HandlerError, Reply};
 use crate::broker::Broker;
 use crate::error::log_error_code;
 use crate::fetch_session::{SessionError, SessionKey, SessionPartition};
+use crate::partition::Partition;
 
 /// Session ids and epochs with special meaning (KIP-227).
 const INITIAL_EPOCH: i32 = 0;
@@ -33,6 +34,10 @@ struct Plan {
     session_id: i32,
     incremental: bool,
     partitions: Vec<(SessionKey, SessionPartition)>,
+    /// A follower's fetch: its broker id (-1 for consumers).
+    replica_id: i32,
+    /// current_leader_epoch per partition as sent (KIP-320), -1 when not sent.
+    epochs: std::collections::HashMap<(String, i32), i32>,
 }
 
 pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError> {
@@ -58,9 +63,19 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
             }
         }
     };
+    let replica_id = if v >= 15 {
+        req.replica_state.replica_id.0
+    } else {
+        req.replica_id.0
+    };
+    let mut epochs = std::collections::HashMap::new();
     let mut requested = Vec::new();
     for t in &req.topics {
         for p in &t.partitions {
+            if p.current_leader_epoch >= 0 {
+                let k = key_of(t.topic_id, t.topic.0.as_str(), p.partition);
+                epochs.insert((k.topic, p.partition), p.current_leader_epoch);
+            }
             requested.push((
                 key_of(t.topic_id, t.topic.0.as_str(), p.partition),
                 p.fetch_offset,
@@ -133,6 +148,8 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
         session_id,
         incremental,
         partitions,
+        replica_id,
+        epochs,
     };
     let broker = broker.clone();
     Ok(Reply::Later(Box::pin(
@@ -148,7 +165,20 @@ struct PartResult {
     records: Bytes,
 }
 
-fn read_all(broker: &Broker, plan: &Plan) -> (Vec<PartResult>, usize, bool) {
+/// Whether this broker may serve the partition to this fetcher: it must be the leader, and
+/// the leader epoch the fetcher knows must be the current one (KIP-320).
+fn check_leader(plan: &Plan, key: &SessionKey, part: &Partition) -> Result<(), ResponseError> {
+    if !part.is_leader() {
+        return Err(ResponseError::NotLeaderOrFollower);
+    }
+    match plan.epochs.get(&(key.topic.clone(), key.partition)) {
+        Some(e) if *e < part.leader_epoch() => Err(ResponseError::FencedLeaderEpoch),
+        Some(e) if *e > part.leader_epoch() => Err(ResponseError::UnknownLeaderEpoch),
+        _ => Ok(()),
+    }
+}
+
+fn read_all(broker: &Arc<Broker>, plan: &Plan) -> (Vec<PartResult>, usize, bool) {
     let mut results = Vec::with_capacity(plan.partitions.len());
     let mut total = 0usize;
     let mut any_error = false;
@@ -173,6 +203,28 @@ fn read_all(broker: &Broker, plan: &Plan) -> (Vec<PartResult>, usize, bool) {
             });
             continue;
         };
+        if let Err(code) = check_leader(plan, key, &part) {
+            any_error = true;
+            results.push(PartResult {
+                key: key.clone(),
+                error: code.code(),
+                hw: -1,
+                log_start: -1,
+                records: Bytes::new(),
+            });
+            continue;
+        }
+        if plan.replica_id >= 0 {
+            if let Some(_isr) =
+                part.record_follower_fetch(plan.replica_id, sp.fetch_offset, broker.now_ms())
+            {
+                crate::replication::propose_isr(
+                    broker,
+                    &part,
+                    crate::replication::IsrChange::Add(plan.replica_id),
+                );
+            }
+        }
         let remaining = plan.max_bytes.saturating_sub(total);
         let limit = remaining.min(sp.max_bytes.max(0) as usize);
         // KIP-74: only while the response is still empty may a batch exceed the limits.
@@ -180,7 +232,12 @@ fn read_all(broker: &Broker, plan: &Plan) -> (Vec<PartResult>, usize, bool) {
         let (error, records) = if limit == 0 && !min_one {
             (0, Vec::new())
         } else {
-            match part.read(sp.fetch_offset, limit, min_one) {
+            let read = if plan.replica_id >= 0 {
+                part.read_for_replica(sp.fetch_offset, limit)
+            } else {
+                part.read(sp.fetch_offset, limit, min_one)
+            };
+            match read {
                 Ok(data) => (0, data),
                 Err(e @ LogError::OffsetOutOfRange { .. }) => {
                     (log_error_code(&e).code(), Vec::new())
@@ -214,9 +271,17 @@ async fn run(broker: Arc<Broker>, plan: Plan) -> Option<Bytes> {
             .iter()
             .filter_map(|(k, _)| broker.replicas.get(&k.topic, k.partition))
             .collect();
+        // Followers wait for appends (they replicate beyond the high watermark); consumers for
+        // the high watermark.
         let mut waits: Vec<_> = parts
             .iter()
-            .map(|p| Box::pin(p.hw_advanced.notified()))
+            .map(|p| {
+                Box::pin(if plan.replica_id >= 0 {
+                    p.appended.notified()
+                } else {
+                    p.hw_advanced.notified()
+                })
+            })
             .collect();
         for w in waits.iter_mut() {
             w.as_mut().enable();

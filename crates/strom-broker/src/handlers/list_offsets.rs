@@ -28,6 +28,21 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
                 ListOffsetsPartitionResponse::default().with_partition_index(p.partition_index);
             match broker.replicas.get(t.name.0.as_str(), p.partition_index) {
                 None => r.error_code = ResponseError::UnknownTopicOrPartition.code(),
+                Some(part) if !part.is_leader() => {
+                    r.error_code = ResponseError::NotLeaderOrFollower.code()
+                }
+                Some(part)
+                    if p.current_leader_epoch >= 0
+                        && p.current_leader_epoch < part.leader_epoch() =>
+                {
+                    r.error_code = ResponseError::FencedLeaderEpoch.code()
+                }
+                Some(part)
+                    if p.current_leader_epoch >= 0
+                        && p.current_leader_epoch > part.leader_epoch() =>
+                {
+                    r.error_code = ResponseError::UnknownLeaderEpoch.code()
+                }
                 Some(part) => {
                     let epoch = part.leader_epoch();
                     let found = match p.timestamp {

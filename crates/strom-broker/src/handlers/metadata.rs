@@ -105,9 +105,9 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
         }
     }
 
+    // Kafka lists the brokers that are alive (registered and not fenced).
     let brokers = image
-        .brokers
-        .values()
+        .live_brokers()
         .map(|b| {
             let mut e = MetadataResponseBroker::default()
                 .with_node_id(BrokerId(b.broker_id))
@@ -123,7 +123,7 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
         .with_brokers(brokers)
         .with_topics(topics);
     if v >= 1 {
-        resp.controller_id = BrokerId(broker.node_id);
+        resp.controller_id = BrokerId(broker.controller_id());
     }
     if v >= 2 {
         resp.cluster_id = Some(str_bytes(&image.cluster_id));
@@ -159,7 +159,7 @@ fn topic_entry(image: &MetadataImage, t: &TopicImage, v: i16) -> MetadataRespons
             let offline: Vec<BrokerId> = p
                 .replicas
                 .iter()
-                .filter(|r| !image.brokers.contains_key(r))
+                .filter(|r| !image.is_live(**r))
                 .map(|r| BrokerId(*r))
                 .collect();
             let mut e = MetadataResponsePartition::default()

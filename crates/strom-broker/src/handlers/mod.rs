@@ -37,6 +37,7 @@ mod metadata;
 mod offset_commit;
 mod offset_delete;
 mod offset_fetch;
+mod offset_for_leader_epoch;
 mod produce;
 mod sync_group;
 
@@ -97,6 +98,7 @@ pub async fn dispatch(
         ApiKey::IncrementalAlterConfigs => incremental_alter_configs::handle(broker, &mut ctx),
         ApiKey::ConsumerGroupHeartbeat => consumer_group_heartbeat::handle(broker, &mut ctx),
         ApiKey::ConsumerGroupDescribe => consumer_group_describe::handle(broker, &mut ctx),
+        ApiKey::OffsetForLeaderEpoch => offset_for_leader_epoch::handle(broker, &mut ctx),
         // decode_header only lets served APIs through.
         other => Err(HandlerError::Decode(other, "not served".into())),
     }

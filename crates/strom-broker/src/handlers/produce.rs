@@ -14,20 +14,56 @@ use kafka_protocol::messages::{ProduceRequest, ProduceResponse, TopicName};
 use super::{message, str_bytes, Ctx, HandlerError, Reply};
 use crate::broker::Broker;
 use crate::error::log_error_code;
-use crate::partition::Partition;
+use crate::partition::{Partition, ReplicationWait};
 use strom_group::coordinator::OFFSETS_TOPIC;
+
+/// The topic's `min.insync.replicas`.
+fn min_isr(broker: &Broker, image: &strom_meta::MetadataImage, topic: &str) -> usize {
+    image
+        .topic(topic)
+        .map(|t| broker.config.topic_i64(&t.configs, "min.insync.replicas"))
+        .unwrap_or(1)
+        .max(1) as usize
+}
+
+/// acks=1: the leader's copy is durable. acks=all (`min_isr` > 0): also every ISR member has
+/// it (the high watermark covers it) and the ISR is at least min.insync.replicas.
+async fn wait(
+    part: &Arc<Partition>,
+    end: i64,
+    min_isr: usize,
+    timeout: std::time::Duration,
+) -> Result<(), ResponseError> {
+    if let Err(e) = part.wait_durable(end).await {
+        tracing::error!(topic = %part.topic, partition = part.index, error = %e, "flush failed; produce not acknowledged");
+        return Err(log_error_code(&e));
+    }
+    if min_isr == 0 {
+        return Ok(());
+    }
+    part.wait_replicated(end, min_isr, timeout)
+        .await
+        .map_err(|e| match e {
+            ReplicationWait::NotLeader => ResponseError::NotLeaderOrFollower,
+            ReplicationWait::NotEnoughReplicasAfterAppend => {
+                ResponseError::NotEnoughReplicasAfterAppend
+            }
+            ReplicationWait::Timeout => ResponseError::RequestTimedOut,
+        })
+}
 
 pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError> {
     let req: ProduceRequest = ctx.decode()?;
     let v = ctx.version;
     let acks = req.acks;
+    let timeout_ms = req.timeout_ms;
     let valid_acks = matches!(acks, -1..=1);
     let now = broker.now_ms();
     let image = broker.image();
 
     let mut responses = Vec::with_capacity(req.topic_data.len());
-    // (topic index, partition index, partition, end offset to wait for)
-    let mut pending: Vec<(usize, usize, Arc<Partition>, i64)> = Vec::new();
+    // (topic index, partition index, partition, end offset to wait for, min ISR for acks=all)
+    let mut pending: Vec<(usize, usize, Arc<Partition>, i64, usize)> = Vec::new();
     let mut any_error = false;
 
     for topic in req.topic_data {
@@ -56,6 +92,17 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
                     Some(_) if name.as_deref() == Some(OFFSETS_TOPIC) => {
                         Some(ResponseError::InvalidTopicException)
                     }
+                    Some(part) if !part.is_leader() && !broker.null_sink => {
+                        Some(ResponseError::NotLeaderOrFollower)
+                    }
+                    Some(part)
+                        if acks == -1
+                            && !broker.null_sink
+                            && part.isr_len() < min_isr(broker, &image, &part.topic) =>
+                    {
+                        // Kafka: refused before anything is appended.
+                        Some(ResponseError::NotEnoughReplicas)
+                    }
                     Some(part) => {
                         if v >= 5 {
                             resp.log_start_offset = part.log_start_offset();
@@ -81,11 +128,17 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
                                                 part.spawn_flush();
                                             }
                                         } else {
+                                            let min = if acks == -1 {
+                                                min_isr(broker, &image, &part.topic)
+                                            } else {
+                                                0
+                                            };
                                             pending.push((
                                                 responses.len(),
                                                 parts.len(),
                                                 part.clone(),
                                                 outcome.last_offset + 1,
+                                                min,
                                             ));
                                         }
                                         None
@@ -132,13 +185,19 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
     }
     let correlation_id = ctx.correlation_id;
     let started = std::time::Instant::now();
+    let timeout = std::time::Duration::from_millis(timeout_ms.max(0) as u64);
     Ok(Reply::Later(Box::pin(async move {
-        let results = join_all(pending.iter().map(|(_, _, p, end)| p.wait_durable(*end))).await;
-        for ((ti, pi, part, _), result) in pending.iter().zip(results) {
-            if let Err(e) = result {
-                tracing::error!(topic = %part.topic, partition = part.index, error = %e, "flush failed; produce not acknowledged");
+        let results = join_all(
+            pending
+                .iter()
+                .map(|(_, _, p, end, min)| wait(p, *end, *min, timeout)),
+        )
+        .await;
+        for ((ti, pi, part, _, _), result) in pending.iter().zip(results) {
+            if let Err(code) = result {
+                tracing::debug!(topic = %part.topic, partition = part.index, ?code, "produce not acknowledged");
                 let r = &mut resp.responses[*ti].partition_responses[*pi];
-                r.error_code = log_error_code(&e).code();
+                r.error_code = code.code();
                 r.base_offset = -1;
             }
         }

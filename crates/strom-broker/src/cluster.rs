@@ -1,0 +1,337 @@
+//! The cluster side of a broker started with `--controller-quorum`: the requests brokers send
+//! to the active controller (the Raft leader of the metadata quorum), the controller service
+//! that answers them, broker heartbeats and liveness (fencing a silent broker moves its
+//! leaderships), and the compare-and-append that lets any broker commit metadata records it
+//! built from its own image: the controller appends them only if its image is still the one
+//! they were built from, otherwise the broker catches up and builds them again.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use strom_meta::raft::ControllerHandler;
+use strom_meta::{MetadataImage, MetadataRecord, TopicImage};
+
+use crate::broker::Broker;
+
+/// `--controller-listen` and `--controller-quorum`.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub controller_listen: SocketAddr,
+    pub quorum: Vec<(i32, SocketAddr)>,
+}
+
+/// Parses `1@127.0.0.1:9192,2@127.0.0.1:9193` (Kafka's controller.quorum.voters format).
+pub fn parse_quorum(s: &str) -> Result<Vec<(i32, SocketAddr)>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('@')
+            .ok_or_else(|| format!("'{part}' is not ID@HOST:PORT"))?;
+        let id: i32 = id
+            .parse()
+            .map_err(|_| format!("'{id}' in '{part}' is not a node id"))?;
+        let addr: SocketAddr = addr
+            .parse()
+            .map_err(|_| format!("'{addr}' in '{part}' is not HOST:PORT"))?;
+        if out.iter().any(|(i, _)| *i == id) {
+            return Err(format!("node id {id} appears twice"));
+        }
+        out.push((id, addr));
+    }
+    if out.is_empty() {
+        return Err("the quorum lists no voters".into());
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ControllerRequest {
+    /// Append `records` if the controller's image is still at `expected_offset`.
+    Append {
+        expected_offset: i64,
+        records: Vec<MetadataRecord>,
+    },
+    Heartbeat {
+        broker_id: i32,
+    },
+    /// SIGTERM: move this broker's leaderships away before it exits.
+    ControlledShutdown {
+        broker_id: i32,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ControllerResponse {
+    Appended { offset: i64 },
+    Stale { offset: i64 },
+    NotController,
+    Ok,
+    Error(String),
+}
+
+/// Whether unclean leader election is allowed for a topic (its override or the broker default).
+pub fn unclean_allowed(broker: &Broker, topic: &TopicImage) -> bool {
+    broker
+        .config
+        .topic_value(&topic.configs, "unclean.leader.election.enable")
+        .is_some_and(|(v, _)| v == "true")
+}
+
+/// Runs on every node; acts only while this node is the Raft leader.
+pub struct ControllerService {
+    broker: OnceLock<Weak<Broker>>,
+    /// Serialises appends so each sees the image its predecessor produced.
+    lock: tokio::sync::Mutex<()>,
+    last_heartbeat: Mutex<HashMap<i32, Instant>>,
+    was_leader: AtomicBool,
+}
+
+impl ControllerService {
+    pub fn new() -> Arc<Self> {
+        Arc::new(ControllerService {
+            broker: OnceLock::new(),
+            lock: tokio::sync::Mutex::new(()),
+            last_heartbeat: Mutex::new(HashMap::new()),
+            was_leader: AtomicBool::new(false),
+        })
+    }
+
+    pub fn attach(&self, broker: &Arc<Broker>) {
+        let _ = self.broker.set(Arc::downgrade(broker));
+    }
+
+    fn broker(&self) -> Option<Arc<Broker>> {
+        self.broker.get().and_then(Weak::upgrade)
+    }
+
+    /// Appends what `build` makes of the up-to-date image, if `expected` (when given) is still
+    /// its offset. Leader only.
+    async fn append_checked(
+        &self,
+        broker: &Arc<Broker>,
+        expected: Option<i64>,
+        build: impl FnOnce(&MetadataImage) -> Vec<MetadataRecord>,
+    ) -> ControllerResponse {
+        let _guard = self.lock.lock().await;
+        let Some(raft) = broker.raft() else {
+            return ControllerResponse::NotController;
+        };
+        if !raft.is_leader() {
+            return ControllerResponse::NotController;
+        }
+        let timeout = broker.controller_timeout();
+        if let Err(e) = raft.ensure_leader_ready().await {
+            tracing::debug!(error = %e, "not ready to act as controller");
+            return ControllerResponse::NotController;
+        }
+        if broker
+            .wait_image(raft.applied_offset(), timeout)
+            .await
+            .is_err()
+        {
+            return ControllerResponse::Error("controller image is behind its log".into());
+        }
+        let image = broker.image();
+        if let Some(expected) = expected {
+            if expected != image.offset {
+                return ControllerResponse::Stale {
+                    offset: image.offset,
+                };
+            }
+        }
+        let records = build(&image);
+        if records.is_empty() {
+            return ControllerResponse::Appended {
+                offset: image.offset,
+            };
+        }
+        match raft.append(records).await {
+            Ok(offset) => {
+                if broker.wait_image(offset, timeout).await.is_err() {
+                    return ControllerResponse::Error("appended but not applied in time".into());
+                }
+                ControllerResponse::Appended { offset }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metadata append failed");
+                ControllerResponse::NotController
+            }
+        }
+    }
+
+    async fn handle_request(self: Arc<Self>, request: ControllerRequest) -> ControllerResponse {
+        let Some(broker) = self.broker() else {
+            return ControllerResponse::NotController;
+        };
+        match request {
+            ControllerRequest::Append {
+                expected_offset,
+                records,
+            } => {
+                self.append_checked(&broker, Some(expected_offset), |_| records)
+                    .await
+            }
+            ControllerRequest::Heartbeat { broker_id } => {
+                if !broker.raft().is_some_and(|r| r.is_leader()) {
+                    return ControllerResponse::NotController;
+                }
+                self.last_heartbeat.lock().insert(broker_id, Instant::now());
+                let fenced = broker
+                    .image()
+                    .brokers
+                    .get(&broker_id)
+                    .is_some_and(|b| b.fenced);
+                if fenced {
+                    let b = broker.clone();
+                    let resp = self
+                        .append_checked(&broker, None, |img| {
+                            b.controller()
+                                .unfence_broker(img, broker_id, &|t| unclean_allowed(&b, t))
+                        })
+                        .await;
+                    if let ControllerResponse::Appended { .. } = resp {
+                        tracing::info!(broker_id, "broker unfenced");
+                    }
+                    return resp;
+                }
+                ControllerResponse::Ok
+            }
+            ControllerRequest::ControlledShutdown { broker_id } => {
+                let b = broker.clone();
+                let resp = self
+                    .append_checked(&broker, None, |img| {
+                        b.controller()
+                            .fence_broker(img, broker_id, &|t| unclean_allowed(&b, t))
+                    })
+                    .await;
+                self.last_heartbeat.lock().remove(&broker_id);
+                tracing::info!(
+                    broker_id,
+                    "controlled shutdown: broker fenced, leaderships moved"
+                );
+                resp
+            }
+        }
+    }
+
+    /// Fences brokers that stopped heartbeating. Called on a timer on every node.
+    pub async fn check_liveness(&self, broker: &Arc<Broker>) {
+        let Some(raft) = broker.raft() else {
+            return;
+        };
+        if !raft.is_leader() {
+            self.was_leader.store(false, Ordering::Release);
+            return;
+        }
+        let now = Instant::now();
+        if !self.was_leader.swap(true, Ordering::AcqRel) {
+            // A new controller gives every broker a full session before judging it.
+            let mut hb = self.last_heartbeat.lock();
+            hb.clear();
+            for id in broker.image().brokers.keys() {
+                hb.insert(*id, now);
+            }
+            tracing::info!(
+                node_id = broker.node_id,
+                "this node is now the active controller"
+            );
+        }
+        let session = Duration::from_millis(broker.config.i64("broker.session.timeout.ms") as u64);
+        let expired: Vec<i32> = {
+            let mut hb = self.last_heartbeat.lock();
+            broker
+                .image()
+                .live_brokers()
+                .map(|b| b.broker_id)
+                .filter(|id| {
+                    let seen = *hb.entry(*id).or_insert(now);
+                    now.duration_since(seen) > session
+                })
+                .collect()
+        };
+        for id in expired {
+            let b = broker.clone();
+            let resp = self
+                .append_checked(broker, None, |img| {
+                    b.controller()
+                        .fence_broker(img, id, &|t| unclean_allowed(&b, t))
+                })
+                .await;
+            tracing::warn!(
+                broker_id = id,
+                ?resp,
+                "broker missed its session timeout; fenced"
+            );
+        }
+    }
+}
+
+impl ControllerHandler for ControllerService {
+    fn handle(&self, request: Vec<u8>) -> BoxFuture<'static, Vec<u8>> {
+        let this = self
+            .broker()
+            .map(|b| b.controller_service_arc())
+            .unwrap_or(None);
+        Box::pin(async move {
+            let resp = match (this, serde_json::from_slice::<ControllerRequest>(&request)) {
+                (Some(svc), Ok(req)) => svc.handle_request(req).await,
+                (None, _) => ControllerResponse::NotController,
+                (_, Err(e)) => ControllerResponse::Error(format!("bad controller request: {e}")),
+            };
+            serde_json::to_vec(&resp).unwrap_or_default()
+        })
+    }
+}
+
+/// Sends one request to the active controller and decodes the answer.
+pub async fn call(broker: &Broker, req: &ControllerRequest) -> Result<ControllerResponse, String> {
+    let raft = broker.raft().ok_or("not in a cluster")?;
+    let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    let resp = raft
+        .call_controller(body, broker.controller_timeout())
+        .await
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&resp).map_err(|e| format!("bad controller response: {e}"))
+}
+
+/// Heartbeats to the active controller, and runs the liveness check where this node is the
+/// controller. Ends with the broker.
+pub async fn heartbeat_loop(broker: Arc<Broker>) {
+    let every = Duration::from_millis(broker.config.i64("broker.heartbeat.interval.ms") as u64);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut shutdown = broker.shutdown_signal();
+    let in_flight = Arc::new(AtomicBool::new(false));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if broker.is_shutting_down() {
+            return;
+        }
+        // A heartbeat that hangs must not hold up the liveness check; one at a time.
+        if !in_flight.swap(true, Ordering::AcqRel) {
+            let b = broker.clone();
+            let in_flight = in_flight.clone();
+            tokio::spawn(async move {
+                let req = ControllerRequest::Heartbeat {
+                    broker_id: b.node_id,
+                };
+                if let Err(e) = call(&b, &req).await {
+                    tracing::debug!(error = %e, "heartbeat failed");
+                }
+                in_flight.store(false, Ordering::Release);
+            });
+        }
+        if let Some(svc) = broker.controller_service_arc() {
+            svc.check_liveness(&broker).await;
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! Follower replication, as Kafka does it: one fetcher per leader broker fetches every
+//! partition this broker follows from that leader with the Fetch API (replica id set), after
+//! first truncating any divergent tail with OffsetForLeaderEpoch (KIP-101, KIP-279: to the
+//! smaller of the leader's and its own end offset for the last common epoch — never to its high
+//! watermark). A follower fetches from offset N only once everything below N is fsynced, so the
+//! leader's high watermark (the lowest fetch offset across the ISR) only counts durable copies.
+//! The leader side proposes ISR changes (AlterPartition through the controller): a follower
+//! that caught up rejoins, one that lagged for `replica.lag.time.max.ms` leaves.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use kafka_protocol::error::ResponseError;
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::offset_for_leader_epoch_request::{
+    OffsetForLeaderPartition, OffsetForLeaderTopic,
+};
+use kafka_protocol::messages::{BrokerId, FetchRequest, OffsetForLeaderEpochRequest, TopicName};
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::broker::Broker;
+use crate::handlers::str_bytes;
+use crate::partition::Partition;
+use crate::peer::PeerConn;
+
+const FETCH_VERSION: i16 = 12;
+const EPOCH_VERSION: i16 = 3;
+
+#[derive(Clone)]
+struct Follow {
+    part: Arc<Partition>,
+    leader_epoch: i32,
+    truncated: bool,
+}
+
+type Key = (String, i32);
+
+struct Fetcher {
+    leader: i32,
+    partitions: Mutex<HashMap<Key, Follow>>,
+    wake: Notify,
+}
+
+/// The fetchers of this broker, one per leader it follows partitions of.
+#[derive(Default)]
+pub struct ReplicaFetchers {
+    broker: OnceLock<Weak<Broker>>,
+    fetchers: Mutex<HashMap<i32, Arc<Fetcher>>>,
+}
+
+impl ReplicaFetchers {
+    pub fn attach(&self, broker: &Arc<Broker>) {
+        let _ = self.broker.set(Arc::downgrade(broker));
+    }
+
+    /// A deleted partition leaves its fetcher.
+    pub fn remove(&self, topic: &str, partition: i32) {
+        let key = (topic.to_string(), partition);
+        for f in self.fetchers.lock().values() {
+            f.partitions.lock().remove(&key);
+        }
+    }
+
+    /// A partition's role changed: it leaves whatever fetcher had it and, when this broker is
+    /// now a follower with a live leader, joins that leader's fetcher (truncating first).
+    pub fn update(&self, node_id: i32, part: &Arc<Partition>) {
+        let key = (part.topic.clone(), part.index);
+        let role = part.role();
+        let mut fetchers = self.fetchers.lock();
+        for f in fetchers.values() {
+            f.partitions.lock().remove(&key);
+        }
+        if role.leader < 0 || role.leader == node_id || !role.replicas.contains(&node_id) {
+            return;
+        }
+        let Some(weak) = self.broker.get().cloned() else {
+            return;
+        };
+        let f = fetchers.entry(role.leader).or_insert_with(|| {
+            let f = Arc::new(Fetcher {
+                leader: role.leader,
+                partitions: Mutex::new(HashMap::new()),
+                wake: Notify::new(),
+            });
+            tokio::spawn(run_fetcher(weak, f.clone()));
+            f
+        });
+        f.partitions.lock().insert(
+            key,
+            Follow {
+                part: part.clone(),
+                leader_epoch: role.leader_epoch,
+                truncated: false,
+            },
+        );
+        f.wake.notify_one();
+    }
+}
+
+fn ms(broker: &Broker, name: &str) -> Duration {
+    Duration::from_millis(broker.config.i64(name).max(0) as u64)
+}
+
+async fn run_fetcher(weak: Weak<Broker>, f: Arc<Fetcher>) {
+    let mut conn: Option<PeerConn> = None;
+    loop {
+        let Some(broker) = weak.upgrade() else {
+            return;
+        };
+        if broker.is_shutting_down() {
+            return;
+        }
+        let follows: Vec<(Key, Follow)> = f
+            .partitions
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if follows.is_empty() {
+            drop(broker);
+            conn = None;
+            let _ = tokio::time::timeout(Duration::from_secs(1), f.wake.notified()).await;
+            continue;
+        }
+        let backoff = ms(&broker, "replica.fetch.backoff.ms");
+        let timeout = ms(&broker, "replica.fetch.wait.max.ms") + broker.controller_timeout() * 5;
+        if conn.is_none() {
+            let image = broker.image();
+            let Some(leader) = image.brokers.get(&f.leader) else {
+                tokio::time::sleep(backoff).await;
+                continue;
+            };
+            let addr = format!("{}:{}", leader.host, leader.port);
+            let max = broker
+                .config
+                .i64("replica.fetch.response.max.bytes")
+                .max(1 << 20) as usize
+                * 2
+                + (64 << 20);
+            match PeerConn::connect(&addr, broker.controller_timeout(), max).await {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    tracing::debug!(leader = f.leader, error = %e, "replica fetcher cannot connect");
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+            }
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        let untruncated: Vec<(Key, Follow)> = follows
+            .iter()
+            .filter(|(_, fl)| !fl.truncated)
+            .cloned()
+            .collect();
+        if !untruncated.is_empty() {
+            match truncate(&broker, c, &f, untruncated, timeout).await {
+                Ok(true) => {}
+                Ok(false) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => {
+                    tracing::debug!(leader = f.leader, error = %e, "OffsetForLeaderEpoch failed");
+                    conn = None;
+                    tokio::time::sleep(backoff).await;
+                }
+            }
+            continue;
+        }
+        match fetch_once(&broker, c, &f, &follows, timeout).await {
+            Ok(true) => {}
+            Ok(false) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => {
+                tracing::debug!(leader = f.leader, error = %e, "replica fetch failed");
+                conn = None;
+                tokio::time::sleep(backoff).await;
+            }
+        }
+    }
+}
+
+fn mark(f: &Fetcher, key: &Key, epoch: i32, truncated: bool) {
+    if let Some(fl) = f.partitions.lock().get_mut(key) {
+        if fl.leader_epoch == epoch {
+            fl.truncated = truncated;
+        }
+    }
+}
+
+/// KIP-101/279 truncation of the partitions that just started following. Ok(false): some
+/// could not be resolved yet (the leader or this broker has stale metadata).
+async fn truncate(
+    broker: &Broker,
+    conn: &mut PeerConn,
+    f: &Fetcher,
+    follows: Vec<(Key, Follow)>,
+    timeout: Duration,
+) -> Result<bool, String> {
+    let mut by_topic: HashMap<String, Vec<OffsetForLeaderPartition>> = HashMap::new();
+    let mut asked = Vec::new();
+    for (key, fl) in &follows {
+        match fl.part.latest_epoch() {
+            Ok(Some(epoch)) => {
+                by_topic.entry(key.0.clone()).or_default().push(
+                    OffsetForLeaderPartition::default()
+                        .with_partition(key.1)
+                        .with_current_leader_epoch(fl.leader_epoch)
+                        .with_leader_epoch(epoch),
+                );
+                asked.push((key.clone(), fl.clone()));
+            }
+            // Nothing written in any epoch: nothing can diverge.
+            Ok(None) => mark(f, key, fl.leader_epoch, true),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    if asked.is_empty() {
+        return Ok(true);
+    }
+    let req = OffsetForLeaderEpochRequest::default()
+        .with_replica_id(BrokerId(broker.node_id))
+        .with_topics(
+            by_topic
+                .into_iter()
+                .map(|(t, parts)| {
+                    OffsetForLeaderTopic::default()
+                        .with_topic(TopicName(str_bytes(&t)))
+                        .with_partitions(parts)
+                })
+                .collect(),
+        );
+    let resp = conn.call(&req, EPOCH_VERSION, timeout).await?;
+    let mut all_done = true;
+    for t in resp.topics {
+        for p in t.partitions {
+            let key = (t.topic.0.to_string(), p.partition);
+            let Some((_, fl)) = asked.iter().find(|(k, _)| *k == key) else {
+                continue;
+            };
+            if p.error_code != 0 {
+                tracing::debug!(topic = %key.0, partition = key.1, error = p.error_code, "leader refused OffsetForLeaderEpoch");
+                all_done = false;
+                continue;
+            }
+            let part = &fl.part;
+            let leo = part.log_end_offset();
+            let mine = if p.leader_epoch >= 0 {
+                Some(
+                    part.end_offset_for_epoch(p.leader_epoch)
+                        .map_err(|e| e.to_string())?
+                        .1,
+                )
+            } else {
+                None
+            };
+            let target =
+                truncation_offset(p.leader_epoch, p.end_offset, mine, part.log_start_offset());
+            if target < leo {
+                tracing::info!(topic = %key.0, partition = key.1, from = leo, to = target, leader_epoch = p.leader_epoch, "truncating a divergent tail");
+                part.truncate_to(target).map_err(|e| e.to_string())?;
+            }
+            mark(f, &key, fl.leader_epoch, true);
+        }
+    }
+    Ok(all_done)
+}
+
+/// Where a follower truncates (KIP-101, KIP-279), given the leader's answer to
+/// OffsetForLeaderEpoch for the follower's latest epoch — `(epoch, end_offset)`, the largest
+/// epoch the leader has at or below it and where it ends — and the follower's own end offset
+/// for that epoch: the smaller of the two ends. A leader with no epoch at or below the
+/// follower's (-1) shares nothing with it: everything from the follower's log start goes.
+pub fn truncation_offset(
+    leader_epoch: i32,
+    leader_end_offset: i64,
+    own_end_offset: Option<i64>,
+    log_start_offset: i64,
+) -> i64 {
+    if leader_epoch < 0 || leader_end_offset < 0 {
+        return log_start_offset;
+    }
+    match own_end_offset {
+        Some(mine) if mine >= 0 => leader_end_offset.min(mine),
+        _ => leader_end_offset,
+    }
+}
+
+/// One fetch round. Ok(false): nothing progressed (errors or no data), the caller pauses.
+async fn fetch_once(
+    broker: &Broker,
+    conn: &mut PeerConn,
+    f: &Fetcher,
+    follows: &[(Key, Follow)],
+    timeout: Duration,
+) -> Result<bool, String> {
+    let per_partition = broker.config.i64("replica.fetch.max.bytes").max(0) as i32;
+    let mut topics: Vec<FetchTopic> = Vec::new();
+    for ((topic, index), fl) in follows {
+        let part = FetchPartition::default()
+            .with_partition(*index)
+            .with_current_leader_epoch(fl.leader_epoch)
+            .with_fetch_offset(fl.part.log_end_offset())
+            .with_last_fetched_epoch(fl.part.latest_epoch().ok().flatten().unwrap_or(-1))
+            .with_log_start_offset(fl.part.log_start_offset())
+            .with_partition_max_bytes(per_partition);
+        match topics.iter_mut().find(|t| t.topic.0.as_str() == topic) {
+            Some(t) => t.partitions.push(part),
+            None => topics.push(
+                FetchTopic::default()
+                    .with_topic(TopicName(str_bytes(topic)))
+                    .with_partitions(vec![part]),
+            ),
+        }
+    }
+    let req = FetchRequest::default()
+        .with_replica_id(BrokerId(broker.node_id))
+        .with_max_wait_ms(broker.config.i64("replica.fetch.wait.max.ms") as i32)
+        .with_min_bytes(1)
+        .with_max_bytes(broker.config.i64("replica.fetch.response.max.bytes") as i32)
+        .with_isolation_level(0)
+        .with_session_id(0)
+        .with_session_epoch(-1)
+        .with_topics(topics);
+    let resp = conn.call(&req, FETCH_VERSION, timeout).await?;
+    if resp.error_code != 0 {
+        return Err(format!("fetch error {}", resp.error_code));
+    }
+    let mut progressed = false;
+    let mut appended = Vec::new();
+    for t in resp.responses {
+        for p in t.partitions {
+            let key = (t.topic.0.to_string(), p.partition_index);
+            let Some((_, fl)) = follows.iter().find(|(k, _)| *k == key) else {
+                continue;
+            };
+            let part = &fl.part;
+            match ResponseError::try_from_code(p.error_code) {
+                None if p.error_code == 0 => {
+                    let records = p.records.unwrap_or_default();
+                    if !records.is_empty() {
+                        match part.append_replicated(&records) {
+                            Ok(out) => {
+                                if out.appended_batches > 0 {
+                                    progressed = true;
+                                    appended.push((part.clone(), out.log_end_offset));
+                                }
+                            }
+                            Err(e) => {
+                                tracing::error!(topic = %key.0, partition = key.1, error = %e, "appending replicated data failed");
+                                mark(f, &key, fl.leader_epoch, false);
+                            }
+                        }
+                    }
+                    part.set_leader_hw(p.high_watermark);
+                    if p.high_watermark > part.high_watermark() {
+                        progressed = true;
+                    }
+                }
+                Some(ResponseError::OffsetOutOfRange) => {
+                    if part.log_end_offset() < p.log_start_offset {
+                        tracing::info!(topic = %key.0, partition = key.1, start = p.log_start_offset, "follower is behind the leader's log start; starting over there");
+                        part.truncate_fully_and_start_at(p.log_start_offset)
+                            .map_err(|e| e.to_string())?;
+                    } else {
+                        mark(f, &key, fl.leader_epoch, false);
+                    }
+                    progressed = true;
+                }
+                _ => {
+                    tracing::debug!(topic = %key.0, partition = key.1, error = p.error_code, "replica fetch refused");
+                }
+            }
+        }
+    }
+    // The next fetch offset must be durable here: the leader counts it toward the high
+    // watermark.
+    for (part, end) in appended {
+        if let Err(e) = part.wait_durable(end).await {
+            return Err(format!("fsync of replicated data failed: {e}"));
+        }
+        part.maybe_advance_hw();
+    }
+    Ok(progressed)
+}
+
+/// An ISR change a leader proposes.
+#[derive(Debug, Clone)]
+pub enum IsrChange {
+    Add(i32),
+    Remove(Vec<i32>),
+}
+
+/// Sends an ISR change for `part` to the controller in the background (one at a time per
+/// partition); the new ISR takes effect when the metadata image carries it.
+pub fn propose_isr(broker: &Arc<Broker>, part: &Arc<Partition>, change: IsrChange) {
+    use std::sync::atomic::Ordering;
+    if part.isr_change_pending.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let broker = broker.clone();
+    let part = part.clone();
+    tokio::spawn(async move {
+        let epoch = part.role().leader_epoch;
+        let me = broker.node_id;
+        let result = broker
+            .commit_metadata_async::<String>(|img| {
+                let Some(p) = img
+                    .topic(&part.topic)
+                    .and_then(|t| t.partitions.get(&part.index))
+                else {
+                    return Ok(Vec::new());
+                };
+                let mut isr = p.isr.clone();
+                match &change {
+                    IsrChange::Add(r) if !isr.contains(r) => isr.push(*r),
+                    IsrChange::Add(_) => return Ok(Vec::new()),
+                    IsrChange::Remove(rs) => isr.retain(|r| !rs.contains(r)),
+                }
+                broker
+                    .controller()
+                    .alter_isr(img, &part.topic, part.index, me, epoch, &isr)
+                    .map_err(|e| e.to_string())
+            })
+            .await;
+        match result {
+            Ok(_) => {
+                tracing::info!(topic = %part.topic, partition = part.index, ?change, "ISR changed")
+            }
+            Err(e) => {
+                tracing::warn!(topic = %part.topic, partition = part.index, ?change, error = %e, "ISR change refused")
+            }
+        }
+        part.isr_change_pending.store(false, Ordering::Release);
+    });
+}
+
+/// Leader side: drops followers that lagged for `replica.lag.time.max.ms` from the ISR.
+pub async fn isr_ticker(broker: Arc<Broker>) {
+    let lag_ms = broker.config.i64("replica.lag.time.max.ms").max(1);
+    let mut tick =
+        tokio::time::interval(Duration::from_millis((lag_ms as u64 / 2).clamp(10, 5000)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = broker.now_ms();
+        for p in broker.replicas.all() {
+            if let Some(keep) = p.shrunk_isr(now, lag_ms) {
+                let removed: Vec<i32> = p
+                    .role()
+                    .isr
+                    .into_iter()
+                    .filter(|r| !keep.contains(r))
+                    .collect();
+                propose_isr(&broker, &p, IsrChange::Remove(removed));
+            }
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! Failover benchmark: a 3-node cluster on loopback, a topic with replication factor 3 and
+//! min.insync.replicas 2, an idempotent acks=all producer writing continuously; the leader of
+//! partition 0 is killed with SIGKILL `--kills` times (restarted and caught up in between), and
+//! each time the gap between the kill and the next acknowledged write is measured.
+//!
+//!   cargo run --release -p strom-tests --bin failover-bench -- --kills 20
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use strom_tests::cluster::Cluster;
+
+fn now_us(start: Instant) -> i64 {
+    start.elapsed().as_micros() as i64
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let mut kills = 20;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--kills" {
+            kills = args.next().and_then(|v| v.parse().ok()).expect("--kills N");
+        }
+    }
+    let mut c = Cluster::start(3, &[]);
+    let b = c.bootstrap();
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &b)
+        .create()
+        .unwrap();
+    let topic =
+        NewTopic::new("failover", 1, TopicReplication::Fixed(3)).set("min.insync.replicas", "2");
+    for r in admin
+        .create_topics(
+            [&topic],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
+        )
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    c.wait_partition("failover", 0, Duration::from_secs(30), "full ISR", |s| {
+        s.isr.len() == 3
+    });
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &b)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "0")
+        .set("message.timeout.ms", "60000")
+        .set("retry.backoff.ms", "20")
+        .set("retry.backoff.max.ms", "100")
+        .set("topic.metadata.refresh.interval.ms", "200")
+        .create()
+        .unwrap();
+    let start = Instant::now();
+    let last_ack = Arc::new(AtomicI64::new(0));
+    let acked = Arc::new(AtomicU64::new(0));
+    {
+        let (last_ack, acked) = (last_ack.clone(), acked.clone());
+        tokio::spawn(async move {
+            // A steady stream with a few writes in flight, as an application would have.
+            let mut i = 0u64;
+            let mut inflight = Vec::new();
+            loop {
+                i += 1;
+                let v = i.to_string();
+                let f = producer
+                    .send_result(
+                        FutureRecord::<(), _>::to("failover")
+                            .payload(&v)
+                            .partition(0),
+                    )
+                    .map_err(|(e, _)| e)
+                    .unwrap();
+                inflight.push(f);
+                if inflight.len() >= 8 {
+                    let f = inflight.remove(0);
+                    if let Ok(Ok(_)) = f.await {
+                        last_ack.store(now_us(start), Ordering::Release);
+                        acked.fetch_add(1, Ordering::AcqRel);
+                    }
+                }
+                tokio::time::sleep(Duration::from_micros(500)).await;
+            }
+        });
+    }
+    let mut gaps_ms = Vec::new();
+    for k in 0..kills {
+        let s = c.wait_partition("failover", 0, Duration::from_secs(60), "full ISR", |s| {
+            s.isr.len() == 3 && s.leader > 0
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let victim = s.leader;
+        let killed = now_us(start);
+        c.node(victim).kill9();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while last_ack.load(Ordering::Acquire) <= killed && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let gap = (last_ack.load(Ordering::Acquire) - killed) as f64 / 1000.0;
+        eprintln!(
+            "kill {}: leader {victim}, writes resumed after {gap:.1} ms",
+            k + 1
+        );
+        gaps_ms.push(gap);
+        c.node(victim).restart();
+    }
+    gaps_ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |q: f64| gaps_ms[((gaps_ms.len() as f64 - 1.0) * q).round() as usize];
+    println!(
+        "failover over {} leader kills: min {:.0} ms, p50 {:.0} ms, p90 {:.0} ms, max {:.0} ms ({} writes acknowledged)",
+        gaps_ms.len(),
+        pct(0.0),
+        pct(0.5),
+        pct(0.9),
+        pct(1.0),
+        acked.load(Ordering::Acquire)
+    );
+}

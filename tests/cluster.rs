@@ -1,0 +1,219 @@
+//! N-node clusters of real `strom` processes on loopback: start them, kill, pause and restart
+//! nodes, and ask any node what the cluster looks like (Metadata over the wire).
+
+use std::time::{Duration, Instant};
+
+use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse};
+
+use crate::{free_port, RawClient, StromProcess};
+
+/// A partition as Metadata reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionState {
+    pub leader: i32,
+    pub leader_epoch: i32,
+    pub replicas: Vec<i32>,
+    pub isr: Vec<i32>,
+    pub offline: Vec<i32>,
+}
+
+/// What one node says of the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterView {
+    pub controller: i32,
+    pub brokers: Vec<i32>,
+    pub topics: Vec<(String, i16, Vec<PartitionState>)>,
+}
+
+impl ClusterView {
+    pub fn partition(&self, topic: &str, p: usize) -> Option<&PartitionState> {
+        self.topics
+            .iter()
+            .find(|(n, _, _)| n == topic)
+            .and_then(|(_, _, ps)| ps.get(p))
+    }
+}
+
+pub struct Cluster {
+    /// Node i+1 is `nodes[i]`.
+    pub nodes: Vec<StromProcess>,
+    pub quorum: String,
+}
+
+impl Cluster {
+    /// Starts `n` nodes, all brokers and controller voters, with extra `--set` settings; waits
+    /// until every node serves and all `n` brokers are registered and unfenced.
+    pub fn start(n: usize, sets: &[&str]) -> Cluster {
+        let controller_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let quorum = controller_ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}@127.0.0.1:{p}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes = Vec::new();
+        for (i, port) in controller_ports.iter().enumerate() {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().to_path_buf();
+            let id = (i + 1).to_string();
+            let listen = format!("127.0.0.1:{port}");
+            let extra = [
+                "--node-id",
+                id.as_str(),
+                "--controller-quorum",
+                quorum.as_str(),
+                "--controller-listen",
+                listen.as_str(),
+            ];
+            let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+            for s in sets {
+                args.push("--set".into());
+                args.push(s.to_string());
+            }
+            let log_path = std::env::temp_dir().join(format!(
+                "strom-cluster-{}-{}-node{}.log",
+                std::process::id(),
+                free_port(),
+                i + 1
+            ));
+            let mut p = StromProcess::new_stopped(dir, Some(tmp), None, args, log_path);
+            p.spawn_nowait();
+            nodes.push(p);
+        }
+        let mut c = Cluster { nodes, quorum };
+        for p in c.nodes.iter_mut() {
+            p.wait_listening(Duration::from_secs(60));
+        }
+        c.wait_brokers(n, Duration::from_secs(30));
+        c
+    }
+
+    pub fn node(&mut self, id: i32) -> &mut StromProcess {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    /// Every node's listener, comma-separated (a client bootstrap list).
+    pub fn bootstrap(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.bootstrap())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Metadata for all topics from the first running node that answers.
+    pub fn view(&mut self) -> Option<ClusterView> {
+        for n in self.nodes.iter_mut() {
+            if !n.is_running() {
+                continue;
+            }
+            if let Some(v) = view_of(n) {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    /// Metadata as node `id` sees it.
+    pub fn view_from(&mut self, id: i32) -> Option<ClusterView> {
+        view_of(self.node(id))
+    }
+
+    pub fn wait_brokers(&mut self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = self.view() {
+                if v.brokers.len() == n && v.controller > 0 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster did not reach {n} live brokers; logs:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until `f` holds for the partition as some running node reports it.
+    pub fn wait_partition(
+        &mut self,
+        topic: &str,
+        p: usize,
+        timeout: Duration,
+        what: &str,
+        f: impl Fn(&PartitionState) -> bool,
+    ) -> PartitionState {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.view().and_then(|v| v.partition(topic, p).cloned()) {
+                if f(&s) {
+                    return s;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{topic}/{p}: {what} did not happen; view {:?}",
+                self.view()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("---- node {} ----\n{}", i + 1, tail(&n.log(), 60)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn tail(s: &str, lines: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+fn view_of(n: &StromProcess) -> Option<ClusterView> {
+    let mut c = RawClient::try_connect(n.addr())?;
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .ok()?;
+    let req = MetadataRequest::default().with_topics(None);
+    let resp: MetadataResponse = c.try_call(ApiKey::Metadata, 12, &req)?;
+    let mut brokers: Vec<i32> = resp.brokers.iter().map(|b| b.node_id.0).collect();
+    brokers.sort_unstable();
+    let mut topics = Vec::new();
+    for t in resp.topics {
+        let mut parts: Vec<(i32, PartitionState)> = t
+            .partitions
+            .iter()
+            .map(|p| {
+                (
+                    p.partition_index,
+                    PartitionState {
+                        leader: p.leader_id.0,
+                        leader_epoch: p.leader_epoch,
+                        replicas: p.replica_nodes.iter().map(|b| b.0).collect(),
+                        isr: p.isr_nodes.iter().map(|b| b.0).collect(),
+                        offline: p.offline_replicas.iter().map(|b| b.0).collect(),
+                    },
+                )
+            })
+            .collect();
+        parts.sort_by_key(|(i, _)| *i);
+        let name = t.name.map(|n| n.0.to_string()).unwrap_or_default();
+        topics.push((
+            name,
+            t.error_code,
+            parts.into_iter().map(|(_, s)| s).collect(),
+        ));
+    }
+    Some(ClusterView {
+        controller: resp.controller_id.0,
+        brokers,
+        topics,
+    })
+}
