@@ -260,10 +260,50 @@ async fn killing_the_leader_loses_no_acknowledged_record_and_the_node_rejoins() 
     assert_eq!(again, values, "the next leader serves a different log");
 }
 
+/// DescribeQuorum (v2) through node `id`: (leader, epoch, high watermark, voter ids with
+/// their log end offsets).
+fn describe_quorum(c: &mut Cluster, id: i32) -> (i32, i32, i64, Vec<(i32, i64)>) {
+    use kafka_protocol::messages::describe_quorum_request::{PartitionData, TopicData};
+    use kafka_protocol::messages::{
+        ApiKey, DescribeQuorumRequest, DescribeQuorumResponse, TopicName,
+    };
+    use kafka_protocol::protocol::StrBytes;
+    let mut raw = RawClient::connect(c.node(id).addr());
+    let req = DescribeQuorumRequest::default().with_topics(vec![TopicData::default()
+        .with_topic_name(TopicName(StrBytes::from_static_str("__cluster_metadata")))
+        .with_partitions(vec![PartitionData::default().with_partition_index(0)])]);
+    let resp: DescribeQuorumResponse = raw.call(ApiKey::DescribeQuorum, 2, &req);
+    let p = &resp.topics[0].partitions[0];
+    assert_eq!(p.error_code, 0, "DescribeQuorum: {:?}", p.error_message);
+    assert_eq!(resp.nodes.len(), 3, "controller listeners of the voters");
+    let mut voters: Vec<(i32, i64)> = p
+        .current_voters
+        .iter()
+        .map(|v| (v.replica_id.0, v.log_end_offset))
+        .collect();
+    voters.sort_unstable();
+    (p.leader_id.0, p.leader_epoch, p.high_watermark, voters)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_controller_takes_over_and_metadata_changes_work_again() {
     let mut c = Cluster::start(3, &[]);
     let old = c.view().unwrap().controller;
+    let asked = if old == 1 { 2 } else { 1 };
+    let (leader, epoch, hw, voters) = describe_quorum(&mut c, asked);
+    assert_eq!(
+        leader, old,
+        "DescribeQuorum from a follower names the active controller"
+    );
+    assert!(hw > 0);
+    assert_eq!(
+        voters.iter().map(|v| v.0).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert!(
+        voters.iter().all(|(_, end)| *end > 0),
+        "every voter has replicated: {voters:?}"
+    );
     c.node(old).kill9();
     let deadline = Instant::now() + WAIT;
     let new = loop {
@@ -291,6 +331,10 @@ async fn a_new_controller_takes_over_and_metadata_changes_work_again() {
         s.leader > 0 && s.isr.len() == 2
     });
     assert!(!s.replicas.contains(&old), "placed on a dead broker: {s:?}");
+    let asked = (1..=3).find(|id| *id != old).unwrap();
+    let (leader, new_epoch, new_hw, _) = describe_quorum(&mut c, asked);
+    assert_eq!(leader, new);
+    assert!(new_epoch > epoch && new_hw > hw, "the quorum moved on");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -363,4 +407,120 @@ async fn too_few_in_sync_replicas_refuse_acks_all_but_not_acks_1() {
     send(&all, "4").await.expect("acks=all works again");
     let values = read_values(&b, "guarded", 0, 3, WAIT);
     assert_eq!(values, vec![1, 3, 4], "what the partition holds");
+}
+
+/// FindCoordinator (v4) for a group through node `id`: the coordinator's node id.
+fn find_coordinator(c: &mut Cluster, id: i32, group: &str) -> i32 {
+    use kafka_protocol::messages::{ApiKey, FindCoordinatorRequest, FindCoordinatorResponse};
+    use kafka_protocol::protocol::StrBytes;
+    let mut raw = RawClient::connect(c.node(id).addr());
+    let req = FindCoordinatorRequest::default()
+        .with_key_type(0)
+        .with_coordinator_keys(vec![StrBytes::from_string(group.to_string())]);
+    let resp: FindCoordinatorResponse = raw.call(ApiKey::FindCoordinator, 4, &req);
+    let co = &resp.coordinators[0];
+    if co.error_code != 0 {
+        return -1;
+    }
+    co.node_id.0
+}
+
+fn group_consumer(bootstrap: &str, group: &str) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
+        .unwrap()
+}
+
+fn poll_values(c: &BaseConsumer, n: usize, timeout: Duration) -> Vec<(i64, u64)> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while out.len() < n && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            let v = std::str::from_utf8(m.payload().unwrap())
+                .unwrap()
+                .parse()
+                .unwrap();
+            out.push((m.offset(), v));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_offsets_survive_losing_the_group_coordinator() {
+    let mut c = Cluster::start(3, &["group.initial.rebalance.delay.ms=0"]);
+    let b = c.bootstrap();
+    create_replicated(&b, "events", 1, 3, &[("min.insync.replicas", "2")]).await;
+    c.wait_partition("events", 0, WAIT, "full ISR", |s| s.isr.len() == 3);
+    let p = producer(&b, "all", true);
+    for i in 0..100u64 {
+        let v = i.to_string();
+        p.send(
+            FutureRecord::<(), _>::to("events").payload(&v).partition(0),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+
+    let first = group_consumer(&b, "g1");
+    first.subscribe(&["events"]).unwrap();
+    let got = poll_values(&first, 50, WAIT);
+    assert_eq!(got.len(), 50, "first member read");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("events", 0, Offset::Offset(50))
+        .unwrap();
+    first
+        .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
+        .expect("commit");
+    drop(first);
+
+    // The offsets topic is replicated; its partition for g1 is led by the coordinator.
+    let s = c.wait_partition(
+        "__consumer_offsets",
+        0,
+        WAIT,
+        "replicated offsets topic",
+        |s| s.isr.len() == 3,
+    );
+    assert_eq!(s.replicas.len(), 3);
+    let coordinator = find_coordinator(&mut c, 1, "g1");
+    assert!(coordinator > 0);
+    c.node(coordinator).kill9();
+    let other = (1..=3).find(|id| *id != coordinator).unwrap();
+    let deadline = Instant::now() + WAIT;
+    let moved = loop {
+        let co = find_coordinator(&mut c, other, "g1");
+        if co > 0 && co != coordinator {
+            break co;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the coordinator did not move:\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_ne!(moved, coordinator);
+
+    let live: Vec<String> = (1..=3)
+        .filter(|id| *id != coordinator)
+        .map(|id| c.node(id).bootstrap())
+        .collect();
+    let second = group_consumer(&live.join(","), "g1");
+    second.subscribe(&["events"]).unwrap();
+    let rest = poll_values(&second, 50, Duration::from_secs(60));
+    assert_eq!(
+        rest.first().map(|r| r.0),
+        Some(50),
+        "resumes at the committed offset"
+    );
+    assert_eq!(rest.len(), 50);
+    assert_eq!(rest.last().unwrap().1, 99);
 }

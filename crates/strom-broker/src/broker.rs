@@ -73,6 +73,8 @@ pub struct Broker {
     /// Serialises publishing images (the Raft applier and local commits).
     publish_lock: Mutex<()>,
     pub fetchers: crate::replication::ReplicaFetchers,
+    /// The metadata quorum's voters (empty on a one-node cluster).
+    quorum: Vec<(i32, SocketAddr)>,
     producer_ids: Mutex<(i64, i64)>,
     pub connections: AtomicUsize,
     pub request_memory: RequestMemory,
@@ -235,8 +237,11 @@ impl Broker {
         let groups = GroupCoordinator::new(group_config(&opts.config));
         let image_offset = watch::channel(image.offset).0;
         if let Some(t) = image.topic(OFFSETS_TOPIC) {
-            // Loaded in the background once serving; until then COORDINATOR_LOAD_IN_PROGRESS.
-            groups.begin_load(t.partitions.len() as i32);
+            if opts.cluster.is_none() {
+                // Loaded in the background once serving; until then
+                // COORDINATOR_LOAD_IN_PROGRESS. (A cluster loads what this node leads.)
+                groups.begin_load(t.partitions.len() as i32);
+            }
         }
         let (shutdown_tx, _) = watch::channel(false);
         let slots = opts
@@ -259,6 +264,11 @@ impl Broker {
             image_offset,
             publish_lock: Mutex::new(()),
             fetchers: crate::replication::ReplicaFetchers::default(),
+            quorum: opts
+                .cluster
+                .as_ref()
+                .map(|c| c.quorum.clone())
+                .unwrap_or_default(),
             producer_ids: Mutex::new((0, 0)),
             connections: AtomicUsize::new(0),
             request_memory: RequestMemory::new(opts.config.i64("queued.max.request.bytes")),
@@ -313,6 +323,14 @@ impl Broker {
             Some(r) => r.leader().unwrap_or(-1),
             None => self.node_id,
         }
+    }
+
+    /// A voter's controller listener (from --controller-quorum).
+    pub fn controller_address(&self, node_id: i32) -> Option<SocketAddr> {
+        self.quorum
+            .iter()
+            .find(|(id, _)| *id == node_id)
+            .map(|(_, a)| *a)
     }
 
     pub fn controller_timeout(&self) -> Duration {
@@ -410,7 +428,9 @@ impl Broker {
                 ControllerResponse::Stale { offset } => {
                     let _ = self.wait_image(offset, timeout).await;
                 }
-                ControllerResponse::NotController | ControllerResponse::Ok => {
+                ControllerResponse::NotController
+                | ControllerResponse::Ok
+                | ControllerResponse::Quorum(_) => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 ControllerResponse::Error(e) => return Err(E::from(e)),
@@ -484,11 +504,50 @@ impl Broker {
         }
     }
 
-    /// Partitions whose leadership changed: followers (re)start fetching from their leader.
+    /// Partitions whose leadership changed: followers (re)start fetching from their leader;
+    /// in a cluster the group coordinator follows the leadership of `__consumer_offsets`.
     pub fn on_leadership_changed(&self, parts: Vec<Arc<crate::partition::Partition>>) {
         for p in parts {
             self.fetchers.update(self.node_id, &p);
+            if p.topic == OFFSETS_TOPIC && self.raft().is_some() {
+                self.coordinate_offsets_partition(&p);
+            }
         }
+    }
+
+    /// Cluster: load the groups of an offsets partition this broker now leads (in the
+    /// background; COORDINATOR_LOAD_IN_PROGRESS meanwhile), forget those of one it lost.
+    fn coordinate_offsets_partition(&self, p: &Arc<crate::partition::Partition>) {
+        if let Some(t) = self.image().topic(OFFSETS_TOPIC) {
+            self.groups.set_partition_count(t.partitions.len() as i32);
+        }
+        if !p.is_leader() {
+            if self.groups.unload(p.index) {
+                tracing::info!(
+                    partition = p.index,
+                    "no longer coordinating this offsets partition"
+                );
+            }
+            return;
+        }
+        if !self.groups.begin_load_partition(p.index) {
+            return;
+        }
+        let Some(me) = self.fetchers.broker() else {
+            return;
+        };
+        let index = p.index;
+        tokio::task::spawn_blocking(move || match me.groups.load(&*me, index, me.now_ms()) {
+            Ok(n) => tracing::info!(
+                partition = index,
+                groups = n,
+                "coordinating this offsets partition"
+            ),
+            Err(e) => {
+                tracing::error!(partition = index, error = %e, "loading groups failed");
+                me.groups.unload(index);
+            }
+        });
     }
 
     /// Cluster start: registers this broker (fenced, so leaderships it held before a restart

@@ -64,6 +64,40 @@ pub enum ControllerRequest {
     ControlledShutdown {
         broker_id: i32,
     },
+    /// DescribeQuorum: the leader's view of the voters.
+    DescribeQuorum,
+}
+
+/// The metadata quorum as its leader sees it (DescribeQuorum, KIP-595).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QuorumView {
+    pub leader_id: i32,
+    pub leader_epoch: i32,
+    pub high_watermark: i64,
+    /// (id, log end offset, last fetch ms, last caught-up ms)
+    pub voters: Vec<(i32, i64, i64, i64)>,
+}
+
+impl From<strom_meta::raft::QuorumState> for QuorumView {
+    fn from(q: strom_meta::raft::QuorumState) -> Self {
+        QuorumView {
+            leader_id: q.leader_id,
+            leader_epoch: q.leader_epoch,
+            high_watermark: q.high_watermark,
+            voters: q
+                .voters
+                .iter()
+                .map(|v| {
+                    (
+                        v.replica_id,
+                        v.log_end_offset,
+                        v.last_fetch_timestamp,
+                        v.last_caught_up_timestamp,
+                    )
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -72,6 +106,7 @@ pub enum ControllerResponse {
     Stale { offset: i64 },
     NotController,
     Ok,
+    Quorum(QuorumView),
     Error(String),
 }
 
@@ -202,6 +237,10 @@ impl ControllerService {
                 }
                 ControllerResponse::Ok
             }
+            ControllerRequest::DescribeQuorum => match broker.raft() {
+                Some(r) if r.is_leader() => ControllerResponse::Quorum(r.quorum_state().into()),
+                _ => ControllerResponse::NotController,
+            },
             ControllerRequest::ControlledShutdown { broker_id } => {
                 let b = broker.clone();
                 let resp = self

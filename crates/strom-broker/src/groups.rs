@@ -105,6 +105,11 @@ impl Broker {
         if partitions == 0 {
             return Err(GroupError::CoordinatorNotAvailable);
         }
+        if self.raft().is_some() {
+            // A cluster: each broker loads the partitions it leads as leadership arrives.
+            self.groups.set_partition_count(partitions);
+            return Ok(());
+        }
         self.groups.begin_load(partitions);
         for p in 0..partitions {
             self.groups.load(self, p, self.now_ms())?;
@@ -164,10 +169,12 @@ impl OffsetsLog for Broker {
         let max_decompressed = self.config.i64("strom.max.decompressed.bytes").max(1024) as usize;
         let mut out = Vec::new();
         let mut offset = part.log_start_offset();
-        let end = part.high_watermark();
+        // Up to the log end: a new leader's log is what the partition now holds (records above
+        // its high watermark commit as its followers catch up to it).
+        let end = part.log_end_offset();
         while offset < end {
             let bytes = part
-                .read(offset, 1 << 20, true)
+                .read_for_replica(offset, 1 << 20)
                 .map_err(|_| GroupError::StorageError)?;
             if bytes.is_empty() {
                 break;

@@ -55,6 +55,11 @@ impl ReplicaFetchers {
         let _ = self.broker.set(Arc::downgrade(broker));
     }
 
+    /// The broker, once attached (for tasks that need an owned handle).
+    pub fn broker(&self) -> Option<Arc<Broker>> {
+        self.broker.get().and_then(Weak::upgrade)
+    }
+
     /// A deleted partition leaves its fetcher.
     pub fn remove(&self, topic: &str, partition: i32) {
         let key = (topic.to_string(), partition);

@@ -246,6 +246,29 @@ impl GroupCoordinator {
         }
     }
 
+    /// A cluster: `__consumer_offsets` has `partitions` partitions; this node coordinates only
+    /// those it leads (`begin_load_partition`), the others answer NOT_COORDINATOR.
+    pub fn set_partition_count(&self, partitions: i32) {
+        *self.partitions.write() = partitions;
+    }
+
+    /// This node became the leader of partition `p`: its groups answer
+    /// COORDINATOR_LOAD_IN_PROGRESS until `load` ran. False if it was already loading or loaded.
+    pub fn begin_load_partition(&self, p: i32) -> bool {
+        let mut shards = self.shards.write();
+        if shards.contains_key(&p) {
+            return false;
+        }
+        shards.insert(p, Arc::new(Mutex::new(Shard::Loading)));
+        true
+    }
+
+    /// This node is no longer the leader of partition `p`: forget its groups (their members
+    /// find the new coordinator, which loads them from the log).
+    pub fn unload(&self, p: i32) -> bool {
+        self.shards.write().remove(&p).is_some()
+    }
+
     /// Replays partition `p` into its shard. Returns the number of groups loaded.
     pub fn load(&self, log: &dyn OffsetsLog, p: i32, now: i64) -> Result<usize, GroupError> {
         let records = log.read_all(p)?;
@@ -325,7 +348,11 @@ impl GroupCoordinator {
             .entry(p)
             .or_insert_with(|| Arc::new(Mutex::new(Shard::Loading)))
             .clone();
-        *shard.lock() = Shard::Active(groups);
+        let mut guard = shard.lock();
+        // A shard already serving keeps its state (a second load must not roll it back).
+        if matches!(*guard, Shard::Loading) {
+            *guard = Shard::Active(groups);
+        }
         Ok(n)
     }
 

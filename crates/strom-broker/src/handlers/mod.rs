@@ -24,6 +24,7 @@ mod delete_topics;
 mod describe_cluster;
 mod describe_configs;
 mod describe_groups;
+mod describe_quorum;
 mod fetch;
 mod find_coordinator;
 mod heartbeat;
@@ -99,6 +100,7 @@ pub async fn dispatch(
         ApiKey::ConsumerGroupHeartbeat => consumer_group_heartbeat::handle(broker, &mut ctx),
         ApiKey::ConsumerGroupDescribe => consumer_group_describe::handle(broker, &mut ctx),
         ApiKey::OffsetForLeaderEpoch => offset_for_leader_epoch::handle(broker, &mut ctx),
+        ApiKey::DescribeQuorum => describe_quorum::handle(broker, &mut ctx),
         // decode_header only lets served APIs through.
         other => Err(HandlerError::Decode(other, "not served".into())),
     }
