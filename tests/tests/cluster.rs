@@ -490,8 +490,19 @@ async fn committed_offsets_survive_losing_the_group_coordinator() {
         |s| s.isr.len() == 3,
     );
     assert_eq!(s.replicas.len(), 3);
+    // Every node names the leader of g1's partition of __consumer_offsets.
+    let p_g1 = strom_group::coordinator::partition_for("g1", 50) as usize;
+    let leader = c
+        .view()
+        .unwrap()
+        .partition("__consumer_offsets", p_g1)
+        .unwrap()
+        .leader;
     let coordinator = find_coordinator(&mut c, 1, "g1");
-    assert!(coordinator > 0);
+    assert_eq!(coordinator, leader);
+    for id in 2..=3 {
+        assert_eq!(find_coordinator(&mut c, id, "g1"), leader);
+    }
     c.node(coordinator).kill9();
     let other = (1..=3).find(|id| *id != coordinator).unwrap();
     let deadline = Instant::now() + WAIT;
@@ -508,6 +519,16 @@ async fn committed_offsets_survive_losing_the_group_coordinator() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_ne!(moved, coordinator);
+    let leader = c
+        .view()
+        .unwrap()
+        .partition("__consumer_offsets", p_g1)
+        .unwrap()
+        .leader;
+    assert_eq!(
+        moved, leader,
+        "the new coordinator is the partition's new leader"
+    );
 
     let live: Vec<String> = (1..=3)
         .filter(|id| *id != coordinator)

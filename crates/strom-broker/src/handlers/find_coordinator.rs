@@ -1,6 +1,6 @@
-//! FindCoordinator: the node that coordinates a group (this one, for every group, on a single
-//! node). The first request creates `__consumer_offsets`. Transaction coordinators are not
-//! served yet. v4+ batches keys.
+//! FindCoordinator: the node that coordinates a group — the leader of the group's partition
+//! of `__consumer_offsets` (this node, for every group, on a single node). The first request
+//! creates `__consumer_offsets`. Transaction coordinators are not served yet. v4+ batches keys.
 
 use std::sync::Arc;
 
@@ -10,8 +10,26 @@ use kafka_protocol::messages::{BrokerId, FindCoordinatorRequest, FindCoordinator
 
 use super::{message, str_bytes, Ctx, HandlerError, Reply};
 use crate::broker::Broker;
+use strom_group::coordinator::{partition_for, OFFSETS_TOPIC};
 
 const GROUP: i8 = 0;
+
+/// The broker leading `group`'s partition of `__consumer_offsets`: (id, host, port).
+fn coordinator_of(broker: &Broker, group: &str) -> Option<(i32, String, i32)> {
+    if broker.raft().is_none() {
+        return Some((
+            broker.node_id,
+            broker.advertised_host.clone(),
+            broker.advertised_port,
+        ));
+    }
+    let image = broker.image();
+    let topic = image.topic(OFFSETS_TOPIC)?;
+    let p = partition_for(group, topic.partitions.len() as i32);
+    let leader = topic.partitions.get(&p)?.leader;
+    let b = image.brokers.get(&leader).filter(|b| !b.fenced)?;
+    Some((leader, b.host.clone(), b.port))
+}
 
 pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError> {
     let req: FindCoordinatorRequest = ctx.decode()?;
@@ -46,11 +64,17 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
                 c.error_code = code;
                 c.error_message = message(msg);
             }
-            None => {
-                c.node_id = BrokerId(broker.node_id);
-                c.host = str_bytes(&broker.advertised_host);
-                c.port = broker.advertised_port;
-            }
+            None => match coordinator_of(broker, key) {
+                Some((id, host, port)) => {
+                    c.node_id = BrokerId(id);
+                    c.host = str_bytes(&host);
+                    c.port = port;
+                }
+                None => {
+                    c.error_code = ResponseError::CoordinatorNotAvailable.code();
+                    c.error_message = message("the group's offsets partition has no leader");
+                }
+            },
         }
         c
     };
