@@ -701,3 +701,44 @@ async fn transport_refuses_wrong_node_and_bad_frames() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wiped_lowest_voter_rejoins_instead_of_founding_a_new_quorum() {
+    bounded(async {
+        let root = tempfile::tempdir().unwrap();
+        let (mut nodes, voters) = cluster(root.path(), 10_000).await;
+        {
+            let all: Vec<&Node> = nodes.iter().collect();
+            for i in 0..3 {
+                append(&all, vec![rec(i)]).await;
+            }
+        }
+        let first = nodes.remove(0);
+        assert_eq!(first.id, 1);
+        first.log.shutdown().await;
+        std::fs::remove_dir_all(&first.dir).unwrap();
+        {
+            let rest: Vec<&Node> = nodes.iter().collect();
+            agreed_leader(&rest).await;
+            append(&rest, vec![rec(3)]).await;
+        }
+        let back = restart(&first, &voters, 10_000).await;
+        nodes.push(back);
+        let all: Vec<&Node> = nodes.iter().collect();
+        let back = all.iter().find(|n| n.id == 1).unwrap();
+        until("the wiped voter to replay the quorum's log", || {
+            back.batches().len() == 4
+        })
+        .await;
+        assert_eq!(back.batches(), all[0].batches());
+        append(&all, vec![rec(4)]).await;
+        for n in &all {
+            until("one more batch everywhere", || n.batches().len() == 5).await;
+        }
+        assert_eq!(back.batches(), all[0].batches());
+        for n in &all {
+            n.log.shutdown().await;
+        }
+    })
+    .await;
+}
