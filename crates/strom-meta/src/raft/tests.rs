@@ -19,6 +19,7 @@ use super::storage::{LogStore, LOG_FILE};
 use super::types::{Entry, TypeConfig};
 use super::*;
 use crate::image::MetadataImage;
+use crate::record::TopicId;
 
 const BOUND: Duration = Duration::from_secs(60);
 const STEP: Duration = Duration::from_secs(20);
@@ -358,8 +359,48 @@ async fn failover_then_restarted_node_catches_up() {
     .await;
 }
 
+fn purged_index(dir: &Path) -> i64 {
+    std::fs::read(dir.join(storage::PURGED_FILE))
+        .ok()
+        .and_then(|d| serde_json::from_slice::<Option<types::LogId>>(&d).ok())
+        .flatten()
+        .map(|l| l.index as i64)
+        .unwrap_or(-1)
+}
+
+fn offsets(seen: &[Committed]) -> Vec<i64> {
+    seen.iter()
+        .map(|c| match c {
+            Committed::Snapshot { offset, .. } | Committed::Batch { offset, .. } => *offset,
+        })
+        .collect()
+}
+
+fn snapshot_offsets(seen: &[Committed]) -> Vec<i64> {
+    seen.iter()
+        .filter_map(|c| match c {
+            Committed::Snapshot { offset, .. } => Some(*offset),
+            Committed::Batch { .. } => None,
+        })
+        .collect()
+}
+
+fn partition(topic: TopicId, p: i32) -> MetadataRecord {
+    MetadataRecord::Partition {
+        topic_id: topic,
+        partition: p,
+        replicas: vec![1, 2, 3],
+        isr: vec![1, 2, 3],
+        leader: 1,
+        leader_epoch: 0,
+        partition_epoch: 0,
+    }
+}
+
+/// A voter that missed entries its new leader has already purged behind a snapshot gets that
+/// snapshot; every restart starts the Committed stream with the node's own snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_starts_from_own_snapshot_and_wiped_voter_gets_leaders() {
+async fn restarted_voters_start_from_snapshots() {
     bounded(async {
         let root = tempfile::tempdir().unwrap();
         let (mut nodes, voters) = cluster(root.path(), 5).await;
@@ -394,134 +435,87 @@ async fn restart_starts_from_own_snapshot_and_wiped_voter_gets_leaders() {
             let all: Vec<&Node> = nodes.iter().collect();
             agreed_leader(&all).await
         };
-        let pos = nodes.iter().position(|n| n.id != leader).unwrap();
-        let lagging = nodes.remove(pos);
+        let lagging = nodes.remove(nodes.iter().position(|n| n.id != leader).unwrap());
+        let lagging_last = lagging.batches().last().unwrap().0;
         lagging.log.shutdown().await;
 
+        // The other follower snapshots and purges on its own (a leader keeps what the
+        // unreachable voter still needs, so the lagging voter is caught up by that follower
+        // once it leads).
+        let other = nodes.iter().position(|n| n.id != leader).unwrap();
         {
             let rest: Vec<&Node> = nodes.iter().collect();
             for p in 0..20 {
-                append(
-                    &rest,
-                    vec![MetadataRecord::Partition {
-                        topic_id: topic,
-                        partition: p,
-                        replicas: vec![1, 2, 3],
-                        isr: vec![1, 2, 3],
-                        leader: 1,
-                        leader_epoch: 0,
-                        partition_epoch: 0,
-                    }],
-                )
-                .await;
+                append(&rest, vec![partition(topic, p)]).await;
             }
+            let other = &nodes[other];
+            until("the other follower to purge past the lagging voter", || {
+                other.batches().len() == 27 && purged_index(&other.dir) > lagging_last
+            })
+            .await;
         }
+        let reference = nodes[other].image();
+        let old_leader = nodes.remove(nodes.iter().position(|n| n.id == leader).unwrap());
+        old_leader.log.shutdown().await;
 
         let back = restart(&lagging, &voters, 5).await;
-        until("the restarted node to catch up", || {
+        {
+            let pair: Vec<&Node> = vec![&nodes[0], &back];
+            assert_eq!(
+                agreed_leader(&pair).await,
+                nodes[0].id,
+                "the longer log leads"
+            );
+        }
+        until("the lagging voter to receive the leader's snapshot", || {
             back.image()
                 .topic("t")
                 .is_some_and(|t| t.partitions.len() == 20)
         })
         .await;
         let seen = back.seen();
-        let snapshots: Vec<i64> = seen
-            .iter()
-            .filter_map(|c| match c {
-                Committed::Snapshot { offset, .. } => Some(*offset),
-                Committed::Batch { .. } => None,
-            })
-            .collect();
         assert!(
             matches!(seen.first(), Some(Committed::Snapshot { .. })),
             "the stream starts with the node's own snapshot: {:?}",
-            seen.first()
+            offsets(&seen)
         );
-        // Its own snapshot covers part of what it had; the rest it replays or receives.
+        let snaps = snapshot_offsets(&seen);
         assert!(
-            snapshots[0] <= lagging.batches().last().unwrap().0,
-            "snapshots at {snapshots:?}, lagging node had up to {:?}",
-            lagging.batches().last()
+            snaps.len() >= 2 && snaps[0] <= lagging_last && snaps[1] > lagging_last,
+            "own snapshot, then the leader's: {snaps:?} (had up to {lagging_last})"
         );
-        let offsets: Vec<i64> = seen
-            .iter()
-            .map(|c| match c {
-                Committed::Snapshot { offset, .. } | Committed::Batch { offset, .. } => *offset,
-            })
-            .collect();
         assert!(
-            offsets.windows(2).all(|w| w[0] < w[1]),
-            "offsets only grow: {offsets:?}"
+            offsets(&seen).windows(2).all(|w| w[0] < w[1]),
+            "offsets only grow: {:?}",
+            offsets(&seen)
         );
-        let reference = nodes[0].image();
         assert_eq!(back.image().topics, reference.topics);
         assert_eq!(back.image().cluster_id, "c");
 
-        // Restarting again starts from the node's own persisted snapshot.
+        // Restarting again starts from the snapshot it installed (or a later one of its own).
         back.log.shutdown().await;
         let again = restart(&back, &voters, 5).await;
+        let old_leader = restart(&old_leader, &voters, 5).await;
         until("a snapshot on the second restart", || {
             !again.seen().is_empty()
         })
         .await;
-        assert!(matches!(
-            again.seen().first(),
-            Some(Committed::Snapshot { .. })
-        ));
+        match again.seen().first() {
+            Some(Committed::Snapshot { offset, .. }) => assert!(*offset > lagging_last),
+            other => panic!("expected a snapshot first, got {other:?}"),
+        }
         nodes.push(again);
+        nodes.push(old_leader);
         let all: Vec<&Node> = nodes.iter().collect();
         append(&all, vec![rec(77)]).await;
         for n in &all {
             until("the image to converge", || {
-                n.image().next_producer_id == 77 && n.image().topics == reference.topics
+                let img = n.image();
+                img.next_producer_id == 77 && img.topics == reference.topics
             })
             .await;
         }
-
-        // With everyone caught up the leader purges behind its snapshots; a voter that lost
-        // its disk can then only be brought back by the leader's snapshot.
-        let leader = agreed_leader(&all).await;
-        let leader_dir = all.iter().find(|n| n.id == leader).unwrap().dir.clone();
-        let mut purged_up_to = -1i64;
-        let mut last_pid = 0;
-        for i in 0..30 {
-            last_pid = 100 + i;
-            append(&all, vec![rec(last_pid)]).await;
-            purged_up_to = std::fs::read(leader_dir.join(storage::PURGED_FILE))
-                .ok()
-                .and_then(|d| serde_json::from_slice::<Option<types::LogId>>(&d).ok())
-                .flatten()
-                .map(|l| l.index as i64)
-                .unwrap_or(-1);
-            if purged_up_to > 0 && i >= 5 {
-                break;
-            }
-        }
-        assert!(purged_up_to > 0, "the leader never purged its log");
-        drop(all);
-        let lowest = voters.iter().map(|v| v.0).min().unwrap();
-        let pos = nodes
-            .iter()
-            .position(|n| n.id != leader && n.id != lowest)
-            .unwrap();
-        let wiped = nodes.remove(pos);
-        wiped.log.shutdown().await;
-        std::fs::remove_dir_all(&wiped.dir).unwrap();
-        let fresh = restart(&wiped, &voters, 5).await;
-        until("the wiped node to converge", || {
-            let img = fresh.image();
-            img.next_producer_id == last_pid && img.topics == reference.topics
-        })
-        .await;
-        match fresh.seen().first() {
-            Some(Committed::Snapshot { offset, records }) => {
-                assert!(*offset >= purged_up_to, "{offset} < {purged_up_to}");
-                assert!(!records.is_empty());
-            }
-            other => panic!("a wiped node starts from the leader's snapshot, got {other:?}"),
-        }
-        nodes.push(fresh);
-        for n in &nodes {
+        for n in &all {
             n.log.shutdown().await;
         }
     })
@@ -698,47 +692,6 @@ async fn transport_refuses_wrong_node_and_bad_frames() {
         until("the batch", || node.batches().len() == 1).await;
         assert_eq!(node.batches()[0].0, offset);
         node.log.shutdown().await;
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wiped_lowest_voter_rejoins_instead_of_founding_a_new_quorum() {
-    bounded(async {
-        let root = tempfile::tempdir().unwrap();
-        let (mut nodes, voters) = cluster(root.path(), 10_000).await;
-        {
-            let all: Vec<&Node> = nodes.iter().collect();
-            for i in 0..3 {
-                append(&all, vec![rec(i)]).await;
-            }
-        }
-        let first = nodes.remove(0);
-        assert_eq!(first.id, 1);
-        first.log.shutdown().await;
-        std::fs::remove_dir_all(&first.dir).unwrap();
-        {
-            let rest: Vec<&Node> = nodes.iter().collect();
-            agreed_leader(&rest).await;
-            append(&rest, vec![rec(3)]).await;
-        }
-        let back = restart(&first, &voters, 10_000).await;
-        nodes.push(back);
-        let all: Vec<&Node> = nodes.iter().collect();
-        let back = all.iter().find(|n| n.id == 1).unwrap();
-        until("the wiped voter to replay the quorum's log", || {
-            back.batches().len() == 4
-        })
-        .await;
-        assert_eq!(back.batches(), all[0].batches());
-        append(&all, vec![rec(4)]).await;
-        for n in &all {
-            until("one more batch everywhere", || n.batches().len() == 5).await;
-        }
-        assert_eq!(back.batches(), all[0].batches());
-        for n in &all {
-            n.log.shutdown().await;
-        }
     })
     .await;
 }
