@@ -6,6 +6,17 @@
 //!
 //! Files under [`RaftConfig::dir`]: `raft.log`, `vote`, `purged` (see `storage.rs`) and
 //! `snapshot` (see `state_machine.rs`).
+//!
+//! Offsets are Raft log indexes: they only grow, but have gaps (the entries a new leader or a
+//! membership change writes carry no records and are not delivered).
+//!
+//! Limits worth knowing:
+//! - A voter that lost its directory must not come back under the same id: openraft sees the
+//!   leader's view of it go backwards (a debug assertion in debug builds) and acknowledged
+//!   entries may be lost.
+//! - A snapshot travels as one frame, so the metadata image must encode to under 64 MiB.
+//! - The leader does not purge entries a voter that is down still needs, and the log store keeps
+//!   unpurged entries in memory: a long outage of one voter grows the leader's memory.
 
 mod network;
 mod state_machine;
