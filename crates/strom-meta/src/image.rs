@@ -143,12 +143,22 @@ impl MetadataImage {
         records: &[MetadataRecord],
     ) -> (MetadataImage, MetadataDelta) {
         let mut next = self.clone();
+        let delta = next.apply_in_place(first_offset, records);
+        (next, delta)
+    }
+
+    /// `apply` without the copy, for an owner that keeps no older image.
+    pub(crate) fn apply_in_place(
+        &mut self,
+        first_offset: i64,
+        records: &[MetadataRecord],
+    ) -> MetadataDelta {
         let mut delta = MetadataDelta::default();
         for (i, record) in records.iter().enumerate() {
-            next.offset = first_offset + i as i64;
-            next.apply_one(record, &mut delta);
+            self.offset = first_offset + i as i64;
+            self.apply_one(record, &mut delta);
         }
-        (next, delta)
+        delta
     }
 
     /// Applies one replicated batch: every record gets the batch's `offset` (a Raft log index),

@@ -6,6 +6,17 @@
 //!
 //! Files under [`RaftConfig::dir`]: `raft.log`, `vote`, `purged` (see `storage.rs`) and
 //! `snapshot` (see `state_machine.rs`).
+//!
+//! Offsets are Raft log indexes: they only grow, but have gaps (the entries a new leader or a
+//! membership change writes carry no records and are not delivered).
+//!
+//! Limits worth knowing:
+//! - A voter that lost its directory must not come back under the same id: openraft sees the
+//!   leader's view of it go backwards (a debug assertion in debug builds) and acknowledged
+//!   entries may be lost.
+//! - A snapshot travels as one frame, so the metadata image must encode to under 64 MiB.
+//! - The leader does not purge entries a voter that is down still needs, and the log store keeps
+//!   unpurged entries in memory: a long outage of one voter grows the leader's memory.
 
 mod network;
 mod state_machine;
@@ -149,7 +160,9 @@ impl RaftMetadataLog {
     /// Takes an already-bound TcpListener (the controller listener) and serves peer Raft RPCs
     /// and application requests on it. Returns the log and the receiver of committed entries.
     /// On first start of a fresh cluster, the voter with the lowest id initializes the
-    /// membership with all voters (only on a pristine log: no vote, no entries, no snapshot).
+    /// membership with all voters: only on a pristine log (no vote, no entries, no snapshot),
+    /// and only if no leader contacts it within one maximum election timeout (a voter that
+    /// lost its disk rejoins the existing quorum instead of founding a new one).
     pub async fn start(
         cfg: RaftConfig,
         listener: tokio::net::TcpListener,
@@ -237,17 +250,42 @@ impl RaftMetadataLog {
             })
         };
 
+        let mut tasks = vec![server, watcher];
         let lowest = addrs.keys().next().copied();
         if pristine && lowest == Some(me) {
+            // Wait a little before forming the cluster: on a fresh cluster nobody can elect a
+            // leader without a membership, so a leader that shows up meanwhile means this node
+            // lost its disk and rejoins an existing quorum, which it must not re-initialize.
+            let raft = raft.clone();
+            let wait = Duration::from_millis(cfg.election_timeout_max_ms);
             let members: BTreeMap<u64, BasicNode> = addrs
                 .iter()
                 .map(|(id, addr)| (*id, BasicNode::new(addr.to_string())))
                 .collect();
-            tracing::info!(voters = ?members.keys().map(|i| from_node_id(*i)).collect::<Vec<_>>(),
-                "initializing the metadata quorum");
-            if let Err(e) = raft.initialize(members).await {
-                tracing::warn!(error = %e, "metadata quorum initialization refused");
-            }
+            tasks.push(tokio::spawn(async move {
+                let mut metrics = raft.metrics();
+                let _ = tokio::time::timeout(wait, async {
+                    while metrics.borrow_watched().current_leader.is_none() {
+                        if metrics.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                })
+                .await;
+                if raft.metrics().borrow_watched().current_leader.is_some()
+                    || raft.is_initialized().await.unwrap_or(true)
+                {
+                    tracing::info!("the metadata quorum already exists; not initializing it");
+                    return;
+                }
+                tracing::info!(
+                    voters = ?members.keys().map(|i| from_node_id(*i)).collect::<Vec<_>>(),
+                    "initializing the metadata quorum"
+                );
+                if let Err(e) = raft.initialize(members).await {
+                    tracing::warn!(error = %e, "metadata quorum initialization refused");
+                }
+            }));
         }
 
         let log = RaftMetadataLog {
@@ -258,7 +296,7 @@ impl RaftMetadataLog {
                 progress,
                 app: AppClient::new(me, addrs),
                 handler,
-                tasks: Mutex::new(vec![server, watcher]),
+                tasks: Mutex::new(tasks),
                 shut: AtomicBool::new(false),
             }),
         };

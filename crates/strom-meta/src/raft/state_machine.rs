@@ -27,10 +27,16 @@ use crate::record::MetadataRecord;
 
 pub const SNAPSHOT_FILE: &str = "snapshot";
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct SnapshotFile {
     meta: SnapshotMeta,
     records: Vec<MetadataRecord>,
+}
+
+#[derive(Serialize)]
+struct SnapshotFileOut<'a> {
+    meta: &'a SnapshotMeta,
+    records: &'a [MetadataRecord],
 }
 
 /// Progress shared with the public handle.
@@ -54,9 +60,9 @@ impl Shared {
                 return Ok(());
             }
         }
-        let file = SnapshotFile {
-            meta: snap.meta.clone(),
-            records: snap.snapshot.0.as_ref().clone(),
+        let file = SnapshotFileOut {
+            meta: &snap.meta,
+            records: &snap.snapshot.0,
         };
         let body = serde_json::to_vec(&file).map_err(io_err)?;
         replace_file(&self.dir, SNAPSHOT_FILE, &encode_frame(&body))?;
@@ -199,7 +205,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 EntryPayload::Normal(batch) => {
                     let offset = log_id.index as i64;
-                    self.image = self.image.apply(offset, &batch.0).0;
+                    self.image.apply_in_place(offset, &batch.0);
                     self.deliver(Committed::Batch {
                         offset,
                         records: batch.0,

@@ -72,11 +72,27 @@ enum Op {
     },
 }
 
+/// The writer thread; dropping the last handle lets it finish what was queued and joins it,
+/// so a store reopened on the same directory never races the old one.
+struct Writer {
+    tx: Option<std::sync::mpsc::Sender<Op>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// The log store handed to openraft. Clones share state (the reader is a clone).
 #[derive(Clone)]
 pub struct LogStore {
     mem: Arc<Mutex<Mem>>,
-    writer: std::sync::mpsc::Sender<Op>,
+    writer: Arc<Writer>,
 }
 
 pub fn encode_frame(body: &[u8]) -> Vec<u8> {
@@ -200,7 +216,7 @@ impl LogStore {
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let writer_dir = dir.to_path_buf();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("raft-log-writer".into())
             .spawn(move || writer_loop(writer_dir, file, rx))?;
         Ok(LogStore {
@@ -210,7 +226,10 @@ impl LogStore {
                 vote,
                 purged,
             })),
-            writer: tx,
+            writer: Arc::new(Writer {
+                tx: Some(tx),
+                thread: Some(thread),
+            }),
         })
     }
 
@@ -220,6 +239,9 @@ impl LogStore {
 
     fn submit(&self, op: Op) -> io::Result<()> {
         self.writer
+            .tx
+            .as_ref()
+            .ok_or_else(|| io_err("raft log writer has stopped"))?
             .send(op)
             .map_err(|_| io_err("raft log writer has stopped"))
     }
