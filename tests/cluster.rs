@@ -44,6 +44,11 @@ impl Cluster {
     /// Starts `n` nodes, all brokers and controller voters, with extra `--set` settings; waits
     /// until every node serves and all `n` brokers are registered and unfenced.
     pub fn start(n: usize, sets: &[&str]) -> Cluster {
+        Self::start_with(n, sets, |_| Vec::new())
+    }
+
+    /// `start` with extra `--set` settings per node (`node_sets(id)`), e.g. `broker.rack`.
+    pub fn start_with(n: usize, sets: &[&str], node_sets: impl Fn(i32) -> Vec<String>) -> Cluster {
         let controller_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let quorum = controller_ports
             .iter()
@@ -66,9 +71,13 @@ impl Cluster {
                 listen.as_str(),
             ];
             let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-            for s in sets {
+            for s in sets
+                .iter()
+                .map(|s| s.to_string())
+                .chain(node_sets(i as i32 + 1))
+            {
                 args.push("--set".into());
-                args.push(s.to_string());
+                args.push(s);
             }
             let log_path = std::env::temp_dir().join(format!(
                 "strom-cluster-{}-{}-node{}.log",

@@ -545,3 +545,190 @@ async fn committed_offsets_survive_losing_the_group_coordinator() {
     assert_eq!(rest.len(), 50);
     assert_eq!(rest.last().unwrap().1, 99);
 }
+
+/// ElectLeaders (v2) through node `id` for `topic`/`partition`: the partition's error code.
+fn elect_leaders(c: &mut Cluster, id: i32, election_type: i8, topic: &str, partition: i32) -> i16 {
+    use kafka_protocol::messages::elect_leaders_request::TopicPartitions;
+    use kafka_protocol::messages::{ApiKey, ElectLeadersRequest, ElectLeadersResponse, TopicName};
+    use kafka_protocol::protocol::StrBytes;
+    let mut raw = RawClient::connect(c.node(id).addr());
+    let req = ElectLeadersRequest::default()
+        .with_election_type(election_type)
+        .with_timeout_ms(10_000)
+        .with_topic_partitions(Some(vec![TopicPartitions::default()
+            .with_topic(TopicName(StrBytes::from_string(topic.to_string())))
+            .with_partitions(vec![partition])]));
+    let resp: ElectLeadersResponse = raw.call(ApiKey::ElectLeaders, 2, &req);
+    assert_eq!(resp.error_code, 0);
+    resp.replica_election_results[0].partition_result[0].error_code
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preferred_leaders_come_back_by_election_and_by_auto_rebalance() {
+    // Explicit ElectLeaders, with the automatic balance off.
+    let mut c = Cluster::start(3, &["auto.leader.rebalance.enable=false"]);
+    let b = c.bootstrap();
+    create_replicated(&b, "pref", 1, 3, &[]).await;
+    let s = c.wait_partition("pref", 0, WAIT, "full ISR", |s| s.isr.len() == 3);
+    let preferred = s.replicas[0];
+    assert_eq!(
+        s.leader, preferred,
+        "a new partition is led by its preferred replica"
+    );
+    let asked = if preferred == 1 { 2 } else { 1 };
+    assert_eq!(
+        elect_leaders(&mut c, asked, 0, "pref", 0),
+        84,
+        "ELECTION_NOT_NEEDED"
+    );
+    assert_eq!(
+        elect_leaders(&mut c, asked, 1, "pref", 0),
+        84,
+        "unclean: the leader is alive"
+    );
+    c.node(preferred).kill9();
+    c.wait_partition("pref", 0, WAIT, "failover", |s| {
+        s.leader > 0 && s.leader != preferred
+    });
+    assert_eq!(
+        elect_leaders(&mut c, asked, 0, "pref", 0),
+        80,
+        "PREFERRED_LEADER_NOT_AVAILABLE"
+    );
+    c.node(preferred).restart();
+    c.wait_partition("pref", 0, Duration::from_secs(60), "rejoin", |s| {
+        s.isr.contains(&preferred)
+    });
+    let moved = c.view().unwrap().partition("pref", 0).unwrap().leader;
+    assert_ne!(
+        moved, preferred,
+        "no automatic move back while it is disabled"
+    );
+    assert_eq!(elect_leaders(&mut c, asked, 0, "pref", 0), 0);
+    let after = c.wait_partition("pref", 0, WAIT, "preferred leader", |s| {
+        s.leader == preferred
+    });
+    assert!(after.leader_epoch > s.leader_epoch + 1);
+    assert_eq!(elect_leaders(&mut c, asked, 1, "unknown-topic", 0), 3);
+    drop(c);
+
+    // auto.leader.rebalance.enable (Kafka's default) moves it back by itself.
+    let mut c = Cluster::start(3, &["leader.imbalance.check.interval.seconds=1"]);
+    let b = c.bootstrap();
+    create_replicated(&b, "auto", 1, 3, &[]).await;
+    let s = c.wait_partition("auto", 0, WAIT, "full ISR", |s| s.isr.len() == 3);
+    let preferred = s.replicas[0];
+    c.node(preferred).kill9();
+    c.wait_partition("auto", 0, WAIT, "failover", |s| {
+        s.leader > 0 && s.leader != preferred
+    });
+    c.node(preferred).restart();
+    c.wait_partition(
+        "auto",
+        0,
+        Duration::from_secs(60),
+        "leadership back on the preferred replica",
+        |s| s.leader == preferred,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_fetch_from_an_in_sync_replica_in_their_rack() {
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::{ApiKey, BrokerId, FetchRequest, FetchResponse, TopicName};
+    use kafka_protocol::protocol::StrBytes;
+    let mut c = Cluster::start_with(
+        3,
+        &["replica.selector.class=org.apache.kafka.common.replica.RackAwareReplicaSelector"],
+        |id| vec![format!("broker.rack=rack{id}")],
+    );
+    let b = c.bootstrap();
+    create_replicated(&b, "near", 1, 3, &[("min.insync.replicas", "3")]).await;
+    let s = c.wait_partition("near", 0, WAIT, "full ISR", |s| s.isr.len() == 3);
+    let p = producer(&b, "all", true);
+    for i in 0..10u64 {
+        let v = i.to_string();
+        p.send(
+            FutureRecord::<(), _>::to("near").payload(&v).partition(0),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+    let follower = *s.replicas.iter().find(|r| **r != s.leader).unwrap();
+    let fetch = |c: &mut Cluster, node: i32, version: i16, rack: &str| -> (i16, i32, usize) {
+        let mut raw = RawClient::connect(c.node(node).addr());
+        let req = FetchRequest::default()
+            .with_replica_id(BrokerId(-1))
+            .with_max_wait_ms(0)
+            .with_max_bytes(1 << 20)
+            .with_session_epoch(-1)
+            .with_rack_id(StrBytes::from_string(rack.to_string()))
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(TopicName(StrBytes::from_static_str("near")))
+                .with_partitions(vec![FetchPartition::default()
+                    .with_partition(0)
+                    .with_current_leader_epoch(-1)
+                    .with_fetch_offset(0)
+                    .with_partition_max_bytes(1 << 20)])]);
+        let resp: FetchResponse = raw.call(ApiKey::Fetch, version, &req);
+        let pd = &resp.responses[0].partitions[0];
+        (
+            pd.error_code,
+            pd.preferred_read_replica.0,
+            pd.records.as_ref().map_or(0, |r| r.len()),
+        )
+    };
+    // The leader points a consumer in the follower's rack to the follower, with no records.
+    let rack = format!("rack{follower}");
+    let (err, preferred, bytes) = fetch(&mut c, s.leader, 12, &rack);
+    assert_eq!((err, preferred, bytes), (0, follower, 0));
+    // A consumer in the leader's rack (or none) reads from the leader.
+    let (err, preferred, bytes) = fetch(&mut c, s.leader, 12, &format!("rack{}", s.leader));
+    assert_eq!((err, preferred), (0, -1));
+    assert!(bytes > 0);
+    // The follower serves consumers speaking v11+ (up to its high watermark).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (err, _, bytes) = fetch(&mut c, follower, 12, &rack);
+        assert_eq!(err, 0);
+        if bytes > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the follower never served the records"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        fetch(&mut c, follower, 10, &rack).0,
+        6,
+        "older clients: NOT_LEADER_OR_FOLLOWER"
+    );
+    // librdkafka with client.rack reads everything (through the follower).
+    let cons: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &b)
+        .set("group.id", "unused-assign-only")
+        .set("client.rack", &rack)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("near", 0, Offset::Beginning)
+        .unwrap();
+    cons.assign(&tpl).unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while got.len() < 10 && Instant::now() < deadline {
+        if let Some(Ok(m)) = cons.poll(Duration::from_millis(100)) {
+            got.push(
+                std::str::from_utf8(m.payload().unwrap())
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap(),
+            );
+        }
+    }
+    assert_eq!(got, (0..10).collect::<Vec<_>>());
+}

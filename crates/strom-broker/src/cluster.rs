@@ -125,6 +125,7 @@ pub struct ControllerService {
     lock: tokio::sync::Mutex<()>,
     last_heartbeat: Mutex<HashMap<i32, Instant>>,
     was_leader: AtomicBool,
+    last_balance_check: Mutex<Instant>,
 }
 
 impl ControllerService {
@@ -134,6 +135,7 @@ impl ControllerService {
             lock: tokio::sync::Mutex::new(()),
             last_heartbeat: Mutex::new(HashMap::new()),
             was_leader: AtomicBool::new(false),
+            last_balance_check: Mutex::new(Instant::now()),
         })
     }
 
@@ -308,6 +310,36 @@ impl ControllerService {
                 "broker missed its session timeout; fenced"
             );
         }
+        self.balance_leaders(broker, now).await;
+    }
+
+    /// `auto.leader.rebalance.enable`: preferred elections where a broker leads too few of the
+    /// partitions it prefers, every `leader.imbalance.check.interval.seconds`.
+    async fn balance_leaders(&self, broker: &Arc<Broker>, now: Instant) {
+        if !broker.config.bool("auto.leader.rebalance.enable") {
+            return;
+        }
+        let every = Duration::from_secs(
+            broker
+                .config
+                .i64("leader.imbalance.check.interval.seconds")
+                .max(1) as u64,
+        );
+        {
+            let mut last = self.last_balance_check.lock();
+            if now.duration_since(*last) < every {
+                return;
+            }
+            *last = now;
+        }
+        let pct = broker.config.i64("leader.imbalance.per.broker.percentage");
+        let b = broker.clone();
+        let resp = self
+            .append_checked(broker, None, |img| {
+                b.controller().rebalance_leaders(img, pct)
+            })
+            .await;
+        tracing::debug!(?resp, "leader balance checked");
     }
 }
 

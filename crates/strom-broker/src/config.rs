@@ -122,6 +122,10 @@ pub static REGISTRY: &[ConfigDef] = &[
     def!("replica.fetch.response.max.bytes", Int, "10485760", Broker, None, &[], Some(0), "Bytes a follower asks for in one fetch across partitions."),
     def!("replica.fetch.wait.max.ms", Int, "500", Broker, None, &[], Some(0), "Longest a follower's fetch waits at the leader for new data."),
     def!("replica.fetch.backoff.ms", Int, "1000", Broker, None, &[], Some(0), "Pause after a follower's fetch failed before it tries again."),
+    def!("auto.leader.rebalance.enable", Boolean, "true", Broker, None, &[], None, "The active controller moves leadership back to preferred replicas (the first of each partition's replicas) when a broker leads too few of the partitions it prefers."),
+    def!("leader.imbalance.check.interval.seconds", Long, "300", Broker, None, &[], Some(1), "How often the active controller checks the leader balance."),
+    def!("leader.imbalance.per.broker.percentage", Int, "10", Broker, None, &[], Some(0), "Share of a broker's preferred partitions it may not lead before preferred elections run."),
+    def!("replica.selector.class", String, "", Broker, None, &["", "org.apache.kafka.common.replica.RackAwareReplicaSelector"], None, "KIP-392: with RackAwareReplicaSelector a leader tells a consumer that sends client.rack to fetch from an in-sync replica in its rack."),
     def!("controller.quorum.election.timeout.ms", Int, "600", Broker, None, &[], Some(10), "Raft election timeout of the metadata quorum (randomised between this and twice this). Strom's default is 600 ms (Kafka's 1000)."),
     def!("controller.quorum.request.timeout.ms", Int, "2000", Broker, None, &[], Some(10), "Timeout of a request to the active controller."),
     // Group coordinator.

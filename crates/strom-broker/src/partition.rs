@@ -148,6 +148,12 @@ impl Partition {
         self.role.read().leader == self.local_id
     }
 
+    /// A replica of this partition that is not its leader.
+    pub fn is_follower(&self) -> bool {
+        let role = self.role.read();
+        role.leader != self.local_id && role.replicas.contains(&self.local_id)
+    }
+
     pub fn isr_len(&self) -> usize {
         self.role.read().isr.len()
     }

@@ -418,6 +418,100 @@ impl Controller {
     }
 }
 
+/// Why a leader election (ElectLeaders, KIP-460) did not happen for a partition.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ElectionError {
+    #[error("unknown topic or partition")]
+    UnknownTopicOrPartition,
+    #[error("the partition already has the leader this election would pick")]
+    ElectionNotNeeded,
+    #[error("the preferred replica is not alive or not in the ISR")]
+    PreferredLeaderNotAvailable,
+    #[error("no live replica can become leader")]
+    EligibleLeadersNotAvailable,
+}
+
+impl Controller {
+    /// ElectLeaders for one partition. Preferred: the first replica, if it is live and in the
+    /// ISR and not the leader yet. Unclean: only for a partition without a live leader — an
+    /// in-sync replica if one is live, else any live replica (which then forms the ISR alone).
+    pub fn elect_leader(
+        &self,
+        image: &MetadataImage,
+        topic: &str,
+        partition: i32,
+        unclean: bool,
+    ) -> Result<MetadataRecord, ElectionError> {
+        let t = image
+            .topic(topic)
+            .ok_or(ElectionError::UnknownTopicOrPartition)?;
+        let p = t
+            .partitions
+            .get(&partition)
+            .ok_or(ElectionError::UnknownTopicOrPartition)?;
+        if unclean {
+            if p.leader >= 0 && image.is_live(p.leader) {
+                return Err(ElectionError::ElectionNotNeeded);
+            }
+            let (leader, isr) = elect(image, &p.replicas, &p.isr, true);
+            if leader < 0 {
+                return Err(ElectionError::EligibleLeadersNotAvailable);
+            }
+            return Ok(partition_record(t.topic_id, p, leader, isr));
+        }
+        let preferred = *p
+            .replicas
+            .first()
+            .ok_or(ElectionError::PreferredLeaderNotAvailable)?;
+        if p.leader == preferred {
+            return Err(ElectionError::ElectionNotNeeded);
+        }
+        if !p.isr.contains(&preferred) || !image.is_live(preferred) {
+            return Err(ElectionError::PreferredLeaderNotAvailable);
+        }
+        Ok(partition_record(t.topic_id, p, preferred, p.isr.clone()))
+    }
+
+    /// `auto.leader.rebalance.enable`: for every broker whose share of partitions it prefers
+    /// but does not lead exceeds `imbalance_pct`, the preferred elections that can happen.
+    pub fn rebalance_leaders(
+        &self,
+        image: &MetadataImage,
+        imbalance_pct: i64,
+    ) -> Vec<MetadataRecord> {
+        let mut preferred: BTreeMap<i32, (usize, usize)> = BTreeMap::new();
+        for t in image.topics.values() {
+            for p in t.partitions.values() {
+                if let Some(first) = p.replicas.first() {
+                    let e = preferred.entry(*first).or_default();
+                    e.0 += 1;
+                    if p.leader != *first {
+                        e.1 += 1;
+                    }
+                }
+            }
+        }
+        let imbalanced: Vec<i32> = preferred
+            .iter()
+            .filter(|(_, (total, off))| {
+                *total > 0 && (*off * 100) > imbalance_pct.max(0) as usize * *total
+            })
+            .map(|(b, _)| *b)
+            .collect();
+        let mut records = Vec::new();
+        for t in image.topics.values() {
+            for p in t.partitions.values() {
+                if p.replicas.first().is_some_and(|f| imbalanced.contains(f)) {
+                    if let Ok(r) = self.elect_leader(image, &t.name, p.partition, false) {
+                        records.push(r);
+                    }
+                }
+            }
+        }
+        records
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -614,5 +708,69 @@ mod tests {
             c.alter_isr(&img, "t", 0, p.leader, p.leader_epoch, &[p.leader, 9]),
             Err(AlterPartitionError::IneligibleReplica(9))
         );
+    }
+
+    #[test]
+    fn preferred_and_unclean_elections_and_leader_balance() {
+        let c = Controller::default();
+        let no_unclean = |_: &crate::image::TopicImage| false;
+        let img = cluster(&[(1, ""), (2, ""), (3, "")]);
+        let mut s = spec("t", 3);
+        s.replication_factor = 3;
+        let (img, _) = img.apply(10, &c.create_topic(&img, &s).unwrap());
+        assert!(
+            c.rebalance_leaders(&img, 10).is_empty(),
+            "balanced from the start"
+        );
+        let p0 = partition(&img, "t", 0);
+        let preferred = p0.replicas[0];
+        assert_eq!(
+            c.elect_leader(&img, "t", 0, false),
+            Err(ElectionError::ElectionNotNeeded)
+        );
+        assert_eq!(
+            c.elect_leader(&img, "t", 0, true),
+            Err(ElectionError::ElectionNotNeeded)
+        );
+        assert_eq!(
+            c.elect_leader(&img, "x", 0, false),
+            Err(ElectionError::UnknownTopicOrPartition)
+        );
+        // The preferred replica dies: not electable; once back in the ISR it is.
+        let (img, _) = img.apply(20, &c.fence_broker(&img, preferred, &no_unclean));
+        assert_ne!(partition(&img, "t", 0).leader, preferred);
+        assert_eq!(
+            c.elect_leader(&img, "t", 0, false),
+            Err(ElectionError::PreferredLeaderNotAvailable)
+        );
+        let (img, _) = img.apply(30, &c.unfence_broker(&img, preferred, &no_unclean));
+        let p = partition(&img, "t", 0);
+        let mut isr = p.isr.clone();
+        isr.push(preferred);
+        let (img, _) = img.apply(
+            40,
+            &c.alter_isr(&img, "t", 0, p.leader, p.leader_epoch, &isr)
+                .unwrap(),
+        );
+        // One of three partitions preferred by that broker is led elsewhere: above 10 %.
+        let moves = c.rebalance_leaders(&img, 10);
+        assert_eq!(moves.len(), 1);
+        let (img, _) = img.apply(50, &moves);
+        assert_eq!(partition(&img, "t", 0).leader, preferred);
+        assert!(c.rebalance_leaders(&img, 10).is_empty());
+        // Unclean: every ISR member gone, a live out-of-sync replica takes over.
+        let mut img = img;
+        for b in [1, 2, 3] {
+            img = img.apply(60, &c.fence_broker(&img, b, &no_unclean)).0;
+        }
+        let last = partition(&img, "t", 0).isr[0];
+        let other = *[1, 2, 3].iter().find(|b| **b != last).unwrap();
+        img = img
+            .apply(70, &[MetadataRecord::UnfenceBroker { broker_id: other }])
+            .0;
+        let rec = c.elect_leader(&img, "t", 0, true).unwrap();
+        let (img, _) = img.apply(80, &[rec]);
+        assert_eq!(partition(&img, "t", 0).leader, other);
+        assert_eq!(partition(&img, "t", 0).isr, vec![other]);
     }
 }

@@ -38,6 +38,8 @@ struct Plan {
     replica_id: i32,
     /// current_leader_epoch per partition as sent (KIP-320), -1 when not sent.
     epochs: std::collections::HashMap<(String, i32), i32>,
+    /// The consumer's `client.rack` (v11+, KIP-392) when the rack-aware selector is on.
+    rack: Option<String>,
 }
 
 pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError> {
@@ -150,6 +152,11 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
         partitions,
         replica_id,
         epochs,
+        rack: (v >= 11
+            && replica_id < 0
+            && !req.rack_id.is_empty()
+            && !broker.config.get("replica.selector.class").is_empty())
+        .then(|| req.rack_id.to_string()),
     };
     let broker = broker.clone();
     Ok(Reply::Later(Box::pin(
@@ -157,7 +164,24 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
     )))
 }
 
+/// KIP-392 (RackAwareReplicaSelector): an in-sync follower in the consumer's rack, unless the
+/// leader is in that rack itself.
+fn preferred_read_replica(broker: &Broker, part: &Partition, rack: &str) -> Option<i32> {
+    let image = broker.image();
+    let rack_of = |id: i32| image.brokers.get(&id).and_then(|b| b.rack.clone());
+    if rack_of(broker.node_id).as_deref() == Some(rack) {
+        return None;
+    }
+    let role = part.role();
+    role.isr
+        .iter()
+        .copied()
+        .find(|r| *r != broker.node_id && image.is_live(*r) && rack_of(*r).as_deref() == Some(rack))
+}
+
 struct PartResult {
+    /// KIP-392: fetch this partition from that replica instead (-1: none).
+    preferred: i32,
     key: SessionKey,
     error: i16,
     hw: i64,
@@ -165,10 +189,12 @@ struct PartResult {
     records: Bytes,
 }
 
-/// Whether this broker may serve the partition to this fetcher: it must be the leader, and
-/// the leader epoch the fetcher knows must be the current one (KIP-320).
+/// Whether this broker may serve the partition to this fetcher: it must be the leader (or,
+/// for a consumer speaking v11+, a follower: KIP-392), and the leader epoch the fetcher knows
+/// must be the current one (KIP-320).
 fn check_leader(plan: &Plan, key: &SessionKey, part: &Partition) -> Result<(), ResponseError> {
-    if !part.is_leader() {
+    let follower_read = plan.replica_id < 0 && plan.version >= 11 && part.is_follower();
+    if !part.is_leader() && !follower_read {
         return Err(ResponseError::NotLeaderOrFollower);
     }
     match plan.epochs.get(&(key.topic.clone(), key.partition)) {
@@ -195,6 +221,7 @@ fn read_all(broker: &Arc<Broker>, plan: &Plan) -> (Vec<PartResult>, usize, bool)
             };
             any_error = true;
             results.push(PartResult {
+                preferred: -1,
                 key: key.clone(),
                 error: code.code(),
                 hw: -1,
@@ -206,6 +233,7 @@ fn read_all(broker: &Arc<Broker>, plan: &Plan) -> (Vec<PartResult>, usize, bool)
         if let Err(code) = check_leader(plan, key, &part) {
             any_error = true;
             results.push(PartResult {
+                preferred: -1,
                 key: key.clone(),
                 error: code.code(),
                 hw: -1,
@@ -223,6 +251,21 @@ fn read_all(broker: &Arc<Broker>, plan: &Plan) -> (Vec<PartResult>, usize, bool)
                     &part,
                     crate::replication::IsrChange::Add(plan.replica_id),
                 );
+            }
+        }
+        if let Some(rack) = plan.rack.as_deref().filter(|_| part.is_leader()) {
+            if let Some(r) = preferred_read_replica(broker, &part, rack) {
+                // Kafka answers with the replica to use and no records.
+                any_error = true;
+                results.push(PartResult {
+                    preferred: r,
+                    key: key.clone(),
+                    error: 0,
+                    hw: part.high_watermark(),
+                    log_start: part.log_start_offset(),
+                    records: Bytes::new(),
+                });
+                continue;
             }
         }
         let remaining = plan.max_bytes.saturating_sub(total);
@@ -251,6 +294,7 @@ fn read_all(broker: &Arc<Broker>, plan: &Plan) -> (Vec<PartResult>, usize, bool)
         any_error |= error != 0;
         total += records.len();
         results.push(PartResult {
+            preferred: -1,
             key: key.clone(),
             error,
             hw: part.high_watermark(),
@@ -311,6 +355,7 @@ async fn run(broker: Arc<Broker>, plan: Plan) -> Option<Bytes> {
     let mut sent = Vec::new();
     for (r, (_, sp)) in results.into_iter().zip(plan.partitions.iter()) {
         if plan.incremental
+            && r.preferred < 0
             && r.records.is_empty()
             && r.error == sp.last_error
             && r.hw == sp.last_hw
@@ -329,6 +374,9 @@ async fn run(broker: Arc<Broker>, plan: Plan) -> Option<Bytes> {
             .with_records(Some(r.records));
         if v < 5 {
             pd.log_start_offset = -1;
+        }
+        if v >= 11 {
+            pd.preferred_read_replica = kafka_protocol::messages::BrokerId(r.preferred);
         }
         let same_topic = topics.last().is_some_and(|t: &FetchableTopicResponse| {
             if v >= 13 {

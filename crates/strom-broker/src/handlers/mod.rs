@@ -25,6 +25,7 @@ mod describe_cluster;
 mod describe_configs;
 mod describe_groups;
 mod describe_quorum;
+mod elect_leaders;
 mod fetch;
 mod find_coordinator;
 mod heartbeat;
@@ -101,6 +102,7 @@ pub async fn dispatch(
         ApiKey::ConsumerGroupDescribe => consumer_group_describe::handle(broker, &mut ctx),
         ApiKey::OffsetForLeaderEpoch => offset_for_leader_epoch::handle(broker, &mut ctx),
         ApiKey::DescribeQuorum => describe_quorum::handle(broker, &mut ctx),
+        ApiKey::ElectLeaders => elect_leaders::handle(broker, &mut ctx),
         // decode_header only lets served APIs through.
         other => Err(HandlerError::Decode(other, "not served".into())),
     }
