@@ -256,6 +256,12 @@ async fn killing_the_leader_loses_no_acknowledged_record_and_the_node_rejoins() 
     c.wait_partition("orders", 0, WAIT, "another new leader", |s| {
         s.leader > 0 && s.leader != leader_now
     });
+    // It kept its log: a restart must never take its partitions for deleted ones.
+    assert!(
+        !c.node(victim).log().contains("removing the log"),
+        "the restarted node dropped a log:\n{}",
+        c.node(victim).log()
+    );
     let again = read_values(&b, "orders", 0, values.len(), Duration::from_secs(60));
     assert_eq!(again, values, "the next leader serves a different log");
 }
@@ -731,4 +737,78 @@ async fn consumers_fetch_from_an_in_sync_replica_in_their_rack() {
         }
     }
     assert_eq!(got, (0..10).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kip966_the_last_replicas_standing_keep_every_acknowledged_record() {
+    // Seven voters keep a metadata majority while all three replicas of the topic go down.
+    let mut c = Cluster::start(7, &[]);
+    let b = c.bootstrap();
+    create_replicated(&b, "elr", 1, 3, &[("min.insync.replicas", "2")]).await;
+    let s = c.wait_partition("elr", 0, WAIT, "full ISR", |s| s.isr.len() == 3);
+    let p = producer(&b, "all", true);
+    for i in 0..100u64 {
+        let v = i.to_string();
+        p.send(
+            FutureRecord::<(), _>::to("elr").payload(&v).partition(0),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+    let a = s.leader;
+    let followers: Vec<i32> = s.replicas.iter().copied().filter(|r| *r != a).collect();
+    let (x, y) = (followers[0], followers[1]);
+    // x leaves while the ISR stays at min.insync.replicas: it is simply out of sync.
+    c.node(x).kill9();
+    c.wait_partition("elr", 0, WAIT, "x leaves the ISR", |s| !s.isr.contains(&x));
+    // y leaves the ISR below min.insync.replicas: it stays an eligible leader replica.
+    c.node(y).kill9();
+    c.wait_partition("elr", 0, WAIT, "ISR of the leader alone", |s| {
+        s.isr == vec![a]
+    });
+    let mut raw = RawClient::connect(c.node(a).addr());
+    assert_eq!(
+        produce_raw(&mut raw, "elr", one_record("lost?")).0,
+        19,
+        "NOT_ENOUGH_REPLICAS"
+    );
+    drop(raw);
+    // The last in-sync replica goes too: the partition is offline.
+    c.node(a).kill9();
+    c.wait_partition("elr", 0, WAIT, "no leader", |s| s.leader == -1);
+    // x comes back: it was not in sync at the end, so it may not lead (no unclean election).
+    c.node(x).restart();
+    c.wait_brokers(5, WAIT);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        c.view().unwrap().partition("elr", 0).unwrap().leader,
+        -1,
+        "x must not lead"
+    );
+    // y comes back: an eligible leader replica, it leads cleanly with every acknowledged record.
+    c.node(y).restart();
+    let led = c.wait_partition("elr", 0, WAIT, "y leads", |s| s.leader == y);
+    assert!(led.isr.contains(&y), "{led:?}");
+    let values = read_values(&b, "elr", 0, 100, WAIT);
+    assert_eq!(values, (0..100).collect::<Vec<_>>());
+    // x catches up from y and joins: acks=all works again.
+    c.wait_partition("elr", 0, Duration::from_secs(60), "x rejoins", |s| {
+        s.isr.contains(&x)
+    });
+    p.send(
+        FutureRecord::<(), _>::to("elr").payload("100").partition(0),
+        Duration::from_secs(30),
+    )
+    .await
+    .map_err(|(e, _)| e)
+    .expect("acks=all with the ISR back at min.insync.replicas");
+    // a returns as a follower and truncates nothing acknowledged.
+    c.node(a).restart();
+    c.wait_partition("elr", 0, Duration::from_secs(60), "a rejoins", |s| {
+        s.isr.contains(&a)
+    });
+    let values = read_values(&b, "elr", 0, 101, WAIT);
+    assert_eq!(values, (0..101).collect::<Vec<_>>());
 }

@@ -578,10 +578,7 @@ impl Broker {
                 });
             }
             let (after, _) = img.apply(img.offset, &records);
-            records.extend(
-                self.controller
-                    .fence_broker(&after, me, &|t| crate::cluster::unclean_allowed(self, t)),
-            );
+            records.extend(self.controller.fence_broker(&after, me, self));
             if !records
                 .iter()
                 .any(|r| matches!(r, MetadataRecord::FenceBroker { .. }))

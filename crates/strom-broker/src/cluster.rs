@@ -110,12 +110,18 @@ pub enum ControllerResponse {
     Error(String),
 }
 
-/// Whether unclean leader election is allowed for a topic (its override or the broker default).
-pub fn unclean_allowed(broker: &Broker, topic: &TopicImage) -> bool {
-    broker
-        .config
-        .topic_value(&topic.configs, "unclean.leader.election.enable")
-        .is_some_and(|(v, _)| v == "true")
+/// The controller's per-topic settings: the topic's override or this broker's default.
+impl strom_meta::TopicPolicy for Broker {
+    fn unclean(&self, topic: &TopicImage) -> bool {
+        self.config
+            .topic_value(&topic.configs, "unclean.leader.election.enable")
+            .is_some_and(|(v, _)| v == "true")
+    }
+    fn min_isr(&self, topic: &TopicImage) -> usize {
+        self.config
+            .topic_i64(&topic.configs, "min.insync.replicas")
+            .max(1) as usize
+    }
 }
 
 /// Runs on every node; acts only while this node is the Raft leader.
@@ -228,8 +234,7 @@ impl ControllerService {
                     let b = broker.clone();
                     let resp = self
                         .append_checked(&broker, None, |img| {
-                            b.controller()
-                                .unfence_broker(img, broker_id, &|t| unclean_allowed(&b, t))
+                            b.controller().unfence_broker(img, broker_id, &*b)
                         })
                         .await;
                     if let ControllerResponse::Appended { .. } = resp {
@@ -247,8 +252,7 @@ impl ControllerService {
                 let b = broker.clone();
                 let resp = self
                     .append_checked(&broker, None, |img| {
-                        b.controller()
-                            .fence_broker(img, broker_id, &|t| unclean_allowed(&b, t))
+                        b.controller().fence_broker(img, broker_id, &*b)
                     })
                     .await;
                 self.last_heartbeat.lock().remove(&broker_id);
@@ -300,8 +304,7 @@ impl ControllerService {
             let b = broker.clone();
             let resp = self
                 .append_checked(broker, None, |img| {
-                    b.controller()
-                        .fence_broker(img, id, &|t| unclean_allowed(&b, t))
+                    b.controller().fence_broker(img, id, &*b)
                 })
                 .await;
             tracing::warn!(

@@ -57,6 +57,8 @@ pub struct ReplicaRole {
     pub partition_epoch: i32,
     pub replicas: Vec<i32>,
     pub isr: Vec<i32>,
+    /// The topic's min.insync.replicas: below it the high watermark stands still (KIP-966).
+    pub min_isr: usize,
 }
 
 /// What the leader knows of one follower.
@@ -273,6 +275,11 @@ impl Partition {
         }
         .min(self.log_end_offset());
         let role = self.role.read();
+        if role.leader == self.local_id && role.isr.len() < role.min_isr {
+            // KIP-966: what is written while the ISR is short is not committed, so replicas
+            // that left the ISR (the ELR) keep everything committed and may lead.
+            return;
+        }
         let hw = if role.leader == self.local_id {
             match leader_high_watermark(durable, self.local_id, &role.isr, &self.followers.lock()) {
                 Some(hw) => hw,

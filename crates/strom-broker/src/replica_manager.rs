@@ -17,13 +17,16 @@ use crate::flusher::Flusher;
 use crate::partition::{Partition, ReplicaRole};
 
 /// The assignment of `partition` in `topic`, as this broker's replica sees it.
-pub fn role_of(topic: &TopicImage, partition: i32) -> Option<ReplicaRole> {
+pub fn role_of(config: &BrokerConfig, topic: &TopicImage, partition: i32) -> Option<ReplicaRole> {
     topic.partitions.get(&partition).map(|p| ReplicaRole {
         leader: p.leader,
         leader_epoch: p.leader_epoch,
         partition_epoch: p.partition_epoch,
         replicas: p.replicas.clone(),
         isr: p.isr.clone(),
+        min_isr: config
+            .topic_i64(&topic.configs, "min.insync.replicas")
+            .max(1) as usize,
     })
 }
 
@@ -110,7 +113,7 @@ impl ReplicaManager {
     ) -> Result<Arc<Partition>, LogError> {
         let dir = partition_dir(&self.data_dir, &topic.name, partition);
         let log = Log::open(&dir, log_config(config, topic), clean_shutdown)?;
-        let role = role_of(topic, partition).unwrap_or_default();
+        let role = role_of(config, topic, partition).unwrap_or_default();
         Ok(Arc::new(Partition::new(
             (topic.name.clone(), topic.topic_id, partition),
             log,
@@ -149,6 +152,10 @@ impl ReplicaManager {
     /// Partition directories of topics the image no longer has (a crash between the delete
     /// record and the directory removal) are removed, so a re-created topic starts empty.
     fn remove_orphans(&self, image: &MetadataImage) {
+        if image.offset < 0 || image.brokers.is_empty() {
+            // An image that has not seen the metadata log proves nothing about what exists.
+            return;
+        }
         let Ok(entries) = std::fs::read_dir(&self.data_dir) else {
             return;
         };
@@ -213,7 +220,7 @@ impl ReplicaManager {
             let Some(topic) = image.topic(name) else {
                 continue;
             };
-            let Some(role) = role_of(topic, *p) else {
+            let Some(role) = role_of(config, topic, *p) else {
                 continue;
             };
             match self.get(name, *p) {
@@ -244,6 +251,11 @@ impl ReplicaManager {
             };
             let lc = log_config(config, topic);
             for part in self.all().into_iter().filter(|p| &p.topic == name) {
+                if let Some(role) = role_of(config, topic, part.index) {
+                    if part.set_role(role, now_ms) {
+                        leadership_changed.push(part.clone());
+                    }
+                }
                 part.set_log_config(lc.clone());
                 part.set_flush_policy(
                     config.topic_i64(&topic.configs, "flush.messages"),

@@ -248,20 +248,21 @@ async fn truncate(
             }
             let part = &fl.part;
             let leo = part.log_end_offset();
-            let mine = if p.leader_epoch >= 0 {
-                Some(
-                    part.end_offset_for_epoch(p.leader_epoch)
-                        .map_err(|e| e.to_string())?
-                        .1,
-                )
+            let own = if p.leader_epoch >= 0 {
+                part.end_offset_for_epoch(p.leader_epoch)
+                    .map_err(|e| e.to_string())?
             } else {
-                None
+                (-1, -1)
             };
-            let target =
-                truncation_offset(p.leader_epoch, p.end_offset, mine, part.log_start_offset());
+            let (target, complete) =
+                truncation_offset(p.leader_epoch, p.end_offset, own, part.log_start_offset());
             if target < leo {
-                tracing::info!(topic = %key.0, partition = key.1, from = leo, to = target, leader_epoch = p.leader_epoch, "truncating a divergent tail");
+                tracing::info!(topic = %key.0, partition = key.1, from = leo, to = target, leader_epoch = p.leader_epoch, complete, "truncating a divergent tail");
                 part.truncate_to(target).map_err(|e| e.to_string())?;
+            }
+            if !complete {
+                // Another round at once, with the older epoch this cut left as the latest.
+                continue;
             }
             mark(f, &key, fl.leader_epoch, true);
         }
@@ -270,22 +271,29 @@ async fn truncate(
 }
 
 /// Where a follower truncates (KIP-101, KIP-279), given the leader's answer to
-/// OffsetForLeaderEpoch for the follower's latest epoch — `(epoch, end_offset)`, the largest
-/// epoch the leader has at or below it and where it ends — and the follower's own end offset
-/// for that epoch: the smaller of the two ends. A leader with no epoch at or below the
-/// follower's (-1) shares nothing with it: everything from the follower's log start goes.
+/// OffsetForLeaderEpoch for the follower's latest epoch — `(epoch, end_offset)`: the largest
+/// epoch the leader has at or below it and where that epoch ends there — and the follower's own
+/// answer for that epoch (`end_offset_for_epoch` on its log). Returns the offset and whether
+/// truncation is complete:
+/// - the follower has the leader's epoch: the smaller of the two ends, complete;
+/// - it does not (its floor epoch is older): an intermediate cut at its own end of that older
+///   epoch, after which it asks again with its new, older latest epoch (Kafka's fetcher does
+///   the same; one round would keep a divergent tail written in an epoch the leader never had);
+/// - the leader has no epoch at or below the follower's (-1): nothing is shared, everything from
+///   the follower's log start goes.
 pub fn truncation_offset(
     leader_epoch: i32,
     leader_end_offset: i64,
-    own_end_offset: Option<i64>,
+    own: (i32, i64),
     log_start_offset: i64,
-) -> i64 {
+) -> (i64, bool) {
     if leader_epoch < 0 || leader_end_offset < 0 {
-        return log_start_offset;
+        return (log_start_offset, true);
     }
-    match own_end_offset {
-        Some(mine) if mine >= 0 => leader_end_offset.min(mine),
-        _ => leader_end_offset,
+    match own {
+        (e, o) if e == leader_epoch && o >= 0 => (leader_end_offset.min(o), true),
+        (e, o) if e >= 0 && o >= 0 => (o, false),
+        _ => (leader_end_offset, true),
     }
 }
 
@@ -422,7 +430,7 @@ pub fn propose_isr(broker: &Arc<Broker>, part: &Arc<Partition>, change: IsrChang
                 }
                 broker
                     .controller()
-                    .alter_isr(img, &part.topic, part.index, me, epoch, &isr)
+                    .alter_isr(img, &part.topic, part.index, (me, epoch), &isr, &*broker)
                     .map_err(|e| e.to_string())
             })
             .await;

@@ -2,7 +2,8 @@
 //! controller (elections, fencing, ISR changes), real logs with their leader epoch caches, and
 //! the broker's own replication rules (high watermark over the ISR, KIP-101/279 truncation),
 //! driven through random schedules of produces, follower fetches, crashes, restarts and ISR
-//! shrinks. A failing seed is printed and replays exactly.
+//! shrinks — elections from the ISR or, once it is short, from the eligible leader replicas
+//! (KIP-966). A failing seed is printed and replays exactly.
 //!
 //! Invariants: every acknowledged record stays at its offset in the leader's log through every
 //! failover; at the end, once every broker is back and caught up, all logs are identical.
@@ -12,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use strom_broker::partition::{leader_high_watermark, FollowerState};
 use strom_broker::replication::truncation_offset;
 use strom_log::{Log, LogConfig};
-use strom_meta::{Controller, CreateTopicSpec, MetadataImage, MetadataRecord};
+use strom_meta::{Controller, CreateTopicSpec, FixedPolicy, MetadataImage, MetadataRecord};
 use strom_proto::batch::BatchIter;
 use strom_proto::compression::Compression;
 use strom_proto::records::{decode_records, encode_batch, NewRecord, ProducerInfo};
@@ -20,6 +21,10 @@ use strom_proto::records::{decode_records, encode_batch, NewRecord, ProducerInfo
 const BROKERS: i32 = 3;
 const MIN_ISR: usize = 2;
 const TOPIC: &str = "t";
+const POLICY: FixedPolicy = FixedPolicy {
+    unclean: false,
+    min_isr: MIN_ISR,
+};
 
 /// xorshift64*: deterministic and dependency-free.
 struct Rng(u64);
@@ -242,18 +247,33 @@ impl Sim {
         self.pending.push((out.base_offset, value));
     }
 
+    /// OffsetForLeaderEpoch rounds until the follower's history agrees with the leader's.
     fn truncate(&mut self, f: i32) {
         let Some(leader) = self.leader() else { return };
-        let Some(latest) = self.nodes[&f].log.latest_epoch() else {
-            self.nodes.get_mut(&f).unwrap().needs_truncation = false;
-            return;
-        };
-        let (le, lo) = self.nodes[&leader].log.end_offset_for_epoch(latest);
-        let follower = self.nodes.get_mut(&f).unwrap();
-        let mine = (le >= 0).then(|| follower.log.end_offset_for_epoch(le).1);
-        let to = truncation_offset(le, lo, mine, follower.log.log_start_offset());
-        follower.log.truncate_to(to).unwrap();
-        follower.needs_truncation = false;
+        for _ in 0..100 {
+            let Some(latest) = self.nodes[&f].log.latest_epoch() else {
+                self.nodes.get_mut(&f).unwrap().needs_truncation = false;
+                return;
+            };
+            let (le, lo) = self.nodes[&leader].log.end_offset_for_epoch(latest);
+            let follower = self.nodes.get_mut(&f).unwrap();
+            let own = if le >= 0 {
+                follower.log.end_offset_for_epoch(le)
+            } else {
+                (-1, -1)
+            };
+            let (to, complete) = truncation_offset(le, lo, own, follower.log.log_start_offset());
+            follower.log.truncate_to(to).unwrap();
+            if complete {
+                follower.needs_truncation = false;
+                return;
+            }
+        }
+        panic!(
+            "truncation of {f} did not converge: follower {:?} leader {:?}",
+            self.nodes[&f].log.epoch_entries(),
+            self.nodes[&leader].log.epoch_entries()
+        );
     }
 
     fn fetch(&mut self, f: i32) {
@@ -292,7 +312,14 @@ impl Sim {
             isr.push(f);
             let recs = self
                 .controller
-                .alter_isr(&self.image, TOPIC, 0, leader, p.leader_epoch, &isr)
+                .alter_isr(
+                    &self.image,
+                    TOPIC,
+                    0,
+                    (leader, p.leader_epoch),
+                    &isr,
+                    &POLICY,
+                )
                 .unwrap();
             self.commit(recs);
         }
@@ -304,7 +331,7 @@ impl Sim {
             return;
         }
         self.nodes.get_mut(&b).unwrap().alive = false;
-        let recs = self.controller.fence_broker(&self.image, b, &|_| false);
+        let recs = self.controller.fence_broker(&self.image, b, &POLICY);
         self.commit(recs);
     }
 
@@ -314,7 +341,7 @@ impl Sim {
         }
         self.nodes.get_mut(&b).unwrap().alive = true;
         self.nodes.get_mut(&b).unwrap().needs_truncation = true;
-        let recs = self.controller.unfence_broker(&self.image, b, &|_| false);
+        let recs = self.controller.unfence_broker(&self.image, b, &POLICY);
         self.commit(recs);
     }
 
@@ -327,7 +354,14 @@ impl Sim {
         let isr: Vec<i32> = p.isr.iter().copied().filter(|r| *r != f).collect();
         let recs = self
             .controller
-            .alter_isr(&self.image, TOPIC, 0, leader, p.leader_epoch, &isr)
+            .alter_isr(
+                &self.image,
+                TOPIC,
+                0,
+                (leader, p.leader_epoch),
+                &isr,
+                &POLICY,
+            )
             .unwrap();
         self.commit(recs);
     }

@@ -776,7 +776,11 @@ impl Log {
     /// leader epochs starting at or after the new end are forgotten.
     pub fn truncate_to(&mut self, offset: i64) -> Result<(), LogError> {
         if offset >= self.log_end_offset() {
-            return Ok(());
+            // No data goes, but an epoch that starts here wrote nothing (a leader elected at
+            // this end that never appended): a follower's truncation must forget it too, or
+            // its next OffsetForLeaderEpoch round would ask about that epoch again.
+            let changed = self.epochs.truncate_from_end(offset);
+            return self.persist_epochs_if(changed);
         }
         let offset = offset.max(self.log_start_offset);
         while self.segments.len() > 1

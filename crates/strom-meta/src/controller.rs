@@ -115,31 +115,110 @@ fn rack_alternating(image: &MetadataImage) -> Vec<i32> {
     out
 }
 
-/// The leader a partition should have after its ISR or the set of live brokers changed: the
-/// first replica (in preference order) that is in the ISR and live, else -1 — or, with unclean
-/// election allowed, the first live replica, which then forms the ISR alone.
-fn elect(image: &MetadataImage, replicas: &[i32], isr: &[i32], unclean: bool) -> (i32, Vec<i32>) {
+/// Per-topic settings the controller's decisions depend on.
+pub trait TopicPolicy {
+    /// `unclean.leader.election.enable`.
+    fn unclean(&self, topic: &crate::image::TopicImage) -> bool;
+    /// `min.insync.replicas`.
+    fn min_isr(&self, topic: &crate::image::TopicImage) -> usize;
+}
+
+/// The same answers for every topic (tests, simulations).
+#[derive(Debug, Clone, Copy)]
+pub struct FixedPolicy {
+    pub unclean: bool,
+    pub min_isr: usize,
+}
+
+impl TopicPolicy for FixedPolicy {
+    fn unclean(&self, _: &crate::image::TopicImage) -> bool {
+        self.unclean
+    }
+    fn min_isr(&self, _: &crate::image::TopicImage) -> usize {
+        self.min_isr
+    }
+}
+
+/// A partition's leadership: leader, ISR and eligible leader replicas.
+struct Leadership {
+    leader: i32,
+    isr: Vec<i32>,
+    elr: Vec<i32>,
+}
+
+/// KIP-966: the ISR becomes `isr`. Replicas that leave it while it is below min.insync.replicas
+/// become eligible leader replicas: the high watermark cannot advance without them from then on,
+/// so they hold everything committed. An ISR back at min.insync.replicas clears them.
+fn next_isr(
+    p: &crate::image::PartitionImage,
+    isr: Vec<i32>,
+    min_isr: usize,
+) -> (Vec<i32>, Vec<i32>) {
+    if isr.len() >= min_isr {
+        return (isr, Vec::new());
+    }
+    let mut elr: Vec<i32> = p.elr.iter().copied().filter(|r| !isr.contains(r)).collect();
+    for r in &p.isr {
+        if !isr.contains(r) && !elr.contains(r) {
+            elr.push(*r);
+        }
+    }
+    (isr, elr)
+}
+
+/// The leadership a partition should have after its ISR or the set of live brokers changed:
+/// the first replica (in preference order) that is in the ISR and live; else one that is an
+/// eligible leader replica and live (KIP-966: it forms the ISR alone); else, with unclean
+/// election allowed, the first live replica (the ISR alone, no ELR); else no leader (-1).
+fn elect(
+    image: &MetadataImage,
+    replicas: &[i32],
+    isr: &[i32],
+    elr: &[i32],
+    unclean: bool,
+) -> Leadership {
     if let Some(r) = replicas
         .iter()
         .find(|r| isr.contains(r) && image.is_live(**r))
     {
-        return (*r, isr.to_vec());
+        return Leadership {
+            leader: *r,
+            isr: isr.to_vec(),
+            elr: elr.to_vec(),
+        };
+    }
+    if let Some(r) = replicas
+        .iter()
+        .find(|r| elr.contains(r) && image.is_live(**r))
+    {
+        return Leadership {
+            leader: *r,
+            isr: vec![*r],
+            elr: elr.iter().copied().filter(|e| e != r).collect(),
+        };
     }
     if unclean {
         if let Some(r) = replicas.iter().find(|r| image.is_live(**r)) {
-            return (*r, vec![*r]);
+            return Leadership {
+                leader: *r,
+                isr: vec![*r],
+                elr: Vec::new(),
+            };
         }
     }
-    (-1, isr.to_vec())
+    Leadership {
+        leader: -1,
+        isr: isr.to_vec(),
+        elr: elr.to_vec(),
+    }
 }
 
 fn partition_record(
     topic_id: TopicId,
     p: &crate::image::PartitionImage,
-    leader: i32,
-    isr: Vec<i32>,
+    l: Leadership,
 ) -> MetadataRecord {
-    let leader_epoch = if leader != p.leader {
+    let leader_epoch = if l.leader != p.leader {
         p.leader_epoch + 1
     } else {
         p.leader_epoch
@@ -148,10 +227,11 @@ fn partition_record(
         topic_id,
         partition: p.partition,
         replicas: p.replicas.clone(),
-        isr,
-        leader,
+        isr: l.isr,
+        leader: l.leader,
         leader_epoch,
         partition_epoch: p.partition_epoch + 1,
+        elr: l.elr,
     }
 }
 
@@ -176,13 +256,14 @@ impl Controller {
     }
 
     /// A broker stopped heartbeating or shut down: fence it, move the leaderships it held to
-    /// other in-sync replicas and take it out of every ISR (it stays the ISR's last member if it
-    /// was the only one, so that no out-of-sync replica can be elected without unclean election).
+    /// other in-sync (or eligible, KIP-966) replicas and take it out of every ISR — into the
+    /// ELR when that leaves the ISR below min.insync.replicas, so no out-of-sync replica can be
+    /// elected without unclean election.
     pub fn fence_broker(
         &self,
         image: &MetadataImage,
         broker_id: i32,
-        unclean: &dyn Fn(&crate::image::TopicImage) -> bool,
+        policy: &dyn TopicPolicy,
     ) -> Vec<MetadataRecord> {
         if !image.is_live(broker_id) {
             return Vec::new();
@@ -194,28 +275,30 @@ impl Controller {
                 if p.leader != broker_id && !p.isr.contains(&broker_id) {
                     continue;
                 }
-                let mut isr: Vec<i32> = p.isr.iter().copied().filter(|r| *r != broker_id).collect();
-                if isr.is_empty() {
-                    isr = p.isr.clone();
-                }
-                let (leader, isr) = if p.leader == broker_id || p.leader == -1 {
-                    elect(&after, &p.replicas, &isr, unclean(topic))
+                let isr: Vec<i32> = p.isr.iter().copied().filter(|r| *r != broker_id).collect();
+                let (isr, elr) = next_isr(p, isr, policy.min_isr(topic));
+                let l = if p.leader == broker_id || p.leader == -1 {
+                    elect(&after, &p.replicas, &isr, &elr, policy.unclean(topic))
                 } else {
-                    (p.leader, isr)
+                    Leadership {
+                        leader: p.leader,
+                        isr,
+                        elr,
+                    }
                 };
-                records.push(partition_record(topic.topic_id, p, leader, isr));
+                records.push(partition_record(topic.topic_id, p, l));
             }
         }
         records
     }
 
     /// A fenced broker heartbeats again: unfence it and give it the leadership of partitions
-    /// that have none and where it is in the ISR (or, with unclean election, a replica).
+    /// that have none and where it is in the ISR or ELR (or, with unclean election, a replica).
     pub fn unfence_broker(
         &self,
         image: &MetadataImage,
         broker_id: i32,
-        unclean: &dyn Fn(&crate::image::TopicImage) -> bool,
+        policy: &dyn TopicPolicy,
     ) -> Vec<MetadataRecord> {
         match image.brokers.get(&broker_id) {
             Some(b) if b.fenced => {}
@@ -228,9 +311,9 @@ impl Controller {
                 if p.leader != -1 || !p.replicas.contains(&broker_id) {
                     continue;
                 }
-                let (leader, isr) = elect(&after, &p.replicas, &p.isr, unclean(topic));
-                if leader != -1 {
-                    records.push(partition_record(topic.topic_id, p, leader, isr));
+                let l = elect(&after, &p.replicas, &p.isr, &p.elr, policy.unclean(topic));
+                if l.leader != -1 {
+                    records.push(partition_record(topic.topic_id, p, l));
                 }
             }
         }
@@ -243,9 +326,9 @@ impl Controller {
         image: &MetadataImage,
         topic: &str,
         partition: i32,
-        leader_id: i32,
-        leader_epoch: i32,
+        (leader_id, leader_epoch): (i32, i32),
         new_isr: &[i32],
+        policy: &dyn TopicPolicy,
     ) -> Result<Vec<MetadataRecord>, AlterPartitionError> {
         let t = image
             .topic(topic)
@@ -283,7 +366,16 @@ impl Controller {
         if isr == p.isr {
             return Ok(Vec::new());
         }
-        Ok(vec![partition_record(t.topic_id, p, p.leader, isr)])
+        let (isr, elr) = next_isr(p, isr, policy.min_isr(t));
+        Ok(vec![partition_record(
+            t.topic_id,
+            p,
+            Leadership {
+                leader: p.leader,
+                isr,
+                elr,
+            },
+        )])
     }
 
     fn partition_records(
@@ -304,6 +396,7 @@ impl Controller {
                     replicas,
                     leader_epoch: 0,
                     partition_epoch: 0,
+                    elr: Vec::new(),
                 }
             })
             .collect()
@@ -453,11 +546,11 @@ impl Controller {
             if p.leader >= 0 && image.is_live(p.leader) {
                 return Err(ElectionError::ElectionNotNeeded);
             }
-            let (leader, isr) = elect(image, &p.replicas, &p.isr, true);
-            if leader < 0 {
+            let l = elect(image, &p.replicas, &p.isr, &p.elr, true);
+            if l.leader < 0 {
                 return Err(ElectionError::EligibleLeadersNotAvailable);
             }
-            return Ok(partition_record(t.topic_id, p, leader, isr));
+            return Ok(partition_record(t.topic_id, p, l));
         }
         let preferred = *p
             .replicas
@@ -469,7 +562,15 @@ impl Controller {
         if !p.isr.contains(&preferred) || !image.is_live(preferred) {
             return Err(ElectionError::PreferredLeaderNotAvailable);
         }
-        Ok(partition_record(t.topic_id, p, preferred, p.isr.clone()))
+        Ok(partition_record(
+            t.topic_id,
+            p,
+            Leadership {
+                leader: preferred,
+                isr: p.isr.clone(),
+                elr: p.elr.clone(),
+            },
+        ))
     }
 
     /// `auto.leader.rebalance.enable`: for every broker whose share of partitions it prefers
@@ -622,7 +723,10 @@ mod tests {
     #[test]
     fn fencing_moves_leadership_to_the_isr_and_unfencing_restores_offline_partitions() {
         let c = Controller::default();
-        let no_unclean = |_: &crate::image::TopicImage| false;
+        let no_unclean = FixedPolicy {
+            unclean: false,
+            min_isr: 1,
+        };
         let img = cluster(&[(1, ""), (2, ""), (3, "")]);
         let mut s = spec("t", 3);
         s.replication_factor = 3;
@@ -639,7 +743,8 @@ mod tests {
         assert_eq!(after.partition_epoch, before.partition_epoch + 1);
         assert!(c.fence_broker(&img, leader, &no_unclean).is_empty());
 
-        // Fence the other two: the last ISR member stays in the ISR, the partition goes offline.
+        // Fence the other two: the last ISR member becomes an eligible leader replica (KIP-966),
+        // the partition goes offline.
         let others: Vec<i32> = after.isr.clone();
         let mut img = img;
         for b in &others {
@@ -647,14 +752,18 @@ mod tests {
         }
         let offline = partition(&img, "t", 0);
         assert_eq!(offline.leader, -1);
-        assert_eq!(offline.isr.len(), 1);
-        let last = offline.isr[0];
+        assert!(offline.isr.is_empty());
+        assert_eq!(offline.elr.len(), 1);
+        let last = offline.elr[0];
         // The first fenced broker is not in the ISR: without unclean election it cannot lead.
         let img2 = img
             .apply(40, &c.unfence_broker(&img, leader, &no_unclean))
             .0;
         assert_eq!(partition(&img2, "t", 0).leader, -1);
-        let unclean = |_: &crate::image::TopicImage| true;
+        let unclean = FixedPolicy {
+            unclean: true,
+            min_isr: 1,
+        };
         let img3 = img.apply(40, &c.unfence_broker(&img, leader, &unclean)).0;
         assert_eq!(partition(&img3, "t", 0).leader, leader);
         assert_eq!(partition(&img3, "t", 0).isr, vec![leader]);
@@ -673,15 +782,45 @@ mod tests {
         let p = partition(&img, "t", 0);
         let follower = *p.replicas.iter().find(|r| **r != p.leader).unwrap();
         assert_eq!(
-            c.alter_isr(&img, "t", 0, follower, p.leader_epoch, &[follower]),
+            c.alter_isr(
+                &img,
+                "t",
+                0,
+                (follower, p.leader_epoch),
+                &[follower],
+                &FixedPolicy {
+                    unclean: false,
+                    min_isr: 1
+                }
+            ),
             Err(AlterPartitionError::NotLeaderOrFollower)
         );
         assert!(matches!(
-            c.alter_isr(&img, "t", 0, p.leader, p.leader_epoch + 1, &[p.leader]),
+            c.alter_isr(
+                &img,
+                "t",
+                0,
+                (p.leader, p.leader_epoch + 1),
+                &[p.leader],
+                &FixedPolicy {
+                    unclean: false,
+                    min_isr: 1
+                }
+            ),
             Err(AlterPartitionError::FencedLeaderEpoch { .. })
         ));
         let shrink = c
-            .alter_isr(&img, "t", 0, p.leader, p.leader_epoch, &[p.leader])
+            .alter_isr(
+                &img,
+                "t",
+                0,
+                (p.leader, p.leader_epoch),
+                &[p.leader],
+                &FixedPolicy {
+                    unclean: false,
+                    min_isr: 1,
+                },
+            )
             .unwrap();
         let (img, _) = img.apply(20, &shrink);
         assert_eq!(partition(&img, "t", 0).isr, vec![p.leader]);
@@ -698,14 +837,27 @@ mod tests {
                 &img,
                 "t",
                 0,
-                p.leader,
-                p.leader_epoch,
-                &[p.leader, follower]
+                (p.leader, p.leader_epoch),
+                &[p.leader, follower],
+                &FixedPolicy {
+                    unclean: false,
+                    min_isr: 1
+                }
             ),
             Err(AlterPartitionError::IneligibleReplica(follower))
         );
         assert_eq!(
-            c.alter_isr(&img, "t", 0, p.leader, p.leader_epoch, &[p.leader, 9]),
+            c.alter_isr(
+                &img,
+                "t",
+                0,
+                (p.leader, p.leader_epoch),
+                &[p.leader, 9],
+                &FixedPolicy {
+                    unclean: false,
+                    min_isr: 1
+                }
+            ),
             Err(AlterPartitionError::IneligibleReplica(9))
         );
     }
@@ -713,7 +865,10 @@ mod tests {
     #[test]
     fn preferred_and_unclean_elections_and_leader_balance() {
         let c = Controller::default();
-        let no_unclean = |_: &crate::image::TopicImage| false;
+        let no_unclean = FixedPolicy {
+            unclean: false,
+            min_isr: 1,
+        };
         let img = cluster(&[(1, ""), (2, ""), (3, "")]);
         let mut s = spec("t", 3);
         s.replication_factor = 3;
@@ -749,8 +904,18 @@ mod tests {
         isr.push(preferred);
         let (img, _) = img.apply(
             40,
-            &c.alter_isr(&img, "t", 0, p.leader, p.leader_epoch, &isr)
-                .unwrap(),
+            &c.alter_isr(
+                &img,
+                "t",
+                0,
+                (p.leader, p.leader_epoch),
+                &isr,
+                &FixedPolicy {
+                    unclean: false,
+                    min_isr: 1,
+                },
+            )
+            .unwrap(),
         );
         // One of three partitions preferred by that broker is led elsewhere: above 10 %.
         let moves = c.rebalance_leaders(&img, 10);
@@ -763,7 +928,7 @@ mod tests {
         for b in [1, 2, 3] {
             img = img.apply(60, &c.fence_broker(&img, b, &no_unclean)).0;
         }
-        let last = partition(&img, "t", 0).isr[0];
+        let last = partition(&img, "t", 0).elr[0];
         let other = *[1, 2, 3].iter().find(|b| **b != last).unwrap();
         img = img
             .apply(70, &[MetadataRecord::UnfenceBroker { broker_id: other }])
@@ -772,5 +937,54 @@ mod tests {
         let (img, _) = img.apply(80, &[rec]);
         assert_eq!(partition(&img, "t", 0).leader, other);
         assert_eq!(partition(&img, "t", 0).isr, vec![other]);
+        assert!(
+            partition(&img, "t", 0).elr.is_empty(),
+            "unclean: the ELR goes"
+        );
+    }
+
+    #[test]
+    fn kip966_replicas_leaving_a_short_isr_stay_eligible() {
+        let c = Controller::default();
+        let policy = FixedPolicy {
+            unclean: false,
+            min_isr: 2,
+        };
+        let img = cluster(&[(1, ""), (2, ""), (3, "")]);
+        let mut s = spec("t", 1);
+        s.replication_factor = 3;
+        let (img, _) = img.apply(10, &c.create_topic(&img, &s).unwrap());
+        let p = partition(&img, "t", 0);
+        let (a, b, x) = (p.replicas[0], p.replicas[1], p.replicas[2]);
+        // ISR 3 -> 2 (still at min): x is simply out.
+        let (img, _) = img.apply(20, &c.fence_broker(&img, x, &policy));
+        assert_eq!(partition(&img, "t", 0).isr, vec![a, b]);
+        assert!(partition(&img, "t", 0).elr.is_empty());
+        // ISR 2 -> 1 (below min): b becomes eligible.
+        let (img, _) = img.apply(30, &c.fence_broker(&img, b, &policy));
+        assert_eq!(partition(&img, "t", 0).isr, vec![a]);
+        assert_eq!(partition(&img, "t", 0).elr, vec![b]);
+        // The last ISR member dies too: no leader, both eligible.
+        let (img, _) = img.apply(40, &c.fence_broker(&img, a, &policy));
+        let p = partition(&img, "t", 0);
+        assert_eq!(p.leader, -1);
+        assert!(p.isr.is_empty());
+        assert_eq!(p.elr, vec![b, a]);
+        // x comes back: never in sync with the last writes, it may not lead.
+        let (img, _) = img.apply(50, &c.unfence_broker(&img, x, &policy));
+        assert_eq!(partition(&img, "t", 0).leader, -1);
+        // b comes back: eligible, it leads cleanly with an ISR of itself.
+        let (img, _) = img.apply(60, &c.unfence_broker(&img, b, &policy));
+        let p = partition(&img, "t", 0);
+        assert_eq!(p.leader, b);
+        assert_eq!(p.isr, vec![b]);
+        assert_eq!(p.elr, vec![a]);
+        // x catches up and joins: the ISR is back at min, the ELR is cleared.
+        let rec = c
+            .alter_isr(&img, "t", 0, (b, p.leader_epoch), &[b, x], &policy)
+            .unwrap();
+        let (img, _) = img.apply(70, &rec);
+        assert_eq!(partition(&img, "t", 0).isr.len(), 2);
+        assert!(partition(&img, "t", 0).elr.is_empty());
     }
 }

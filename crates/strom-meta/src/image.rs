@@ -25,6 +25,8 @@ pub struct PartitionImage {
     pub leader: i32,
     pub leader_epoch: i32,
     pub partition_epoch: i32,
+    /// KIP-966 eligible leader replicas (see `MetadataRecord::Partition`).
+    pub elr: Vec<i32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,6 +131,7 @@ impl MetadataImage {
                     leader: p.leader,
                     leader_epoch: p.leader_epoch,
                     partition_epoch: p.partition_epoch,
+                    elr: p.elr.clone(),
                 });
             }
         }
@@ -278,6 +281,7 @@ impl MetadataImage {
                 leader,
                 leader_epoch,
                 partition_epoch,
+                elr,
             } => {
                 let Some(name) = self.topic_names_by_id.get(topic_id).cloned() else {
                     return;
@@ -296,6 +300,7 @@ impl MetadataImage {
                         leader: *leader,
                         leader_epoch: *leader_epoch,
                         partition_epoch: *partition_epoch,
+                        elr: elr.clone(),
                     },
                 );
                 if !existed {
@@ -435,6 +440,7 @@ mod tests {
                     leader: 2,
                     leader_epoch: p + 4,
                     partition_epoch: p + 7,
+                    elr: vec![1],
                 });
             }
         }
@@ -465,6 +471,7 @@ mod tests {
                 leader: 1,
                 leader_epoch: 0,
                 partition_epoch: 0,
+                elr: vec![],
             },
         ];
         let (img, delta) = MetadataImage::empty().apply(0, &records);

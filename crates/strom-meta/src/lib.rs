@@ -9,7 +9,9 @@ pub mod log;
 pub mod raft;
 pub mod record;
 
-pub use controller::{AlterPartitionError, Controller, ControllerError, CreateTopicSpec};
+pub use controller::{
+    AlterPartitionError, Controller, ControllerError, CreateTopicSpec, FixedPolicy, TopicPolicy,
+};
 pub use image::{BrokerImage, MetadataImage, PartitionImage, TopicImage};
 pub use log::{FileMetadataLog, MetadataLog, MetadataLogError};
 pub use raft::{

@@ -44,6 +44,10 @@ pub enum MetadataRecord {
         leader: i32,
         leader_epoch: i32,
         partition_epoch: i32,
+        /// KIP-966 eligible leader replicas: left the ISR while it was below
+        /// min.insync.replicas, so they hold everything committed and may lead.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        elr: Vec<i32>,
     },
     RemoveTopic {
         topic_id: TopicId,

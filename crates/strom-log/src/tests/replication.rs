@@ -583,3 +583,22 @@ fn a_new_leader_records_its_epoch_at_election_and_answers_older_epochs() {
         "persisted at election"
     );
 }
+
+#[test]
+fn truncating_at_the_end_forgets_an_epoch_that_wrote_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), small_config(), true).unwrap();
+    log.append(&mut batch(3, 0, 10), 1, 0).unwrap();
+    log.start_leader_epoch(4).unwrap();
+    assert_eq!(log.epoch_entries(), vec![(1, 0), (4, 3)]);
+    log.truncate_to(3).unwrap();
+    assert_eq!(
+        log.epoch_entries(),
+        vec![(1, 0)],
+        "epoch 4 started at 3 and wrote nothing"
+    );
+    assert_eq!(log.log_end_offset(), 3);
+    drop(log);
+    let log = Log::open(dir.path(), small_config(), false).unwrap();
+    assert_eq!(log.epoch_entries(), vec![(1, 0)]);
+}

@@ -511,9 +511,12 @@ impl RaftMetadataLog {
                 let m = metrics.borrow_watched();
                 let committed = m.cluster_committed.or(m.local_committed);
                 let applied = m.last_applied;
+                // A follower must have heard the leader's commit index: after a restart the
+                // commit index is unknown (not persisted) and an empty "nothing committed yet"
+                // would let the broker act on an empty image (and drop its partitions' logs).
                 (
                     m.current_leader,
-                    committed.map(|c| c.index) <= applied.map(|a| a.index),
+                    committed.is_some() && committed.map(|c| c.index) <= applied.map(|a| a.index),
                 )
             };
             if leader == Some(to_node_id(self.inner.node_id)) {
