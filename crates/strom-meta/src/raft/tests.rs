@@ -394,6 +394,8 @@ fn partition(topic: TopicId, p: i32) -> MetadataRecord {
         leader: 1,
         leader_epoch: 0,
         partition_epoch: 0,
+        adding_replicas: vec![],
+        removing_replicas: vec![],
     }
 }
 
