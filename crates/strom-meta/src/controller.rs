@@ -944,7 +944,9 @@ mod tests {
             .alter_partition_reassignment(&img, "t", 0, Some(&[4, 2, 3]), true)
             .unwrap();
         let (img, _) = img.apply(20, &recs);
-        let recs = c.alter_partition_reassignment(&img, "t", 0, None, true).unwrap();
+        let recs = c
+            .alter_partition_reassignment(&img, "t", 0, None, true)
+            .unwrap();
         let (img, _) = img.apply(30, &recs);
         let p = partition(&img, "t", 0);
         assert_eq!(p.replicas, vec![2, 3, 1]);
