@@ -1,7 +1,8 @@
 //! A replicated cluster of real `strom` processes (Raft metadata quorum, ISR replication),
 //! driven by librdkafka: leader failover under an acks=all idempotent producer with nothing
 //! acknowledged lost, controller failover, a restarted node catching up and rejoining the ISR,
-//! and min.insync.replicas refusing acks=all writes once too few replicas remain.
+//! min.insync.replicas refusing acks=all writes once too few replicas remain, and partition
+//! reassignment (KIP-455) moving a replica off its leader under load, or pending and cancelled.
 
 mod common;
 
@@ -747,4 +748,74 @@ async fn reassigning_a_partition_off_its_leader_under_load_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(c.node(newcomer).data_dir().join("moving-0").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reassignment_to_a_dead_broker_waits_and_can_be_cancelled() {
+    let mut c = Cluster::start(4, &[]);
+    let b = c.bootstrap();
+    create_replicated(&b, "stuck", 1, 3, &[("min.insync.replicas", "2")]).await;
+    let before = c.wait_partition("stuck", 0, WAIT, "full ISR", |s| {
+        s.isr.len() == 3 && s.leader > 0
+    });
+    let dead = (1..=4).find(|id| !before.replicas.contains(id)).unwrap();
+    c.node(dead).kill9();
+    c.wait_brokers(3, WAIT);
+    let mut target = vec![dead];
+    target.extend(
+        before
+            .replicas
+            .iter()
+            .copied()
+            .filter(|r| *r != before.leader),
+    );
+    let via = before.leader;
+    assert_eq!(alter_reassignments(&mut c, via, "stuck", Some(&target)), 0);
+    let listed = list_reassignments(&mut c, via);
+    let mut replicas = target.clone();
+    replicas.push(before.leader);
+    assert_eq!(
+        listed,
+        vec![(
+            "stuck".to_string(),
+            0,
+            replicas.clone(),
+            vec![dead],
+            vec![before.leader]
+        )]
+    );
+    let s = c.wait_partition("stuck", 0, WAIT, "the reassignment is visible", |s| {
+        s.replicas == replicas
+    });
+    assert_eq!(s.leader, before.leader);
+    // It stays pending while the new replica cannot catch up, and writes go on.
+    let p = producer(&b, "all", true);
+    p.send(
+        FutureRecord::<(), _>::to("stuck").payload("1").partition(0),
+        Duration::from_secs(30),
+    )
+    .await
+    .map_err(|(e, _)| e)
+    .expect("acks=all during the reassignment");
+    assert_eq!(list_reassignments(&mut c, via).len(), 1);
+
+    assert_eq!(alter_reassignments(&mut c, via, "stuck", None), 0);
+    assert!(list_reassignments(&mut c, via).is_empty());
+    let mut original = before.replicas.clone();
+    original.sort_unstable();
+    let s = c.wait_partition("stuck", 0, WAIT, "the cancel is visible", |s| {
+        let mut r = s.replicas.clone();
+        r.sort_unstable();
+        r == original
+    });
+    assert_eq!(s.leader, before.leader);
+    assert_eq!(s.isr.len(), 3);
+    p.send(
+        FutureRecord::<(), _>::to("stuck").payload("2").partition(0),
+        Duration::from_secs(30),
+    )
+    .await
+    .map_err(|(e, _)| e)
+    .expect("acks=all after the cancel");
+    assert_eq!(read_values(&b, "stuck", 0, 2, WAIT), vec![1, 2]);
 }
