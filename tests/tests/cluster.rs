@@ -1,7 +1,8 @@
 //! A replicated cluster of real `strom` processes (Raft metadata quorum, ISR replication),
 //! driven by librdkafka: leader failover under an acks=all idempotent producer with nothing
 //! acknowledged lost, controller failover, a restarted node catching up and rejoining the ISR,
-//! and min.insync.replicas refusing acks=all writes once too few replicas remain.
+//! min.insync.replicas refusing acks=all writes once too few replicas remain, and partition
+//! reassignment (KIP-455) moving a replica off its leader under load, or pending and cancelled.
 
 mod common;
 
@@ -811,4 +812,277 @@ async fn kip966_the_last_replicas_standing_keep_every_acknowledged_record() {
     });
     let values = read_values(&b, "elr", 0, 101, WAIT);
     assert_eq!(values, (0..101).collect::<Vec<_>>());
+}
+
+/// AlterPartitionReassignments (v1) through node `id`: the error code of each partition.
+fn alter_reassignments(c: &mut Cluster, id: i32, topic: &str, target: Option<&[i32]>) -> i16 {
+    use kafka_protocol::messages::alter_partition_reassignments_request::{
+        ReassignablePartition, ReassignableTopic,
+    };
+    use kafka_protocol::messages::{
+        AlterPartitionReassignmentsRequest, AlterPartitionReassignmentsResponse, ApiKey, BrokerId,
+        TopicName,
+    };
+    use kafka_protocol::protocol::StrBytes;
+    let mut raw = RawClient::connect(c.node(id).addr());
+    raw.stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let req = AlterPartitionReassignmentsRequest::default()
+        .with_timeout_ms(30_000)
+        .with_allow_replication_factor_change(true)
+        .with_topics(vec![ReassignableTopic::default()
+            .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+            .with_partitions(vec![ReassignablePartition::default()
+                .with_partition_index(0)
+                .with_replicas(
+                    target.map(|t| t.iter().map(|b| BrokerId(*b)).collect()),
+                )])]);
+    let resp: AlterPartitionReassignmentsResponse =
+        raw.call(ApiKey::AlterPartitionReassignments, 1, &req);
+    assert_eq!(resp.error_code, 0);
+    let p = &resp.responses[0].partitions[0];
+    if p.error_code != 0 {
+        eprintln!("reassignment refused: {:?}", p.error_message);
+    }
+    p.error_code
+}
+
+/// ListPartitionReassignments (all partitions) through node `id`: (topic, partition,
+/// replicas, adding, removing) of each ongoing reassignment.
+#[allow(clippy::type_complexity)]
+fn list_reassignments(
+    c: &mut Cluster,
+    id: i32,
+) -> Vec<(String, i32, Vec<i32>, Vec<i32>, Vec<i32>)> {
+    use kafka_protocol::messages::{
+        ApiKey, ListPartitionReassignmentsRequest, ListPartitionReassignmentsResponse,
+    };
+    let mut raw = RawClient::connect(c.node(id).addr());
+    let req = ListPartitionReassignmentsRequest::default().with_timeout_ms(30_000);
+    let resp: ListPartitionReassignmentsResponse =
+        raw.call(ApiKey::ListPartitionReassignments, 0, &req);
+    assert_eq!(resp.error_code, 0);
+    let ids = |v: &[kafka_protocol::messages::BrokerId]| v.iter().map(|b| b.0).collect::<Vec<_>>();
+    resp.topics
+        .iter()
+        .flat_map(|t| {
+            t.partitions.iter().map(|p| {
+                (
+                    t.name.0.to_string(),
+                    p.partition_index,
+                    ids(&p.replicas),
+                    ids(&p.adding_replicas),
+                    ids(&p.removing_replicas),
+                )
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reassigning_a_partition_off_its_leader_under_load_loses_nothing() {
+    let mut c = Cluster::start(4, &[]);
+    let b = c.bootstrap();
+    create_replicated(&b, "moving", 1, 3, &[("min.insync.replicas", "2")]).await;
+    let before = c.wait_partition("moving", 0, WAIT, "full ISR", |s| {
+        s.isr.len() == 3 && s.leader > 0
+    });
+    let newcomer = (1..=4).find(|id| !before.replicas.contains(id)).unwrap();
+    let victim = before.leader;
+    // The fourth node replaces the current leader (and is the preferred leader).
+    let mut target = vec![newcomer];
+    target.extend(before.replicas.iter().copied().filter(|r| *r != victim));
+    // Requests go through a broker that is neither the leader nor the newcomer.
+    let via = target[1];
+
+    // Refusals: unregistered broker, duplicates, unknown partition, cancel without one.
+    assert_eq!(
+        alter_reassignments(&mut c, via, "moving", Some(&[1, 99])),
+        39
+    );
+    assert_eq!(
+        alter_reassignments(&mut c, via, "moving", Some(&[1, 1])),
+        39
+    );
+    assert_eq!(alter_reassignments(&mut c, via, "nope", Some(&[1])), 3);
+    assert_eq!(alter_reassignments(&mut c, via, "moving", None), 85);
+    assert!(list_reassignments(&mut c, via).is_empty());
+
+    let acked_count = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let task = tokio::spawn(produce_sequence(
+        producer(&b, "all", true),
+        "moving".into(),
+        1_000_000,
+        acked_count.clone(),
+        stop.clone(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked_count.load(Ordering::Acquire) < 30_000 {
+        assert!(
+            Instant::now() < deadline,
+            "producer made no progress:\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let started = Instant::now();
+    assert_eq!(alter_reassignments(&mut c, via, "moving", Some(&target)), 0);
+    let ongoing = list_reassignments(&mut c, via);
+    eprintln!("right after the request: {ongoing:?}");
+    if let Some((_, p, replicas, adding, removing)) = ongoing.first() {
+        assert_eq!(*p, 0);
+        assert_eq!(adding, &vec![newcomer]);
+        assert_eq!(removing, &vec![victim]);
+        assert_eq!(replicas.len(), 4);
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let listed = list_reassignments(&mut c, via);
+        let view = c.view().and_then(|v| v.partition("moving", 0).cloned());
+        if let Some(s) = &view {
+            if listed.is_empty()
+                && s.replicas == target
+                && s.isr.len() == 3
+                && target.contains(&s.leader)
+            {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reassignment did not complete: {listed:?} {view:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = c.view().unwrap().partition("moving", 0).cloned().unwrap();
+    eprintln!(
+        "reassigned in {:?}: {before:?} -> {after:?}",
+        started.elapsed()
+    );
+    assert_ne!(after.leader, victim);
+    assert!(after.leader_epoch > before.leader_epoch);
+
+    // Writes go on at the new leader.
+    let at_done = acked_count.load(Ordering::Acquire);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked_count.load(Ordering::Acquire) < at_done + 5_000 {
+        assert!(
+            Instant::now() < deadline,
+            "writes did not go on after the reassignment:\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, Ordering::Release);
+    let (acked, failed) = task.await.unwrap();
+    eprintln!("acknowledged {}, {failed} failed", acked.len());
+
+    let values = read_values(
+        &b,
+        "moving",
+        0,
+        acked.len() + failed,
+        Duration::from_secs(60),
+    );
+    let mut seen = HashSet::new();
+    for v in &values {
+        assert!(seen.insert(*v), "value {v} was stored twice");
+    }
+    for w in values.windows(2) {
+        assert!(w[0] < w[1], "order not preserved: {} before {}", w[0], w[1]);
+    }
+    let missing: Vec<u64> = acked
+        .iter()
+        .filter(|v| !seen.contains(v))
+        .copied()
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged records lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+
+    // The removed replica deleted its log; the newcomer has one.
+    let gone = c.node(victim).data_dir().join("moving-0");
+    let deadline = Instant::now() + WAIT;
+    while gone.exists() {
+        assert!(Instant::now() < deadline, "{} still exists", gone.display());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(c.node(newcomer).data_dir().join("moving-0").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reassignment_to_a_dead_broker_waits_and_can_be_cancelled() {
+    let mut c = Cluster::start(4, &[]);
+    let b = c.bootstrap();
+    create_replicated(&b, "stuck", 1, 3, &[("min.insync.replicas", "2")]).await;
+    let before = c.wait_partition("stuck", 0, WAIT, "full ISR", |s| {
+        s.isr.len() == 3 && s.leader > 0
+    });
+    let dead = (1..=4).find(|id| !before.replicas.contains(id)).unwrap();
+    c.node(dead).kill9();
+    c.wait_brokers(3, WAIT);
+    let mut target = vec![dead];
+    target.extend(
+        before
+            .replicas
+            .iter()
+            .copied()
+            .filter(|r| *r != before.leader),
+    );
+    let via = before.leader;
+    assert_eq!(alter_reassignments(&mut c, via, "stuck", Some(&target)), 0);
+    let listed = list_reassignments(&mut c, via);
+    let mut replicas = target.clone();
+    replicas.push(before.leader);
+    assert_eq!(
+        listed,
+        vec![(
+            "stuck".to_string(),
+            0,
+            replicas.clone(),
+            vec![dead],
+            vec![before.leader]
+        )]
+    );
+    let s = c.wait_partition("stuck", 0, WAIT, "the reassignment is visible", |s| {
+        s.replicas == replicas
+    });
+    assert_eq!(s.leader, before.leader);
+    // It stays pending while the new replica cannot catch up, and writes go on.
+    let p = producer(&b, "all", true);
+    p.send(
+        FutureRecord::<(), _>::to("stuck").payload("1").partition(0),
+        Duration::from_secs(30),
+    )
+    .await
+    .map_err(|(e, _)| e)
+    .expect("acks=all during the reassignment");
+    assert_eq!(list_reassignments(&mut c, via).len(), 1);
+
+    assert_eq!(alter_reassignments(&mut c, via, "stuck", None), 0);
+    assert!(list_reassignments(&mut c, via).is_empty());
+    let mut original = before.replicas.clone();
+    original.sort_unstable();
+    let s = c.wait_partition("stuck", 0, WAIT, "the cancel is visible", |s| {
+        let mut r = s.replicas.clone();
+        r.sort_unstable();
+        r == original
+    });
+    assert_eq!(s.leader, before.leader);
+    assert_eq!(s.isr.len(), 3);
+    p.send(
+        FutureRecord::<(), _>::to("stuck").payload("2").partition(0),
+        Duration::from_secs(30),
+    )
+    .await
+    .map_err(|(e, _)| e)
+    .expect("acks=all after the cancel");
+    assert_eq!(read_values(&b, "stuck", 0, 2, WAIT), vec![1, 2]);
 }

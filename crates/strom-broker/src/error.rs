@@ -24,7 +24,11 @@ pub fn controller_error_code(e: &ControllerError) -> ResponseError {
         ControllerError::InvalidTopic(_) => ResponseError::InvalidTopicException,
         ControllerError::InvalidPartitions(_) => ResponseError::InvalidPartitions,
         ControllerError::InvalidReplicationFactor(_) => ResponseError::InvalidReplicationFactor,
-        ControllerError::UnknownTopic(_) => ResponseError::UnknownTopicOrPartition,
+        ControllerError::UnknownTopic(_) | ControllerError::UnknownPartition(..) => {
+            ResponseError::UnknownTopicOrPartition
+        }
+        ControllerError::InvalidReplicaAssignment(_) => ResponseError::InvalidReplicaAssignment,
+        ControllerError::NoReassignmentInProgress(..) => ResponseError::NoReassignmentInProgress,
     }
 }
 

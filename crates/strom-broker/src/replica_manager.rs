@@ -183,7 +183,8 @@ impl ReplicaManager {
     }
 
     /// Brings the hosted partitions in line with a metadata change. Returns the partitions
-    /// whose leadership changed (new leader or leader epoch), for replication to act on.
+    /// whose leadership changed (new leader or leader epoch), for replication to act on; that
+    /// includes partitions this broker no longer hosts (reassigned away, log deleted).
     pub fn apply_delta(
         &self,
         config: &BrokerConfig,
@@ -224,6 +225,22 @@ impl ReplicaManager {
                 continue;
             };
             match self.get(name, *p) {
+                Some(part) if !role.replicas.contains(&self.node_id) => {
+                    // Reassigned away: stop serving and following it, and delete its log.
+                    part.set_role(role, now_ms);
+                    self.partitions.write().remove(&(name.clone(), *p));
+                    if let Some(log) = part.take_log() {
+                        tracing::info!(topic = %name, partition = *p, "no longer a replica; deleting the local log");
+                        if let Err(e) = log.delete() {
+                            tracing::error!(topic = %name, partition = *p, error = %e, "deleting the log of a partition moved away failed");
+                        }
+                    }
+                    part.hw_advanced.notify_waiters();
+                    part.appended.notify_waiters();
+                    // The caller's role handling takes it out of its fetcher (and, for an
+                    // offsets partition, unloads its groups).
+                    leadership_changed.push(part);
+                }
                 Some(part) if part.set_role(role.clone(), now_ms) => {
                     leadership_changed.push(part);
                 }

@@ -22,6 +22,12 @@ pub enum ControllerError {
     InvalidReplicationFactor(String),
     #[error("unknown topic '{0}'")]
     UnknownTopic(String),
+    #[error("unknown partition {1} of topic '{0}'")]
+    UnknownPartition(String, i32),
+    #[error("{0}")]
+    InvalidReplicaAssignment(String),
+    #[error("no reassignment of partition {1} of topic '{0}' is in progress")]
+    NoReassignmentInProgress(String, i32),
 }
 
 #[derive(Debug, Clone)]
@@ -218,6 +224,43 @@ fn partition_record(
     p: &crate::image::PartitionImage,
     l: Leadership,
 ) -> MetadataRecord {
+    reassigned_record(
+        topic_id,
+        p,
+        Assignment {
+            replicas: p.replicas.clone(),
+            adding: p.adding_replicas.clone(),
+            removing: p.removing_replicas.clone(),
+        },
+        l,
+    )
+}
+
+/// A partition's replicas with its reassignment state.
+struct Assignment {
+    replicas: Vec<i32>,
+    adding: Vec<i32>,
+    removing: Vec<i32>,
+}
+
+impl Assignment {
+    fn settled(replicas: Vec<i32>) -> Self {
+        Assignment {
+            replicas,
+            adding: Vec::new(),
+            removing: Vec::new(),
+        }
+    }
+}
+
+/// The next record of `p`: a new partition epoch, and a new leader epoch if the leader changed.
+/// Eligible leader replicas outside the new replica set are dropped.
+fn reassigned_record(
+    topic_id: TopicId,
+    p: &crate::image::PartitionImage,
+    a: Assignment,
+    l: Leadership,
+) -> MetadataRecord {
     let leader_epoch = if l.leader != p.leader {
         p.leader_epoch + 1
     } else {
@@ -226,13 +269,72 @@ fn partition_record(
     MetadataRecord::Partition {
         topic_id,
         partition: p.partition,
-        replicas: p.replicas.clone(),
         isr: l.isr,
         leader: l.leader,
         leader_epoch,
         partition_epoch: p.partition_epoch + 1,
-        elr: l.elr,
+        elr: l
+            .elr
+            .into_iter()
+            .filter(|r| a.replicas.contains(r))
+            .collect(),
+        replicas: a.replicas,
+        adding_replicas: a.adding,
+        removing_replicas: a.removing,
     }
+}
+
+/// Moves a partition to the replica set `replicas` (dropping the others): the ISR and ELR keep
+/// only members of it, and a leader outside it (or none) is replaced by the first live in-sync
+/// (or eligible) replica in `replicas` order.
+fn settle_on(
+    image: &MetadataImage,
+    p: &crate::image::PartitionImage,
+    replicas: &[i32],
+    isr: &[i32],
+) -> Leadership {
+    let keep = |set: &[i32]| -> Vec<i32> {
+        replicas
+            .iter()
+            .copied()
+            .filter(|r| set.contains(r))
+            .collect()
+    };
+    let (isr, elr) = (keep(isr), keep(&p.elr));
+    if p.leader >= 0 && replicas.contains(&p.leader) {
+        Leadership {
+            leader: p.leader,
+            isr,
+            elr,
+        }
+    } else {
+        elect(image, replicas, &isr, &elr, false)
+    }
+}
+
+/// KIP-455: a reassignment completes once every target replica is in the ISR. Given the ISR a
+/// change would produce, the record that finishes the reassignment along with that change, if
+/// it does.
+fn complete_reassignment(
+    image: &MetadataImage,
+    topic_id: TopicId,
+    p: &crate::image::PartitionImage,
+    isr: &[i32],
+) -> Option<MetadataRecord> {
+    if !p.is_reassigning() {
+        return None;
+    }
+    let target = p.target_replicas();
+    if target.is_empty() || !target.iter().all(|r| isr.contains(r)) {
+        return None;
+    }
+    let l = settle_on(image, p, &target, isr);
+    Some(reassigned_record(
+        topic_id,
+        p,
+        Assignment::settled(target),
+        l,
+    ))
 }
 
 impl Controller {
@@ -367,6 +469,9 @@ impl Controller {
             return Ok(Vec::new());
         }
         let (isr, elr) = next_isr(p, isr, policy.min_isr(t));
+        if let Some(done) = complete_reassignment(image, t.topic_id, p, &isr) {
+            return Ok(vec![done]);
+        }
         Ok(vec![partition_record(
             t.topic_id,
             p,
@@ -374,6 +479,117 @@ impl Controller {
                 leader: p.leader,
                 isr,
                 elr,
+            },
+        )])
+    }
+
+    /// AlterPartitionReassignments (KIP-455) for one partition. `Some(target)` starts (or
+    /// replaces) a reassignment to `target`: the replicas become the target followed by the
+    /// current replicas not in it, the new ones join as followers and the reassignment
+    /// completes in the ISR change that brings the last of them in sync (`alter_isr`). `None`
+    /// cancels an ongoing one: back to the replicas before it, minus those still joining.
+    /// `allow_rf_change: false` (version 1, KIP-860) refuses a target of another size.
+    pub fn alter_partition_reassignment(
+        &self,
+        image: &MetadataImage,
+        topic: &str,
+        partition: i32,
+        target: Option<&[i32]>,
+        allow_rf_change: bool,
+    ) -> Result<Vec<MetadataRecord>, ControllerError> {
+        let t = image
+            .topic(topic)
+            .ok_or_else(|| ControllerError::UnknownTopic(topic.to_string()))?;
+        let p = t
+            .partitions
+            .get(&partition)
+            .ok_or_else(|| ControllerError::UnknownPartition(topic.to_string(), partition))?;
+        let original: Vec<i32> = p
+            .replicas
+            .iter()
+            .copied()
+            .filter(|r| !p.adding_replicas.contains(r))
+            .collect();
+        let Some(target) = target else {
+            if !p.is_reassigning() {
+                return Err(ControllerError::NoReassignmentInProgress(
+                    topic.to_string(),
+                    partition,
+                ));
+            }
+            let l = settle_on(image, p, &original, &p.isr);
+            if l.isr.is_empty() {
+                return Err(ControllerError::InvalidReplicaAssignment(format!(
+                    "cancelling would leave partition {partition} of '{topic}' without an in-sync replica"
+                )));
+            }
+            return Ok(vec![reassigned_record(
+                t.topic_id,
+                p,
+                Assignment::settled(original),
+                l,
+            )]);
+        };
+        if target.is_empty() {
+            return Err(ControllerError::InvalidReplicaAssignment(
+                "the target replica list is empty".into(),
+            ));
+        }
+        for (i, r) in target.iter().enumerate() {
+            if target[..i].contains(r) {
+                return Err(ControllerError::InvalidReplicaAssignment(format!(
+                    "broker {r} appears more than once in the target replicas"
+                )));
+            }
+            if !image.brokers.contains_key(r) {
+                return Err(ControllerError::InvalidReplicaAssignment(format!(
+                    "broker {r} is not registered"
+                )));
+            }
+        }
+        if !allow_rf_change && target.len() != original.len() {
+            return Err(ControllerError::InvalidReplicationFactor(format!(
+                "the target has {} replicas, the partition {}, and changing the replication factor is not allowed",
+                target.len(),
+                original.len()
+            )));
+        }
+        if target == p.replicas.as_slice() && !p.is_reassigning() {
+            return Ok(Vec::new());
+        }
+        let removing: Vec<i32> = p
+            .replicas
+            .iter()
+            .copied()
+            .filter(|r| !target.contains(r))
+            .collect();
+        let adding: Vec<i32> = target
+            .iter()
+            .copied()
+            .filter(|r| !p.replicas.contains(r))
+            .collect();
+        let mut replicas = target.to_vec();
+        replicas.extend(&removing);
+        let mut started = p.clone();
+        started.replicas = replicas.clone();
+        started.adding_replicas = adding.clone();
+        started.removing_replicas = removing.clone();
+        // Every target replica already in sync (a pure removal): done at once.
+        if let Some(done) = complete_reassignment(image, t.topic_id, &started, &p.isr) {
+            return Ok(vec![done]);
+        }
+        Ok(vec![reassigned_record(
+            t.topic_id,
+            p,
+            Assignment {
+                replicas,
+                adding,
+                removing,
+            },
+            Leadership {
+                leader: p.leader,
+                isr: p.isr.clone(),
+                elr: p.elr.clone(),
             },
         )])
     }
@@ -397,6 +613,8 @@ impl Controller {
                     leader_epoch: 0,
                     partition_epoch: 0,
                     elr: Vec::new(),
+                    adding_replicas: Vec::new(),
+                    removing_replicas: Vec::new(),
                 }
             })
             .collect()
@@ -986,5 +1204,223 @@ mod tests {
         let (img, _) = img.apply(70, &rec);
         assert_eq!(partition(&img, "t", 0).isr.len(), 2);
         assert!(partition(&img, "t", 0).elr.is_empty());
+    }
+
+    /// Topic "t" with one partition on brokers 1, 2, 3 (of 1..=4), leader 1.
+    fn reassignable() -> MetadataImage {
+        let img = cluster(&[(1, ""), (2, ""), (3, ""), (4, "")]);
+        let id = [9u8; 16];
+        img.apply(
+            10,
+            &[
+                MetadataRecord::Topic {
+                    name: "t".into(),
+                    topic_id: id,
+                },
+                MetadataRecord::Partition {
+                    topic_id: id,
+                    partition: 0,
+                    replicas: vec![1, 2, 3],
+                    isr: vec![1, 2, 3],
+                    leader: 1,
+                    leader_epoch: 5,
+                    partition_epoch: 7,
+                    elr: vec![],
+                    adding_replicas: vec![],
+                    removing_replicas: vec![],
+                },
+            ],
+        )
+        .0
+    }
+
+    #[test]
+    fn reassignment_starts_progresses_and_completes_moving_the_leader_off() {
+        let c = Controller::default();
+        let img = reassignable();
+        let recs = c
+            .alter_partition_reassignment(&img, "t", 0, Some(&[4, 2, 3]), true)
+            .unwrap();
+        let (img, delta) = img.apply(20, &recs);
+        assert_eq!(delta.changed_partitions, vec![("t".to_string(), 0)]);
+        let p = partition(&img, "t", 0);
+        assert_eq!(p.replicas, vec![4, 2, 3, 1]);
+        assert_eq!(p.adding_replicas, vec![4]);
+        assert_eq!(p.removing_replicas, vec![1]);
+        assert_eq!(p.isr, vec![1, 2, 3]);
+        assert_eq!((p.leader, p.leader_epoch, p.partition_epoch), (1, 5, 8));
+        assert_eq!(p.target_replicas(), vec![4, 2, 3]);
+
+        // Other ISR changes keep the reassignment going.
+        let (img, _) = img.apply(
+            30,
+            &c.alter_isr(
+                &img,
+                "t",
+                0,
+                (1, 5),
+                &[1, 2],
+                &FixedPolicy {
+                    unclean: false,
+                    min_isr: 1,
+                },
+            )
+            .unwrap(),
+        );
+        let p = partition(&img, "t", 0);
+        assert_eq!(p.isr, vec![2, 1]);
+        assert!(p.is_reassigning());
+        // Fencing and unfencing carry it along.
+        let no_unclean = FixedPolicy {
+            unclean: false,
+            min_isr: 1,
+        };
+        let (img, _) = img.apply(31, &c.fence_broker(&img, 3, &no_unclean));
+        assert_eq!(partition(&img, "t", 0).adding_replicas, vec![4]);
+        assert_eq!(partition(&img, "t", 0).removing_replicas, vec![1]);
+        let (img, _) = img.apply(32, &c.unfence_broker(&img, 3, &no_unclean));
+        let (img, _) = img.apply(
+            33,
+            &c.alter_isr(
+                &img,
+                "t",
+                0,
+                (1, 5),
+                &[1, 2, 3],
+                &FixedPolicy {
+                    unclean: false,
+                    min_isr: 1,
+                },
+            )
+            .unwrap(),
+        );
+        // The new replica caught up: the same change completes the reassignment, and the
+        // leader, not a target replica, hands over to the first in-sync target replica.
+        let recs = c
+            .alter_isr(
+                &img,
+                "t",
+                0,
+                (1, 5),
+                &[2, 1, 3, 4],
+                &FixedPolicy {
+                    unclean: false,
+                    min_isr: 1,
+                },
+            )
+            .unwrap();
+        assert_eq!(recs.len(), 1);
+        let (img, _) = img.apply(40, &recs);
+        let p = partition(&img, "t", 0);
+        assert_eq!(p.replicas, vec![4, 2, 3]);
+        assert_eq!(p.isr, vec![4, 2, 3]);
+        assert_eq!(p.leader, 4);
+        assert_eq!(p.leader_epoch, 6);
+        assert!(!p.is_reassigning());
+        // Snapshots carry the state too.
+        let rebuilt = MetadataImage::empty().apply(0, &img.to_records()).0;
+        assert_eq!(partition(&rebuilt, "t", 0), p);
+    }
+
+    #[test]
+    fn reassignment_keeping_the_leader_completes_without_election() {
+        let c = Controller::default();
+        let img = reassignable();
+        let recs = c
+            .alter_partition_reassignment(&img, "t", 0, Some(&[1, 2, 4]), true)
+            .unwrap();
+        let (img, _) = img.apply(20, &recs);
+        let recs = c
+            .alter_isr(
+                &img,
+                "t",
+                0,
+                (1, 5),
+                &[1, 2, 3, 4],
+                &FixedPolicy {
+                    unclean: false,
+                    min_isr: 1,
+                },
+            )
+            .unwrap();
+        let (img, _) = img.apply(30, &recs);
+        let p = partition(&img, "t", 0);
+        assert_eq!(p.replicas, vec![1, 2, 4]);
+        assert_eq!(p.isr, vec![1, 2, 4]);
+        assert_eq!((p.leader, p.leader_epoch), (1, 5));
+        assert!(!p.is_reassigning());
+    }
+
+    #[test]
+    fn reassignment_to_in_sync_replicas_completes_at_once() {
+        let c = Controller::default();
+        let img = reassignable();
+        let recs = c
+            .alter_partition_reassignment(&img, "t", 0, Some(&[3, 2]), true)
+            .unwrap();
+        let (img, _) = img.apply(20, &recs);
+        let p = partition(&img, "t", 0);
+        assert_eq!(p.replicas, vec![3, 2]);
+        assert_eq!(p.isr, vec![3, 2]);
+        assert_eq!((p.leader, p.leader_epoch), (3, 6));
+        assert!(!p.is_reassigning());
+        // The same replicas: nothing to do.
+        assert!(c
+            .alter_partition_reassignment(&img, "t", 0, Some(&[3, 2]), true)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn cancelling_a_reassignment_reverts_to_the_original_replicas() {
+        let c = Controller::default();
+        let img = reassignable();
+        assert_eq!(
+            c.alter_partition_reassignment(&img, "t", 0, None, true),
+            Err(ControllerError::NoReassignmentInProgress("t".into(), 0))
+        );
+        let recs = c
+            .alter_partition_reassignment(&img, "t", 0, Some(&[4, 2, 3]), true)
+            .unwrap();
+        let (img, _) = img.apply(20, &recs);
+        let recs = c
+            .alter_partition_reassignment(&img, "t", 0, None, true)
+            .unwrap();
+        let (img, _) = img.apply(30, &recs);
+        let p = partition(&img, "t", 0);
+        assert_eq!(p.replicas, vec![2, 3, 1]);
+        assert_eq!(p.isr, vec![2, 3, 1]);
+        assert_eq!((p.leader, p.leader_epoch, p.partition_epoch), (1, 5, 9));
+        assert!(!p.is_reassigning());
+    }
+
+    #[test]
+    fn reassignment_requests_are_validated() {
+        let c = Controller::default();
+        let img = reassignable();
+        assert!(matches!(
+            c.alter_partition_reassignment(&img, "nope", 0, Some(&[1]), true),
+            Err(ControllerError::UnknownTopic(_))
+        ));
+        assert_eq!(
+            c.alter_partition_reassignment(&img, "t", 1, Some(&[1]), true),
+            Err(ControllerError::UnknownPartition("t".into(), 1))
+        );
+        for bad in [&[][..], &[1, 2, 2], &[1, 2, 9]] {
+            assert!(
+                matches!(
+                    c.alter_partition_reassignment(&img, "t", 0, Some(bad), true),
+                    Err(ControllerError::InvalidReplicaAssignment(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            c.alter_partition_reassignment(&img, "t", 0, Some(&[1, 2]), false),
+            Err(ControllerError::InvalidReplicationFactor(_))
+        ));
+        assert!(c
+            .alter_partition_reassignment(&img, "t", 0, Some(&[4, 2, 1]), false)
+            .is_ok());
     }
 }

@@ -27,6 +27,25 @@ pub struct PartitionImage {
     pub partition_epoch: i32,
     /// KIP-966 eligible leader replicas (see `MetadataRecord::Partition`).
     pub elr: Vec<i32>,
+    /// An ongoing reassignment: replicas joining (not yet in sync) and leaving. The target
+    /// assignment is `replicas` without `removing_replicas`.
+    pub adding_replicas: Vec<i32>,
+    pub removing_replicas: Vec<i32>,
+}
+
+impl PartitionImage {
+    pub fn is_reassigning(&self) -> bool {
+        !self.adding_replicas.is_empty() || !self.removing_replicas.is_empty()
+    }
+
+    /// The replicas the partition ends up with: all of them when no reassignment is ongoing.
+    pub fn target_replicas(&self) -> Vec<i32> {
+        self.replicas
+            .iter()
+            .copied()
+            .filter(|r| !self.removing_replicas.contains(r))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +151,8 @@ impl MetadataImage {
                     leader_epoch: p.leader_epoch,
                     partition_epoch: p.partition_epoch,
                     elr: p.elr.clone(),
+                    adding_replicas: p.adding_replicas.clone(),
+                    removing_replicas: p.removing_replicas.clone(),
                 });
             }
         }
@@ -282,6 +303,8 @@ impl MetadataImage {
                 leader_epoch,
                 partition_epoch,
                 elr,
+                adding_replicas,
+                removing_replicas,
             } => {
                 let Some(name) = self.topic_names_by_id.get(topic_id).cloned() else {
                     return;
@@ -301,6 +324,8 @@ impl MetadataImage {
                         leader_epoch: *leader_epoch,
                         partition_epoch: *partition_epoch,
                         elr: elr.clone(),
+                        adding_replicas: adding_replicas.clone(),
+                        removing_replicas: removing_replicas.clone(),
                     },
                 );
                 if !existed {
@@ -441,6 +466,8 @@ mod tests {
                     leader_epoch: p + 4,
                     partition_epoch: p + 7,
                     elr: vec![1],
+                    adding_replicas: if p == 1 { vec![2] } else { vec![] },
+                    removing_replicas: if p == 2 { vec![1] } else { vec![] },
                 });
             }
         }
@@ -472,6 +499,8 @@ mod tests {
                 leader_epoch: 0,
                 partition_epoch: 0,
                 elr: vec![],
+                adding_replicas: vec![],
+                removing_replicas: vec![],
             },
         ];
         let (img, delta) = MetadataImage::empty().apply(0, &records);

@@ -48,6 +48,13 @@ pub enum MetadataRecord {
         /// min.insync.replicas, so they hold everything committed and may lead.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         elr: Vec<i32>,
+        /// An ongoing reassignment (KIP-455): replicas being added (in the target, not yet
+        /// caught up) and being removed (not in the target). Both empty otherwise; absent in
+        /// records written before reassignment existed.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        adding_replicas: Vec<i32>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        removing_replicas: Vec<i32>,
     },
     RemoveTopic {
         topic_id: TopicId,
@@ -69,4 +76,26 @@ pub enum MetadataRecord {
     ProducerIds {
         next_producer_id: i64,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_records_without_reassignment_fields_still_read() {
+        let old = r#"{"type":"Partition","topic_id":[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1],"partition":0,"replicas":[1,2],"isr":[1,2],"leader":1,"leader_epoch":0,"partition_epoch":0}"#;
+        let r: MetadataRecord = serde_json::from_str(old).unwrap();
+        let MetadataRecord::Partition {
+            adding_replicas,
+            removing_replicas,
+            ..
+        } = &r
+        else {
+            panic!("{r:?}")
+        };
+        assert!(adding_replicas.is_empty() && removing_replicas.is_empty());
+        // A settled partition is written as before.
+        assert_eq!(serde_json::to_string(&r).unwrap(), old);
+    }
 }

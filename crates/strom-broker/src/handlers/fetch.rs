@@ -216,6 +216,13 @@ fn read_all(broker: &Arc<Broker>, plan: &Plan) -> (Vec<PartResult>, usize, bool)
         else {
             let code = if plan.version >= 13 && key.topic.is_empty() {
                 ResponseError::UnknownTopicId
+            } else if broker
+                .image()
+                .topic(&key.topic)
+                .is_some_and(|t| t.partitions.contains_key(&key.partition))
+            {
+                // Kafka: the partition exists but is not hosted here (reassigned away).
+                ResponseError::NotLeaderOrFollower
             } else {
                 ResponseError::UnknownTopicOrPartition
             };

@@ -13,6 +13,7 @@ use strom_proto::api::RequestFrame;
 use crate::broker::Broker;
 
 mod alter_configs;
+mod alter_partition_reassignments;
 mod api_versions;
 mod consumer_group_describe;
 mod consumer_group_heartbeat;
@@ -35,6 +36,7 @@ mod join_group;
 mod leave_group;
 mod list_groups;
 mod list_offsets;
+mod list_partition_reassignments;
 mod metadata;
 mod offset_commit;
 mod offset_delete;
@@ -103,6 +105,12 @@ pub async fn dispatch(
         ApiKey::OffsetForLeaderEpoch => offset_for_leader_epoch::handle(broker, &mut ctx),
         ApiKey::DescribeQuorum => describe_quorum::handle(broker, &mut ctx),
         ApiKey::ElectLeaders => elect_leaders::handle(broker, &mut ctx),
+        ApiKey::AlterPartitionReassignments => {
+            alter_partition_reassignments::handle(broker, &mut ctx)
+        }
+        ApiKey::ListPartitionReassignments => {
+            list_partition_reassignments::handle(broker, &mut ctx)
+        }
         // decode_header only lets served APIs through.
         other => Err(HandlerError::Decode(other, "not served".into())),
     }

@@ -87,6 +87,14 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
                     .and_then(|n| broker.replicas.get(n, pd.index))
                 {
                     None if v >= 13 && name.is_none() => Some(ResponseError::UnknownTopicId),
+                    // Kafka: a partition that exists but is not hosted here (reassigned away).
+                    None if name
+                        .as_deref()
+                        .and_then(|n| image.topic(n))
+                        .is_some_and(|t| t.partitions.contains_key(&pd.index)) =>
+                    {
+                        Some(ResponseError::NotLeaderOrFollower)
+                    }
                     None => Some(ResponseError::UnknownTopicOrPartition),
                     // Kafka: clients cannot append to internal topics.
                     Some(_) if name.as_deref() == Some(OFFSETS_TOPIC) => {
