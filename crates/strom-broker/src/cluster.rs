@@ -131,6 +131,8 @@ pub struct ControllerService {
     lock: tokio::sync::Mutex<()>,
     last_heartbeat: Mutex<HashMap<i32, Instant>>,
     was_leader: AtomicBool,
+    /// The last other controller this node knew of (whose broker may have died with it).
+    last_leader: Mutex<Option<i32>>,
     last_balance_check: Mutex<Instant>,
 }
 
@@ -141,6 +143,7 @@ impl ControllerService {
             lock: tokio::sync::Mutex::new(()),
             last_heartbeat: Mutex::new(HashMap::new()),
             was_leader: AtomicBool::new(false),
+            last_leader: Mutex::new(None),
             last_balance_check: Mutex::new(Instant::now()),
         })
     }
@@ -272,22 +275,38 @@ impl ControllerService {
         };
         if !raft.is_leader() {
             self.was_leader.store(false, Ordering::Release);
+            if let Some(l) = raft.leader() {
+                *self.last_leader.lock() = Some(l);
+            }
             return;
         }
         let now = Instant::now();
+        let session = Duration::from_millis(broker.config.i64("broker.session.timeout.ms") as u64);
         if !self.was_leader.swap(true, Ordering::AcqRel) {
-            // A new controller gives every broker a full session before judging it.
+            // A new controller gives every broker a full session before judging it — except
+            // the node of the controller it replaces: this election happened because that node
+            // went silent, so it gets a few heartbeat intervals to show it is alive (its
+            // partitions fail over in one session, not in an election plus a session).
             let mut hb = self.last_heartbeat.lock();
             hb.clear();
             for id in broker.image().brokers.keys() {
                 hb.insert(*id, now);
+            }
+            let previous = self.last_leader.lock().filter(|p| *p != broker.node_id);
+            if let Some(p) = previous {
+                let interval = Duration::from_millis(
+                    broker.config.i64("broker.heartbeat.interval.ms").max(1) as u64,
+                );
+                let grace = (interval * 3).min(session);
+                if let Some(t) = now.checked_sub(session - grace) {
+                    hb.insert(p, t);
+                }
             }
             tracing::info!(
                 node_id = broker.node_id,
                 "this node is now the active controller"
             );
         }
-        let session = Duration::from_millis(broker.config.i64("broker.session.timeout.ms") as u64);
         let expired: Vec<i32> = {
             let mut hb = self.last_heartbeat.lock();
             broker
@@ -365,10 +384,19 @@ impl ControllerHandler for ControllerService {
 
 /// Sends one request to the active controller and decodes the answer.
 pub async fn call(broker: &Broker, req: &ControllerRequest) -> Result<ControllerResponse, String> {
+    call_within(broker, req, broker.controller_timeout()).await
+}
+
+/// `call` with its own deadline.
+pub async fn call_within(
+    broker: &Broker,
+    req: &ControllerRequest,
+    timeout: Duration,
+) -> Result<ControllerResponse, String> {
     let raft = broker.raft().ok_or("not in a cluster")?;
     let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     let resp = raft
-        .call_controller(body, broker.controller_timeout())
+        .call_controller(body, timeout)
         .await
         .map_err(|e| e.to_string())?;
     serde_json::from_slice(&resp).map_err(|e| format!("bad controller response: {e}"))
@@ -398,7 +426,11 @@ pub async fn heartbeat_loop(broker: Arc<Broker>) {
                 let req = ControllerRequest::Heartbeat {
                     broker_id: b.node_id,
                 };
-                if let Err(e) = call(&b, &req).await {
+                // Well inside the session: a heartbeat stuck on a controller that just died must
+                // not make this live broker miss its session with the next one.
+                let session = b.config.i64("broker.session.timeout.ms").max(3) as u64;
+                let within = Duration::from_millis(session / 3);
+                if let Err(e) = call_within(&b, &req, within).await {
                     tracing::debug!(error = %e, "heartbeat failed");
                 }
                 in_flight.store(false, Ordering::Release);
