@@ -155,6 +155,29 @@ async fn produce_sequence(
     (acked, failed)
 }
 
+/// What was read back is the history a client expects: no value twice, in the order produced,
+/// every acknowledged value present.
+fn check_history(acked: &[u64], values: &[u64]) {
+    let mut seen = HashSet::new();
+    for v in values {
+        assert!(seen.insert(*v), "value {v} was stored twice");
+    }
+    for w in values.windows(2) {
+        assert!(w[0] < w[1], "order not preserved: {} before {}", w[0], w[1]);
+    }
+    let missing: Vec<u64> = acked
+        .iter()
+        .filter(|v| !seen.contains(v))
+        .copied()
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged records lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_loses_no_acknowledged_record_and_the_node_rejoins() {
     let mut c = Cluster::start(3, &[]);
@@ -230,24 +253,7 @@ async fn killing_the_leader_loses_no_acknowledged_record_and_the_node_rejoins() 
         acked.len() + failed,
         Duration::from_secs(60),
     );
-    let mut seen = HashSet::new();
-    for v in &values {
-        assert!(seen.insert(*v), "value {v} was stored twice");
-    }
-    for w in values.windows(2) {
-        assert!(w[0] < w[1], "order not preserved: {} before {}", w[0], w[1]);
-    }
-    let missing: Vec<u64> = acked
-        .iter()
-        .filter(|v| !seen.contains(v))
-        .copied()
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} acknowledged records lost, e.g. {:?}",
-        missing.len(),
-        &missing[..missing.len().min(10)]
-    );
+    check_history(&acked, &values);
 
     // Now the restarted node must hold the same log: make it the only possible leader by
     // stopping the others one at a time is not possible without the quorum, so kill the current
@@ -988,24 +994,7 @@ async fn reassigning_a_partition_off_its_leader_under_load_loses_nothing() {
         acked.len() + failed,
         Duration::from_secs(60),
     );
-    let mut seen = HashSet::new();
-    for v in &values {
-        assert!(seen.insert(*v), "value {v} was stored twice");
-    }
-    for w in values.windows(2) {
-        assert!(w[0] < w[1], "order not preserved: {} before {}", w[0], w[1]);
-    }
-    let missing: Vec<u64> = acked
-        .iter()
-        .filter(|v| !seen.contains(v))
-        .copied()
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} acknowledged records lost, e.g. {:?}",
-        missing.len(),
-        &missing[..missing.len().min(10)]
-    );
+    check_history(&acked, &values);
 
     // The removed replica deleted its log; the newcomer has one.
     let gone = c.node(victim).data_dir().join("moving-0");
