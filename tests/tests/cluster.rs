@@ -75,6 +75,20 @@ fn producer(bootstrap: &str, acks: &str, idempotent: bool) -> FutureProducer {
         .unwrap()
 }
 
+/// Produces the values one at a time to partition 0, each acknowledged before the next.
+async fn send_values(p: &FutureProducer, topic: &str, values: std::ops::Range<u64>) {
+    for i in values {
+        let v = i.to_string();
+        p.send(
+            FutureRecord::<(), _>::to(topic).payload(&v).partition(0),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+}
+
 /// Reads partition `p` from the start until `n` records or the timeout; returns the values.
 fn read_values(bootstrap: &str, topic: &str, p: i32, n: usize, timeout: Duration) -> Vec<u64> {
     let c: BaseConsumer = ClientConfig::new()
@@ -471,16 +485,7 @@ async fn committed_offsets_survive_losing_the_group_coordinator() {
     create_replicated(&b, "events", 1, 3, &[("min.insync.replicas", "2")]).await;
     c.wait_partition("events", 0, WAIT, "full ISR", |s| s.isr.len() == 3);
     let p = producer(&b, "all", true);
-    for i in 0..100u64 {
-        let v = i.to_string();
-        p.send(
-            FutureRecord::<(), _>::to("events").payload(&v).partition(0),
-            Duration::from_secs(30),
-        )
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap();
-    }
+    send_values(&p, "events", 0..100).await;
 
     let first = group_consumer(&b, "g1");
     first.subscribe(&["events"]).unwrap();
@@ -659,16 +664,7 @@ async fn consumers_fetch_from_an_in_sync_replica_in_their_rack() {
     create_replicated(&b, "near", 1, 3, &[("min.insync.replicas", "3")]).await;
     let s = c.wait_partition("near", 0, WAIT, "full ISR", |s| s.isr.len() == 3);
     let p = producer(&b, "all", true);
-    for i in 0..10u64 {
-        let v = i.to_string();
-        p.send(
-            FutureRecord::<(), _>::to("near").payload(&v).partition(0),
-            Duration::from_secs(30),
-        )
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap();
-    }
+    send_values(&p, "near", 0..10).await;
     let follower = *s.replicas.iter().find(|r| **r != s.leader).unwrap();
     let fetch = |c: &mut Cluster, node: i32, version: i16, rack: &str| -> (i16, i32, usize) {
         let mut raw = RawClient::connect(c.node(node).addr());
@@ -754,16 +750,7 @@ async fn kip966_the_last_replicas_standing_keep_every_acknowledged_record() {
     create_replicated(&b, "elr", 1, 3, &[("min.insync.replicas", "2")]).await;
     let s = c.wait_partition("elr", 0, WAIT, "full ISR", |s| s.isr.len() == 3);
     let p = producer(&b, "all", true);
-    for i in 0..100u64 {
-        let v = i.to_string();
-        p.send(
-            FutureRecord::<(), _>::to("elr").payload(&v).partition(0),
-            Duration::from_secs(30),
-        )
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap();
-    }
+    send_values(&p, "elr", 0..100).await;
     let a = s.leader;
     let followers: Vec<i32> = s.replicas.iter().copied().filter(|r| *r != a).collect();
     let (x, y) = (followers[0], followers[1]);

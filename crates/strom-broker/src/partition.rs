@@ -207,9 +207,11 @@ impl Partition {
         fetch_offset: i64,
         now_ms: i64,
     ) -> Option<Vec<i32>> {
-        let role = self.role.read().clone();
-        if role.leader != self.local_id || !role.replicas.contains(&replica) {
-            return None;
+        {
+            let role = self.role.read();
+            if role.leader != self.local_id || !role.replicas.contains(&replica) {
+                return None;
+            }
         }
         let leo = self.log_end_offset();
         if fetch_offset > leo {
@@ -230,6 +232,7 @@ impl Partition {
         self.maybe_advance_hw();
         // KIP-497 / Kafka: a follower rejoins the ISR once it has caught up to the high
         // watermark (and so holds everything acknowledged).
+        let role = self.role.read();
         if !role.isr.contains(&replica) && fetch_offset >= self.high_watermark() {
             let mut isr = role.isr.clone();
             isr.push(replica);

@@ -522,19 +522,33 @@ impl Log {
         self.maybe_roll(records.len() as u64, base, h.last_offset(), now_ms)?;
         // A new leader's first batch (control batches too) starts its epoch.
         self.assign_epoch(leader_epoch, base)?;
+        self.write_batch(records, &h, now_ms)?;
+        debug_assert_eq!(self.log_end_offset(), h.last_offset() + 1);
+        Ok(AppendOutcome {
+            base_offset: base,
+            last_offset: h.last_offset(),
+            log_append_time_ms,
+            duplicate: false,
+        })
+    }
+
+    /// Writes one validated batch (offsets already final) to the active segment and its
+    /// indexes, and records it in the producer state. A write that cannot be undone takes the
+    /// log offline for writes.
+    fn write_batch(&mut self, batch: &[u8], h: &BatchHeader, now_ms: i64) -> Result<(), LogError> {
         let interval = self.config.index_interval_bytes;
         let seg = self.active();
         let pos = BatchPos {
-            base_offset: base,
+            base_offset: h.base_offset,
             last_offset: h.last_offset(),
             position: seg.size,
-            total_len: records.len() as u64,
+            total_len: batch.len() as u64,
             max_timestamp: h.max_timestamp,
         };
         if seg.size == 0 {
             seg.created_ms = now_ms;
         }
-        match seg.append(records, &pos, interval) {
+        match seg.append(batch, &pos, interval) {
             Ok(()) => {}
             Err(LogError::Failed) => {
                 tracing::error!(dir = %self.dir.display(), "write failed and the segment could not be restored; log is offline for writes");
@@ -543,14 +557,8 @@ impl Log {
             }
             Err(e) => return Err(e),
         }
-        self.producers.update(&h);
-        debug_assert_eq!(self.log_end_offset(), h.last_offset() + 1);
-        Ok(AppendOutcome {
-            base_offset: base,
-            last_offset: h.last_offset(),
-            log_append_time_ms,
-            duplicate: false,
-        })
+        self.producers.update(h);
+        Ok(())
     }
 
     /// Rolls the active segment if a batch of `incoming` bytes holding `base_offset..=
@@ -863,28 +871,7 @@ impl Log {
             }
             self.maybe_roll(total_len as u64, h.base_offset, last_offset, now)?;
             self.assign_epoch(h.partition_leader_epoch, h.base_offset)?;
-            let interval = self.config.index_interval_bytes;
-            let seg = self.active();
-            let pos = BatchPos {
-                base_offset: h.base_offset,
-                last_offset,
-                position: seg.size,
-                total_len: total_len as u64,
-                max_timestamp: h.max_timestamp,
-            };
-            if seg.size == 0 {
-                seg.created_ms = now;
-            }
-            match seg.append(batch, &pos, interval) {
-                Ok(()) => {}
-                Err(LogError::Failed) => {
-                    tracing::error!(dir = %self.dir.display(), "write failed and the segment could not be restored; log is offline for writes");
-                    self.failed = true;
-                    return Err(LogError::Failed);
-                }
-                Err(e) => return Err(e),
-            }
-            self.producers.update(&h);
+            self.write_batch(batch, &h, now)?;
             out.appended_batches += 1;
             out.bytes_consumed += total_len;
             out.first_offset.get_or_insert(h.base_offset);

@@ -37,7 +37,7 @@ struct Plan {
     /// A follower's fetch: its broker id (-1 for consumers).
     replica_id: i32,
     /// current_leader_epoch per partition as sent (KIP-320), -1 when not sent.
-    epochs: std::collections::HashMap<(String, i32), i32>,
+    epochs: std::collections::HashMap<([u8; 16], i32), i32>,
     /// The consumer's `client.rack` (v11+, KIP-392) when the rack-aware selector is on.
     rack: Option<String>,
 }
@@ -76,7 +76,7 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
         for p in &t.partitions {
             if p.current_leader_epoch >= 0 {
                 let k = key_of(t.topic_id, t.topic.0.as_str(), p.partition);
-                epochs.insert((k.topic, p.partition), p.current_leader_epoch);
+                epochs.insert((k.topic_id, p.partition), p.current_leader_epoch);
             }
             requested.push((
                 key_of(t.topic_id, t.topic.0.as_str(), p.partition),
@@ -179,6 +179,20 @@ fn preferred_read_replica(broker: &Broker, part: &Partition, rack: &str) -> Opti
         .find(|r| *r != broker.node_id && image.is_live(*r) && rack_of(*r).as_deref() == Some(rack))
 }
 
+impl PartResult {
+    /// A partition answered with an error and nothing else.
+    fn failed(key: &SessionKey, code: ResponseError) -> Self {
+        PartResult {
+            preferred: -1,
+            key: key.clone(),
+            error: code.code(),
+            hw: -1,
+            log_start: -1,
+            records: Bytes::new(),
+        }
+    }
+}
+
 struct PartResult {
     /// KIP-392: fetch this partition from that replica instead (-1: none).
     preferred: i32,
@@ -197,7 +211,7 @@ fn check_leader(plan: &Plan, key: &SessionKey, part: &Partition) -> Result<(), R
     if !part.is_leader() && !follower_read {
         return Err(ResponseError::NotLeaderOrFollower);
     }
-    match plan.epochs.get(&(key.topic.clone(), key.partition)) {
+    match plan.epochs.get(&(key.topic_id, key.partition)) {
         Some(e) if *e < part.leader_epoch() => Err(ResponseError::FencedLeaderEpoch),
         Some(e) if *e > part.leader_epoch() => Err(ResponseError::UnknownLeaderEpoch),
         _ => Ok(()),
@@ -227,26 +241,12 @@ fn read_all(broker: &Arc<Broker>, plan: &Plan) -> (Vec<PartResult>, usize, bool)
                 ResponseError::UnknownTopicOrPartition
             };
             any_error = true;
-            results.push(PartResult {
-                preferred: -1,
-                key: key.clone(),
-                error: code.code(),
-                hw: -1,
-                log_start: -1,
-                records: Bytes::new(),
-            });
+            results.push(PartResult::failed(key, code));
             continue;
         };
         if let Err(code) = check_leader(plan, key, &part) {
             any_error = true;
-            results.push(PartResult {
-                preferred: -1,
-                key: key.clone(),
-                error: code.code(),
-                hw: -1,
-                log_start: -1,
-                records: Bytes::new(),
-            });
+            results.push(PartResult::failed(key, code));
             continue;
         }
         if plan.replica_id >= 0 {
