@@ -53,3 +53,4 @@ wait 2>/dev/null || true
 PIDS=()
 echo
 STROM_BIN="$BIN" "$FAILOVER" --kills "$KILLS"
+STROM_BIN="$BIN" "$FAILOVER" --kills "$KILLS" --controller

@@ -4,7 +4,11 @@
 //! each time the gap between the kill and the next acknowledged write is measured (one write in
 //! flight at a time, so an acknowledgement is timed as it arrives).
 //!
-//!   cargo run --release -p strom-tests --bin failover-bench -- --kills 20
+//! With `--controller`, every kill hits a node that is both the partition's leader and the
+//! active controller (until they coincide, the controller alone is killed and restarted,
+//! unmeasured, so that the metadata quorum elects another leader).
+//!
+//!   cargo run --release -p strom-tests --bin failover-bench -- --kills 20 [--controller]
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,10 +27,16 @@ fn now_us(start: Instant) -> i64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let mut kills = 20;
+    let mut with_controller = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         if a == "--kills" {
             kills = args.next().and_then(|v| v.parse().ok()).expect("--kills N");
+        } else if a == "--controller" {
+            with_controller = true;
+        } else {
+            eprintln!("usage: failover-bench [--kills N] [--controller]");
+            std::process::exit(2);
         }
     }
     let mut c = Cluster::start(3, &[]);
@@ -90,13 +100,19 @@ async fn main() {
     }
     let mut gaps_ms = Vec::new();
     for k in 0..kills {
-        let s = c.wait_partition("failover", 0, Duration::from_secs(60), "full ISR", |s| {
-            s.isr.len() == 3 && s.leader > 0
-        });
-        c.wait_brokers(3, Duration::from_secs(60));
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let victim = s.leader;
-        let controller = c.view().map(|v| v.controller).unwrap_or(-1);
+        let (victim, controller) = loop {
+            let s = c.wait_partition("failover", 0, Duration::from_secs(60), "full ISR", |s| {
+                s.isr.len() == 3 && s.leader > 0
+            });
+            c.wait_brokers(3, Duration::from_secs(60));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let controller = c.view().map(|v| v.controller).unwrap_or(-1);
+            if !with_controller || controller == s.leader || controller < 0 {
+                break (s.leader, controller);
+            }
+            c.node(controller).kill9();
+            c.node(controller).restart();
+        };
         let killed = now_us(start);
         c.node(victim).kill9();
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -364,6 +364,87 @@ async fn a_new_controller_takes_over_and_metadata_changes_work_again() {
     assert!(new_epoch > epoch && new_hw > hw, "the quorum moved on");
 }
 
+/// Waits until the cluster's view satisfies `f`, failing after `within`.
+async fn wait_view(
+    c: &mut Cluster,
+    within: Duration,
+    what: &str,
+    f: impl Fn(&strom_tests::cluster::ClusterView) -> bool,
+) -> strom_tests::cluster::ClusterView {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = c.view() {
+            if f(&v) {
+                return v;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {within:?}; view {:?}\n{}",
+            c.view(),
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A killed process is noticed at once (its peers' connections close and its controller
+/// listener refuses): the timeouts here are long enough that neither an election by timeout
+/// (the dead leader's lease alone lasts 8 s) nor fencing by session timeout (30 s) can happen
+/// within the window the test allows, so only the fast path passes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_is_noticed_before_any_timeout_runs_out() {
+    let window = Duration::from_secs(6);
+    let mut c = Cluster::start(
+        3,
+        &[
+            "controller.quorum.election.timeout.ms=4000",
+            "broker.session.timeout.ms=30000",
+        ],
+    );
+    create_replicated(&c.bootstrap(), "fast", 3, 3, &[]).await;
+    for p in 0..3 {
+        c.wait_partition("fast", p, WAIT, "full ISR", |s| {
+            s.leader > 0 && s.isr.len() == 3
+        });
+    }
+    // The active controller dies: a survivor takes over and fences it.
+    let old = c.view().unwrap().controller;
+    c.node(old).kill9();
+    let v = wait_view(
+        &mut c,
+        window,
+        "a new controller fencing the old one",
+        |v| v.controller > 0 && v.controller != old && !v.brokers.contains(&old),
+    )
+    .await;
+    for p in 0..3 {
+        let s = v.partition("fast", p).unwrap();
+        assert!(
+            s.leader > 0 && s.leader != old,
+            "fast/{p} still led by {old}: {s:?}"
+        );
+    }
+    c.node(old).restart();
+    c.wait_brokers(3, WAIT);
+    for p in 0..3 {
+        c.wait_partition("fast", p, WAIT, "full ISR again", |s| s.isr.len() == 3);
+    }
+    // A broker that is not the controller dies: the controller fences it at once.
+    let controller = c.view().unwrap().controller;
+    let victim = (1..=3).find(|id| *id != controller).unwrap();
+    c.node(victim).kill9();
+    let v = wait_view(&mut c, window, "the dead broker fenced", |v| {
+        !v.brokers.contains(&victim)
+            && (0..3).all(|p| v.partition("fast", p).is_some_and(|s| s.leader != victim))
+    })
+    .await;
+    assert_eq!(v.controller, controller, "the controller did not move");
+    // Writes with acks=all go on through the two live replicas.
+    let prod = producer(&c.bootstrap(), "all", true);
+    send_values(&prod, "fast", 0..100).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_few_in_sync_replicas_refuse_acks_all_but_not_acks_1() {
     // Five voters keep a metadata majority while two of the topic's three replicas are down.

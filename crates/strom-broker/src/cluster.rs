@@ -297,8 +297,13 @@ impl ControllerService {
                 let interval = Duration::from_millis(
                     broker.config.i64("broker.heartbeat.interval.ms").max(1) as u64,
                 );
-                let grace = (interval * 3).min(session);
-                if let Some(t) = now.checked_sub(session - grace) {
+                // Known to be gone (see strom_meta's liveness probe): no grace at all.
+                let grace = if raft.peer_down_since(p).is_some() {
+                    Duration::ZERO
+                } else {
+                    (interval * 3).min(session)
+                };
+                if let Some(t) = now.checked_sub(session - grace + Duration::from_millis(1)) {
                     hb.insert(p, t);
                 }
             }
@@ -333,6 +338,25 @@ impl ControllerService {
             );
         }
         self.balance_leaders(broker, now).await;
+    }
+
+    /// Fences a live broker whose process is known to be gone.
+    async fn fence_dead(&self, broker: &Arc<Broker>, id: i32) {
+        if !broker.image().is_live(id) {
+            return;
+        }
+        let b = broker.clone();
+        let resp = self
+            .append_checked(broker, None, |img| {
+                if img.is_live(id) {
+                    b.controller().fence_broker(img, id, &*b)
+                } else {
+                    Vec::new()
+                }
+            })
+            .await;
+        self.last_heartbeat.lock().remove(&id);
+        tracing::warn!(broker_id = id, ?resp, "broker process is gone; fenced");
     }
 
     /// `auto.leader.rebalance.enable`: preferred elections where a broker leads too few of the
@@ -380,6 +404,21 @@ impl ControllerHandler for ControllerService {
             serde_json::to_vec(&resp).unwrap_or_default()
         })
     }
+
+    /// A broker whose process is gone is fenced at once by the active controller (its
+    /// leaderships move now, not after `broker.session.timeout.ms`).
+    fn peer_down(&self, node_id: i32) {
+        let Some(broker) = self.broker() else {
+            return;
+        };
+        let Some(svc) = broker.controller_service_arc() else {
+            return;
+        };
+        if !broker.raft().is_some_and(|r| r.is_leader()) {
+            return;
+        }
+        tokio::spawn(async move { svc.fence_dead(&broker, node_id).await });
+    }
 }
 
 /// Sends one request to the active controller and decodes the answer.
@@ -410,9 +449,17 @@ pub async fn heartbeat_loop(broker: Arc<Broker>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = broker.shutdown_signal();
     let in_flight = Arc::new(AtomicBool::new(false));
+    // A new active controller checks liveness at once (a dead predecessor is fenced now).
+    let mut leaders = broker.raft().map(|r| r.leader_watch());
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            Some(Ok(())) = async {
+                match leaders.as_mut() {
+                    Some(l) => Some(l.changed().await),
+                    None => None,
+                }
+            } => {}
             _ = shutdown.changed() => return,
         }
         if broker.is_shutting_down() {

@@ -18,6 +18,7 @@
 //! - The leader does not purge entries a voter that is down still needs, and the log store keeps
 //!   unpurged entries in memory: a long outage of one voter grows the leader's memory.
 
+mod liveness;
 mod network;
 mod state_machine;
 mod storage;
@@ -46,6 +47,7 @@ use tokio::task::JoinHandle;
 
 use crate::log::MetadataLogError;
 use crate::record::MetadataRecord;
+use liveness::{PeerWatch, Watcher};
 use network::{AppAnswer, AppClient, NetworkFactory, RaftHandle, ServerCtx};
 use state_machine::{Progress, StateMachine};
 use storage::LogStore;
@@ -89,6 +91,8 @@ impl RaftConfig {
 /// Application requests carried to the active controller over the same controller listener.
 pub trait ControllerHandler: Send + Sync + 'static {
     fn handle(&self, request: Vec<u8>) -> BoxFuture<'static, Vec<u8>>;
+    /// The process of node `node_id` is gone (see `liveness.rs`). Called on every node.
+    fn peer_down(&self, _node_id: i32) {}
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +139,7 @@ struct Inner {
     progress: Arc<Progress>,
     app: AppClient,
     handler: Arc<dyn ControllerHandler>,
+    peers: Arc<PeerWatch>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     shut: AtomicBool,
 }
@@ -222,14 +227,26 @@ impl RaftMetadataLog {
             .await
             .map_err(raft_err)?;
 
+        let (peers, closed) = PeerWatch::new();
         let server = tokio::spawn(network::serve(
             listener,
             Arc::new(ServerCtx {
                 node_id: me,
                 raft: raft.clone(),
                 handler: handler.clone(),
+                peers: peers.clone(),
             }),
         ));
+        let liveness = tokio::spawn(
+            Arc::new(Watcher {
+                me,
+                raft: raft.clone(),
+                addrs: addrs.clone(),
+                peers: peers.clone(),
+                handler: handler.clone(),
+            })
+            .run(closed),
+        );
 
         let (leader_tx, leader_rx) = watch::channel(None);
         let watcher = {
@@ -250,7 +267,7 @@ impl RaftMetadataLog {
             })
         };
 
-        let mut tasks = vec![server, watcher];
+        let mut tasks = vec![server, watcher, liveness];
         let lowest = addrs.keys().next().copied();
         if pristine && lowest == Some(me) {
             // Wait a little before forming the cluster: on a fresh cluster nobody can elect a
@@ -296,6 +313,7 @@ impl RaftMetadataLog {
                 progress,
                 app: AppClient::new(me, addrs),
                 handler,
+                peers,
                 tasks: Mutex::new(tasks),
                 shut: AtomicBool::new(false),
             }),
@@ -314,6 +332,12 @@ impl RaftMetadataLog {
 
     pub fn leader_watch(&self) -> watch::Receiver<Option<i32>> {
         self.inner.leader_rx.clone()
+    }
+
+    /// Since when node `node_id`'s process is known to be gone (its controller listener
+    /// refused a probe after a connection from it closed), if it is.
+    pub fn peer_down_since(&self, node_id: i32) -> Option<std::time::Instant> {
+        self.inner.peers.down_since(to_node_id(node_id))
     }
 
     pub fn is_leader(&self) -> bool {

@@ -39,6 +39,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
+use super::liveness::PeerWatch;
 use super::state_machine::StateMachine;
 use super::types::{from_node_id, io_err, SnapshotMeta, SnapshotRecords, TypeConfig, Vote};
 use super::ControllerHandler;
@@ -129,6 +130,19 @@ pub struct ServerCtx {
     pub node_id: u64,
     pub raft: RaftHandle,
     pub handler: Arc<dyn ControllerHandler>,
+    pub peers: Arc<PeerWatch>,
+}
+
+/// Reports the close of a connection a peer opened (however `serve_conn` ends).
+struct PeerConnection<'a> {
+    peers: &'a PeerWatch,
+    peer: u64,
+}
+
+impl Drop for PeerConnection<'_> {
+    fn drop(&mut self) {
+        self.peers.closed(self.peer);
+    }
 }
 
 /// Accepts connections until the returned future is dropped (dropping it closes every
@@ -178,6 +192,13 @@ async fn serve_conn(mut stream: TcpStream, ctx: &ServerCtx) -> io::Result<()> {
     }
     let me = serde_json::to_vec(&ctx.node_id).map_err(io_err)?;
     write_frame(&mut stream, ANSWER_OK, &me).await?;
+    let _peer = hello.from.map(|peer| {
+        ctx.peers.connected(peer);
+        PeerConnection {
+            peers: &ctx.peers,
+            peer,
+        }
+    });
     loop {
         let (tag, body) = read_frame(&mut stream).await?;
         let (answer, out) = match tag {
