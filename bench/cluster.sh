@@ -41,7 +41,9 @@ CLUSTER="127.0.0.1:${PORTS[0]},127.0.0.1:${PORTS[1]},127.0.0.1:${PORTS[2]}"
 sleep 2
 
 first=--header
-run() { "$BIN" bench $first "$@"; first=; }
+# Each run starts on a quiet disk: what the previous run wrote is flushed first, so its
+# writeback does not land in the next run's latencies.
+run() { sync; sleep 2; "$BIN" bench $first "$@"; first=; }
 run --bootstrap "127.0.0.1:$SINGLE" --label "single RF1" --topic s1 --record-bytes 1024 --records "$N"
 run --bootstrap "$CLUSTER" --label "3 nodes RF3" --topic c1 --record-bytes 1024 --records "$N" \
   --replication-factor 3 --topic-config min.insync.replicas=2

@@ -72,6 +72,9 @@ pub struct Broker {
     image_offset: watch::Sender<i64>,
     /// Serialises publishing images (the Raft applier and local commits).
     publish_lock: Mutex<()>,
+    /// The last committed Raft batches (offset, records), newest last: a broker whose append
+    /// had an uncertain outcome looks here for its own records before building them again.
+    recent_batches: Mutex<std::collections::VecDeque<(i64, Vec<MetadataRecord>)>>,
     pub fetchers: crate::replication::ReplicaFetchers,
     /// The metadata quorum's voters (empty on a one-node cluster).
     quorum: Vec<(i32, SocketAddr)>,
@@ -263,6 +266,7 @@ impl Broker {
             image: parking_lot::RwLock::new(Arc::new(image)),
             image_offset,
             publish_lock: Mutex::new(()),
+            recent_batches: Mutex::new(std::collections::VecDeque::new()),
             fetchers: crate::replication::ReplicaFetchers::default(),
             quorum: opts
                 .cluster
@@ -409,8 +413,19 @@ impl Broker {
         use crate::cluster::{ControllerRequest, ControllerResponse};
         let timeout = self.controller_timeout();
         let deadline = tokio::time::Instant::now() + timeout * 4;
+        // Appends whose outcome is unknown (the controller lost its leadership while the entry
+        // was in flight: it may still commit), with the image offset they were built at.
+        let mut uncertain: Vec<(i64, Vec<MetadataRecord>)> = Vec::new();
         loop {
             let current = self.image();
+            if uncertain
+                .iter()
+                .any(|(at, records)| self.committed_after(*at, records))
+            {
+                // Our own change committed after all: building it again from an image that
+                // already holds it would fail (e.g. TOPIC_ALREADY_EXISTS for our own topic).
+                return Ok(current);
+            }
             let records = build(&current)?;
             if records.is_empty() {
                 return Ok(current);
@@ -428,9 +443,13 @@ impl Broker {
                 ControllerResponse::Stale { offset } => {
                     let _ = self.wait_image(offset, timeout).await;
                 }
-                ControllerResponse::NotController
-                | ControllerResponse::Ok
-                | ControllerResponse::Quorum(_) => {
+                ControllerResponse::NotController => {
+                    if let ControllerRequest::Append { records, .. } = req {
+                        uncertain.push((current.offset, records));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                ControllerResponse::Ok | ControllerResponse::Quorum(_) => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 ControllerResponse::Error(e) => return Err(E::from(e)),
@@ -441,6 +460,14 @@ impl Broker {
                 ));
             }
         }
+    }
+
+    /// Whether exactly `records` were committed as one batch after image offset `after`.
+    fn committed_after(&self, after: i64, records: &[MetadataRecord]) -> bool {
+        self.recent_batches
+            .lock()
+            .iter()
+            .any(|(offset, batch)| *offset > after && batch.as_slice() == records)
     }
 
     /// Publishes a new image and brings the hosted partitions, dynamic configs and groups in
@@ -492,7 +519,15 @@ impl Broker {
     fn apply_committed(&self, committed: Committed) {
         let current = self.image();
         let (next, delta) = match committed {
-            Committed::Batch { offset, records } => current.apply_batch(offset, &records),
+            Committed::Batch { offset, records } => {
+                let applied = current.apply_batch(offset, &records);
+                let mut recent = self.recent_batches.lock();
+                if recent.len() >= RECENT_BATCHES {
+                    recent.pop_front();
+                }
+                recent.push_back((offset, records));
+                applied
+            }
             Committed::Snapshot { offset, records } => {
                 let (next, _) = MetadataImage::empty().apply_batch(offset, &records);
                 let delta = current.diff(&next);
@@ -858,6 +893,9 @@ fn apply_to(image: &MetadataImage, c: Committed) -> MetadataImage {
 }
 
 /// Applies committed metadata as the quorum delivers it.
+/// Committed Raft batches a broker remembers (see `Broker::committed_after`).
+const RECENT_BATCHES: usize = 256;
+
 async fn run_applier(broker: Arc<Broker>, mut rx: tokio::sync::mpsc::Receiver<Committed>) {
     while let Some(c) = rx.recv().await {
         let b = broker.clone();
