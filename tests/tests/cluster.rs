@@ -120,6 +120,52 @@ fn read_values(bootstrap: &str, topic: &str, p: i32, n: usize, timeout: Duration
     out
 }
 
+/// A consumer of partition 0 from the beginning, on its own thread, that runs until it has
+/// `until` records (usize::MAX: keep going), or 60 s after `until` was set: every (offset,
+/// value) it was given, in the order it was given them.
+fn consume_continuously(
+    bootstrap: &str,
+    topic: &str,
+    until: Arc<AtomicUsize>,
+) -> std::thread::JoinHandle<Vec<(i64, u64)>> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "unused-assign-only")
+        .set("enable.auto.commit", "false")
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    c.assign(&tpl).unwrap();
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let mut deadline = None;
+        loop {
+            let want = until.load(Ordering::Acquire);
+            if want != usize::MAX {
+                let d = *deadline.get_or_insert_with(|| Instant::now() + Duration::from_secs(60));
+                if out.len() >= want || Instant::now() >= d {
+                    break;
+                }
+            }
+            match c.poll(Duration::from_millis(50)) {
+                Some(Ok(m)) => {
+                    let v = std::str::from_utf8(m.payload().unwrap_or_default())
+                        .unwrap()
+                        .parse::<u64>()
+                        .unwrap();
+                    out.push((m.offset(), v));
+                }
+                Some(Err(e)) => eprintln!("consume: {e}"),
+                None => {}
+            }
+        }
+        out
+    })
+}
+
 /// Produces 0..total to partition 0 with at most `window` in flight; counts acknowledgements
 /// in `acked_count` and returns the acknowledged values.
 async fn produce_sequence(
@@ -203,6 +249,8 @@ async fn killing_the_leader_loses_no_acknowledged_record_and_the_node_rejoins() 
 
     let acked_count = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
+    let consumer_until = Arc::new(AtomicUsize::new(usize::MAX));
+    let consumer = consume_continuously(&b, "orders", consumer_until.clone());
     let total = 40_000;
     let task = tokio::spawn(produce_sequence(
         producer(&b, "all", true),
@@ -268,6 +316,31 @@ async fn killing_the_leader_loses_no_acknowledged_record_and_the_node_rejoins() 
         Duration::from_secs(60),
     );
     check_history(&acked, &values);
+
+    // The consumer that ran through the failover saw only what the log keeps (nothing it was
+    // given was later truncated away), each offset once and in order, and reached the end.
+    consumer_until.store(values.len(), Ordering::Release);
+    let consumed = consumer.join().unwrap();
+    for w in consumed.windows(2) {
+        assert!(
+            w[0].0 < w[1].0,
+            "the consumer went backwards or saw an offset twice: {:?} then {:?}",
+            w[0],
+            w[1]
+        );
+    }
+    for (offset, v) in &consumed {
+        assert_eq!(
+            values.get(*offset as usize),
+            Some(v),
+            "the consumer was given offset {offset} = {v}, which the log does not hold"
+        );
+    }
+    assert_eq!(
+        consumed.len(),
+        values.len(),
+        "the continuous consumer did not reach the end of the log"
+    );
 
     // Now the restarted node must hold the same log: make it the only possible leader by
     // stopping the others one at a time is not possible without the quorum, so kill the current
