@@ -961,6 +961,58 @@ async fn kip966_the_last_replicas_standing_keep_every_acknowledged_record() {
     assert_eq!(values, (0..101).collect::<Vec<_>>());
 }
 
+/// A leader's high watermark survives its restart (`replication-offset-checkpoint`): a replica
+/// that comes back as the only in-sync one serves consumers what was committed, not what it
+/// merely wrote while its ISR was below min.insync.replicas (KIP-966: that is not committed
+/// until the ISR is back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_leader_serves_only_what_was_committed() {
+    // Five voters keep a metadata majority while both replicas of the topic are down.
+    let mut c = Cluster::start(5, &["replica.high.watermark.checkpoint.interval.ms=100"]);
+    let b = c.bootstrap();
+    create_replicated(&b, "hw", 1, 2, &[("min.insync.replicas", "2")]).await;
+    let s = c.wait_partition("hw", 0, WAIT, "full ISR", |s| s.isr.len() == 2);
+    send_values(&producer(&b, "all", true), "hw", 0..100).await;
+    let a = s.leader;
+    let x = *s.replicas.iter().find(|r| **r != a).unwrap();
+    c.node(x).kill9();
+    c.wait_partition("hw", 0, WAIT, "the leader alone in the ISR", |s| {
+        s.isr == vec![a]
+    });
+    // acks=1 still appends on the leader, but nothing is committed while the ISR is short.
+    send_values(&producer(&b, "1", false), "hw", 100..101).await;
+    let mut raw = RawClient::connect(c.node(a).addr());
+    assert_eq!(strom_tests::list_offset(&mut raw, "hw", 0, -1), (0, 100));
+    drop(raw);
+    // Long enough for several checkpoints.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.node(a).kill9();
+    c.wait_partition("hw", 0, WAIT, "no leader", |s| s.leader == -1);
+    c.node(a).restart();
+    c.wait_partition("hw", 0, WAIT, "a leads again", |s| s.leader == a);
+    let mut raw = RawClient::connect(c.node(a).addr());
+    assert_eq!(
+        strom_tests::list_offset(&mut raw, "hw", 0, -1),
+        (0, 100),
+        "the restarted leader's high watermark is what was committed"
+    );
+    drop(raw);
+    assert_eq!(
+        read_values(&b, "hw", 0, 101, Duration::from_secs(3)),
+        (0..100).collect::<Vec<_>>()
+    );
+    // x comes back and catches up: the ISR is at min.insync.replicas again, so the record
+    // written meanwhile is committed now.
+    c.node(x).restart();
+    c.wait_partition("hw", 0, Duration::from_secs(60), "x rejoins", |s| {
+        s.isr.contains(&x)
+    });
+    assert_eq!(
+        read_values(&b, "hw", 0, 101, WAIT),
+        (0..101).collect::<Vec<_>>()
+    );
+}
+
 /// AlterPartitionReassignments (v1) through node `id`: the error code of each partition.
 fn alter_reassignments(c: &mut Cluster, id: i32, topic: &str, target: Option<&[i32]>) -> i16 {
     use kafka_protocol::messages::alter_partition_reassignments_request::{

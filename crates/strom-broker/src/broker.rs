@@ -228,6 +228,9 @@ impl Broker {
         opts.config.set_dynamic(opts.node_id, &image.broker_configs);
         let replicas = ReplicaManager::new(opts.node_id, dir.clone())
             .map_err(|e| StartError::DataDir(dir.clone(), e))?;
+        if opts.cluster.is_some() {
+            replicas.start_from_checkpoint(crate::hw_checkpoint::read(&dir));
+        }
         let started = std::time::Instant::now();
         replicas.load(&opts.config, &image, clean_shutdown)?;
         tracing::info!(
@@ -692,6 +695,10 @@ impl RunningBroker {
             .raft()
             .is_some()
             .then(|| tokio::spawn(crate::cluster::heartbeat_loop(broker.clone())));
+        let hw_checkpoints = broker
+            .raft()
+            .is_some()
+            .then(|| tokio::spawn(crate::hw_checkpoint::run(broker.clone())));
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
@@ -750,6 +757,15 @@ impl RunningBroker {
             raft.shutdown().await;
         }
         let dir = broker.data_dir.clone();
+        if let Some(h) = hw_checkpoints {
+            h.abort();
+            let parts = broker.replicas.all();
+            if let Err(e) =
+                tokio::task::block_in_place(|| crate::hw_checkpoint::write(&dir, &parts))
+            {
+                tracing::warn!(error = %e, "writing the high watermark checkpoint failed");
+            }
+        }
         tokio::task::block_in_place(|| broker.replicas.close_all())?;
         let marker = dir.join(CLEAN_SHUTDOWN_FILE);
         std::fs::write(&marker, b"")?;

@@ -121,6 +121,7 @@ pub static REGISTRY: &[ConfigDef] = &[
     def!("replica.fetch.max.bytes", Int, "1048576", Broker, None, &[], Some(0), "Bytes a follower asks for per partition in one fetch (at least one batch is always returned)."),
     def!("replica.fetch.response.max.bytes", Int, "10485760", Broker, None, &[], Some(0), "Bytes a follower asks for in one fetch across partitions."),
     def!("replica.fetch.wait.max.ms", Int, "500", Broker, None, &[], Some(0), "Longest a follower's fetch waits at the leader for new data."),
+    def!("replica.high.watermark.checkpoint.interval.ms", Long, "5000", Broker, None, &[], Some(1), "How often a broker in a replicated cluster writes its partitions' high watermarks to replication-offset-checkpoint (a restarted replica starts from them, not from its log end)."),
     def!("replica.fetch.backoff.ms", Int, "1000", Broker, None, &[], Some(0), "Pause after a follower's fetch failed before it tries again."),
     def!("auto.leader.rebalance.enable", Boolean, "true", Broker, None, &[], None, "The active controller moves leadership back to preferred replicas (the first of each partition's replicas) when a broker leads too few of the partitions it prefers."),
     def!("leader.imbalance.check.interval.seconds", Long, "300", Broker, None, &[], Some(1), "How often the active controller checks the leader balance."),

@@ -11,6 +11,7 @@ pub mod fetch_session;
 pub mod flusher;
 pub mod groups;
 pub mod handlers;
+pub mod hw_checkpoint;
 pub mod partition;
 pub mod peer;
 pub mod replica_manager;

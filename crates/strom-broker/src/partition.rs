@@ -297,6 +297,13 @@ impl Partition {
         }
     }
 
+    /// A replica opened in a replicated cluster starts from its checkpointed high watermark
+    /// (kept within its log), before anything waits on it.
+    pub fn restart_high_watermark_at(&self, hw: i64) {
+        let hw = hw.min(self.log_end_offset()).max(self.log_start_offset());
+        self.high_watermark.store(hw, Ordering::Release);
+    }
+
     /// acks=all: resolves once the high watermark covers `end_offset`, or fails when this
     /// replica stops being the leader, or the ISR fell below `min_isr` (Kafka's
     /// NOT_ENOUGH_REPLICAS_AFTER_APPEND), or the request timed out.

@@ -42,6 +42,9 @@ pub struct ReplicaManager {
     data_dir: PathBuf,
     partitions: RwLock<HashMap<(String, i32), Arc<Partition>>>,
     pub flusher: Arc<Flusher>,
+    /// In a replicated cluster: the high watermarks replicas start from (see
+    /// `hw_checkpoint`); `None` on a one-node cluster, where they start at the durable end.
+    start_hw: parking_lot::Mutex<Option<crate::hw_checkpoint::Checkpoint>>,
 }
 
 /// The log settings of a topic: its overrides on top of the broker's settings.
@@ -90,7 +93,18 @@ impl ReplicaManager {
             flusher: Flusher::new(&data_dir)?,
             data_dir,
             partitions: RwLock::new(HashMap::new()),
+            start_hw: parking_lot::Mutex::new(None),
         })
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Replicated cluster: partitions opened from now on start from these high watermarks
+    /// (their log start when absent), not from their log end.
+    pub fn start_from_checkpoint(&self, checkpoint: crate::hw_checkpoint::Checkpoint) {
+        *self.start_hw.lock() = Some(checkpoint);
     }
 
     pub fn get(&self, topic: &str, partition: i32) -> Option<Arc<Partition>> {
@@ -114,7 +128,7 @@ impl ReplicaManager {
         let dir = partition_dir(&self.data_dir, &topic.name, partition);
         let log = Log::open(&dir, log_config(config, topic), clean_shutdown)?;
         let role = role_of(config, topic, partition).unwrap_or_default();
-        Ok(Arc::new(Partition::new(
+        let part = Partition::new(
             (topic.name.clone(), topic.topic_id, partition),
             log,
             self.node_id,
@@ -124,7 +138,15 @@ impl ReplicaManager {
                 config.topic_i64(&topic.configs, "flush.ms"),
             ),
             self.flusher.clone(),
-        )))
+        );
+        if let Some(checkpoint) = self.start_hw.lock().as_ref() {
+            let hw = checkpoint
+                .get(&(topic.name.clone(), partition))
+                .copied()
+                .unwrap_or(part.log_start_offset());
+            part.restart_high_watermark_at(hw);
+        }
+        Ok(Arc::new(part))
     }
 
     /// Opens every partition of the image (broker start).

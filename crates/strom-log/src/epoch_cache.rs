@@ -18,12 +18,10 @@
 //! written to a temp file, fsynced, renamed over the old one, and the directory fsynced. This
 //! module only holds the list and its file; `Log` decides when it changes.
 
-use std::io::Write;
 use std::path::Path;
 
-use crate::sync_dir;
-
 pub(crate) const CHECKPOINT_FILE: &str = "leader-epoch-checkpoint";
+#[cfg(test)]
 const CHECKPOINT_TMP_FILE: &str = "leader-epoch-checkpoint.tmp";
 const CHECKPOINT_VERSION: i32 = 0;
 /// Epoch and offset answered when nothing is known (Kafka's UNDEFINED_EPOCH(_OFFSET)).
@@ -179,14 +177,7 @@ impl EpochCache {
 
     /// Replaces `dir`'s checkpoint durably: temp file, fsync, rename, directory fsync.
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
-        let tmp = dir.join(CHECKPOINT_TMP_FILE);
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(self.encode().as_bytes())?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, dir.join(CHECKPOINT_FILE))?;
-        sync_dir(dir);
-        Ok(())
+        crate::replace_file(dir, CHECKPOINT_FILE, self.encode().as_bytes())
     }
 }
 

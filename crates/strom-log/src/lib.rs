@@ -928,5 +928,19 @@ pub(crate) fn sync_dir(dir: &Path) {
     }
 }
 
+/// Replaces `dir/name` with `bytes` atomically and durably: a temporary file, fsynced, renamed
+/// over the old one, then the directory fsynced. A crash leaves the old file or the new one.
+pub fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(name))?;
+    sync_dir(dir);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests;

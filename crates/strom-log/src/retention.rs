@@ -89,10 +89,6 @@ impl Log {
 }
 
 pub(crate) fn write_log_start(dir: &Path, offset: i64) -> Result<(), LogError> {
-    let tmp = dir.join(format!("{LOG_START_FILE}.tmp"));
-    std::fs::write(&tmp, offset.to_string())?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, dir.join(LOG_START_FILE))?;
-    sync_dir(dir);
+    crate::replace_file(dir, LOG_START_FILE, offset.to_string().as_bytes())?;
     Ok(())
 }
