@@ -3,7 +3,8 @@
 //! acknowledged lost, controller failover, a restarted node catching up and rejoining the ISR,
 //! min.insync.replicas refusing acks=all writes once too few replicas remain, partition
 //! reassignment (KIP-455) moving a replica off its leader under load, or pending and cancelled,
-//! and DescribeTopicPartitions (KIP-966: ISR, ELR, offline replicas, paging).
+//! DescribeTopicPartitions (KIP-966: ISR, ELR, offline replicas, paging), and the `strom topic`,
+//! `reassign`, `elect` and `quorum` commands run as a separate process.
 
 mod common;
 
@@ -1250,4 +1251,189 @@ async fn describe_topic_partitions_reports_isr_elr_offline_replicas_and_pages() 
         assert!(Instant::now() < deadline, "{x} did not rejoin: {d:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `strom ARGS... --bootstrap` against the cluster.
+fn strom(c: &Cluster, args: &[&str]) -> (bool, String) {
+    strom_tests::strom_cli(&c.bootstrap(), args)
+}
+
+/// The columns of partition `p` of `topic` in `strom topic describe` output: partition,
+/// leader, epoch, replicas, ISR, ELR, offline.
+fn cli_partition(text: &str, topic: &str, p: i32) -> Option<Vec<String>> {
+    let header = format!("Topic: {topic} ");
+    let mut lines = text.lines().skip_while(|l| !l.starts_with(&header)).skip(1);
+    lines
+        .by_ref()
+        .take_while(|l| !l.trim().is_empty())
+        .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>())
+        .find(|cols| cols.len() == 7 && cols[0] == p.to_string())
+}
+
+/// Polls `strom topic describe --topic T` until `f` holds for partition `p`'s columns.
+async fn wait_cli_partition(
+    c: &Cluster,
+    topic: &str,
+    p: i32,
+    what: &str,
+    f: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ok, text) = strom(c, &["topic", "describe", "--topic", topic]);
+        if let Some(cols) = cli_partition(&text, topic, p).filter(|cols| ok && f(cols)) {
+            return cols;
+        }
+        assert!(Instant::now() < deadline, "{what}: last output\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_strom_cli_describes_reassigns_elects_and_shows_the_quorum() {
+    let mut c = Cluster::start(3, &["auto.leader.rebalance.enable=false"]);
+    let b = c.bootstrap();
+
+    // quorum describe names the leader DescribeQuorum names.
+    let (ok, text) = strom(&c, &["quorum", "describe"]);
+    assert!(ok, "{text}");
+    let (leader, epoch, _, _) = describe_quorum(&mut c, 1);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    };
+    assert_eq!(field("LeaderId:"), leader.to_string(), "{text}");
+    assert_eq!(field("LeaderEpoch:"), epoch.to_string(), "{text}");
+    assert_eq!(field("CurrentVoters:"), "[1, 2, 3]", "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.ends_with("Leader")).count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.ends_with("Follower")).count(),
+        2,
+        "{text}"
+    );
+
+    // topic describe shows what Metadata shows; unknown topics fail with the error's name.
+    create_replicated(&b, "cli", 1, 2, &[]).await;
+    let s = c.wait_partition("cli", 0, WAIT, "full ISR", |s| s.isr.len() == 2);
+    let ids = |v: &[i32]| {
+        v.iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let cols = wait_cli_partition(&c, "cli", 0, "described", |cols| cols[4].contains(',')).await;
+    assert_eq!(cols[1], s.leader.to_string());
+    assert_eq!(cols[3], ids(&s.replicas));
+    assert_eq!((cols[5].as_str(), cols[6].as_str()), ("-", "-"));
+    let (ok, text) = strom(&c, &["topic", "describe", "--topic", "no-such-topic"]);
+    assert!(!ok && text.contains("UnknownTopicOrPartition"), "{text}");
+    let (ok, text) = strom(&c, &["topic", "describe"]);
+    assert!(ok && cli_partition(&text, "cli", 0).is_some(), "{text}");
+
+    // reassign: the new replicas show up in topic describe.
+    let newcomer = (1..=3).find(|id| !s.replicas.contains(id)).unwrap();
+    let target = vec![newcomer, s.replicas[0]];
+    let (ok, text) = strom(
+        &c,
+        &[
+            "reassign",
+            "--topic",
+            "cli",
+            "--partition",
+            "0",
+            "--replicas",
+            &ids(&target),
+        ],
+    );
+    assert!(ok, "{text}");
+    assert!(text.contains("cli-0"), "{text}");
+    let cols = wait_cli_partition(&c, "cli", 0, "reassigned", |cols| {
+        cols[3] == ids(&target) && cols[4].split(',').count() == 2
+    })
+    .await;
+    assert!(target.contains(&cols[1].parse().unwrap()), "{cols:?}");
+    let after = c.wait_partition("cli", 0, WAIT, "Metadata agrees", |s| s.replicas == target);
+    assert_eq!(after.replicas, target);
+    let (ok, text) = strom(&c, &["reassign", "--list"]);
+    assert!(ok && text.contains("no reassignment in progress"), "{text}");
+    let (ok, text) = strom(
+        &c,
+        &["reassign", "--cancel", "--topic", "cli", "--partition", "0"],
+    );
+    assert!(!ok && text.contains("NoReassignmentInProgress"), "{text}");
+    let (ok, text) = strom(
+        &c,
+        &[
+            "reassign",
+            "--topic",
+            "no-such-topic",
+            "--partition",
+            "0",
+            "--replicas",
+            "1",
+        ],
+    );
+    assert!(!ok && text.contains("UnknownTopicOrPartition"), "{text}");
+
+    // elect --type preferred moves leadership back after a restart.
+    create_replicated(&b, "pref", 1, 3, &[]).await;
+    let s = c.wait_partition("pref", 0, WAIT, "full ISR", |s| s.isr.len() == 3);
+    let preferred = s.replicas[0];
+    assert_eq!(s.leader, preferred);
+    let elect_pref = [
+        "elect",
+        "--type",
+        "preferred",
+        "--topic",
+        "pref",
+        "--partition",
+        "0",
+    ];
+    let (ok, text) = strom(&c, &elect_pref);
+    assert!(ok && text.contains("already elected"), "{text}");
+    c.node(preferred).kill9();
+    c.wait_partition("pref", 0, WAIT, "failover", |s| {
+        s.leader > 0 && s.leader != preferred
+    });
+    c.node(preferred).restart();
+    c.wait_partition("pref", 0, Duration::from_secs(60), "rejoin", |s| {
+        s.isr.contains(&preferred)
+    });
+    let cols = wait_cli_partition(&c, "pref", 0, "led elsewhere", |cols| {
+        cols[4].split(',').count() == 3
+    })
+    .await;
+    assert_ne!(cols[1], preferred.to_string(), "no automatic move back");
+    let (ok, text) = strom(&c, &elect_pref);
+    assert!(ok && text.contains("pref-0"), "{text}");
+    wait_cli_partition(&c, "pref", 0, "preferred leader back", |cols| {
+        cols[1] == preferred.to_string()
+    })
+    .await;
+    // Every preferred replica is back in sync (the restarted node may be the preferred replica
+    // of "cli"), so an election over all partitions has nothing to fail on.
+    c.wait_partition("cli", 0, Duration::from_secs(60), "cli in sync", |s| {
+        s.isr.len() == 2
+    });
+    let (ok, text) = strom(&c, &["elect", "--type", "preferred", "--all"]);
+    assert!(ok, "{text}");
+    let (ok, text) = strom(
+        &c,
+        &[
+            "elect",
+            "--type",
+            "unclean",
+            "--topic",
+            "no-such-topic",
+            "--partition",
+            "0",
+        ],
+    );
+    assert!(!ok && text.contains("UnknownTopicOrPartition"), "{text}");
 }
