@@ -1,8 +1,10 @@
 //! A replicated cluster of real `strom` processes (Raft metadata quorum, ISR replication),
 //! driven by librdkafka: leader failover under an acks=all idempotent producer with nothing
 //! acknowledged lost, controller failover, a restarted node catching up and rejoining the ISR,
-//! min.insync.replicas refusing acks=all writes once too few replicas remain, and partition
-//! reassignment (KIP-455) moving a replica off its leader under load, or pending and cancelled.
+//! min.insync.replicas refusing acks=all writes once too few replicas remain, partition
+//! reassignment (KIP-455) moving a replica off its leader under load, or pending and cancelled,
+//! DescribeTopicPartitions (KIP-966: ISR, ELR, offline replicas, paging), and the `strom topic`,
+//! `reassign`, `elect` and `quorum` commands run as a separate process.
 
 mod common;
 
@@ -1267,4 +1269,377 @@ async fn a_reassignment_to_a_dead_broker_waits_and_can_be_cancelled() {
     .map_err(|(e, _)| e)
     .expect("acks=all after the cancel");
     assert_eq!(read_values(&b, "stuck", 0, 2, WAIT), vec![1, 2]);
+}
+
+/// One partition as DescribeTopicPartitions reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Described {
+    leader: i32,
+    leader_epoch: i32,
+    replicas: Vec<i32>,
+    isr: Vec<i32>,
+    elr: Vec<i32>,
+    offline: Vec<i32>,
+}
+
+/// DescribeTopicPartitions (v0) through node `id`.
+fn describe_topic_partitions(
+    c: &mut Cluster,
+    id: i32,
+    topics: &[&str],
+    limit: i32,
+    cursor: Option<(String, i32)>,
+) -> kafka_protocol::messages::DescribeTopicPartitionsResponse {
+    use kafka_protocol::messages::describe_topic_partitions_request::{Cursor, TopicRequest};
+    use kafka_protocol::messages::{
+        ApiKey, DescribeTopicPartitionsRequest, DescribeTopicPartitionsResponse, TopicName,
+    };
+    use kafka_protocol::protocol::StrBytes;
+    let name = |s: &str| TopicName(StrBytes::from_string(s.to_string()));
+    let req = DescribeTopicPartitionsRequest::default()
+        .with_topics(
+            topics
+                .iter()
+                .map(|t| TopicRequest::default().with_name(name(t)))
+                .collect(),
+        )
+        .with_response_partition_limit(limit)
+        .with_cursor(cursor.map(|(t, p)| {
+            Cursor::default()
+                .with_topic_name(name(&t))
+                .with_partition_index(p)
+        }));
+    let mut raw = RawClient::connect(c.node(id).addr());
+    let resp: DescribeTopicPartitionsResponse = raw.call(ApiKey::DescribeTopicPartitions, 0, &req);
+    resp
+}
+
+/// Partition `p` of `topic` as node `id` describes it.
+fn described(c: &mut Cluster, id: i32, topic: &str, p: i32) -> Described {
+    let resp = describe_topic_partitions(c, id, &[topic], 2000, None);
+    let t = &resp.topics[0];
+    assert_eq!(t.error_code, 0, "{topic}: {t:?}");
+    let part = t
+        .partitions
+        .iter()
+        .find(|x| x.partition_index == p)
+        .unwrap_or_else(|| panic!("{topic}/{p} missing: {t:?}"));
+    let ids = |v: &[kafka_protocol::messages::BrokerId]| v.iter().map(|b| b.0).collect::<Vec<_>>();
+    Described {
+        leader: part.leader_id.0,
+        leader_epoch: part.leader_epoch,
+        replicas: ids(&part.replica_nodes),
+        isr: ids(&part.isr_nodes),
+        elr: ids(part.eligible_leader_replicas.as_deref().unwrap_or(&[])),
+        offline: ids(&part.offline_replicas),
+    }
+}
+
+/// Every (topic, partition) of a paged DescribeTopicPartitions through node `id`, page by
+/// page, with the error code of each topic answered with one.
+#[allow(clippy::type_complexity)]
+fn describe_all_pages(
+    c: &mut Cluster,
+    id: i32,
+    topics: &[&str],
+    limit: i32,
+) -> (Vec<(String, i32)>, Vec<(String, i16)>) {
+    let mut parts = Vec::new();
+    let mut errors = Vec::new();
+    let mut cursor = None;
+    for _ in 0..100 {
+        let resp = describe_topic_partitions(c, id, topics, limit, cursor.take());
+        let page: usize = resp.topics.iter().map(|t| t.partitions.len()).sum();
+        assert!(page <= limit as usize, "page of {page} over limit {limit}");
+        for t in &resp.topics {
+            let name = t.name.as_ref().unwrap().0.to_string();
+            if t.error_code != 0 {
+                errors.push((name.clone(), t.error_code));
+                assert_eq!(t.topic_id, uuid::Uuid::nil());
+            }
+            parts.extend(
+                t.partitions
+                    .iter()
+                    .map(|p| (name.clone(), p.partition_index)),
+            );
+        }
+        match resp.next_cursor {
+            Some(n) => cursor = Some((n.topic_name.0.to_string(), n.partition_index)),
+            None => return (parts, errors),
+        }
+    }
+    panic!("paging did not end");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_topic_partitions_reports_isr_elr_offline_replicas_and_pages() {
+    let mut c = Cluster::start(3, &[]);
+    let b = c.bootstrap();
+    // With min.insync.replicas equal to the replication factor, a replica that leaves the ISR
+    // becomes an eligible leader replica (KIP-966).
+    create_replicated(&b, "dtp", 1, 3, &[("min.insync.replicas", "3")]).await;
+    create_replicated(&b, "dtp-a", 5, 2, &[]).await;
+    create_replicated(&b, "dtp-b", 3, 1, &[]).await;
+    let s = c.wait_partition("dtp", 0, WAIT, "full ISR", |s| s.isr.len() == 3);
+    let leader = s.leader;
+    let d = described(&mut c, leader, "dtp", 0);
+    assert_eq!(
+        (d.leader, d.leader_epoch, &d.replicas),
+        (s.leader, s.leader_epoch, &s.replicas),
+        "the same partition as Metadata"
+    );
+    assert_eq!(d.isr.len(), 3);
+    assert!(d.elr.is_empty() && d.offline.is_empty(), "{d:?}");
+    let resp = describe_topic_partitions(&mut c, leader, &["dtp"], 10, None);
+    assert!(!resp.topics[0].is_internal);
+    assert_ne!(resp.topics[0].topic_id, uuid::Uuid::nil());
+
+    // A follower dies: once fenced it is offline, leaves the ISR and, the ISR being short of
+    // min.insync.replicas, stays eligible to lead.
+    let x = *s.replicas.iter().find(|r| **r != leader).unwrap();
+    c.node(x).kill9();
+    let deadline = Instant::now() + WAIT;
+    let d = loop {
+        let d = described(&mut c, leader, "dtp", 0);
+        if !d.isr.contains(&x) && d.offline == vec![x] {
+            break d;
+        }
+        assert!(Instant::now() < deadline, "{x} stayed in sync: {d:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(d.leader, leader);
+    assert_eq!(d.isr.len(), 2);
+    assert_eq!(d.elr, vec![x], "{d:?}");
+    assert_eq!(d.replicas, s.replicas);
+
+    // Unknown names are answered with an error and no topic id.
+    let resp = describe_topic_partitions(&mut c, leader, &["no-such-topic"], 10, None);
+    assert_eq!(resp.topics.len(), 1);
+    assert_eq!(resp.topics[0].error_code, 3, "UNKNOWN_TOPIC_OR_PARTITION");
+    assert!(resp.next_cursor.is_none());
+
+    // Pages of every size list each partition exactly once, in topic then partition order.
+    let mut expected: Vec<(String, i32)> = c
+        .view()
+        .unwrap()
+        .topics
+        .iter()
+        .flat_map(|(n, _, ps)| (0..ps.len() as i32).map(move |p| (n.clone(), p)))
+        .collect();
+    expected.sort();
+    assert_eq!(expected.len(), 9);
+    for limit in [1, 2, 3, 4, 9, 2000] {
+        let (parts, errors) = describe_all_pages(&mut c, leader, &[], limit);
+        assert_eq!(parts, expected, "all topics, limit {limit}");
+        assert!(errors.is_empty());
+    }
+    let listed = ["dtp-b", "no-such-topic", "dtp-a", "dtp-b"];
+    for limit in [1, 3, 5] {
+        let (parts, errors) = describe_all_pages(&mut c, leader, &listed, limit);
+        let want: Vec<(String, i32)> = expected
+            .iter()
+            .filter(|(t, _)| t.starts_with("dtp-"))
+            .cloned()
+            .collect();
+        assert_eq!(parts, want, "listed topics, limit {limit}");
+        assert_eq!(errors, vec![("no-such-topic".to_string(), 3)]);
+    }
+
+    // The follower comes back: in sync again, nothing offline, no eligible leader replicas.
+    c.node(x).restart();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let d = described(&mut c, leader, "dtp", 0);
+        if d.isr.len() == 3 {
+            assert!(d.elr.is_empty() && d.offline.is_empty(), "{d:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{x} did not rejoin: {d:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `strom ARGS... --bootstrap` against the cluster.
+fn strom(c: &Cluster, args: &[&str]) -> (bool, String) {
+    strom_tests::strom_cli(&c.bootstrap(), args)
+}
+
+/// The columns of partition `p` of `topic` in `strom topic describe` output: partition,
+/// leader, epoch, replicas, ISR, ELR, offline.
+fn cli_partition(text: &str, topic: &str, p: i32) -> Option<Vec<String>> {
+    let header = format!("Topic: {topic} ");
+    let mut lines = text.lines().skip_while(|l| !l.starts_with(&header)).skip(1);
+    lines
+        .by_ref()
+        .take_while(|l| !l.trim().is_empty())
+        .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>())
+        .find(|cols| cols.len() == 7 && cols[0] == p.to_string())
+}
+
+/// Polls `strom topic describe --topic T` until `f` holds for partition `p`'s columns.
+async fn wait_cli_partition(
+    c: &Cluster,
+    topic: &str,
+    p: i32,
+    what: &str,
+    f: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ok, text) = strom(c, &["topic", "describe", "--topic", topic]);
+        if let Some(cols) = cli_partition(&text, topic, p).filter(|cols| ok && f(cols)) {
+            return cols;
+        }
+        assert!(Instant::now() < deadline, "{what}: last output\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_strom_cli_describes_reassigns_elects_and_shows_the_quorum() {
+    let mut c = Cluster::start(3, &["auto.leader.rebalance.enable=false"]);
+    let b = c.bootstrap();
+
+    // quorum describe names the leader DescribeQuorum names.
+    let (ok, text) = strom(&c, &["quorum", "describe"]);
+    assert!(ok, "{text}");
+    let (leader, epoch, _, _) = describe_quorum(&mut c, 1);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    };
+    assert_eq!(field("LeaderId:"), leader.to_string(), "{text}");
+    assert_eq!(field("LeaderEpoch:"), epoch.to_string(), "{text}");
+    assert_eq!(field("CurrentVoters:"), "[1, 2, 3]", "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.ends_with("Leader")).count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.ends_with("Follower")).count(),
+        2,
+        "{text}"
+    );
+
+    // topic describe shows what Metadata shows; unknown topics fail with the error's name.
+    create_replicated(&b, "cli", 1, 2, &[]).await;
+    let s = c.wait_partition("cli", 0, WAIT, "full ISR", |s| s.isr.len() == 2);
+    let ids = |v: &[i32]| {
+        v.iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let cols = wait_cli_partition(&c, "cli", 0, "described", |cols| cols[4].contains(',')).await;
+    assert_eq!(cols[1], s.leader.to_string());
+    assert_eq!(cols[3], ids(&s.replicas));
+    assert_eq!((cols[5].as_str(), cols[6].as_str()), ("-", "-"));
+    let (ok, text) = strom(&c, &["topic", "describe", "--topic", "no-such-topic"]);
+    assert!(!ok && text.contains("UnknownTopicOrPartition"), "{text}");
+    let (ok, text) = strom(&c, &["topic", "describe"]);
+    assert!(ok && cli_partition(&text, "cli", 0).is_some(), "{text}");
+
+    // reassign: the new replicas show up in topic describe.
+    let newcomer = (1..=3).find(|id| !s.replicas.contains(id)).unwrap();
+    let target = vec![newcomer, s.replicas[0]];
+    let (ok, text) = strom(
+        &c,
+        &[
+            "reassign",
+            "--topic",
+            "cli",
+            "--partition",
+            "0",
+            "--replicas",
+            &ids(&target),
+        ],
+    );
+    assert!(ok, "{text}");
+    assert!(text.contains("cli-0"), "{text}");
+    let cols = wait_cli_partition(&c, "cli", 0, "reassigned", |cols| {
+        cols[3] == ids(&target) && cols[4].split(',').count() == 2
+    })
+    .await;
+    assert!(target.contains(&cols[1].parse().unwrap()), "{cols:?}");
+    let after = c.wait_partition("cli", 0, WAIT, "Metadata agrees", |s| s.replicas == target);
+    assert_eq!(after.replicas, target);
+    let (ok, text) = strom(&c, &["reassign", "--list"]);
+    assert!(ok && text.contains("no reassignment in progress"), "{text}");
+    let (ok, text) = strom(
+        &c,
+        &["reassign", "--cancel", "--topic", "cli", "--partition", "0"],
+    );
+    assert!(!ok && text.contains("NoReassignmentInProgress"), "{text}");
+    let (ok, text) = strom(
+        &c,
+        &[
+            "reassign",
+            "--topic",
+            "no-such-topic",
+            "--partition",
+            "0",
+            "--replicas",
+            "1",
+        ],
+    );
+    assert!(!ok && text.contains("UnknownTopicOrPartition"), "{text}");
+
+    // elect --type preferred moves leadership back after a restart.
+    create_replicated(&b, "pref", 1, 3, &[]).await;
+    let s = c.wait_partition("pref", 0, WAIT, "full ISR", |s| s.isr.len() == 3);
+    let preferred = s.replicas[0];
+    assert_eq!(s.leader, preferred);
+    let elect_pref = [
+        "elect",
+        "--type",
+        "preferred",
+        "--topic",
+        "pref",
+        "--partition",
+        "0",
+    ];
+    let (ok, text) = strom(&c, &elect_pref);
+    assert!(ok && text.contains("already elected"), "{text}");
+    c.node(preferred).kill9();
+    c.wait_partition("pref", 0, WAIT, "failover", |s| {
+        s.leader > 0 && s.leader != preferred
+    });
+    c.node(preferred).restart();
+    c.wait_partition("pref", 0, Duration::from_secs(60), "rejoin", |s| {
+        s.isr.contains(&preferred)
+    });
+    let cols = wait_cli_partition(&c, "pref", 0, "led elsewhere", |cols| {
+        cols[4].split(',').count() == 3
+    })
+    .await;
+    assert_ne!(cols[1], preferred.to_string(), "no automatic move back");
+    let (ok, text) = strom(&c, &elect_pref);
+    assert!(ok && text.contains("pref-0"), "{text}");
+    wait_cli_partition(&c, "pref", 0, "preferred leader back", |cols| {
+        cols[1] == preferred.to_string()
+    })
+    .await;
+    // Every preferred replica is back in sync (the restarted node may be the preferred replica
+    // of "cli"), so an election over all partitions has nothing to fail on.
+    c.wait_partition("cli", 0, Duration::from_secs(60), "cli in sync", |s| {
+        s.isr.len() == 2
+    });
+    let (ok, text) = strom(&c, &["elect", "--type", "preferred", "--all"]);
+    assert!(ok, "{text}");
+    let (ok, text) = strom(
+        &c,
+        &[
+            "elect",
+            "--type",
+            "unclean",
+            "--topic",
+            "no-such-topic",
+            "--partition",
+            "0",
+        ],
+    );
+    assert!(!ok && text.contains("UnknownTopicOrPartition"), "{text}");
 }

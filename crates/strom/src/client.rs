@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{RequestHeader, ResponseHeader};
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
@@ -20,7 +20,24 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn connect(addr: &str) -> Result<Conn> {
+    /// Connects to the first broker of `bootstrap` (HOST:PORT, or a comma-separated list of
+    /// them) that accepts, so a command still works while some nodes are down.
+    pub fn connect(bootstrap: &str) -> Result<Conn> {
+        let mut last = None;
+        for addr in bootstrap
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+        {
+            match Self::connect_one(addr) {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("no broker address in '{bootstrap}'")))
+    }
+
+    fn connect_one(addr: &str) -> Result<Conn> {
         let stream = TcpStream::connect(addr).with_context(|| format!("connect to {addr}"))?;
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         stream.set_nodelay(true)?;
@@ -76,4 +93,35 @@ pub fn error_name(code: i16) -> String {
     kafka_protocol::error::ResponseError::try_from_code(code)
         .map(|e| format!("{e:?}"))
         .unwrap_or_else(|| format!("error {code}"))
+}
+
+/// Broker ids as `1,2,3`, or `-` for none.
+pub fn id_list(ids: impl IntoIterator<Item = i32>) -> String {
+    let s = ids
+        .into_iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s
+    }
+}
+
+/// An error naming the Kafka error of `code` (and the broker's message) after `what`, unless
+/// `code` is 0.
+pub fn check(code: i16, message: Option<&str>, what: &str) -> Result<()> {
+    if code == 0 {
+        return Ok(());
+    }
+    bail!("{what}: {}{}", error_name(code), detail(message))
+}
+
+/// ": message" when the broker sent one, for an error line.
+pub fn detail(message: Option<&str>) -> String {
+    match message {
+        Some(m) if !m.is_empty() => format!(": {m}"),
+        _ => String::new(),
+    }
 }

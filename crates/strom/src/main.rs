@@ -1,5 +1,6 @@
 //! The `strom` binary: `strom server` runs a broker; `strom bench` drives load against one;
-//! `strom group` administers consumer groups; `strom config` topic and broker settings.
+//! `strom group` administers consumer groups; `strom config` topic and broker settings;
+//! `strom topic`, `strom reassign`, `strom elect` and `strom quorum` the replicated cluster.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,7 +13,11 @@ mod bench;
 mod bench_groups;
 mod client;
 mod config_cmd;
+mod elect;
 mod group;
+mod quorum;
+mod reassign;
+mod topic;
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -41,6 +46,14 @@ enum Command {
     Group(group::GroupArgs),
     /// Topic and broker settings: describe, set, delete.
     Config(config_cmd::ConfigArgs),
+    /// Topics: describe partitions (leader, epoch, replicas, ISR, ELR, offline replicas).
+    Topic(topic::TopicArgs),
+    /// Move a partition to other replicas; list or cancel reassignments in progress.
+    Reassign(reassign::ReassignArgs),
+    /// Leader election: preferred (back to the first replica) or unclean.
+    Elect(elect::ElectArgs),
+    /// The metadata quorum: leader, epoch, high watermark, voters and their lag.
+    Quorum(quorum::QuorumArgs),
 }
 
 #[derive(clap::Args)]
@@ -110,6 +123,10 @@ fn run() -> Result<()> {
         Command::Bench(args) => rt.block_on(bench::run(args)),
         Command::Group(args) => group::run(args),
         Command::Config(args) => config_cmd::run(args),
+        Command::Topic(args) => topic::run(args),
+        Command::Reassign(args) => reassign::run(args),
+        Command::Elect(args) => elect::run(args),
+        Command::Quorum(args) => quorum::run(args),
         Command::BenchGroups(args) => rt.block_on(bench_groups::run(args)),
     }
 }

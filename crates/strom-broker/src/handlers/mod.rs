@@ -26,6 +26,7 @@ mod describe_cluster;
 mod describe_configs;
 mod describe_groups;
 mod describe_quorum;
+mod describe_topic_partitions;
 mod elect_leaders;
 mod fetch;
 mod find_coordinator;
@@ -111,6 +112,7 @@ pub async fn dispatch(
         ApiKey::ListPartitionReassignments => {
             list_partition_reassignments::handle(broker, &mut ctx)
         }
+        ApiKey::DescribeTopicPartitions => describe_topic_partitions::handle(broker, &mut ctx),
         // decode_header only lets served APIs through.
         other => Err(HandlerError::Decode(other, "not served".into())),
     }
