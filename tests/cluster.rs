@@ -49,8 +49,22 @@ impl Cluster {
 
     /// `start` with extra `--set` settings per node (`node_sets(id)`), e.g. `broker.rack`.
     pub fn start_with(n: usize, sets: &[&str], node_sets: impl Fn(i32) -> Vec<String>) -> Cluster {
+        Self::start_mixed(n, 0, sets, node_sets)
+    }
+
+    /// `voters` nodes that are brokers and controller voters (ids 1..=voters), then
+    /// `broker_only` nodes that are not in `--controller-quorum` (Kafka's
+    /// `process.roles=broker`; each with its own `--controller-listen`). Waits until every node
+    /// serves and all of them are registered and unfenced.
+    pub fn start_mixed(
+        voters: usize,
+        broker_only: usize,
+        sets: &[&str],
+        node_sets: impl Fn(i32) -> Vec<String>,
+    ) -> Cluster {
+        let n = voters + broker_only;
         let controller_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let quorum = controller_ports
+        let quorum = controller_ports[..voters]
             .iter()
             .enumerate()
             .map(|(i, p)| format!("{}@127.0.0.1:{p}", i + 1))

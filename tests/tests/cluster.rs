@@ -3,6 +3,7 @@
 //! acknowledged lost, controller failover, a restarted node catching up and rejoining the ISR,
 //! min.insync.replicas refusing acks=all writes once too few replicas remain, partition
 //! reassignment (KIP-455) moving a replica off its leader under load, or pending and cancelled,
+//! a broker-only node (not a controller voter) leading and following partitions,
 //! DescribeTopicPartitions (KIP-966: ISR, ELR, offline replicas, paging), and the `strom topic`,
 //! `reassign`, `elect` and `quorum` commands run as a separate process.
 
@@ -168,11 +169,12 @@ fn consume_continuously(
     })
 }
 
-/// Produces 0..total to partition 0 with at most `window` in flight; counts acknowledgements
-/// in `acked_count` and returns the acknowledged values.
+/// Produces 0..total to `partition` with at most 500 in flight; counts acknowledgements in
+/// `acked_count` and returns the acknowledged values.
 async fn produce_sequence(
     p: FutureProducer,
     topic: String,
+    partition: i32,
     total: u64,
     acked_count: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
@@ -189,7 +191,7 @@ async fn produce_sequence(
             .send_result(
                 FutureRecord::<(), _>::to(&topic)
                     .payload(&value)
-                    .partition(0),
+                    .partition(partition),
             )
             .map_err(|(e, _)| e)
             .expect("enqueue");
@@ -215,6 +217,15 @@ async fn produce_sequence(
         }
     }
     (acked, failed)
+}
+
+/// Waits (up to 60 s) until `acked` counts `n` acknowledgements; fails with `what` otherwise.
+async fn wait_acked(c: &Cluster, acked: &AtomicUsize, n: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.load(Ordering::Acquire) < n {
+        assert!(Instant::now() < deadline, "{what}:\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// What was read back is the history a client expects: no value twice, in the order produced,
@@ -257,32 +268,19 @@ async fn killing_the_leader_loses_no_acknowledged_record_and_the_node_rejoins() 
     let task = tokio::spawn(produce_sequence(
         producer(&b, "all", true),
         "orders".into(),
+        0,
         total,
         acked_count.clone(),
         stop.clone(),
     ));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while acked_count.load(Ordering::Acquire) < 5_000 {
-        assert!(
-            Instant::now() < deadline,
-            "producer made no progress:\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_acked(&c, &acked_count, 5_000, "producer made no progress").await;
     let victim = before.leader;
     let at_kill = acked_count.load(Ordering::Acquire);
     let killed_at = Instant::now();
     c.node(victim).kill9();
     // Writes resume: more acknowledgements arrive after the kill.
-    while acked_count.load(Ordering::Acquire) < at_kill + 5_000 {
-        assert!(
-            killed_at.elapsed() < Duration::from_secs(60),
-            "writes did not resume after the leader was killed:\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let what = "writes did not resume after the leader was killed";
+    wait_acked(&c, &acked_count, at_kill + 5_000, what).await;
     eprintln!(
         "writes resumed; 5000 more acknowledged {:?} after the kill",
         killed_at.elapsed()
@@ -362,10 +360,20 @@ async fn killing_the_leader_loses_no_acknowledged_record_and_the_node_rejoins() 
     assert_eq!(again, values, "the next leader serves a different log");
 }
 
-/// DescribeQuorum (v2) through node `id`: (leader, epoch, high watermark, voter ids with
-/// their log end offsets).
-fn describe_quorum(c: &mut Cluster, id: i32) -> (i32, i32, i64, Vec<(i32, i64)>) {
+/// What DescribeQuorum (v2) answers: the leader, its epoch, the high watermark, and the voters
+/// and observers with their log end offsets.
+struct Quorum {
+    leader: i32,
+    epoch: i32,
+    high_watermark: i64,
+    voters: Vec<(i32, i64)>,
+    observers: Vec<(i32, i64)>,
+}
+
+/// DescribeQuorum (v2) through node `id`.
+fn describe_quorum(c: &mut Cluster, id: i32) -> Quorum {
     use kafka_protocol::messages::describe_quorum_request::{PartitionData, TopicData};
+    use kafka_protocol::messages::describe_quorum_response::ReplicaState;
     use kafka_protocol::messages::{
         ApiKey, DescribeQuorumRequest, DescribeQuorumResponse, TopicName,
     };
@@ -378,13 +386,21 @@ fn describe_quorum(c: &mut Cluster, id: i32) -> (i32, i32, i64, Vec<(i32, i64)>)
     let p = &resp.topics[0].partitions[0];
     assert_eq!(p.error_code, 0, "DescribeQuorum: {:?}", p.error_message);
     assert_eq!(resp.nodes.len(), 3, "controller listeners of the voters");
-    let mut voters: Vec<(i32, i64)> = p
-        .current_voters
-        .iter()
-        .map(|v| (v.replica_id.0, v.log_end_offset))
-        .collect();
-    voters.sort_unstable();
-    (p.leader_id.0, p.leader_epoch, p.high_watermark, voters)
+    let ids = |rs: &[ReplicaState]| {
+        let mut v: Vec<(i32, i64)> = rs
+            .iter()
+            .map(|r| (r.replica_id.0, r.log_end_offset))
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    Quorum {
+        leader: p.leader_id.0,
+        epoch: p.leader_epoch,
+        high_watermark: p.high_watermark,
+        voters: ids(&p.current_voters),
+        observers: ids(&p.observers),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -392,7 +408,14 @@ async fn a_new_controller_takes_over_and_metadata_changes_work_again() {
     let mut c = Cluster::start(3, &[]);
     let old = c.view().unwrap().controller;
     let asked = if old == 1 { 2 } else { 1 };
-    let (leader, epoch, hw, voters) = describe_quorum(&mut c, asked);
+    let Quorum {
+        leader,
+        epoch,
+        high_watermark: hw,
+        voters,
+        observers,
+    } = describe_quorum(&mut c, asked);
+    assert!(observers.is_empty(), "no broker-only nodes: {observers:?}");
     assert_eq!(
         leader, old,
         "DescribeQuorum from a follower names the active controller"
@@ -434,9 +457,12 @@ async fn a_new_controller_takes_over_and_metadata_changes_work_again() {
     });
     assert!(!s.replicas.contains(&old), "placed on a dead broker: {s:?}");
     let asked = (1..=3).find(|id| *id != old).unwrap();
-    let (leader, new_epoch, new_hw, _) = describe_quorum(&mut c, asked);
-    assert_eq!(leader, new);
-    assert!(new_epoch > epoch && new_hw > hw, "the quorum moved on");
+    let q = describe_quorum(&mut c, asked);
+    assert_eq!(q.leader, new);
+    assert!(
+        q.epoch > epoch && q.high_watermark > hw,
+        "the quorum moved on"
+    );
 }
 
 /// Waits until the cluster's view satisfies `f`, failing after `within`.
@@ -1115,19 +1141,12 @@ async fn reassigning_a_partition_off_its_leader_under_load_loses_nothing() {
     let task = tokio::spawn(produce_sequence(
         producer(&b, "all", true),
         "moving".into(),
+        0,
         1_000_000,
         acked_count.clone(),
         stop.clone(),
     ));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while acked_count.load(Ordering::Acquire) < 30_000 {
-        assert!(
-            Instant::now() < deadline,
-            "producer made no progress:\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_acked(&c, &acked_count, 30_000, "producer made no progress").await;
 
     let started = Instant::now();
     assert_eq!(alter_reassignments(&mut c, via, "moving", Some(&target)), 0);
@@ -1169,15 +1188,8 @@ async fn reassigning_a_partition_off_its_leader_under_load_loses_nothing() {
 
     // Writes go on at the new leader.
     let at_done = acked_count.load(Ordering::Acquire);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while acked_count.load(Ordering::Acquire) < at_done + 5_000 {
-        assert!(
-            Instant::now() < deadline,
-            "writes did not go on after the reassignment:\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let what = "writes did not go on after the reassignment";
+    wait_acked(&c, &acked_count, at_done + 5_000, what).await;
     stop.store(true, Ordering::Release);
     let (acked, failed) = task.await.unwrap();
     eprintln!("acknowledged {}, {failed} failed", acked.len());
@@ -1503,7 +1515,7 @@ async fn the_strom_cli_describes_reassigns_elects_and_shows_the_quorum() {
     // quorum describe names the leader DescribeQuorum names.
     let (ok, text) = strom(&c, &["quorum", "describe"]);
     assert!(ok, "{text}");
-    let (leader, epoch, _, _) = describe_quorum(&mut c, 1);
+    let Quorum { leader, epoch, .. } = describe_quorum(&mut c, 1);
     let field = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name))
@@ -1642,4 +1654,129 @@ async fn the_strom_cli_describes_reassigns_elects_and_shows_the_quorum() {
         ],
     );
     assert!(!ok && text.contains("UnknownTopicOrPartition"), "{text}");
+}
+
+/// A broker-only node (id 4, not in `--controller-quorum`: a Raft learner of the metadata log,
+/// Kafka's `process.roles=broker`) is a broker like the others: registered, hosting replicas
+/// and leading a partition under an acks=all producer; killed, its partition fails over with
+/// nothing acknowledged lost; restarted, it rejoins the ISR and can lead again. It is listed
+/// as a DescribeQuorum observer and is never the active controller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_only_node_leads_and_follows_partitions_but_never_controls() {
+    let mut c = Cluster::start_mixed(3, 1, &[], |_| Vec::new());
+    let never_controller = |c: &mut Cluster| {
+        for id in 1..=4 {
+            if !c.node(id).is_running() {
+                continue;
+            }
+            if let Some(v) = c.view_from(id) {
+                assert_ne!(v.controller, 4, "node {id} names node 4 the controller");
+            }
+        }
+    };
+    for id in 1..=4 {
+        let v = c.view_from(id).expect("metadata");
+        assert_eq!(v.brokers, vec![1, 2, 3, 4], "as node {id} sees it");
+        assert!(
+            (1..=3).contains(&v.controller),
+            "controller {}",
+            v.controller
+        );
+    }
+    let q = describe_quorum(&mut c, 4);
+    assert!((1..=3).contains(&q.leader));
+    assert_eq!(
+        q.voters.iter().map(|v| v.0).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(
+        q.observers.iter().map(|v| v.0).collect::<Vec<_>>(),
+        vec![4],
+        "the broker-only node is an observer"
+    );
+
+    let b = c.bootstrap();
+    create_replicated(&b, "observed", 4, 4, &[("min.insync.replicas", "2")]).await;
+    let mut led_by_4 = None;
+    for p in 0..4 {
+        let s = c.wait_partition("observed", p, WAIT, "full ISR", |s| {
+            s.isr.len() == 4 && s.leader > 0
+        });
+        assert_eq!(s.replicas.len(), 4, "{s:?}");
+        if s.leader == 4 {
+            led_by_4 = Some((p, s));
+        }
+    }
+    // Placement rotates the preferred leader over every broker, node 4 included.
+    let (p, before) = led_by_4.expect("no partition led by the broker-only node");
+    let partition = p as i32;
+
+    let acked_count = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let total = 20_000;
+    let task = tokio::spawn(produce_sequence(
+        producer(&b, "all", true),
+        "observed".into(),
+        partition,
+        total,
+        acked_count.clone(),
+        stop.clone(),
+    ));
+    wait_acked(&c, &acked_count, 3_000, "producer made no progress").await;
+    never_controller(&mut c);
+    let at_kill = acked_count.load(Ordering::Acquire);
+    c.node(4).kill9();
+    let what = "writes did not resume after the broker-only leader was killed";
+    wait_acked(&c, &acked_count, at_kill + 3_000, what).await;
+    let after = c.wait_partition("observed", p, WAIT, "a new leader", |s| {
+        s.leader > 0 && s.leader != 4 && !s.isr.contains(&4)
+    });
+    assert!(after.leader_epoch > before.leader_epoch);
+    c.wait_brokers(3, WAIT);
+    never_controller(&mut c);
+
+    let (acked, failed) = task.await.unwrap();
+    eprintln!("acknowledged {} of {total}, {failed} failed", acked.len());
+    assert!(acked.len() > 6_000);
+    let values = read_values(
+        &b,
+        "observed",
+        partition,
+        acked.len() + failed,
+        Duration::from_secs(60),
+    );
+    check_history(&acked, &values);
+
+    // Back with its log and its place in the metadata log: it catches up, rejoins the ISR and,
+    // by a preferred election, leads its partition again with the same records.
+    c.node(4).restart();
+    c.wait_brokers(4, WAIT);
+    c.wait_partition(
+        "observed",
+        p,
+        Duration::from_secs(60),
+        "the broker-only node rejoins the ISR",
+        |s| s.isr.contains(&4),
+    );
+    assert!(
+        !c.node(4).log().contains("removing the log"),
+        "the restarted broker-only node dropped a log:\n{}",
+        c.node(4).log()
+    );
+    // 0, or ELECTION_NOT_NEEDED if the automatic leader balance got there first.
+    let code = elect_leaders(&mut c, 1, 0, "observed", partition);
+    assert!(code == 0 || code == 84, "ElectLeaders: error {code}");
+    c.wait_partition("observed", p, WAIT, "node 4 leads again", |s| s.leader == 4);
+    let again = read_values(
+        &b,
+        "observed",
+        partition,
+        values.len(),
+        Duration::from_secs(60),
+    );
+    assert_eq!(again, values, "the broker-only node serves a different log");
+    let q = describe_quorum(&mut c, 2);
+    assert_eq!(q.observers.iter().map(|v| v.0).collect::<Vec<_>>(), vec![4]);
+    assert_ne!(q.leader, 4);
+    never_controller(&mut c);
 }

@@ -831,8 +831,8 @@ fn host_port_rack(broker: &Broker, rack: Option<String>) -> (String, i32, Option
     (broker.advertised_host.clone(), broker.advertised_port, rack)
 }
 
-/// Starts this node's member of the metadata quorum and replays what is committed, until the
-/// node has caught up with the leader.
+/// Starts this node's member of the metadata quorum (a voter, or a learner on a broker-only
+/// node) and replays what is committed, until the node has caught up with the leader.
 async fn join_quorum(
     opts: &BrokerOptions,
     c: &crate::cluster::ClusterOptions,
@@ -893,6 +893,7 @@ async fn join_quorum(
     tracing::info!(
         offset = image.offset,
         leader = ?log.leader(),
+        role = if log.is_voter() { "voter" } else { "broker-only" },
         elapsed_ms = started.elapsed().as_millis() as u64,
         "caught up with the metadata quorum"
     );

@@ -19,7 +19,8 @@ use strom_meta::{MetadataImage, MetadataRecord, TopicImage};
 
 use crate::broker::Broker;
 
-/// `--controller-listen` and `--controller-quorum`.
+/// `--controller-listen` and `--controller-quorum`. A node whose id is not in `quorum` is a
+/// broker-only node: it follows the metadata log as a learner on `controller_listen`.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
     pub controller_listen: SocketAddr,
@@ -64,7 +65,7 @@ pub enum ControllerRequest {
     ControlledShutdown {
         broker_id: i32,
     },
-    /// DescribeQuorum: the leader's view of the voters.
+    /// DescribeQuorum: the leader's view of the voters and observers.
     DescribeQuorum,
 }
 
@@ -76,26 +77,31 @@ pub struct QuorumView {
     pub high_watermark: i64,
     /// (id, log end offset, last fetch ms, last caught-up ms)
     pub voters: Vec<(i32, i64, i64, i64)>,
+    /// The broker-only nodes (learners), as `voters`.
+    #[serde(default)]
+    pub observers: Vec<(i32, i64, i64, i64)>,
 }
 
 impl From<strom_meta::raft::QuorumState> for QuorumView {
     fn from(q: strom_meta::raft::QuorumState) -> Self {
+        let rows = |rs: &[strom_meta::raft::ReplicaState]| {
+            rs.iter()
+                .map(|r| {
+                    (
+                        r.replica_id,
+                        r.log_end_offset,
+                        r.last_fetch_timestamp,
+                        r.last_caught_up_timestamp,
+                    )
+                })
+                .collect()
+        };
         QuorumView {
             leader_id: q.leader_id,
             leader_epoch: q.leader_epoch,
             high_watermark: q.high_watermark,
-            voters: q
-                .voters
-                .iter()
-                .map(|v| {
-                    (
-                        v.replica_id,
-                        v.log_end_offset,
-                        v.last_fetch_timestamp,
-                        v.last_caught_up_timestamp,
-                    )
-                })
-                .collect(),
+            voters: rows(&q.voters),
+            observers: rows(&q.observers),
         }
     }
 }

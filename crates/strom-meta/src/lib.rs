@@ -15,6 +15,6 @@ pub use controller::{
 pub use image::{BrokerImage, MetadataImage, PartitionImage, TopicImage};
 pub use log::{FileMetadataLog, MetadataLog, MetadataLogError};
 pub use raft::{
-    Committed, ControllerHandler, QuorumState, RaftConfig, RaftMetadataLog, VoterState,
+    Committed, ControllerHandler, QuorumState, RaftConfig, RaftMetadataLog, ReplicaState,
 };
 pub use record::{MetadataRecord, TopicId};

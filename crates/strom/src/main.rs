@@ -80,11 +80,15 @@ struct ServerArgs {
     #[arg(long, hide = true)]
     null_sink: bool,
     /// The metadata quorum's voters, ID@HOST:PORT,... (their controller listeners). Without
-    /// it the node is a one-node cluster of its own.
+    /// it the node is a one-node cluster of its own. A node whose --node-id is not listed is a
+    /// broker-only node: it hosts and leads partitions but never votes or becomes the active
+    /// controller (Kafka's process.roles=broker); it needs --controller-listen.
     #[arg(long, value_name = "ID@HOST:PORT,...")]
     controller_quorum: Option<String>,
-    /// This node's controller listener (default: its entry in --controller-quorum).
-    #[arg(long)]
+    /// This node's controller listener (default: its entry in --controller-quorum). Required
+    /// on a broker-only node, where the active controller sends it the metadata log: a
+    /// specific address the voters can reach, not 0.0.0.0.
+    #[arg(long, value_name = "HOST:PORT")]
     controller_listen: Option<SocketAddr>,
 }
 
@@ -147,7 +151,9 @@ async fn server(args: ServerArgs) -> Result<()> {
                 (Some(l), _) => l,
                 (None, Some(a)) => a,
                 (None, None) => anyhow::bail!(
-                    "node {} is not a voter of --controller-quorum (broker-only nodes are not supported yet)",
+                    "node {} is not a voter of --controller-quorum, so it is a broker-only node: \
+                     give it --controller-listen HOST:PORT, the address where the active \
+                     controller sends it the metadata log",
                     args.node_id
                 ),
             };

@@ -1,6 +1,7 @@
-//! DescribeQuorum (KIP-595, KIP-836): the metadata quorum's leader, epoch, high watermark and
-//! voters, as the active controller sees them (a broker that is not the leader asks it). A
-//! one-node cluster answers with itself as the only voter.
+//! DescribeQuorum (KIP-595, KIP-836): the metadata quorum's leader, epoch, high watermark,
+//! voters and observers (the broker-only nodes, Raft learners), as the active controller sees
+//! them (a broker that is not the leader asks it). A one-node cluster answers with itself as
+//! the only voter. `nodes` lists the voters' controller listeners only, as Kafka's does.
 
 use std::sync::Arc;
 
@@ -27,6 +28,7 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
                 leader_epoch: 1,
                 high_watermark: broker.image().offset + 1,
                 voters: vec![(broker.node_id, broker.image().offset + 1, -1, -1)],
+                observers: Vec::new(),
             }),
             Some(_) => {
                 match crate::cluster::call(&broker, &ControllerRequest::DescribeQuorum).await {
@@ -56,20 +58,22 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
                         d.leader_id = BrokerId(q.leader_id);
                         d.leader_epoch = q.leader_epoch;
                         d.high_watermark = q.high_watermark;
-                        d.current_voters = q
-                            .voters
-                            .iter()
-                            .map(|(id, end, fetch, caught)| {
-                                let mut r = ReplicaState::default()
-                                    .with_replica_id(BrokerId(*id))
-                                    .with_log_end_offset(*end);
-                                if v >= 1 {
-                                    r.last_fetch_timestamp = *fetch;
-                                    r.last_caught_up_timestamp = *caught;
-                                }
-                                r
-                            })
-                            .collect();
+                        let replicas = |rows: &[(i32, i64, i64, i64)]| {
+                            rows.iter()
+                                .map(|(id, end, fetch, caught)| {
+                                    let mut r = ReplicaState::default()
+                                        .with_replica_id(BrokerId(*id))
+                                        .with_log_end_offset(*end);
+                                    if v >= 1 {
+                                        r.last_fetch_timestamp = *fetch;
+                                        r.last_caught_up_timestamp = *caught;
+                                    }
+                                    r
+                                })
+                                .collect()
+                        };
+                        d.current_voters = replicas(&q.voters);
+                        d.observers = replicas(&q.observers);
                     }
                 }
                 parts.push(d);

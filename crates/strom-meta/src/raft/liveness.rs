@@ -18,7 +18,7 @@
 //! A probe that connects, times out or fails any other way proves nothing (a host that is
 //! gone altogether, a partitioned network): the timeouts cover those cases.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,7 +28,7 @@ use openraft::raft::TransferLeaderRequest;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use super::network::RaftHandle;
+use super::network::{PeerAddrs, RaftHandle};
 use super::types::from_node_id;
 use super::ControllerHandler;
 
@@ -99,8 +99,8 @@ async fn refused(addr: SocketAddr) -> bool {
 pub struct Watcher {
     pub me: u64,
     pub raft: RaftHandle,
-    pub addrs: Arc<BTreeMap<u64, SocketAddr>>,
-    pub peers: Arc<PeerWatch>,
+    pub peers: PeerAddrs,
+    pub liveness: Arc<PeerWatch>,
     pub handler: Arc<dyn ControllerHandler>,
 }
 
@@ -111,11 +111,11 @@ impl Watcher {
             if peer == self.me {
                 continue;
             }
-            let Some(addr) = self.addrs.get(&peer).copied() else {
+            let Some(addr) = self.peers.get(peer) else {
                 continue;
             };
             if !self
-                .peers
+                .liveness
                 .probing
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -127,12 +127,12 @@ impl Watcher {
             tokio::spawn(async move {
                 tokio::time::sleep(PROBE_DELAY).await;
                 let gone = refused(addr).await;
-                this.peers
+                this.liveness
                     .probing
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&peer);
-                if gone && this.peers.mark_down(peer) {
+                if gone && this.liveness.mark_down(peer) {
                     tracing::info!(
                         node_id = from_node_id(peer),
                         "peer is down (its controller listener refuses connections)"

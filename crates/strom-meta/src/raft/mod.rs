@@ -2,6 +2,12 @@
 //! metadata records in a Raft log (openraft), the leader is the active controller, and every
 //! committed batch is handed to the broker through a channel of [`Committed`] messages.
 //!
+//! A node whose id is not among the voters is a broker-only node (Kafka's
+//! `process.roles=broker`): an openraft learner that receives the same committed log and
+//! snapshots but never votes and never leads. On start it asks the active controller to add it
+//! to the membership with its controller-listener address (see [`admit_learner`]); it is never
+//! promoted to voter (nothing here changes the voter set), and never initializes a cluster.
+//!
 //! Nothing outside this module sees openraft types.
 //!
 //! Files under [`RaftConfig::dir`]: `raft.log`, `vote`, `purged` (see `storage.rs`) and
@@ -15,8 +21,11 @@
 //!   leader's view of it go backwards (a debug assertion in debug builds) and acknowledged
 //!   entries may be lost.
 //! - A snapshot travels as one frame, so the metadata image must encode to under 64 MiB.
-//! - The leader does not purge entries a voter that is down still needs, and the log store keeps
-//!   unpurged entries in memory: a long outage of one voter grows the leader's memory.
+//! - A broker-only node stays in the membership once added (there is no removal yet): the
+//!   leader keeps trying to replicate to it while it is gone.
+//! - The leader does not purge entries a voter (or a broker-only learner) that is down still
+//!   needs, and the log store keeps unpurged entries in memory: a long outage of one node grows
+//!   the leader's memory.
 
 mod liveness;
 mod network;
@@ -48,7 +57,10 @@ use tokio::task::JoinHandle;
 use crate::log::MetadataLogError;
 use crate::record::MetadataRecord;
 use liveness::{PeerWatch, Watcher};
-use network::{AppAnswer, AppClient, NetworkFactory, RaftHandle, ServerCtx};
+use network::{
+    Answer, AppClient, JoinRequest, NetworkFactory, PeerAddrs, RaftHandle, ServerCtx, TAG_APP,
+    TAG_JOIN,
+};
 use state_machine::{Progress, StateMachine};
 use storage::LogStore;
 use types::{from_node_id, offset_of, to_node_id, RecordBatch};
@@ -59,7 +71,8 @@ const COMMITTED_CHANNEL: usize = 1024;
 #[derive(Debug, Clone)]
 pub struct RaftConfig {
     pub node_id: i32,
-    /// Every voter, from --controller-quorum "1@127.0.0.1:9192,2@...". This node is among them.
+    /// Every voter, from --controller-quorum "1@127.0.0.1:9192,2@...". A node that is not
+    /// among them is a broker-only node (a learner).
     pub voters: Vec<(i32, SocketAddr)>,
     /// Directory for the Raft log, vote and snapshot (the caller passes
     /// <data-dir>/__cluster_metadata-0).
@@ -119,11 +132,14 @@ pub struct QuorumState {
     pub leader_epoch: i32,
     /// The committed Raft index (-1: none).
     pub high_watermark: i64,
-    pub voters: Vec<VoterState>,
+    pub voters: Vec<ReplicaState>,
+    /// The learners (broker-only nodes): Kafka's observers.
+    pub observers: Vec<ReplicaState>,
 }
 
+/// One replica of the metadata log as the leader sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VoterState {
+pub struct ReplicaState {
     pub replica_id: i32,
     /// The replica's matched log index as the leader sees it (-1: unknown).
     pub log_end_offset: i64,
@@ -134,17 +150,22 @@ pub struct VoterState {
 
 struct Inner {
     node_id: i32,
+    /// False on a broker-only node (a learner).
+    voter: bool,
+    /// The controller listener this node announces when it joins as a learner.
+    listen_addr: SocketAddr,
     raft: RaftHandle,
     leader_rx: watch::Receiver<Option<i32>>,
     progress: Arc<Progress>,
     app: AppClient,
     handler: Arc<dyn ControllerHandler>,
-    peers: Arc<PeerWatch>,
+    liveness: Arc<PeerWatch>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     shut: AtomicBool,
 }
 
-/// The Raft metadata log of one controller-quorum voter. Cheap to clone.
+/// The Raft metadata log of one node: a controller-quorum voter or a broker-only learner.
+/// Cheap to clone.
 #[derive(Clone)]
 pub struct RaftMetadataLog {
     inner: Arc<Inner>,
@@ -168,6 +189,10 @@ impl RaftMetadataLog {
     /// membership with all voters: only on a pristine log (no vote, no entries, no snapshot),
     /// and only if no leader contacts it within one maximum election timeout (a voter that
     /// lost its disk rejoins the existing quorum instead of founding a new one).
+    ///
+    /// A node that is not a voter starts as a learner and asks the active controller, in the
+    /// background until it succeeds, to add it with the listener's address (which therefore
+    /// must be one the voters can reach, not a wildcard).
     pub async fn start(
         cfg: RaftConfig,
         listener: tokio::net::TcpListener,
@@ -182,14 +207,20 @@ impl RaftMetadataLog {
                 return Err(raft_err(format!("voter {id} is listed twice")));
             }
         }
-        if !addrs.contains_key(&to_node_id(cfg.node_id)) {
+        if cfg.node_id < 0 {
+            return Err(raft_err(format!("node id {} is negative", cfg.node_id)));
+        }
+        let me = to_node_id(cfg.node_id);
+        let voter = addrs.contains_key(&me);
+        let listen_addr = listener.local_addr().map_err(raft_err)?;
+        if !voter && listen_addr.ip().is_unspecified() {
             return Err(raft_err(format!(
-                "node {} is not among the controller quorum voters",
+                "broker-only node {}: the controller listener {listen_addr} is a wildcard \
+                 address; the voters need one they can connect to",
                 cfg.node_id
             )));
         }
-        let addrs = Arc::new(addrs);
-        let me = to_node_id(cfg.node_id);
+        let peers = PeerAddrs::new(addrs);
 
         let config = Config {
             cluster_name: "strom-metadata".into(),
@@ -221,13 +252,13 @@ impl RaftMetadataLog {
 
         let factory = NetworkFactory {
             me,
-            addrs: addrs.clone(),
+            peers: peers.clone(),
         };
         let raft = openraft::Raft::new(me, config, factory, log, sm)
             .await
             .map_err(raft_err)?;
 
-        let (peers, closed) = PeerWatch::new();
+        let (liveness, closed) = PeerWatch::new();
         let server = tokio::spawn(network::serve(
             listener,
             Arc::new(ServerCtx {
@@ -235,14 +266,15 @@ impl RaftMetadataLog {
                 raft: raft.clone(),
                 handler: handler.clone(),
                 peers: peers.clone(),
+                liveness: liveness.clone(),
             }),
         ));
-        let liveness = tokio::spawn(
+        let liveness_watch = tokio::spawn(
             Arc::new(Watcher {
                 me,
                 raft: raft.clone(),
-                addrs: addrs.clone(),
                 peers: peers.clone(),
+                liveness: liveness.clone(),
                 handler: handler.clone(),
             })
             .run(closed),
@@ -251,9 +283,19 @@ impl RaftMetadataLog {
         let (leader_tx, leader_rx) = watch::channel(None);
         let watcher = {
             let mut metrics = raft.metrics();
+            let peers = peers.clone();
             tokio::spawn(async move {
+                let mut membership_seen = None;
                 loop {
-                    let leader = metrics.borrow_watched().current_leader.map(from_node_id);
+                    let (leader, membership) = {
+                        let m = metrics.borrow_watched();
+                        let membership = m.membership_config.clone();
+                        (m.current_leader.map(from_node_id), membership)
+                    };
+                    if membership_seen.as_ref() != Some(membership.log_id()) {
+                        peers.learn(membership.membership().nodes());
+                        membership_seen = Some(*membership.log_id());
+                    }
                     leader_tx.send_if_modified(|cur| {
                         let changed = *cur != leader;
                         *cur = leader;
@@ -267,15 +309,17 @@ impl RaftMetadataLog {
             })
         };
 
-        let mut tasks = vec![server, watcher, liveness];
-        let lowest = addrs.keys().next().copied();
-        if pristine && lowest == Some(me) {
+        let mut tasks = vec![server, watcher, liveness_watch];
+        let lowest = peers.voters().keys().next().copied();
+        // Only a voter may found the cluster: a broker-only node never initializes one.
+        if voter && pristine && lowest == Some(me) {
             // Wait a little before forming the cluster: on a fresh cluster nobody can elect a
             // leader without a membership, so a leader that shows up meanwhile means this node
             // lost its disk and rejoins an existing quorum, which it must not re-initialize.
             let raft = raft.clone();
             let wait = Duration::from_millis(cfg.election_timeout_max_ms);
-            let members: BTreeMap<u64, BasicNode> = addrs
+            let members: BTreeMap<u64, BasicNode> = peers
+                .voters()
                 .iter()
                 .map(|(id, addr)| (*id, BasicNode::new(addr.to_string())))
                 .collect();
@@ -308,17 +352,37 @@ impl RaftMetadataLog {
         let log = RaftMetadataLog {
             inner: Arc::new(Inner {
                 node_id: cfg.node_id,
+                voter,
+                listen_addr,
                 raft,
                 leader_rx,
                 progress,
-                app: AppClient::new(me, addrs),
+                app: AppClient::new(me, peers),
                 handler,
-                peers,
+                liveness,
                 tasks: Mutex::new(tasks),
                 shut: AtomicBool::new(false),
             }),
         };
+        if !voter {
+            tracing::info!(
+                node_id = cfg.node_id,
+                controller_listener = %listen_addr,
+                "broker-only node: following the metadata quorum as a learner"
+            );
+            let join = tokio::spawn(join_as_learner(Arc::downgrade(&log.inner)));
+            log.inner
+                .tasks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(join);
+        }
         Ok((log, rx))
+    }
+
+    /// Whether this node is a controller-quorum voter (false: a broker-only learner).
+    pub fn is_voter(&self) -> bool {
+        self.inner.voter
     }
 
     pub fn node_id(&self) -> i32 {
@@ -337,7 +401,7 @@ impl RaftMetadataLog {
     /// Since when node `node_id`'s process is known to be gone (its controller listener
     /// refused a probe after a connection from it closed), if it is.
     pub fn peer_down_since(&self, node_id: i32) -> Option<std::time::Instant> {
-        self.inner.peers.down_since(to_node_id(node_id))
+        self.inner.liveness.down_since(to_node_id(node_id))
     }
 
     pub fn is_leader(&self) -> bool {
@@ -407,53 +471,106 @@ impl RaftMetadataLog {
         request: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, MetadataLogError> {
+        self.call_leader(TAG_APP, request, timeout).await
+    }
+
+    /// Serves a request this node received as the leader (`call_leader` without the network).
+    async fn answer_locally(&self, tag: u8, request: Vec<u8>) -> Answer {
+        match tag {
+            TAG_JOIN => match serde_json::from_slice::<JoinRequest>(&request) {
+                Ok(req) => admit_learner(&self.inner.raft, &self.inner.app.peers, req).await,
+                Err(e) => Answer::Err(format!("bad join request: {e}")),
+            },
+            _ => Answer::Ok(self.inner.handler.handle(request).await),
+        }
+    }
+
+    /// Sends a request (`TAG_APP` or `TAG_JOIN`) to the active controller, retrying while
+    /// there is no leader, it moved, or it answered with an error, up to `timeout`. A node that
+    /// knows no leader and is not a voter (a learner before it joined) asks the voters in turn:
+    /// each names the leader it knows.
+    async fn call_leader(
+        &self,
+        tag: u8,
+        request: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, MetadataLogError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let timed_out = || MetadataLogError::Timeout("no active controller answered".into());
+        let mut last_error: Option<String> = None;
+        let timed_out = |last: &Option<String>| {
+            MetadataLogError::Timeout(match last {
+                Some(e) => format!("no active controller answered (last error: {e})"),
+                None => "no active controller answered".into(),
+            })
+        };
         let mut leaders = self.leader_watch();
+        let voters: Vec<i32> = self
+            .inner
+            .app
+            .peers
+            .voters()
+            .keys()
+            .map(|id| from_node_id(*id))
+            .collect();
+        let mut probe = 0usize;
         // A leader named by a node that is no longer the leader, tried before our own view.
         let mut hint: Option<i32> = None;
         loop {
             self.check_open()?;
             let known = *leaders.borrow_and_update();
-            let leader = hint.take().or(known);
+            let probed = if known.is_none() && !self.inner.voter && !voters.is_empty() {
+                probe = probe.wrapping_add(1);
+                Some(voters[probe % voters.len()])
+            } else {
+                None
+            };
+            let leader = hint.take().or(known).or(probed);
             match leader {
                 None => {
                     if tokio::time::timeout_at(deadline, leaders.changed())
                         .await
                         .is_err()
                     {
-                        return Err(timed_out());
+                        return Err(timed_out(&last_error));
                     }
                     continue;
                 }
                 Some(id) if id == self.inner.node_id => {
                     if self.is_leader() {
-                        let fut = self.inner.handler.handle(request.clone());
-                        return tokio::time::timeout_at(deadline, fut)
-                            .await
-                            .map_err(|_| timed_out());
+                        let fut = self.answer_locally(tag, request.clone());
+                        match tokio::time::timeout_at(deadline, fut).await {
+                            Err(_) => return Err(timed_out(&last_error)),
+                            Ok(Answer::Ok(answer)) => return Ok(answer),
+                            Ok(Answer::NotLeader(_)) => {}
+                            Ok(Answer::Err(e)) => last_error = Some(e),
+                        }
                     }
                 }
                 Some(id) => {
-                    let call = self.inner.app.call(to_node_id(id), &request);
+                    let call = self.inner.app.call(to_node_id(id), tag, &request);
                     match tokio::time::timeout_at(deadline, call).await {
-                        Err(_) => return Err(timed_out()),
-                        Ok(Ok(AppAnswer::Ok(answer))) => return Ok(answer),
-                        Ok(Ok(AppAnswer::NotLeader(other))) => {
+                        Err(_) => return Err(timed_out(&last_error)),
+                        Ok(Ok(Answer::Ok(answer))) => return Ok(answer),
+                        Ok(Ok(Answer::NotLeader(other))) => {
                             if other.is_some() && other != Some(id) && other != known {
                                 hint = other;
                                 continue;
                             }
                         }
+                        Ok(Ok(Answer::Err(e))) => {
+                            tracing::debug!(leader = id, error = %e, "controller refused; retrying");
+                            last_error = Some(e);
+                        }
                         Ok(Err(e)) => {
                             tracing::debug!(leader = id, error = %e, "controller call failed; retrying");
+                            last_error = Some(e.to_string());
                         }
                     }
                 }
             }
             let pause = tokio::time::Instant::now() + Duration::from_millis(50);
             if pause >= deadline {
-                return Err(timed_out());
+                return Err(timed_out(&last_error));
             }
             tokio::time::sleep_until(pause).await;
         }
@@ -470,50 +587,50 @@ impl RaftMetadataLog {
         let high_watermark = offset_of(committed.as_ref());
         let is_leader = m.state == ServerState::Leader;
         let now = now_ms();
-        let voter_ids: BTreeSet<u64> = m.membership_config.membership().voter_ids().collect();
-        let voters = voter_ids
-            .into_iter()
-            .map(|id| {
-                if id == me {
-                    let end = m.last_log_index.map(|i| i as i64).unwrap_or(-1);
-                    return VoterState {
-                        replica_id: from_node_id(id),
-                        log_end_offset: end,
-                        last_fetch_timestamp: if is_leader { now } else { -1 },
-                        last_caught_up_timestamp: if is_leader { now } else { -1 },
-                    };
-                }
-                let matched = m
-                    .replication
-                    .as_ref()
-                    .and_then(|r| r.get(&id))
-                    .map(|l| offset_of(l.as_ref()))
-                    .unwrap_or(-1);
-                let fetched = m
-                    .heartbeat
-                    .as_ref()
-                    .and_then(|h| h.get(&id))
-                    .and_then(|t| t.as_ref())
-                    .map(|t| now - t.elapsed().as_millis() as i64)
-                    .unwrap_or(-1);
-                let caught_up = if fetched >= 0 && matched >= high_watermark {
-                    fetched
-                } else {
-                    -1
-                };
-                VoterState {
+        let replica = |id: u64| {
+            if id == me {
+                let end = m.last_log_index.map(|i| i as i64).unwrap_or(-1);
+                return ReplicaState {
                     replica_id: from_node_id(id),
-                    log_end_offset: matched,
-                    last_fetch_timestamp: fetched,
-                    last_caught_up_timestamp: caught_up,
-                }
-            })
-            .collect();
+                    log_end_offset: end,
+                    last_fetch_timestamp: if is_leader { now } else { -1 },
+                    last_caught_up_timestamp: if is_leader { now } else { -1 },
+                };
+            }
+            let matched = m
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&id))
+                .map(|l| offset_of(l.as_ref()))
+                .unwrap_or(-1);
+            let fetched = m
+                .heartbeat
+                .as_ref()
+                .and_then(|h| h.get(&id))
+                .and_then(|t| t.as_ref())
+                .map(|t| now - t.elapsed().as_millis() as i64)
+                .unwrap_or(-1);
+            let caught_up = if fetched >= 0 && matched >= high_watermark {
+                fetched
+            } else {
+                -1
+            };
+            ReplicaState {
+                replica_id: from_node_id(id),
+                log_end_offset: matched,
+                last_fetch_timestamp: fetched,
+                last_caught_up_timestamp: caught_up,
+            }
+        };
+        let membership = m.membership_config.membership();
+        let voter_ids: BTreeSet<u64> = membership.voter_ids().collect();
+        let learner_ids: BTreeSet<u64> = membership.learner_ids().collect();
         QuorumState {
             leader_id: m.current_leader.map(from_node_id).unwrap_or(-1),
             leader_epoch: m.current_term as i32,
             high_watermark,
-            voters,
+            voters: voter_ids.into_iter().map(replica).collect(),
+            observers: learner_ids.into_iter().map(replica).collect(),
         }
     }
 
@@ -576,5 +693,113 @@ impl RaftMetadataLog {
             task.abort();
             let _ = task.await;
         }
+    }
+}
+
+/// How long one join attempt may take, and the longest pause between attempts.
+const JOIN_ATTEMPT: Duration = Duration::from_secs(10);
+const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// At most this many broker-only nodes in the membership (each costs the leader a replication
+/// stream, and nothing removes them yet).
+const MAX_LEARNERS: usize = 1024;
+
+/// A broker-only node's start: asks the active controller to add it as a learner, retrying
+/// (with a growing pause) until it is in, or the log shuts down. On a restart it is already in
+/// the membership and the leader answers at once (or records its new address).
+async fn join_as_learner(inner: std::sync::Weak<Inner>) {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let Some(log) = inner.upgrade().map(|inner| RaftMetadataLog { inner }) else {
+            return;
+        };
+        let req = JoinRequest {
+            node_id: to_node_id(log.inner.node_id),
+            addr: log.inner.listen_addr,
+        };
+        let body = match serde_json::to_vec(&req) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode the join request");
+                return;
+            }
+        };
+        match log.call_leader(TAG_JOIN, body, JOIN_ATTEMPT).await {
+            Ok(_) => {
+                tracing::info!(
+                    node_id = log.inner.node_id,
+                    "joined the metadata quorum as a broker-only node (learner)"
+                );
+                return;
+            }
+            Err(MetadataLogError::Shutdown) => return,
+            Err(e) => tracing::warn!(error = %e, "joining the metadata quorum; retrying"),
+        }
+        drop(log);
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(JOIN_BACKOFF_MAX);
+    }
+}
+
+/// The leader's side of a join: adds `req.node_id` as a learner at `req.addr` (openraft's
+/// non-blocking `add_learner`: the leader starts replicating to it once the membership entry
+/// commits), or records its new address if it is already a learner elsewhere. Never touches
+/// the voter set, and refuses a node id that is a voter.
+async fn admit_learner(raft: &RaftHandle, peers: &PeerAddrs, req: JoinRequest) -> Answer {
+    if req.node_id > i32::MAX as u64 {
+        return Answer::Err(format!("{} is not a node id", req.node_id));
+    }
+    let id = from_node_id(req.node_id);
+    let addr = req.addr.to_string();
+    let (voter, known, committed, learners) = {
+        let metrics = raft.metrics();
+        let m = metrics.borrow_watched();
+        let membership = m.membership_config.membership();
+        let voter = membership.voter_ids().any(|v| v == req.node_id);
+        let known = membership.get_node(&req.node_id).map(|n| n.addr.clone());
+        // Answer "already in" only from the committed membership: an uncommitted entry may
+        // still be discarded by a leader change.
+        let committed = m
+            .committed_membership_config
+            .membership()
+            .get_node(&req.node_id)
+            .is_some_and(|n| n.addr == addr);
+        (voter, known, committed, membership.learner_ids().count())
+    };
+    if voter || peers.is_voter(req.node_id) {
+        return Answer::Err(format!(
+            "node {id} is a controller-quorum voter; it cannot join as a broker-only node"
+        ));
+    }
+    if committed && known.as_deref() == Some(addr.as_str()) {
+        return Answer::Ok(b"null".to_vec());
+    }
+    if known.is_none() && learners >= MAX_LEARNERS {
+        return Answer::Err(format!(
+            "node {id} cannot join: the metadata quorum already has {learners} broker-only nodes"
+        ));
+    }
+    let node = BasicNode::new(addr.clone());
+    let result = if known.is_some() {
+        // Safe for a learner (it has no vote); `AddNodes` would keep the old address.
+        let nodes = BTreeMap::from([(req.node_id, node)]);
+        raft.change_membership(openraft::ChangeMembers::SetNodes(nodes), true)
+            .await
+    } else {
+        raft.add_learner(req.node_id, node, false).await
+    };
+    match result {
+        Ok(_) => {
+            tracing::info!(
+                node_id = id,
+                controller_listener = %addr,
+                moved = known.is_some(),
+                "broker-only node added to the metadata quorum as a learner"
+            );
+            Answer::Ok(b"null".to_vec())
+        }
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            Answer::NotLeader(f.leader_id.map(from_node_id))
+        }
+        Err(e) => Answer::Err(format!("adding learner {id}: {e}")),
     }
 }

@@ -12,6 +12,11 @@
 //! | 2 vote, 3 pre_vote  | json VoteRequest             | OK json VoteResponse                |
 //! | 4 full snapshot     | json {vote, meta, records}   | OK json SnapshotResponse            |
 //! | 5 application       | raw bytes                    | OK raw bytes, or NOT_LEADER json    |
+//! | 6 join as learner   | json JoinRequest             | OK json null, or NOT_LEADER json    |
+//!
+//! Tag 6 is how a broker-only node (not in `--controller-quorum`) asks the active controller
+//! to add it to the membership as a learner, with the controller-listener address the leader
+//! replicates to.
 //!
 //! `ERR <utf-8 message>` answers any request the server could not serve. Bad input (an
 //! oversized frame, an unknown tag, json that does not parse) closes the connection; nothing
@@ -53,6 +58,7 @@ pub const TAG_VOTE: u8 = 2;
 pub const TAG_PRE_VOTE: u8 = 3;
 pub const TAG_SNAPSHOT: u8 = 4;
 pub const TAG_APP: u8 = 5;
+pub const TAG_JOIN: u8 = 6;
 
 pub const ANSWER_OK: u8 = 0;
 pub const ANSWER_ERR: u8 = 1;
@@ -62,6 +68,72 @@ pub const ANSWER_NOT_LEADER: u8 = 2;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub type RaftHandle = openraft::Raft<TypeConfig, StateMachine>;
+
+/// A broker-only node asks to follow the metadata log as a learner (tag 6).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub node_id: u64,
+    /// Its controller listener, where the leader sends AppendEntries and snapshots.
+    pub addr: SocketAddr,
+}
+
+/// What a node answers to an application or join request.
+pub enum Answer {
+    Ok(Vec<u8>),
+    NotLeader(Option<i32>),
+    Err(String),
+}
+
+/// Controller-listener addresses by node id: the voters from `--controller-quorum` (fixed),
+/// and the learners (broker-only nodes) as the membership names them, kept up to date from the
+/// membership so a learner that comes back at another address is found there. Looked up each
+/// time a connection opens.
+#[derive(Clone)]
+pub struct PeerAddrs {
+    voters: Arc<BTreeMap<u64, SocketAddr>>,
+    learners: Arc<Mutex<HashMap<u64, SocketAddr>>>,
+}
+
+impl PeerAddrs {
+    pub fn new(voters: BTreeMap<u64, SocketAddr>) -> Self {
+        PeerAddrs {
+            voters: Arc::new(voters),
+            learners: Arc::default(),
+        }
+    }
+
+    pub fn voters(&self) -> &BTreeMap<u64, SocketAddr> {
+        &self.voters
+    }
+
+    pub fn is_voter(&self, id: u64) -> bool {
+        self.voters.contains_key(&id)
+    }
+
+    pub fn get(&self, id: u64) -> Option<SocketAddr> {
+        self.voters.get(&id).copied().or_else(|| {
+            self.learners
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id)
+                .copied()
+        })
+    }
+
+    /// Records the addresses the membership gives the nodes that are not configured voters
+    /// (an address that does not parse is skipped: such a node is unreachable, not fatal).
+    pub fn learn<'a>(&self, nodes: impl Iterator<Item = (&'a u64, &'a BasicNode)>) {
+        let mut learners = self.learners.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, node) in nodes {
+            if self.voters.contains_key(id) {
+                continue;
+            }
+            if let Ok(addr) = node.addr.parse() {
+                learners.insert(*id, addr);
+            }
+        }
+    }
+}
 
 #[derive(Serialize, Deserialize)]
 struct Hello {
@@ -130,18 +202,29 @@ pub struct ServerCtx {
     pub node_id: u64,
     pub raft: RaftHandle,
     pub handler: Arc<dyn ControllerHandler>,
-    pub peers: Arc<PeerWatch>,
+    pub peers: PeerAddrs,
+    pub liveness: Arc<PeerWatch>,
 }
 
 /// Reports the close of a connection a peer opened (however `serve_conn` ends).
 struct PeerConnection<'a> {
-    peers: &'a PeerWatch,
+    liveness: &'a PeerWatch,
     peer: u64,
 }
 
 impl Drop for PeerConnection<'_> {
     fn drop(&mut self) {
-        self.peers.closed(self.peer);
+        self.liveness.closed(self.peer);
+    }
+}
+
+impl ServerCtx {
+    fn current_leader(&self) -> Option<i32> {
+        self.raft
+            .metrics()
+            .borrow_watched()
+            .current_leader
+            .map(from_node_id)
     }
 }
 
@@ -193,9 +276,9 @@ async fn serve_conn(mut stream: TcpStream, ctx: &ServerCtx) -> io::Result<()> {
     let me = serde_json::to_vec(&ctx.node_id).map_err(io_err)?;
     write_frame(&mut stream, ANSWER_OK, &me).await?;
     let _peer = hello.from.map(|peer| {
-        ctx.peers.connected(peer);
+        ctx.liveness.connected(peer);
         PeerConnection {
-            peers: &ctx.peers,
+            liveness: &ctx.liveness,
             peer,
         }
     });
@@ -225,22 +308,21 @@ async fn serve_conn(mut stream: TcpStream, ctx: &ServerCtx) -> io::Result<()> {
                 };
                 json_answer(ctx.raft.install_full_snapshot(req.vote, snap).await)
             }
-            TAG_APP => {
-                if ctx.raft.is_leader() {
-                    (ANSWER_OK, ctx.handler.handle(body).await)
-                } else {
-                    let leader = ctx
-                        .raft
-                        .metrics()
-                        .borrow_watched()
-                        .current_leader
-                        .map(from_node_id);
-                    (
-                        ANSWER_NOT_LEADER,
-                        serde_json::to_vec(&leader).map_err(io_err)?,
-                    )
+            TAG_APP if ctx.raft.is_leader() => (ANSWER_OK, ctx.handler.handle(body).await),
+            TAG_JOIN if ctx.raft.is_leader() => {
+                let req: JoinRequest = serde_json::from_slice(&body).map_err(invalid)?;
+                match super::admit_learner(&ctx.raft, &ctx.peers, req).await {
+                    Answer::Ok(b) => (ANSWER_OK, b),
+                    Answer::NotLeader(l) => {
+                        (ANSWER_NOT_LEADER, serde_json::to_vec(&l).map_err(io_err)?)
+                    }
+                    Answer::Err(e) => (ANSWER_ERR, e.into_bytes()),
                 }
             }
+            TAG_APP | TAG_JOIN => (
+                ANSWER_NOT_LEADER,
+                serde_json::to_vec(&ctx.current_leader()).map_err(io_err)?,
+            ),
             other => return Err(invalid(format!("unknown request tag {other}"))),
         };
         write_frame(&mut stream, answer, &out).await?;
@@ -305,7 +387,7 @@ enum CallError {
 pub struct PeerClient {
     me: u64,
     target: u64,
-    addr: Option<SocketAddr>,
+    peers: PeerAddrs,
     conn: Option<TcpStream>,
 }
 
@@ -333,7 +415,7 @@ impl PeerClient {
     }
 
     async fn open(&self) -> io::Result<TcpStream> {
-        let addr = self.addr.ok_or_else(|| {
+        let addr = self.peers.get(self.target).ok_or_else(|| {
             io_err(format!(
                 "no address known for node {}",
                 from_node_id(self.target)
@@ -456,50 +538,40 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     }
 }
 
-/// Creates a `PeerClient` per replication stream; addresses come from the configured voters
-/// (falling back to the address stored in the membership).
+/// Creates a `PeerClient` per replication stream; addresses come from the configured voters,
+/// and for learners from the membership (see `PeerAddrs`).
 #[derive(Clone)]
 pub struct NetworkFactory {
     pub me: u64,
-    pub addrs: Arc<BTreeMap<u64, SocketAddr>>,
+    pub peers: PeerAddrs,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerClient {
-        let addr = self
-            .addrs
-            .get(&target)
-            .copied()
-            .or_else(|| node.addr.parse().ok());
+        self.peers.learn(std::iter::once((&target, node)));
         PeerClient {
             me: self.me,
             target,
-            addr,
+            peers: self.peers.clone(),
             conn: None,
         }
     }
 }
 
-/// What the active controller answered to an application request.
-pub enum AppAnswer {
-    Ok(Vec<u8>),
-    NotLeader(Option<i32>),
-}
-
-/// Pooled connections for application requests to the active controller.
+/// Pooled connections for application and join requests to the active controller (a voter).
 pub struct AppClient {
     pub me: u64,
-    pub addrs: Arc<BTreeMap<u64, SocketAddr>>,
+    pub peers: PeerAddrs,
     pool: Mutex<HashMap<u64, Vec<TcpStream>>>,
 }
 
 impl AppClient {
-    pub fn new(me: u64, addrs: Arc<BTreeMap<u64, SocketAddr>>) -> Self {
+    pub fn new(me: u64, peers: PeerAddrs) -> Self {
         AppClient {
             me,
-            addrs,
+            peers,
             pool: Mutex::new(HashMap::new()),
         }
     }
@@ -520,9 +592,10 @@ impl AppClient {
         }
     }
 
-    /// Sends one request to `target` (the caller bounds the time).
-    pub async fn call(&self, target: u64, request: &[u8]) -> io::Result<AppAnswer> {
-        let addr = *self.addrs.get(&target).ok_or_else(|| {
+    /// Sends one request (`tag`: TAG_APP or TAG_JOIN) to the voter `target` (the caller bounds
+    /// the time). An `ERR` answer is `Answer::Err`; the connection stays usable.
+    pub async fn call(&self, target: u64, tag: u8, request: &[u8]) -> io::Result<Answer> {
+        let addr = *self.peers.voters().get(&target).ok_or_else(|| {
             io_err(format!(
                 "node {} is not a configured voter",
                 from_node_id(target)
@@ -532,26 +605,22 @@ impl AppClient {
             Some(s) => (s, true),
             None => (connect(addr, target, Some(self.me)).await?, false),
         };
-        let (answer, body) = match exchange(&mut stream, TAG_APP, request).await {
+        let (answer, body) = match exchange(&mut stream, tag, request).await {
             Ok(r) => r,
             Err(_) if reused => {
                 stream = connect(addr, target, Some(self.me)).await?;
-                exchange(&mut stream, TAG_APP, request).await?
+                exchange(&mut stream, tag, request).await?
             }
             Err(e) => return Err(e),
         };
         let out = match answer {
-            ANSWER_OK => AppAnswer::Ok(body),
-            ANSWER_NOT_LEADER => {
-                AppAnswer::NotLeader(serde_json::from_slice(&body).map_err(invalid)?)
-            }
-            _ => {
-                return Err(io_err(format!(
-                    "node {} answered: {}",
-                    from_node_id(target),
-                    String::from_utf8_lossy(&body)
-                )))
-            }
+            ANSWER_OK => Answer::Ok(body),
+            ANSWER_NOT_LEADER => Answer::NotLeader(serde_json::from_slice(&body).map_err(invalid)?),
+            _ => Answer::Err(format!(
+                "node {} answered: {}",
+                from_node_id(target),
+                String::from_utf8_lossy(&body)
+            )),
         };
         self.put(target, stream);
         Ok(out)

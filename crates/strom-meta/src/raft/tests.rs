@@ -359,6 +359,187 @@ async fn failover_then_restarted_node_catches_up() {
     .await;
 }
 
+/// Waits until `a` and `b` have both delivered the batch at `offset`, then checks they
+/// delivered the same batches (appends resolve on commit, before every node has applied).
+async fn same_batches(a: &Node, b: &Node, offset: i64) {
+    for n in [a, b] {
+        until("the batch to be delivered", || {
+            n.batches().last().is_some_and(|l| l.0 >= offset)
+        })
+        .await;
+    }
+    assert_eq!(a.batches(), b.batches(), "nodes {} and {}", a.id, b.id);
+}
+
+/// A broker-only node (id 4, not among the voters) joins as a learner: it applies what the
+/// voters commit, survives a restart (also at a new address), follows a new leader after a
+/// failover, and never votes or leads: with two of the three voters gone, it does not help the
+/// last one to a majority.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_follows_the_log_and_never_votes() {
+    bounded(async {
+        let root = tempfile::tempdir().unwrap();
+        let (mut voters, config) = cluster(root.path(), 10_000).await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let learner = start_node(4, listener, &config, &root.path().join("node-4"), 10_000).await;
+        assert!(!learner.log.is_voter());
+        assert!(voters.iter().all(|v| v.log.is_voter()));
+
+        let mut offsets = Vec::new();
+        {
+            let all: Vec<&Node> = voters.iter().collect();
+            for i in 0..5 {
+                offsets.push(append(&all, vec![rec(i)]).await);
+            }
+        }
+        let last = *offsets.last().unwrap();
+        same_batches(&learner, &voters[0], last).await;
+        assert_eq!(learner.batches().len(), 5);
+        assert_eq!(learner.log.wait_caught_up(STEP).await.unwrap(), last);
+
+        let leader_id = {
+            let all: Vec<&Node> = voters.iter().collect();
+            agreed_leader(&all).await
+        };
+        assert_eq!(learner.log.leader(), Some(leader_id));
+        let leader = voters.iter().find(|n| n.id == leader_id).unwrap();
+        until("the leader to see the learner caught up", || {
+            let q = leader.log.quorum_state();
+            q.observers
+                .iter()
+                .any(|o| o.replica_id == 4 && o.log_end_offset >= last)
+        })
+        .await;
+        let q = leader.log.quorum_state();
+        assert_eq!(
+            q.voters.iter().map(|v| v.replica_id).collect::<Vec<_>>(),
+            vec![1, 2, 3],
+            "the learner is not a voter"
+        );
+        assert_eq!(
+            q.observers.iter().map(|v| v.replica_id).collect::<Vec<_>>(),
+            vec![4]
+        );
+        // The leader refuses to take a voter's id as a learner.
+        let mut s = network::connect(leader.addr, types::to_node_id(leader_id), None)
+            .await
+            .unwrap();
+        let join = network::JoinRequest {
+            node_id: types::to_node_id(if leader_id == 1 { 2 } else { 1 }),
+            addr: "127.0.0.1:9".parse().unwrap(),
+        };
+        let body = serde_json::to_vec(&join).unwrap();
+        network::write_frame(&mut s, network::TAG_JOIN, &body)
+            .await
+            .unwrap();
+        let (answer, why) = network::read_frame(&mut s).await.unwrap();
+        assert_eq!(
+            answer,
+            network::ANSWER_ERR,
+            "{}",
+            String::from_utf8_lossy(&why)
+        );
+        assert_eq!(leader.log.quorum_state().voters.len(), 3);
+
+        // A learner refuses appends and reaches the controller's handler through the leader.
+        assert!(matches!(
+            learner.log.append(vec![rec(9)]).await,
+            Err(MetadataLogError::NotLeader { .. })
+        ));
+        let answer = learner
+            .log
+            .call_controller(b"ping".to_vec(), STEP)
+            .await
+            .unwrap();
+        assert_eq!(answer, format!("{leader_id}:ping").into_bytes());
+
+        // Restart the learner on the same address: it replays its persisted log and catches up.
+        learner.log.shutdown().await;
+        {
+            let all: Vec<&Node> = voters.iter().collect();
+            offsets.push(append(&all, vec![rec(5)]).await);
+        }
+        let learner = restart(&learner, &config, 10_000).await;
+        same_batches(&learner, &voters[0], *offsets.last().unwrap()).await;
+        assert_eq!(learner.batches().len(), 6, "replayed from its own log");
+        assert_eq!(
+            learner.log.wait_caught_up(STEP).await.unwrap(),
+            *offsets.last().unwrap()
+        );
+
+        // Kill the leader: a voter takes over, the learner follows it and gets new entries.
+        let old = voters.remove(voters.iter().position(|n| n.id == leader_id).unwrap());
+        old.log.shutdown().await;
+        let new_leader = {
+            let rest: Vec<&Node> = voters.iter().collect();
+            agreed_leader(&rest).await
+        };
+        assert_ne!(new_leader, 4);
+        assert_ne!(new_leader, leader_id);
+        {
+            let rest: Vec<&Node> = voters.iter().collect();
+            offsets.push(append(&rest, vec![rec(6)]).await);
+        }
+        same_batches(&learner, &voters[0], *offsets.last().unwrap()).await;
+        until("the learner to follow the new leader", || {
+            learner.log.leader() == Some(new_leader)
+        })
+        .await;
+        assert!(!learner.log.is_leader());
+        assert_eq!(learner.batches().len(), 7);
+
+        // The learner moves to another address: it rejoins there (the leader records it).
+        learner.log.shutdown().await;
+        let moved = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let learner = start_node(4, moved, &config, &learner.dir, 10_000).await;
+        {
+            let rest: Vec<&Node> = voters.iter().collect();
+            offsets.push(append(&rest, vec![rec(7)]).await);
+        }
+        same_batches(&learner, &voters[0], *offsets.last().unwrap()).await;
+        assert_eq!(learner.batches().len(), 8);
+
+        // One voter and the learner are no majority: nobody leads, nothing commits.
+        let second = voters.remove(voters.iter().position(|n| n.id == new_leader).unwrap());
+        second.log.shutdown().await;
+        let lone = &voters[0];
+        let attempt = tokio::time::timeout(Duration::from_secs(3), async {
+            loop {
+                match lone.log.append(vec![rec(99)]).await {
+                    Ok(offset) => return offset,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        })
+        .await;
+        assert!(attempt.is_err(), "a learner counted towards a majority");
+        assert!(!learner.log.is_leader() && !lone.log.is_leader());
+        assert_ne!(learner.log.leader(), Some(4));
+
+        // The voters come back; the learner follows whoever leads and never leads itself.
+        let back = restart(&old, &config, 10_000).await;
+        voters.push(back);
+        let leader_now = {
+            let all: Vec<&Node> = voters.iter().collect();
+            agreed_leader(&all).await
+        };
+        assert_ne!(leader_now, 4);
+        {
+            let all: Vec<&Node> = voters.iter().collect();
+            offsets.push(append(&all, vec![rec(8)]).await);
+        }
+        let leader = voters.iter().find(|n| n.id == leader_now).unwrap();
+        same_batches(&learner, leader, *offsets.last().unwrap()).await;
+        assert_eq!(learner.batches().len(), 9);
+        assert!(!learner.log.is_leader());
+        learner.log.shutdown().await;
+        for n in &voters {
+            n.log.shutdown().await;
+        }
+    })
+    .await;
+}
+
 fn purged_index(dir: &Path) -> i64 {
     std::fs::read(dir.join(storage::PURGED_FILE))
         .ok()
