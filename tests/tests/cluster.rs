@@ -94,6 +94,21 @@ async fn send_values(p: &FutureProducer, topic: &str, values: std::ops::Range<u6
 
 /// Reads partition `p` from the start until `n` records or the timeout; returns the values.
 fn read_values(bootstrap: &str, topic: &str, p: i32, n: usize, timeout: Duration) -> Vec<u64> {
+    let c = assigned_consumer(bootstrap, topic, p);
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while out.len() < n && Instant::now() < deadline {
+        match c.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => out.push(value_of(&m)),
+            Some(Err(e)) => eprintln!("consume: {e}"),
+            None => {}
+        }
+    }
+    out
+}
+
+/// A consumer (no group) assigned partition `p` of `topic` from the beginning.
+fn assigned_consumer(bootstrap: &str, topic: &str, p: i32) -> BaseConsumer {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "unused-assign-only")
@@ -105,22 +120,15 @@ fn read_values(bootstrap: &str, topic: &str, p: i32, n: usize, timeout: Duration
     tpl.add_partition_offset(topic, p, Offset::Beginning)
         .unwrap();
     c.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let deadline = Instant::now() + timeout;
-    while out.len() < n && Instant::now() < deadline {
-        match c.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                let v = std::str::from_utf8(m.payload().unwrap_or_default())
-                    .unwrap()
-                    .parse::<u64>()
-                    .unwrap();
-                out.push(v);
-            }
-            Some(Err(e)) => eprintln!("consume: {e}"),
-            None => {}
-        }
-    }
-    out
+    c
+}
+
+/// The number a test record carries as its value.
+fn value_of(m: &rdkafka::message::BorrowedMessage<'_>) -> u64 {
+    std::str::from_utf8(m.payload().unwrap_or_default())
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
 }
 
 /// A consumer of partition 0 from the beginning, on its own thread, that runs until it has
@@ -131,17 +139,7 @@ fn consume_continuously(
     topic: &str,
     until: Arc<AtomicUsize>,
 ) -> std::thread::JoinHandle<Vec<(i64, u64)>> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "unused-assign-only")
-        .set("enable.auto.commit", "false")
-        .set("topic.metadata.refresh.interval.ms", "500")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .unwrap();
-    c.assign(&tpl).unwrap();
+    let c = assigned_consumer(bootstrap, topic, 0);
     std::thread::spawn(move || {
         let mut out = Vec::new();
         let mut deadline = None;
@@ -154,13 +152,7 @@ fn consume_continuously(
                 }
             }
             match c.poll(Duration::from_millis(50)) {
-                Some(Ok(m)) => {
-                    let v = std::str::from_utf8(m.payload().unwrap_or_default())
-                        .unwrap()
-                        .parse::<u64>()
-                        .unwrap();
-                    out.push((m.offset(), v));
-                }
+                Some(Ok(m)) => out.push((m.offset(), value_of(&m))),
                 Some(Err(e)) => eprintln!("consume: {e}"),
                 None => {}
             }
