@@ -411,8 +411,14 @@ pub fn propose_isr(broker: &Arc<Broker>, part: &Arc<Partition>, change: IsrChang
     }
     let broker = broker.clone();
     let part = part.clone();
+    // The partition state this decision rests on: the controller refuses the change once the
+    // partition moved on (KIP-497), even if this broker still leads in the same epoch — a
+    // follower found caught up may have been reassigned away and back since, its log gone.
+    let (epoch, partition_epoch) = {
+        let role = part.role();
+        (role.leader_epoch, role.partition_epoch)
+    };
     tokio::spawn(async move {
-        let epoch = part.role().leader_epoch;
         let me = broker.node_id;
         let result = broker
             .commit_metadata_async::<String>(|img| {
@@ -430,7 +436,14 @@ pub fn propose_isr(broker: &Arc<Broker>, part: &Arc<Partition>, change: IsrChang
                 }
                 broker
                     .controller()
-                    .alter_isr(img, &part.topic, part.index, (me, epoch), &isr, &*broker)
+                    .alter_isr(
+                        img,
+                        &part.topic,
+                        part.index,
+                        (me, epoch, partition_epoch),
+                        &isr,
+                        &*broker,
+                    )
                     .map_err(|e| e.to_string())
             })
             .await;

@@ -316,7 +316,7 @@ impl Sim {
                     &self.image,
                     TOPIC,
                     0,
-                    (leader, p.leader_epoch),
+                    (leader, p.leader_epoch, p.partition_epoch),
                     &isr,
                     &POLICY,
                 )
@@ -358,7 +358,7 @@ impl Sim {
                 &self.image,
                 TOPIC,
                 0,
-                (leader, p.leader_epoch),
+                (leader, p.leader_epoch, p.partition_epoch),
                 &isr,
                 &POLICY,
             )

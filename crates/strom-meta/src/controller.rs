@@ -2,7 +2,7 @@
 //! pure function of its inputs (no clock, no randomness, no I/O) so that the same logic runs in
 //! a simulated cluster later; callers supply topic ids and append the records to the log.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::image::MetadataImage;
 use crate::record::{MetadataRecord, TopicId};
@@ -93,6 +93,9 @@ pub enum AlterPartitionError {
     NotLeaderOrFollower,
     #[error("leader epoch {got} is not the current {current}")]
     FencedLeaderEpoch { got: i32, current: i32 },
+    /// Kafka's INVALID_UPDATE_VERSION: the proposal was based on an older partition state.
+    #[error("partition epoch {got} is not the current {current}")]
+    InvalidUpdateVersion { got: i32, current: i32 },
     #[error("the proposed ISR contains a replica that is not live or not assigned: {0}")]
     IneligibleReplica(i32),
     #[error("the proposed ISR is not valid: {0}")]
@@ -150,6 +153,17 @@ struct Leadership {
     leader: i32,
     isr: Vec<i32>,
     elr: Vec<i32>,
+}
+
+impl Leadership {
+    /// The partition's leadership as it is.
+    fn of(p: &crate::image::PartitionImage) -> Self {
+        Leadership {
+            leader: p.leader,
+            isr: p.isr.clone(),
+            elr: p.elr.clone(),
+        }
+    }
 }
 
 /// KIP-966: the ISR becomes `isr`. Replicas that leave it while it is below min.insync.replicas
@@ -219,11 +233,19 @@ fn elect(
     }
 }
 
+/// The next record of `p` under leadership `l`. A change that leaves every target replica of
+/// a reassignment in the ISR completes it — an ISR expansion, but also an election that makes
+/// an eligible (KIP-966) or unclean leader the whole ISR: nothing else would complete it then
+/// if the replicas being removed never come back.
 fn partition_record(
+    image: &MetadataImage,
     topic_id: TopicId,
     p: &crate::image::PartitionImage,
     l: Leadership,
 ) -> MetadataRecord {
+    if let Some(done) = complete_reassignment(image, topic_id, p, &l) {
+        return done;
+    }
     reassigned_record(
         topic_id,
         p,
@@ -284,15 +306,10 @@ fn reassigned_record(
     }
 }
 
-/// Moves a partition to the replica set `replicas` (dropping the others): the ISR and ELR keep
-/// only members of it, and a leader outside it (or none) is replaced by the first live in-sync
-/// (or eligible) replica in `replicas` order.
-fn settle_on(
-    image: &MetadataImage,
-    p: &crate::image::PartitionImage,
-    replicas: &[i32],
-    isr: &[i32],
-) -> Leadership {
+/// Moves a partition with leadership `l` to the replica set `replicas` (dropping the others):
+/// the ISR and ELR keep only members of it, and a leader outside it (or none) is replaced by
+/// the first live in-sync (or eligible) replica in `replicas` order.
+fn settle_on(image: &MetadataImage, replicas: &[i32], l: &Leadership) -> Leadership {
     let keep = |set: &[i32]| -> Vec<i32> {
         replicas
             .iter()
@@ -300,10 +317,10 @@ fn settle_on(
             .filter(|r| set.contains(r))
             .collect()
     };
-    let (isr, elr) = (keep(isr), keep(&p.elr));
-    if p.leader >= 0 && replicas.contains(&p.leader) {
+    let (isr, elr) = (keep(&l.isr), keep(&l.elr));
+    if l.leader >= 0 && replicas.contains(&l.leader) {
         Leadership {
-            leader: p.leader,
+            leader: l.leader,
             isr,
             elr,
         }
@@ -312,23 +329,23 @@ fn settle_on(
     }
 }
 
-/// KIP-455: a reassignment completes once every target replica is in the ISR. Given the ISR a
-/// change would produce, the record that finishes the reassignment along with that change, if
-/// it does.
+/// KIP-455: a reassignment completes once every target replica is in the ISR. Given the
+/// leadership (leader, ISR, ELR) a change would produce, the record that finishes the
+/// reassignment along with that change, if it does.
 fn complete_reassignment(
     image: &MetadataImage,
     topic_id: TopicId,
     p: &crate::image::PartitionImage,
-    isr: &[i32],
+    l: &Leadership,
 ) -> Option<MetadataRecord> {
     if !p.is_reassigning() {
         return None;
     }
     let target = p.target_replicas();
-    if target.is_empty() || !target.iter().all(|r| isr.contains(r)) {
+    if target.is_empty() || !target.iter().all(|r| l.isr.contains(r)) {
         return None;
     }
-    let l = settle_on(image, p, &target, isr);
+    let l = settle_on(image, &target, l);
     Some(reassigned_record(
         topic_id,
         p,
@@ -352,9 +369,34 @@ impl Controller {
         // A start derived from the topic id spreads leaders of different topics; consecutive
         // partitions then rotate through the brokers so leaders are balanced within a topic.
         let start = topic_id.iter().map(|b| *b as usize).sum::<usize>();
-        (0..rf.min(brokers.len()))
-            .map(|i| brokers[(start + partition as usize + i) % brokers.len()])
-            .collect()
+        let first = (start + partition as usize) % brokers.len();
+        let rack = |b: i32| image.brokers.get(&b).and_then(|b| b.rack.as_deref());
+        let racks = brokers
+            .iter()
+            .map(|b| rack(*b))
+            .collect::<BTreeSet<_>>()
+            .len();
+        // The followers come next in the rack-alternating order, but skipping brokers whose
+        // rack already holds a replica while some rack holds none: with racks of unequal size
+        // a plain window of that order wraps around onto a rack it already used (racks a, b, c
+        // with brokers 1a 2b 3c 4a 5b: the window from 4 is 4a 5b 1a). Kafka's rack-aware
+        // assignment skips the same way.
+        let mut replicas: Vec<i32> = Vec::with_capacity(rf);
+        let mut used = BTreeSet::new();
+        for spread in [true, false] {
+            for i in 0..brokers.len() {
+                let b = brokers[(first + i) % brokers.len()];
+                if replicas.len() == rf || replicas.contains(&b) {
+                    continue;
+                }
+                if spread && used.contains(&rack(b)) && used.len() < racks {
+                    continue;
+                }
+                used.insert(rack(b));
+                replicas.push(b);
+            }
+        }
+        replicas
     }
 
     /// A broker stopped heartbeating or shut down: fence it, move the leaderships it held to
@@ -388,7 +430,7 @@ impl Controller {
                         elr,
                     }
                 };
-                records.push(partition_record(topic.topic_id, p, l));
+                records.push(partition_record(&after, topic.topic_id, p, l));
             }
         }
         records
@@ -415,20 +457,24 @@ impl Controller {
                 }
                 let l = elect(&after, &p.replicas, &p.isr, &p.elr, policy.unclean(topic));
                 if l.leader != -1 {
-                    records.push(partition_record(topic.topic_id, p, l));
+                    records.push(partition_record(&after, topic.topic_id, p, l));
                 }
             }
         }
         records
     }
 
-    /// AlterPartition (KIP-497): the leader proposes a new ISR for its partition.
+    /// AlterPartition (KIP-497): the leader proposes a new ISR for its partition, based on the
+    /// partition state it knows, `partition_epoch`. A proposal based on an older state is
+    /// refused even when the leader epoch still matches: the replicas it found caught up may
+    /// have left and come back since (reassigned away and back, logs deleted), and only the
+    /// leader can tell again.
     pub fn alter_isr(
         &self,
         image: &MetadataImage,
         topic: &str,
         partition: i32,
-        (leader_id, leader_epoch): (i32, i32),
+        (leader_id, leader_epoch, partition_epoch): (i32, i32, i32),
         new_isr: &[i32],
         policy: &dyn TopicPolicy,
     ) -> Result<Vec<MetadataRecord>, AlterPartitionError> {
@@ -446,6 +492,12 @@ impl Controller {
             return Err(AlterPartitionError::FencedLeaderEpoch {
                 got: leader_epoch,
                 current: p.leader_epoch,
+            });
+        }
+        if p.partition_epoch != partition_epoch {
+            return Err(AlterPartitionError::InvalidUpdateVersion {
+                got: partition_epoch,
+                current: p.partition_epoch,
             });
         }
         if !new_isr.contains(&leader_id) {
@@ -468,11 +520,11 @@ impl Controller {
         if isr == p.isr {
             return Ok(Vec::new());
         }
+        // The ELR the change leaves (KIP-966) goes on into a completed reassignment too: an
+        // ISR back at min.insync.replicas clears it.
         let (isr, elr) = next_isr(p, isr, policy.min_isr(t));
-        if let Some(done) = complete_reassignment(image, t.topic_id, p, &isr) {
-            return Ok(vec![done]);
-        }
         Ok(vec![partition_record(
+            image,
             t.topic_id,
             p,
             Leadership {
@@ -517,7 +569,7 @@ impl Controller {
                     partition,
                 ));
             }
-            let l = settle_on(image, p, &original, &p.isr);
+            let l = settle_on(image, &original, &Leadership::of(p));
             if l.isr.is_empty() {
                 return Err(ControllerError::InvalidReplicaAssignment(format!(
                     "cancelling would leave partition {partition} of '{topic}' without an in-sync replica"
@@ -575,7 +627,7 @@ impl Controller {
         started.adding_replicas = adding.clone();
         started.removing_replicas = removing.clone();
         // Every target replica already in sync (a pure removal): done at once.
-        if let Some(done) = complete_reassignment(image, t.topic_id, &started, &p.isr) {
+        if let Some(done) = complete_reassignment(image, t.topic_id, &started, &Leadership::of(p)) {
             return Ok(vec![done]);
         }
         Ok(vec![reassigned_record(
@@ -703,13 +755,21 @@ impl Controller {
                 self.max_partitions_per_topic
             )));
         }
+        let live = image.live_brokers().count();
+        if live == 0 {
+            return Err(ControllerError::InvalidReplicationFactor(
+                "every broker is fenced: no broker can take the new partitions".into(),
+            ));
+        }
+        // The replication factor partition 0 ends up with: while it is being reassigned its
+        // replicas are the target plus the ones leaving.
         let rf = topic
             .partitions
             .values()
             .next()
-            .map(|p| p.replicas.len())
+            .map(|p| p.target_replicas().len())
             .unwrap_or(1)
-            .min(image.live_brokers().count().max(1));
+            .clamp(1, live);
         Ok(self.partition_records(image, topic.topic_id, current..new_count, rf))
     }
 
@@ -768,7 +828,7 @@ impl Controller {
             if l.leader < 0 {
                 return Err(ElectionError::EligibleLeadersNotAvailable);
             }
-            return Ok(partition_record(t.topic_id, p, l));
+            return Ok(partition_record(image, t.topic_id, p, l));
         }
         let preferred = *p
             .replicas
@@ -781,6 +841,7 @@ impl Controller {
             return Err(ElectionError::PreferredLeaderNotAvailable);
         }
         Ok(partition_record(
+            image,
             t.topic_id,
             p,
             Leadership {
@@ -917,25 +978,61 @@ mod tests {
         img.topic(topic).unwrap().partitions[&p].clone()
     }
 
-    #[test]
-    fn placement_is_rack_aware_and_balances_leaders() {
+    /// Creates topic "t" (`parts` partitions of `rf` replicas, topic id `[id; 16]`), checks
+    /// that every partition has distinct replicas over `racks` racks, and counts the partitions
+    /// each broker leads.
+    fn placed(
+        img: &MetadataImage,
+        id: u8,
+        parts: i32,
+        rf: i16,
+        racks: usize,
+    ) -> BTreeMap<i32, usize> {
         let c = Controller::default();
-        let img = cluster(&[(1, "a"), (2, "a"), (3, "b"), (4, "b")]);
-        let mut s = spec("t", 8);
-        s.replication_factor = 2;
-        let (img, _) = img.apply(10, &c.create_topic(&img, &s).unwrap());
+        let mut s = spec("t", parts);
+        s.topic_id = [id; 16];
+        s.replication_factor = rf;
+        let (img, _) = img.apply(10, &c.create_topic(img, &s).unwrap());
         let mut leaders = BTreeMap::new();
         for p in img.topic("t").unwrap().partitions.values() {
-            let racks: Vec<_> = p
+            let spread: BTreeSet<_> = p
                 .replicas
                 .iter()
                 .map(|r| img.brokers[r].rack.clone())
                 .collect();
-            assert_ne!(racks[0], racks[1], "replicas of {p:?} share a rack");
+            assert_eq!(spread.len(), racks, "replicas of {p:?} share a rack");
+            assert_eq!(
+                p.replicas.iter().collect::<BTreeSet<_>>().len(),
+                rf as usize
+            );
             *leaders.entry(p.leader).or_insert(0) += 1;
         }
+        leaders
+    }
+
+    #[test]
+    fn placement_is_rack_aware_and_balances_leaders() {
+        let img = cluster(&[(1, "a"), (2, "a"), (3, "b"), (4, "b")]);
+        let leaders = placed(&img, 1, 8, 2, 2);
         assert_eq!(leaders.len(), 4);
         assert!(leaders.values().all(|n| *n == 2), "{leaders:?}");
+    }
+
+    /// Found by the controller simulation: with racks of unequal size, replicas took a window
+    /// of the rack-alternating broker order, which wraps around onto a rack already used.
+    #[test]
+    fn placement_spreads_over_every_rack_when_racks_are_unequal() {
+        let img = cluster(&[(1, "a"), (2, "b"), (3, "c"), (4, "a"), (5, "b")]);
+        for id in 0..5u8 {
+            let leaders = placed(&img, id, 5, 3, 3);
+            assert_eq!(
+                leaders.len(),
+                5,
+                "one preferred leader per broker: {leaders:?}"
+            );
+        }
+        // More replicas than racks: every rack, then the rest, on distinct brokers.
+        placed(&img, 0, 5, 5, 3);
     }
 
     #[test]
@@ -1004,7 +1101,7 @@ mod tests {
                 &img,
                 "t",
                 0,
-                (follower, p.leader_epoch),
+                (follower, p.leader_epoch, p.partition_epoch),
                 &[follower],
                 &FixedPolicy {
                     unclean: false,
@@ -1018,7 +1115,7 @@ mod tests {
                 &img,
                 "t",
                 0,
-                (p.leader, p.leader_epoch + 1),
+                (p.leader, p.leader_epoch + 1, p.partition_epoch),
                 &[p.leader],
                 &FixedPolicy {
                     unclean: false,
@@ -1032,7 +1129,7 @@ mod tests {
                 &img,
                 "t",
                 0,
-                (p.leader, p.leader_epoch),
+                (p.leader, p.leader_epoch, p.partition_epoch),
                 &[p.leader],
                 &FixedPolicy {
                     unclean: false,
@@ -1043,6 +1140,26 @@ mod tests {
         let (img, _) = img.apply(20, &shrink);
         assert_eq!(partition(&img, "t", 0).isr, vec![p.leader]);
         assert_eq!(partition(&img, "t", 0).leader_epoch, p.leader_epoch);
+        // The same leader and leader epoch, but a proposal based on the state before the
+        // shrink: refused (Kafka's INVALID_UPDATE_VERSION).
+        assert_eq!(
+            c.alter_isr(
+                &img,
+                "t",
+                0,
+                (p.leader, p.leader_epoch, p.partition_epoch),
+                &p.isr,
+                &FixedPolicy {
+                    unclean: false,
+                    min_isr: 1
+                }
+            ),
+            Err(AlterPartitionError::InvalidUpdateVersion {
+                got: p.partition_epoch,
+                current: p.partition_epoch + 1
+            })
+        );
+        let p = partition(&img, "t", 0);
         // A fenced broker may not rejoin the ISR.
         let (img, _) = img.apply(
             30,
@@ -1055,7 +1172,7 @@ mod tests {
                 &img,
                 "t",
                 0,
-                (p.leader, p.leader_epoch),
+                (p.leader, p.leader_epoch, p.partition_epoch),
                 &[p.leader, follower],
                 &FixedPolicy {
                     unclean: false,
@@ -1069,7 +1186,7 @@ mod tests {
                 &img,
                 "t",
                 0,
-                (p.leader, p.leader_epoch),
+                (p.leader, p.leader_epoch, p.partition_epoch),
                 &[p.leader, 9],
                 &FixedPolicy {
                     unclean: false,
@@ -1126,7 +1243,7 @@ mod tests {
                 &img,
                 "t",
                 0,
-                (p.leader, p.leader_epoch),
+                (p.leader, p.leader_epoch, p.partition_epoch),
                 &isr,
                 &FixedPolicy {
                     unclean: false,
@@ -1199,7 +1316,14 @@ mod tests {
         assert_eq!(p.elr, vec![a]);
         // x catches up and joins: the ISR is back at min, the ELR is cleared.
         let rec = c
-            .alter_isr(&img, "t", 0, (b, p.leader_epoch), &[b, x], &policy)
+            .alter_isr(
+                &img,
+                "t",
+                0,
+                (b, p.leader_epoch, p.partition_epoch),
+                &[b, x],
+                &policy,
+            )
             .unwrap();
         let (img, _) = img.apply(70, &rec);
         assert_eq!(partition(&img, "t", 0).isr.len(), 2);
@@ -1208,30 +1332,40 @@ mod tests {
 
     /// Topic "t" with one partition on brokers 1, 2, 3 (of 1..=4), leader 1.
     fn reassignable() -> MetadataImage {
-        let img = cluster(&[(1, ""), (2, ""), (3, ""), (4, "")]);
+        one_partition(&[1, 2, 3, 4], &[1, 2, 3], (5, 7))
+    }
+
+    /// Topic "t" with one partition on `replicas` (all in sync, the first leads) of `brokers`.
+    fn one_partition(
+        brokers: &[i32],
+        replicas: &[i32],
+        (leader_epoch, partition_epoch): (i32, i32),
+    ) -> MetadataImage {
+        let ids: Vec<(i32, &str)> = brokers.iter().map(|b| (*b, "")).collect();
         let id = [9u8; 16];
-        img.apply(
-            10,
-            &[
-                MetadataRecord::Topic {
-                    name: "t".into(),
-                    topic_id: id,
-                },
-                MetadataRecord::Partition {
-                    topic_id: id,
-                    partition: 0,
-                    replicas: vec![1, 2, 3],
-                    isr: vec![1, 2, 3],
-                    leader: 1,
-                    leader_epoch: 5,
-                    partition_epoch: 7,
-                    elr: vec![],
-                    adding_replicas: vec![],
-                    removing_replicas: vec![],
-                },
-            ],
-        )
-        .0
+        cluster(&ids)
+            .apply(
+                10,
+                &[
+                    MetadataRecord::Topic {
+                        name: "t".into(),
+                        topic_id: id,
+                    },
+                    MetadataRecord::Partition {
+                        topic_id: id,
+                        partition: 0,
+                        replicas: replicas.to_vec(),
+                        isr: replicas.to_vec(),
+                        leader: replicas[0],
+                        leader_epoch,
+                        partition_epoch,
+                        elr: vec![],
+                        adding_replicas: vec![],
+                        removing_replicas: vec![],
+                    },
+                ],
+            )
+            .0
     }
 
     #[test]
@@ -1258,7 +1392,7 @@ mod tests {
                 &img,
                 "t",
                 0,
-                (1, 5),
+                (1, 5, partition(&img, "t", 0).partition_epoch),
                 &[1, 2],
                 &FixedPolicy {
                     unclean: false,
@@ -1285,7 +1419,7 @@ mod tests {
                 &img,
                 "t",
                 0,
-                (1, 5),
+                (1, 5, partition(&img, "t", 0).partition_epoch),
                 &[1, 2, 3],
                 &FixedPolicy {
                     unclean: false,
@@ -1301,7 +1435,7 @@ mod tests {
                 &img,
                 "t",
                 0,
-                (1, 5),
+                (1, 5, partition(&img, "t", 0).partition_epoch),
                 &[2, 1, 3, 4],
                 &FixedPolicy {
                     unclean: false,
@@ -1335,7 +1469,7 @@ mod tests {
                 &img,
                 "t",
                 0,
-                (1, 5),
+                (1, 5, partition(&img, "t", 0).partition_epoch),
                 &[1, 2, 3, 4],
                 &FixedPolicy {
                     unclean: false,
@@ -1349,6 +1483,145 @@ mod tests {
         assert_eq!(p.isr, vec![1, 2, 4]);
         assert_eq!((p.leader, p.leader_epoch), (1, 5));
         assert!(!p.is_reassigning());
+    }
+
+    /// Found by the controller simulation: the ISR change that completed a reassignment kept
+    /// the ELR from before it, though the change brought the ISR back to min.insync.replicas
+    /// (which clears it, KIP-966) — leaving a replica in both the ISR and the ELR.
+    #[test]
+    fn completing_a_reassignment_keeps_the_isr_changes_elr() {
+        let c = Controller::default();
+        let policy = FixedPolicy {
+            unclean: false,
+            min_isr: 2,
+        };
+        let img = reassignable();
+        let shrink = |img: &MetadataImage, isr: &[i32]| {
+            let recs = c
+                .alter_isr(
+                    img,
+                    "t",
+                    0,
+                    (1, 5, partition(img, "t", 0).partition_epoch),
+                    isr,
+                    &policy,
+                )
+                .unwrap();
+            img.apply(img.offset + 1, &recs).0
+        };
+        let img = shrink(&img, &[1, 2]);
+        let img = shrink(&img, &[1]);
+        assert_eq!(partition(&img, "t", 0).elr, vec![2]);
+        let recs = c
+            .alter_partition_reassignment(&img, "t", 0, Some(&[1, 2]), true)
+            .unwrap();
+        let (img, _) = img.apply(30, &recs);
+        assert!(partition(&img, "t", 0).is_reassigning());
+        // 2 catches up: the ISR is back at min.insync.replicas and the move is done.
+        let img = shrink(&img, &[1, 2]);
+        let p = partition(&img, "t", 0);
+        assert!(!p.is_reassigning());
+        assert_eq!(
+            (p.replicas.clone(), p.isr.clone()),
+            (vec![1, 2], vec![1, 2])
+        );
+        assert!(p.elr.is_empty(), "{p:?}");
+    }
+
+    /// Found by the controller simulation: the leader found the joining replica 4 caught up
+    /// and proposed it for the ISR; before the proposal arrived, the reassignment was cancelled
+    /// (4's log deleted) and started again (4 back, empty). The leader and its epoch never
+    /// changed, so checking the leader epoch alone admitted 4 without the committed data.
+    #[test]
+    fn an_isr_proposal_based_on_an_older_partition_state_is_refused() {
+        let c = Controller::default();
+        let policy = FixedPolicy {
+            unclean: false,
+            min_isr: 1,
+        };
+        let img = reassignable();
+        let to_4 = |img: &MetadataImage| {
+            let recs = c
+                .alter_partition_reassignment(img, "t", 0, Some(&[1, 2, 4]), true)
+                .unwrap();
+            img.apply(img.offset + 1, &recs).0
+        };
+        let img = to_4(&img);
+        let based_on = partition(&img, "t", 0);
+        let proposal = (1, 5, based_on.partition_epoch);
+        let recs = c
+            .alter_partition_reassignment(&img, "t", 0, None, true)
+            .unwrap();
+        let img = img.apply(30, &recs).0;
+        assert!(!partition(&img, "t", 0).replicas.contains(&4));
+        let img = to_4(&img);
+        let p = partition(&img, "t", 0);
+        assert_eq!((p.leader, p.leader_epoch), (1, 5));
+        assert_eq!(
+            c.alter_isr(&img, "t", 0, proposal, &[1, 2, 3, 4], &policy),
+            Err(AlterPartitionError::InvalidUpdateVersion {
+                got: based_on.partition_epoch,
+                current: p.partition_epoch
+            })
+        );
+        // Proposed again from the current state, it is taken.
+        let recs = c
+            .alter_isr(
+                &img,
+                "t",
+                0,
+                (1, 5, p.partition_epoch),
+                &[1, 2, 3, 4],
+                &policy,
+            )
+            .unwrap();
+        assert_eq!(
+            img.apply(40, &recs).0.topic("t").unwrap().partitions[&0].isr,
+            vec![1, 2, 4]
+        );
+    }
+
+    /// Found by the controller simulation: only an ISR change (AlterPartition) completed a
+    /// reassignment. An election that makes an eligible or unclean leader the whole ISR can
+    /// bring the target in sync too; the leader then has nothing to propose, and with the
+    /// replicas being removed gone for good the reassignment stayed open forever (and could
+    /// not be cancelled: the original replicas had no in-sync member).
+    #[test]
+    fn an_election_that_brings_the_target_in_sync_completes_the_reassignment() {
+        let c = Controller::default();
+        let policy = FixedPolicy {
+            unclean: false,
+            min_isr: 2,
+        };
+        let img = one_partition(&[1, 2, 3], &[1, 2], (0, 0));
+        let img = img.apply(20, &c.fence_broker(&img, 2, &policy)).0;
+        let offline = img.apply(21, &c.fence_broker(&img, 1, &policy)).0;
+        let p = partition(&offline, "t", 0);
+        assert_eq!((p.leader, p.elr), (-1, vec![2, 1]));
+        let reassign = |img: &MetadataImage, target: &[i32]| {
+            let recs = c
+                .alter_partition_reassignment(img, "t", 0, Some(target), true)
+                .unwrap();
+            let img = img.apply(30, &recs).0;
+            assert!(partition(&img, "t", 0).is_reassigning());
+            img
+        };
+        // Broker 1 is gone for good: the partition moves to 2 alone. 2 comes back and leads as
+        // an eligible replica, alone in the ISR: the whole target.
+        let img = reassign(&offline, &[2]);
+        let img = img.apply(40, &c.unfence_broker(&img, 2, &policy)).0;
+        let p = partition(&img, "t", 0);
+        assert!(!p.is_reassigning(), "{p:?}");
+        assert_eq!((p.leader, p.replicas, p.isr), (2, vec![2], vec![2]));
+        assert!(p.elr.is_empty());
+        // Or it moves to 3, which an admin's unclean election (KIP-460) makes the leader.
+        let img = reassign(&offline, &[3]);
+        let img = img
+            .apply(50, &[c.elect_leader(&img, "t", 0, true).unwrap()])
+            .0;
+        let p = partition(&img, "t", 0);
+        assert!(!p.is_reassigning(), "{p:?}");
+        assert_eq!((p.leader, p.replicas, p.isr), (3, vec![3], vec![3]));
     }
 
     #[test]
@@ -1392,6 +1665,33 @@ mod tests {
         assert_eq!(p.isr, vec![2, 3, 1]);
         assert_eq!((p.leader, p.leader_epoch, p.partition_epoch), (1, 5, 9));
         assert!(!p.is_reassigning());
+    }
+
+    /// Found by the controller simulation: new partitions took the length of partition 0's
+    /// replica list, which during a reassignment includes the replicas leaving; and with every
+    /// broker fenced, placement found no replica and the controller panicked.
+    #[test]
+    fn new_partitions_get_the_target_replication_factor_and_need_a_live_broker() {
+        let c = Controller::default();
+        let img = reassignable();
+        let recs = c
+            .alter_partition_reassignment(&img, "t", 0, Some(&[4]), true)
+            .unwrap();
+        let (img, _) = img.apply(20, &recs);
+        assert_eq!(partition(&img, "t", 0).replicas.len(), 4);
+        let (img, _) = img.apply(30, &c.create_partitions(&img, "t", 3).unwrap());
+        assert_eq!(partition(&img, "t", 1).replicas.len(), 1);
+        assert_eq!(partition(&img, "t", 2).replicas.len(), 1);
+        let mut img = img;
+        for b in 1..=4 {
+            img = img
+                .apply(40, &[MetadataRecord::FenceBroker { broker_id: b }])
+                .0;
+        }
+        assert!(matches!(
+            c.create_partitions(&img, "t", 4),
+            Err(ControllerError::InvalidReplicationFactor(_))
+        ));
     }
 
     #[test]

@@ -116,6 +116,13 @@ impl MetadataImage {
                 port: b.port,
                 rack: b.rack.clone(),
             });
+            // Registering unfences: a fenced broker must come back fenced, or the image
+            // rebuilt from a snapshot lets a dead broker lead and join ISRs.
+            if b.fenced {
+                out.push(MetadataRecord::FenceBroker {
+                    broker_id: b.broker_id,
+                });
+            }
         }
         for ((broker_id, name), value) in &self.broker_configs {
             out.push(MetadataRecord::BrokerConfig {
@@ -480,6 +487,27 @@ mod tests {
         assert_eq!(rebuilt.topic("a").unwrap().partitions.len(), 3);
         // Idempotent: a snapshot of a snapshot is the same records.
         assert_eq!(rebuilt.to_records(), rebuilt_records);
+    }
+
+    /// Found by the controller simulation: snapshots wrote fenced brokers as registrations
+    /// only, and registering unfences, so every fenced broker came back live.
+    #[test]
+    fn snapshots_keep_fenced_brokers_fenced() {
+        let records: Vec<MetadataRecord> = [1, 2]
+            .into_iter()
+            .map(|broker_id| MetadataRecord::RegisterBroker {
+                broker_id,
+                host: "h".into(),
+                port: 9092,
+                rack: None,
+            })
+            .chain([MetadataRecord::FenceBroker { broker_id: 2 }])
+            .collect();
+        let (img, _) = MetadataImage::empty().apply(0, &records);
+        let (rebuilt, _) = MetadataImage::empty().apply(0, &img.to_records());
+        assert!(rebuilt.is_live(1));
+        assert!(!rebuilt.is_live(2), "{:?}", rebuilt.brokers);
+        assert_eq!(rebuilt.brokers, img.brokers);
     }
 
     #[test]
