@@ -100,6 +100,11 @@ pub struct Partition {
     leader_hw: AtomicI64,
     /// Leader: an ISR change is on its way to the controller.
     pub isr_change_pending: AtomicBool,
+    /// Leader: the replica it asked the controller to add to the ISR (-1: none). Until the
+    /// answer it counts toward the high watermark (KIP-497's "maximal ISR"): otherwise the
+    /// high watermark could pass records the joining replica lacks, and once admitted it could
+    /// be elected without them.
+    pending_isr_add: AtomicI32,
     /// Woken on every append (replica fetches long-poll on it).
     pub appended: Notify,
 }
@@ -137,6 +142,7 @@ impl Partition {
             role: RwLock::new(role),
             leader_hw: AtomicI64::new(-1),
             isr_change_pending: AtomicBool::new(false),
+            pending_isr_add: AtomicI32::new(-1),
             appended: Notify::new(),
             log: Mutex::new(Some(log)),
         }
@@ -190,6 +196,7 @@ impl Partition {
         self.leader_epoch
             .store(role.leader_epoch, Ordering::Release);
         self.isr_change_pending.store(false, Ordering::Release);
+        self.pending_isr_add.store(-1, Ordering::Release);
         *current = role;
         drop(current);
         self.maybe_advance_hw();
@@ -234,11 +241,27 @@ impl Partition {
         // watermark (and so holds everything acknowledged).
         let role = self.role.read();
         if !role.isr.contains(&replica) && fetch_offset >= self.high_watermark() {
+            // From this decision on the replica counts toward the high watermark.
+            let _ = self.pending_isr_add.compare_exchange(
+                -1,
+                replica,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
             let mut isr = role.isr.clone();
             isr.push(replica);
             return Some(isr);
         }
         None
+    }
+
+    /// Leader: the ISR expansion it proposed was answered (refused, or it failed): the
+    /// replica stops counting toward the high watermark unless the new ISR has it.
+    pub fn isr_add_answered(&self, replica: i32) {
+        let _ =
+            self.pending_isr_add
+                .compare_exchange(replica, -1, Ordering::AcqRel, Ordering::Acquire);
+        self.maybe_advance_hw();
     }
 
     /// Leader: the ISR without followers that have not caught up for `lag_max_ms`.
@@ -284,7 +307,20 @@ impl Partition {
             return;
         }
         let hw = if role.leader == self.local_id {
-            match leader_high_watermark(durable, self.local_id, &role.isr, &self.followers.lock()) {
+            let pending = self.pending_isr_add.load(Ordering::Acquire);
+            let maximal;
+            let isr = if pending >= 0 && !role.isr.contains(&pending) {
+                maximal = role
+                    .isr
+                    .iter()
+                    .copied()
+                    .chain([pending])
+                    .collect::<Vec<_>>();
+                &maximal
+            } else {
+                &role.isr
+            };
+            match leader_high_watermark(durable, self.local_id, isr, &self.followers.lock()) {
                 Some(hw) => hw,
                 None => return,
             }
@@ -599,5 +635,80 @@ impl Partition {
     /// a storage error, which requests still holding the partition report to their client.
     pub fn take_log(&self) -> Option<Log> {
         self.log.lock().take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strom_proto::compression::Compression;
+    use strom_proto::records::{encode_batch, NewRecord, ProducerInfo};
+
+    fn batch() -> Vec<u8> {
+        let r = NewRecord {
+            key: None,
+            value: Some(b"v".to_vec()),
+            headers: Vec::new(),
+            timestamp: 1_700_000_000_000,
+        };
+        encode_batch(&[r], Compression::None, ProducerInfo::default()).unwrap()
+    }
+
+    /// A leader of [1, 2, 3] with ISR [1, 2] (lazy flushing, so its own end counts at once).
+    fn leader(dir: &std::path::Path) -> Arc<Partition> {
+        let log = Log::open(&dir.join("t-0"), LogConfig::default(), false).unwrap();
+        let part = Arc::new(Partition::new(
+            ("t".into(), [1; 16], 0),
+            log,
+            1,
+            ReplicaRole::default(),
+            (i64::MAX, i64::MAX),
+            Flusher::new(dir).unwrap(),
+        ));
+        part.set_role(
+            ReplicaRole {
+                leader: 1,
+                leader_epoch: 0,
+                partition_epoch: 0,
+                replicas: vec![1, 2, 3],
+                isr: vec![1, 2],
+                min_isr: 1,
+            },
+            0,
+        );
+        part
+    }
+
+    fn append(part: &Arc<Partition>, n: usize) {
+        for _ in 0..n {
+            part.append(&mut batch(), 0).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_replica_joining_the_isr_holds_the_high_watermark_until_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = leader(dir.path());
+        append(&part, 10);
+        assert_eq!(part.record_follower_fetch(2, 10, 0), None);
+        assert_eq!(part.high_watermark(), 10);
+        // Replica 3 caught up: the leader proposes it for the ISR.
+        assert_eq!(part.record_follower_fetch(3, 10, 0), Some(vec![1, 2, 3]));
+        append(&part, 5);
+        part.record_follower_fetch(2, 15, 0);
+        assert_eq!(
+            part.high_watermark(),
+            10,
+            "committed past what the joining replica holds"
+        );
+        part.record_follower_fetch(3, 15, 0);
+        assert_eq!(part.high_watermark(), 15);
+        // Proposed again, then refused: it stops counting.
+        append(&part, 5);
+        part.record_follower_fetch(3, 15, 0);
+        part.record_follower_fetch(2, 20, 0);
+        assert_eq!(part.high_watermark(), 15);
+        part.isr_add_answered(3);
+        assert_eq!(part.high_watermark(), 20);
     }
 }

@@ -455,6 +455,9 @@ pub fn propose_isr(broker: &Arc<Broker>, part: &Arc<Partition>, change: IsrChang
                 tracing::warn!(topic = %part.topic, partition = part.index, ?change, error = %e, "ISR change refused")
             }
         }
+        if let IsrChange::Add(replica) = change {
+            part.isr_add_answered(replica);
+        }
         part.isr_change_pending.store(false, Ordering::Release);
     });
 }
