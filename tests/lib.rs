@@ -55,7 +55,28 @@ pub fn strom_cli(bootstrap: &str, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// A port nothing listens on, for a server the test starts next. It is taken from below the
+/// kernel's ephemeral range: outbound connections (clients, brokers talking to each other)
+/// get their local ports from that range and could take a port chosen there before the server
+/// binds it. Each test process walks its own sequence through the range.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let high = ephemeral_low.clamp(2048, 65535);
+    let low = high.saturating_sub(16384).max(1024);
+    let span = high - low;
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let i = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (low + (start + i.wrapping_mul(97)) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
