@@ -759,9 +759,9 @@ impl RunningBroker {
         let dir = broker.data_dir.clone();
         if let Some(h) = hw_checkpoints {
             h.abort();
-            let parts = broker.replicas.all();
+            let entries = crate::hw_checkpoint::entries(&broker.replicas.all());
             if let Err(e) =
-                tokio::task::block_in_place(|| crate::hw_checkpoint::write(&dir, &parts))
+                tokio::task::block_in_place(|| crate::hw_checkpoint::write(&dir, &entries))
             {
                 tracing::warn!(error = %e, "writing the high watermark checkpoint failed");
             }

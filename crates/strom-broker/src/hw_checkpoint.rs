@@ -69,13 +69,18 @@ pub fn read(dir: &Path) -> Checkpoint {
     }
 }
 
-pub fn write(dir: &Path, parts: &[Arc<Partition>]) -> std::io::Result<()> {
+/// (topic, partition, high watermark) of `parts`, sorted.
+pub fn entries(parts: &[Arc<Partition>]) -> Vec<(String, i32, i64)> {
     let mut entries: Vec<(String, i32, i64)> = parts
         .iter()
         .map(|p| (p.topic.clone(), p.index, p.high_watermark()))
         .collect();
     entries.sort();
-    strom_log::replace_file(dir, FILE, encode(&entries).as_bytes())
+    entries
+}
+
+pub fn write(dir: &Path, entries: &[(String, i32, i64)]) -> std::io::Result<()> {
+    strom_log::replace_file(dir, FILE, encode(entries).as_bytes())
 }
 
 /// Writes the checkpoint every `replica.high.watermark.checkpoint.interval.ms` while the
@@ -94,19 +99,14 @@ pub async fn run(broker: Arc<Broker>) {
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let parts = broker.replicas.all();
-        let mut now: Vec<(String, i32, i64)> = parts
-            .iter()
-            .map(|p| (p.topic.clone(), p.index, p.high_watermark()))
-            .collect();
-        now.sort();
+        let now = entries(&broker.replicas.all());
         if last.as_ref() == Some(&now) {
             continue;
         }
         let dir = broker.replicas.data_dir().to_path_buf();
-        let result = tokio::task::spawn_blocking(move || write(&dir, &parts)).await;
+        let result = tokio::task::spawn_blocking(move || write(&dir, &now).map(|()| now)).await;
         match result {
-            Ok(Ok(())) => last = Some(now),
+            Ok(Ok(now)) => last = Some(now),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "writing the high watermark checkpoint failed")
             }

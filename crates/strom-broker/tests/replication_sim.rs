@@ -310,18 +310,7 @@ impl Sim {
         if !p.isr.contains(&f) && reported >= hw && hw >= 0 {
             let mut isr = p.isr.clone();
             isr.push(f);
-            let recs = self
-                .controller
-                .alter_isr(
-                    &self.image,
-                    TOPIC,
-                    0,
-                    (leader, p.leader_epoch, p.partition_epoch),
-                    &isr,
-                    &POLICY,
-                )
-                .unwrap();
-            self.commit(recs);
+            self.leader_proposes(leader, &isr);
         }
         self.ack();
     }
@@ -352,6 +341,12 @@ impl Sim {
             return;
         }
         let isr: Vec<i32> = p.isr.iter().copied().filter(|r| *r != f).collect();
+        self.leader_proposes(leader, &isr);
+    }
+
+    /// AlterPartition from the current leader, against the partition's current epochs.
+    fn leader_proposes(&mut self, leader: i32, isr: &[i32]) {
+        let p = self.part();
         let recs = self
             .controller
             .alter_isr(
@@ -359,7 +354,7 @@ impl Sim {
                 TOPIC,
                 0,
                 (leader, p.leader_epoch, p.partition_epoch),
-                &isr,
+                isr,
                 &POLICY,
             )
             .unwrap();

@@ -974,6 +974,20 @@ mod tests {
         MetadataImage::empty().apply(0, &records).0
     }
 
+    /// Leader 1 of t-0, in leader epoch 5, proposes `isr` (min.insync.replicas 1).
+    fn leader_1_proposes(
+        c: &Controller,
+        img: &MetadataImage,
+        isr: &[i32],
+    ) -> Result<Vec<MetadataRecord>, AlterPartitionError> {
+        let policy = FixedPolicy {
+            unclean: false,
+            min_isr: 1,
+        };
+        let epoch = partition(img, "t", 0).partition_epoch;
+        c.alter_isr(img, "t", 0, (1, 5, epoch), isr, &policy)
+    }
+
     fn partition(img: &MetadataImage, topic: &str, p: i32) -> crate::image::PartitionImage {
         img.topic(topic).unwrap().partitions[&p].clone()
     }
@@ -1386,21 +1400,7 @@ mod tests {
         assert_eq!(p.target_replicas(), vec![4, 2, 3]);
 
         // Other ISR changes keep the reassignment going.
-        let (img, _) = img.apply(
-            30,
-            &c.alter_isr(
-                &img,
-                "t",
-                0,
-                (1, 5, partition(&img, "t", 0).partition_epoch),
-                &[1, 2],
-                &FixedPolicy {
-                    unclean: false,
-                    min_isr: 1,
-                },
-            )
-            .unwrap(),
-        );
+        let (img, _) = img.apply(30, &leader_1_proposes(&c, &img, &[1, 2]).unwrap());
         let p = partition(&img, "t", 0);
         assert_eq!(p.isr, vec![2, 1]);
         assert!(p.is_reassigning());
@@ -1413,36 +1413,10 @@ mod tests {
         assert_eq!(partition(&img, "t", 0).adding_replicas, vec![4]);
         assert_eq!(partition(&img, "t", 0).removing_replicas, vec![1]);
         let (img, _) = img.apply(32, &c.unfence_broker(&img, 3, &no_unclean));
-        let (img, _) = img.apply(
-            33,
-            &c.alter_isr(
-                &img,
-                "t",
-                0,
-                (1, 5, partition(&img, "t", 0).partition_epoch),
-                &[1, 2, 3],
-                &FixedPolicy {
-                    unclean: false,
-                    min_isr: 1,
-                },
-            )
-            .unwrap(),
-        );
+        let (img, _) = img.apply(33, &leader_1_proposes(&c, &img, &[1, 2, 3]).unwrap());
         // The new replica caught up: the same change completes the reassignment, and the
         // leader, not a target replica, hands over to the first in-sync target replica.
-        let recs = c
-            .alter_isr(
-                &img,
-                "t",
-                0,
-                (1, 5, partition(&img, "t", 0).partition_epoch),
-                &[2, 1, 3, 4],
-                &FixedPolicy {
-                    unclean: false,
-                    min_isr: 1,
-                },
-            )
-            .unwrap();
+        let recs = leader_1_proposes(&c, &img, &[2, 1, 3, 4]).unwrap();
         assert_eq!(recs.len(), 1);
         let (img, _) = img.apply(40, &recs);
         let p = partition(&img, "t", 0);
@@ -1464,19 +1438,7 @@ mod tests {
             .alter_partition_reassignment(&img, "t", 0, Some(&[1, 2, 4]), true)
             .unwrap();
         let (img, _) = img.apply(20, &recs);
-        let recs = c
-            .alter_isr(
-                &img,
-                "t",
-                0,
-                (1, 5, partition(&img, "t", 0).partition_epoch),
-                &[1, 2, 3, 4],
-                &FixedPolicy {
-                    unclean: false,
-                    min_isr: 1,
-                },
-            )
-            .unwrap();
+        let recs = leader_1_proposes(&c, &img, &[1, 2, 3, 4]).unwrap();
         let (img, _) = img.apply(30, &recs);
         let p = partition(&img, "t", 0);
         assert_eq!(p.replicas, vec![1, 2, 4]);

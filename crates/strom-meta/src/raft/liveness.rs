@@ -42,12 +42,15 @@ const ELECTION_STAGGER: Duration = Duration::from_millis(150);
 pub struct PeerWatch {
     down: Mutex<HashMap<u64, Instant>>,
     probing: Mutex<HashSet<u64>>,
-    closed_tx: mpsc::UnboundedSender<u64>,
+    closed_tx: mpsc::Sender<u64>,
 }
 
+/// Closes waiting to be probed; beyond that a close is dropped (it only speeds failover up).
+const CLOSED_QUEUE: usize = 1024;
+
 impl PeerWatch {
-    pub fn new() -> (Arc<PeerWatch>, mpsc::UnboundedReceiver<u64>) {
-        let (closed_tx, rx) = mpsc::unbounded_channel();
+    pub fn new() -> (Arc<PeerWatch>, mpsc::Receiver<u64>) {
+        let (closed_tx, rx) = mpsc::channel(CLOSED_QUEUE);
         let watch = Arc::new(PeerWatch {
             down: Mutex::new(HashMap::new()),
             probing: Mutex::new(HashSet::new()),
@@ -66,7 +69,7 @@ impl PeerWatch {
 
     /// A connection `peer` opened has closed.
     pub fn closed(&self, peer: u64) {
-        let _ = self.closed_tx.send(peer);
+        let _ = self.closed_tx.try_send(peer);
     }
 
     /// Since when `peer` is known to be down (its listener refused a probe), if it is.
@@ -106,7 +109,7 @@ pub struct Watcher {
 
 impl Watcher {
     /// Probes every peer whose connection closed, one probe per peer at a time.
-    pub async fn run(self: Arc<Self>, mut closed: mpsc::UnboundedReceiver<u64>) {
+    pub async fn run(self: Arc<Self>, mut closed: mpsc::Receiver<u64>) {
         while let Some(peer) = closed.recv().await {
             if peer == self.me {
                 continue;
