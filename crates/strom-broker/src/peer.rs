@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use kafka_protocol::messages::{RequestHeader, ResponseHeader};
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -76,12 +76,10 @@ impl PeerConn {
         if len < 0 || len as usize > self.max_response_bytes {
             return Err(format!("bad response size {len}"));
         }
-        let mut buf = vec![0u8; len as usize];
-        self.stream
-            .read_exact(&mut buf)
+        // Read as it arrives, into memory that is not zeroed first.
+        let mut buf = strom_proto::frame::read_frame_body(&mut self.stream, len as usize)
             .await
             .map_err(|e| e.to_string())?;
-        let mut buf = Bytes::from(buf);
         let h = ResponseHeader::decode(&mut buf, R::Response::header_version(version))
             .map_err(|e| e.to_string())?;
         if h.correlation_id != self.correlation_id {

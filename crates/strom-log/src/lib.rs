@@ -675,7 +675,7 @@ impl Log {
                 end += b.total_len;
             }
             if end > start {
-                out.extend_from_slice(&seg.read_range(start, end)?);
+                seg.read_range_into(start, end, &mut out)?;
             }
             let exhausted = end >= seg.size;
             if !exhausted || si + 1 >= self.segments.len() {

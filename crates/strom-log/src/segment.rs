@@ -6,6 +6,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -408,9 +409,52 @@ impl Segment {
     }
 
     pub fn read_range(&self, from: u64, to: u64) -> Result<Vec<u8>, LogError> {
-        let mut buf = vec![0u8; (to - from) as usize];
-        self.file.read_exact_at(&mut buf, from)?;
+        let mut buf = Vec::new();
+        self.read_range_into(from, to, &mut buf)?;
         Ok(buf)
+    }
+
+    /// Appends the bytes `from..to` of the segment file to `out`, read straight into its spare
+    /// capacity: no zeroed buffer first (for large reads the allocator zeroes by returning the
+    /// pages to the kernel, which then faults every page back in) and no second copy.
+    pub fn read_range_into(&self, from: u64, to: u64, out: &mut Vec<u8>) -> Result<(), LogError> {
+        let len = to.saturating_sub(from) as usize;
+        out.reserve(len);
+        let start = out.len();
+        let mut done = 0usize;
+        while done < len {
+            let spare = &mut out.spare_capacity_mut()[done..len];
+            // SAFETY: pread writes at most `spare.len()` bytes into memory `out` owns and has
+            // reserved; only the bytes it reports written become part of `out` below.
+            let n = unsafe {
+                libc::pread(
+                    self.file.as_raw_fd(),
+                    spare.as_mut_ptr().cast(),
+                    spare.len(),
+                    (from + done as u64) as libc::off_t,
+                )
+            };
+            match n {
+                0 => {
+                    return Err(LogError::Io(std::io::Error::from(
+                        std::io::ErrorKind::UnexpectedEof,
+                    )))
+                }
+                n if n < 0 => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(LogError::Io(e));
+                }
+                n => {
+                    done += n as usize;
+                    // SAFETY: the first `done` bytes after `start` were written by pread.
+                    unsafe { out.set_len(start + done) };
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn header_at(&self, pos: u64) -> Result<BatchHeader, LogError> {

@@ -61,10 +61,17 @@ pub struct BenchArgs {
     /// Print the table header before the result row.
     #[arg(long)]
     header: bool,
+    /// Also print, per second of the run (by send time), the records acknowledged and their
+    /// latency p50/p99/max, to stderr: shows when a tail happens, not only how large it is.
+    #[arg(long)]
+    timeline: bool,
 }
 
 struct LatencyContext {
     hist: Mutex<Histogram<u64>>,
+    /// With `--timeline`: one histogram per second since `start`.
+    timeline: Option<Mutex<Vec<Histogram<u64>>>>,
+    start: Instant,
     acked: AtomicU64,
     failed: AtomicU64,
 }
@@ -79,6 +86,16 @@ impl ProducerContext for LatencyContext {
                 let us = sent_at.elapsed().as_micros() as u64;
                 if let Ok(mut h) = self.hist.lock() {
                     let _ = h.record(us.max(1));
+                }
+                if let Some(Ok(mut t)) = self.timeline.as_ref().map(|t| t.lock()) {
+                    let sec = sent_at.saturating_duration_since(self.start).as_secs() as usize;
+                    while t.len() <= sec {
+                        match Histogram::new_with_bounds(1, 60_000_000, 3) {
+                            Ok(h) => t.push(h),
+                            Err(_) => return,
+                        }
+                    }
+                    let _ = t[sec].record(us.max(1));
                 }
                 self.acked.fetch_add(1, Ordering::Relaxed);
             }
@@ -126,8 +143,11 @@ async fn create_topic(args: &BenchArgs) -> Result<()> {
 }
 
 fn run_blocking(args: BenchArgs) -> Result<()> {
+    let start = Instant::now();
     let ctx = LatencyContext {
         hist: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3)?),
+        timeline: args.timeline.then(|| Mutex::new(Vec::new())),
+        start,
         acked: AtomicU64::new(0),
         failed: AtomicU64::new(0),
     };
@@ -141,7 +161,6 @@ fn run_blocking(args: BenchArgs) -> Result<()> {
         .create_with_context(ctx)?;
 
     let value = vec![b'x'; args.record_bytes];
-    let start = Instant::now();
     let interval = if args.rate > 0 {
         Some(Duration::from_secs_f64(1.0 / args.rate as f64))
     } else {
@@ -184,6 +203,17 @@ fn run_blocking(args: BenchArgs) -> Result<()> {
         .lock()
         .map_err(|_| anyhow::anyhow!("poisoned"))?
         .clone();
+    if let Some(Ok(t)) = c.timeline.as_ref().map(|t| t.lock()) {
+        for (sec, h) in t.iter().enumerate() {
+            eprintln!(
+                "second {sec}: {} acked, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                h.len(),
+                h.value_at_quantile(0.50) as f64 / 1000.0,
+                h.value_at_quantile(0.99) as f64 / 1000.0,
+                h.max() as f64 / 1000.0
+            );
+        }
+    }
     let rps = acked as f64 / elapsed;
     let mbps = rps * args.record_bytes as f64 / 1e6;
     if args.header {
