@@ -981,6 +981,55 @@ async fn kip966_the_last_replicas_standing_keep_every_acknowledged_record() {
     assert_eq!(values, (0..101).collect::<Vec<_>>());
 }
 
+/// A partition that went offline while unclean election was off gets a leader once the
+/// operator turns `unclean.leader.election.enable` on for its topic: the out-of-sync replica
+/// that came back leads with what it has (the loss the operator accepted), and takes writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turning_unclean_election_on_brings_an_offline_partition_back() {
+    use rdkafka::admin::{AlterConfig, ResourceSpecifier};
+    // Five voters keep a metadata majority while both replicas of the topic are down.
+    let mut c = Cluster::start(5, &[]);
+    let b = c.bootstrap();
+    create_replicated(&b, "unc", 1, 2, &[]).await;
+    let s = c.wait_partition("unc", 0, WAIT, "full ISR", |s| s.isr.len() == 2);
+    let (a, x) = (
+        s.leader,
+        s.replicas.iter().copied().find(|r| *r != s.leader).unwrap(),
+    );
+    let p = producer(&b, "all", false);
+    send_values(&p, "unc", 0..10).await;
+    // x goes and misses 10..20; then a, the last in-sync replica, goes too.
+    c.node(x).kill9();
+    c.wait_partition("unc", 0, WAIT, "x leaves the ISR", |s| s.isr == vec![a]);
+    send_values(&p, "unc", 10..20).await;
+    c.node(a).kill9();
+    c.wait_partition("unc", 0, WAIT, "offline", |s| s.leader == -1);
+    c.node(x).restart();
+    c.wait_brokers(4, WAIT);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        c.view().unwrap().partition("unc", 0).unwrap().leader,
+        -1,
+        "x is out of sync: it may not lead while unclean election is off"
+    );
+    let change = AlterConfig::new(ResourceSpecifier::Topic("unc"))
+        .set("unclean.leader.election.enable", "true");
+    for r in common::admin(&b)
+        .alter_configs(&[change], &AdminOptions::new())
+        .await
+        .expect("alter_configs")
+    {
+        r.expect("unclean.leader.election.enable=true");
+    }
+    let led = c.wait_partition("unc", 0, WAIT, "x leads", |s| s.leader == x);
+    assert_eq!(led.isr, vec![x], "{led:?}");
+    let p = producer(&b, "all", false);
+    send_values(&p, "unc", 100..101).await;
+    let mut want: Vec<u64> = (0..10).collect();
+    want.push(100);
+    assert_eq!(read_values(&b, "unc", 0, 11, WAIT), want);
+}
+
 /// A leader's high watermark survives its restart (`replication-offset-checkpoint`): a replica
 /// that comes back as the only in-sync one serves consumers what was committed, not what it
 /// merely wrote while its ISR was below min.insync.replicas (KIP-966: that is not committed

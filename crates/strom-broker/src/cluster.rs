@@ -344,6 +344,31 @@ impl ControllerService {
             );
         }
         self.balance_leaders(broker, now).await;
+        self.elect_unclean_leaders(broker).await;
+    }
+
+    /// Offline partitions of topics that allow unclean election get a leader (see
+    /// `Controller::elect_unclean_leaders`); checked on the image first, so a tick with
+    /// nothing to do costs no controller round.
+    async fn elect_unclean_leaders(&self, broker: &Arc<Broker>) {
+        let image = broker.image();
+        if broker
+            .controller()
+            .elect_unclean_leaders(&image, &**broker)
+            .is_empty()
+        {
+            return;
+        }
+        let b = broker.clone();
+        let resp = self
+            .append_checked(broker, None, |img| {
+                b.controller().elect_unclean_leaders(img, &*b)
+            })
+            .await;
+        tracing::warn!(
+            ?resp,
+            "unclean leader election: offline partitions now led by out-of-sync replicas"
+        );
     }
 
     /// Fences a live broker whose process is known to be gone.

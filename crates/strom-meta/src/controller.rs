@@ -762,14 +762,20 @@ impl Controller {
             ));
         }
         // The replication factor partition 0 ends up with: while it is being reassigned its
-        // replicas are the target plus the ones leaving.
+        // replicas are the target plus the ones leaving. New partitions get all of it or are
+        // refused, as a new topic is: never a silently lower replication factor.
         let rf = topic
             .partitions
             .values()
             .next()
             .map(|p| p.target_replicas().len())
             .unwrap_or(1)
-            .clamp(1, live);
+            .max(1);
+        if rf > live {
+            return Err(ControllerError::InvalidReplicationFactor(format!(
+                "the topic's replication factor is {rf} but only {live} broker(s) are available"
+            )));
+        }
         Ok(self.partition_records(image, topic.topic_id, current..new_count, rf))
     }
 
@@ -850,6 +856,29 @@ impl Controller {
                 elr: p.elr.clone(),
             },
         ))
+    }
+
+    /// Partitions without a live leader whose topic allows unclean election: any live replica
+    /// leads (in-sync and eligible ones first). Fencing and unfencing already elect this way;
+    /// this catches partitions that went offline while `unclean.leader.election.enable` was
+    /// off and stayed offline after it was turned on (Kafka elects them then too).
+    pub fn elect_unclean_leaders(
+        &self,
+        image: &MetadataImage,
+        policy: &dyn TopicPolicy,
+    ) -> Vec<MetadataRecord> {
+        let mut records = Vec::new();
+        for topic in image.topics.values().filter(|t| policy.unclean(t)) {
+            for p in topic.partitions.values() {
+                if p.leader >= 0 && image.is_live(p.leader) {
+                    continue;
+                }
+                if let Ok(r) = self.elect_leader(image, &topic.name, p.partition, true) {
+                    records.push(r);
+                }
+            }
+        }
+        records
     }
 
     /// `auto.leader.rebalance.enable`: for every broker whose share of partitions it prefers
@@ -1654,6 +1683,56 @@ mod tests {
             c.create_partitions(&img, "t", 4),
             Err(ControllerError::InvalidReplicationFactor(_))
         ));
+    }
+
+    /// New partitions had their replication factor cut to the live broker count without a
+    /// word: with one of three brokers down, a replication-factor-3 topic grew partitions with
+    /// two replicas each, for good.
+    #[test]
+    fn new_partitions_are_refused_rather_than_given_fewer_replicas() {
+        let c = Controller::default();
+        let img = one_partition(&[1, 2, 3], &[1, 2, 3], (0, 0));
+        let (down, _) = img.apply(20, &[MetadataRecord::FenceBroker { broker_id: 3 }]);
+        assert!(matches!(
+            c.create_partitions(&down, "t", 2),
+            Err(ControllerError::InvalidReplicationFactor(_))
+        ));
+        let (img, _) = img.apply(30, &c.create_partitions(&img, "t", 2).unwrap());
+        assert_eq!(partition(&img, "t", 1).replicas.len(), 3);
+    }
+
+    /// A partition that went offline while unclean election was off is elected once the topic
+    /// allows it, from whatever replica is live; a partition with a live leader is left alone.
+    #[test]
+    fn offline_partitions_get_an_unclean_leader_once_the_topic_allows_it() {
+        let c = Controller::default();
+        let img = one_partition(&[1, 2, 3], &[1, 2], (0, 0));
+        let clean = FixedPolicy {
+            unclean: false,
+            min_isr: 1,
+        };
+        let unclean = FixedPolicy {
+            unclean: true,
+            min_isr: 1,
+        };
+        assert!(
+            c.elect_unclean_leaders(&img, &unclean).is_empty(),
+            "leader live"
+        );
+        // 2 falls out of sync, then 1 (the last in-sync replica) dies, then 2 comes back.
+        let (img, _) = img.apply(
+            20,
+            &c.alter_isr(&img, "t", 0, (1, 0, 0), &[1], &clean).unwrap(),
+        );
+        let (img, _) = img.apply(30, &[MetadataRecord::FenceBroker { broker_id: 2 }]);
+        let (img, _) = img.apply(40, &c.fence_broker(&img, 1, &clean));
+        let (img, _) = img.apply(50, &c.unfence_broker(&img, 2, &clean));
+        assert_eq!(partition(&img, "t", 0).leader, -1, "2 is not in sync");
+        assert!(c.elect_unclean_leaders(&img, &clean).is_empty());
+        let (img, _) = img.apply(60, &c.elect_unclean_leaders(&img, &unclean));
+        let p = partition(&img, "t", 0);
+        assert_eq!((p.leader, p.isr.clone()), (2, vec![2]));
+        assert!(c.elect_unclean_leaders(&img, &unclean).is_empty());
     }
 
     #[test]

@@ -473,7 +473,7 @@ impl Sim {
         let live: Vec<i32> = before.live_brokers().map(|b| b.broker_id).collect();
         let rack = |b: i32| before.brokers[&b].rack.clone();
         let racks: BTreeSet<_> = live.iter().map(|b| rack(*b)).collect();
-        let want = rf.min(live.len());
+        let want = rf;
         let mut preferred: BTreeMap<i32, usize> = live.iter().map(|b| (*b, 0)).collect();
         for p in created {
             let distinct: BTreeSet<i32> = p.replicas.iter().copied().collect();
@@ -1268,7 +1268,7 @@ impl Sim {
                 self.commit(records, &ctx);
             }
             Err(ControllerError::InvalidReplicationFactor(_))
-                if self.image.live_brokers().count() == 0 => {}
+                if rf > self.image.live_brokers().count() => {}
             Err(e) => self.fail(format!("create_partitions {name} -> {count}: {e}")),
         }
     }
