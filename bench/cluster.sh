@@ -21,6 +21,9 @@ wait_port() { until (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; do sleep 0.01
 N=${N:-300000}
 RATE_N=${RATE_N:-300000}
 KILLS=${KILLS:-20}
+# The three nodes share the machine's cores: each gets its share of request threads (the single
+# node keeps the default, one per core).
+NODE_THREADS=${NODE_THREADS:-1}
 
 SINGLE=$(free_port)
 "$BIN" server --listen "127.0.0.1:$SINGLE" --data-dir "$WORK/single" 2>"$WORK/single.log" &
@@ -33,7 +36,7 @@ PORTS=()
 for id in 1 2 3; do
   p=$(free_port); PORTS+=("$p")
   "$BIN" server --node-id "$id" --listen "127.0.0.1:$p" --data-dir "$WORK/node$id" \
-    --controller-quorum "$QUORUM" 2>"$WORK/node$id.log" &
+    --controller-quorum "$QUORUM" --worker-threads "$NODE_THREADS" 2>"$WORK/node$id.log" &
   PIDS+=($!)
 done
 for p in "${PORTS[@]}"; do wait_port "$p"; done

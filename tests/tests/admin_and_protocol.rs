@@ -412,3 +412,29 @@ async fn fetch_long_poll_out_of_range_and_sessions() {
 fn uuid_like(b: u8) -> uuid::Uuid {
     uuid::Uuid::from_bytes([b; 16])
 }
+
+/// `--worker-threads` sizes the runtime that serves requests (for nodes that share a machine);
+/// without it there is one worker per core. A one-worker node serves clients as any other.
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_threads_size_the_request_runtime() {
+    let tmp = tempfile::tempdir().unwrap();
+    let one = StromProcess::start_with(
+        tmp.path().to_path_buf(),
+        Some(tmp),
+        None,
+        &[],
+        &["--worker-threads", "1"],
+    );
+    let logged = |p: &StromProcess, want: String| {
+        strom_tests::wait_for(Duration::from_secs(10), &want, || {
+            p.log().contains(&want).then_some(())
+        })
+    };
+    logged(&one, "workers=1".into());
+    let mut c = RawClient::connect(one.addr());
+    let md = metadata(&mut c, "one-worker", true);
+    assert_eq!(md.topics[0].error_code, 0, "{md:?}");
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let default = StromProcess::start(&[]);
+    logged(&default, format!("workers={cores}"));
+}

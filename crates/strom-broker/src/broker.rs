@@ -678,7 +678,11 @@ impl RunningBroker {
             listener,
             _lock,
         } = self;
-        tracing::info!(node_id = broker.node_id, "listening on {local_addr}");
+        tracing::info!(
+            node_id = broker.node_id,
+            workers = tokio::runtime::Handle::current().metrics().num_workers(),
+            "listening on {local_addr}"
+        );
         let max_connections = broker.config.i64("max.connections").max(1) as usize;
         let mut shutdown = broker.shutdown_signal();
         let ticker = tokio::spawn(flush_ticker(broker.clone()));
