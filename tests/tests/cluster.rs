@@ -25,7 +25,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use strom_proto::compression::Compression;
 use strom_proto::records::{encode_batch, NewRecord, ProducerInfo};
 use strom_tests::cluster::Cluster;
-use strom_tests::{produce_raw, RawClient};
+use strom_tests::{produce_raw, wait_for, RawClient};
 
 fn one_record(value: &str) -> bytes::Bytes {
     let r = NewRecord {
@@ -1820,4 +1820,150 @@ async fn a_broker_only_node_leads_and_follows_partitions_but_never_controls() {
     assert_eq!(q.observers.iter().map(|v| v.0).collect::<Vec<_>>(), vec![4]);
     assert_ne!(q.leader, 4);
     never_controller(&mut c);
+}
+
+/// DescribeCluster v2 with fenced brokers (KIP-1073) through node `id`: (broker, fenced).
+fn registered_brokers(c: &mut Cluster, id: i32) -> Vec<(i32, bool)> {
+    use kafka_protocol::messages::{ApiKey, DescribeClusterRequest, DescribeClusterResponse};
+    let mut raw = RawClient::connect(c.node(id).addr());
+    let req = DescribeClusterRequest::default().with_include_fenced_brokers(true);
+    let resp: DescribeClusterResponse = raw.call(ApiKey::DescribeCluster, 2, &req);
+    assert_eq!(
+        resp.error_code, 0,
+        "DescribeCluster: {:?}",
+        resp.error_message
+    );
+    let mut v: Vec<(i32, bool)> = resp
+        .brokers
+        .iter()
+        .map(|b| (b.broker_id.0, b.is_fenced))
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// UnregisterBroker (KIP-631) through `strom cluster unregister`: a stopped broker-only node
+/// is fenced but still registered, an observer of the metadata quorum and an eligible leader
+/// replica (KIP-966) of the partitions it was in sync for. Unregistered, it is gone from
+/// DescribeCluster (even with fenced brokers), from Metadata, from the quorum's observers and
+/// from every ISR and ELR, while replica lists keep it; topics keep working. Unknown ids fail
+/// with BrokerIdNotRegistered, voters with InvalidRequest. Started again, it registers as a new
+/// broker; unregistered while running, it shuts itself down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unregistered_broker_only_node_leaves_the_cluster_for_good() {
+    let mut c = Cluster::start_mixed(3, 1, &["auto.leader.rebalance.enable=false"], |_| {
+        Vec::new()
+    });
+    let b = c.bootstrap();
+    create_replicated(&b, "kept", 4, 2, &[("min.insync.replicas", "2")]).await;
+    let mut with_4 = Vec::new();
+    for p in 0..4 {
+        let s = c.wait_partition("kept", p, WAIT, "full ISR", |s| {
+            s.isr.len() == 2 && s.leader > 0
+        });
+        if s.replicas.contains(&4) {
+            with_4.push(p as i32);
+        }
+    }
+    assert!(!with_4.is_empty(), "placement skipped node 4");
+
+    assert!(c.node(4).terminate(), "node 4 did not stop cleanly");
+    c.wait_brokers(3, WAIT);
+    wait_for(WAIT, "node 4 fenced", || {
+        (registered_brokers(&mut c, 1) == vec![(1, false), (2, false), (3, false), (4, true)])
+            .then_some(())
+    });
+    let q = describe_quorum(&mut c, 1);
+    assert_eq!(q.observers.iter().map(|o| o.0).collect::<Vec<_>>(), vec![4]);
+    for p in &with_4 {
+        wait_cli_partition(&c, "kept", *p, "node 4 eligible", |cols| cols[5] == "4").await;
+    }
+
+    let (ok, text) = strom(&c, &["cluster", "unregister", "--id", "4"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("Broker 4 is no longer registered"), "{text}");
+    for id in 1..=3 {
+        wait_for(WAIT, "every node to drop broker 4", || {
+            (registered_brokers(&mut c, id) == vec![(1, false), (2, false), (3, false)])
+                .then_some(())
+        });
+        assert_eq!(c.view_from(id).unwrap().brokers, vec![1, 2, 3]);
+    }
+    let q = describe_quorum(&mut c, 2);
+    assert!(
+        q.observers.is_empty(),
+        "still an observer: {:?}",
+        q.observers
+    );
+    assert_eq!(
+        q.voters.iter().map(|v| v.0).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    for p in 0..4 {
+        let s = c.wait_partition("kept", p, WAIT, "led", |s| s.leader > 0);
+        assert_eq!(
+            s.replicas.contains(&4),
+            with_4.contains(&(p as i32)),
+            "{s:?}"
+        );
+        assert!(!s.isr.contains(&4) && s.leader != 4, "{s:?}");
+    }
+    for p in &with_4 {
+        let cols = wait_cli_partition(&c, "kept", *p, "no ELR", |cols| cols[5] == "-").await;
+        assert!(
+            cols[6].contains('4'),
+            "an offline replica until reassigned: {cols:?}"
+        );
+    }
+
+    // Topics keep working: a new one is placed on the three brokers left.
+    create_replicated(&b, "after", 1, 3, &[]).await;
+    let s = c.wait_partition("after", 0, WAIT, "full ISR", |s| s.isr.len() == 3);
+    assert!(!s.replicas.contains(&4), "{s:?}");
+    send_values(&producer(&b, "all", true), "after", 0..50).await;
+    let values = read_values(&b, "after", 0, 50, Duration::from_secs(30));
+    assert_eq!(values, (0..50).collect::<Vec<u64>>());
+
+    // Errors, with the Kafka error's name.
+    for unknown in ["4", "42"] {
+        let (ok, text) = strom(&c, &["cluster", "unregister", "--id", unknown]);
+        assert!(!ok && text.contains("BrokerIdNotRegistered"), "{text}");
+    }
+    let (ok, text) = strom(&c, &["cluster", "unregister", "--id", "2"]);
+    assert!(
+        !ok && text.contains("InvalidRequest") && text.contains("voter"),
+        "{text}"
+    );
+    assert_eq!(
+        registered_brokers(&mut c, 2).len(),
+        3,
+        "a refused voter stays"
+    );
+
+    // Started again, it registers as a new broker and joins the quorum as an observer.
+    c.node(4).restart();
+    c.wait_brokers(4, WAIT);
+    wait_for(WAIT, "node 4 an observer again", || {
+        (describe_quorum(&mut c, 1).observers.len() == 1).then_some(())
+    });
+    // Unregistered while running: its next heartbeat tells it, and it shuts down.
+    let (ok, text) = strom(&c, &["cluster", "unregister", "--id", "4"]);
+    assert!(ok, "{text}");
+    let deadline = Instant::now() + WAIT;
+    while c.node(4).is_running() {
+        assert!(
+            Instant::now() < deadline,
+            "the running node 4 did not shut down:\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        c.node(4).log().contains("unregistered from the cluster"),
+        "{}",
+        c.node(4).log()
+    );
+    c.wait_brokers(3, WAIT);
+    assert!(describe_quorum(&mut c, 3).observers.is_empty());
+    assert_eq!(registered_brokers(&mut c, 3).len(), 3);
 }

@@ -332,6 +332,15 @@ impl Broker {
         }
     }
 
+    /// The controller-quorum voters' ids: `--controller-quorum`, or this node alone on a
+    /// one-node cluster.
+    pub fn voter_ids(&self) -> Vec<i32> {
+        match self.raft() {
+            Some(_) => self.quorum.iter().map(|(id, _)| *id).collect(),
+            None => vec![self.node_id],
+        }
+    }
+
     /// A voter's controller listener (from --controller-quorum).
     pub fn controller_address(&self, node_id: i32) -> Option<SocketAddr> {
         self.quorum
@@ -452,10 +461,14 @@ impl Broker {
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                ControllerResponse::Ok | ControllerResponse::Quorum(_) => {
+                ControllerResponse::Ok
+                | ControllerResponse::Quorum(_)
+                | ControllerResponse::Unregistered => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                ControllerResponse::Error(e) => return Err(E::from(e)),
+                ControllerResponse::Error(e) | ControllerResponse::Refused { message: e, .. } => {
+                    return Err(E::from(e))
+                }
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(E::from(

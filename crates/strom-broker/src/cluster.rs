@@ -15,7 +15,7 @@ use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use strom_meta::raft::ControllerHandler;
-use strom_meta::{MetadataImage, MetadataRecord, TopicImage};
+use strom_meta::{ControllerError, MetadataImage, MetadataRecord, TopicImage};
 
 use crate::broker::Broker;
 
@@ -67,6 +67,11 @@ pub enum ControllerRequest {
     },
     /// DescribeQuorum: the leader's view of the voters and observers.
     DescribeQuorum,
+    /// UnregisterBroker (KIP-631): remove a broker for good, from the metadata image and, for
+    /// a broker-only node, from the Raft membership.
+    UnregisterBroker {
+        broker_id: i32,
+    },
 }
 
 /// The metadata quorum as its leader sees it (DescribeQuorum, KIP-595).
@@ -108,12 +113,23 @@ impl From<strom_meta::raft::QuorumState> for QuorumView {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ControllerResponse {
-    Appended { offset: i64 },
-    Stale { offset: i64 },
+    Appended {
+        offset: i64,
+    },
+    Stale {
+        offset: i64,
+    },
     NotController,
     Ok,
     Quorum(QuorumView),
     Error(String),
+    /// The request is refused with this Kafka error code and message.
+    Refused {
+        error_code: i16,
+        message: String,
+    },
+    /// A heartbeat from a broker that is not registered: it was unregistered while running.
+    Unregistered,
 }
 
 /// The controller's per-topic settings: the topic's override or this broker's default.
@@ -234,11 +250,10 @@ impl ControllerService {
                     return ControllerResponse::NotController;
                 }
                 self.last_heartbeat.lock().insert(broker_id, Instant::now());
-                let fenced = broker
-                    .image()
-                    .brokers
-                    .get(&broker_id)
-                    .is_some_and(|b| b.fenced);
+                let fenced = match broker.image().brokers.get(&broker_id) {
+                    Some(b) => b.fenced,
+                    None => return self.unregistered(&broker, broker_id).await,
+                };
                 if fenced {
                     let b = broker.clone();
                     let resp = self
@@ -257,6 +272,9 @@ impl ControllerService {
                 Some(r) if r.is_leader() => ControllerResponse::Quorum(r.quorum_state().into()),
                 _ => ControllerResponse::NotController,
             },
+            ControllerRequest::UnregisterBroker { broker_id } => {
+                self.unregister(&broker, broker_id).await
+            }
             ControllerRequest::ControlledShutdown { broker_id } => {
                 let b = broker.clone();
                 let resp = self
@@ -272,6 +290,85 @@ impl ControllerService {
                 resp
             }
         }
+    }
+
+    /// UnregisterBroker on the active controller: the records that take the broker out of
+    /// every ISR, ELR and leadership and remove its registration, then, for a broker-only
+    /// node, its removal from the Raft membership (the leader stops replicating to it). A
+    /// broker that is not registered but still a learner (an earlier attempt that failed
+    /// between the two steps) is removed from the membership and the request succeeds.
+    async fn unregister(&self, broker: &Arc<Broker>, id: i32) -> ControllerResponse {
+        let Some(raft) = broker.raft() else {
+            return ControllerResponse::NotController;
+        };
+        let voters = broker.voter_ids();
+        let mut refused = None;
+        let b = broker.clone();
+        let resp = self
+            .append_checked(broker, None, |img| {
+                match b.controller().unregister_broker(img, id, &voters, &*b) {
+                    Ok(records) => records,
+                    Err(e) => {
+                        refused = Some(e);
+                        Vec::new()
+                    }
+                }
+            })
+            .await;
+        if !matches!(resp, ControllerResponse::Appended { .. }) {
+            return resp;
+        }
+        let refusal = |e: &ControllerError| ControllerResponse::Refused {
+            error_code: crate::error::controller_error_code(e).code(),
+            message: e.to_string(),
+        };
+        match &refused {
+            None | Some(ControllerError::BrokerIdNotRegistered(_)) => {}
+            Some(e) => return refusal(e),
+        }
+        self.last_heartbeat.lock().remove(&id);
+        match (raft.remove_learner(id).await, &refused) {
+            (Ok(true), _) => {
+                tracing::info!(broker_id = id, "broker unregistered; no longer a learner");
+                ControllerResponse::Ok
+            }
+            (Ok(false), None) => {
+                tracing::info!(broker_id = id, "broker unregistered");
+                ControllerResponse::Ok
+            }
+            (Ok(false), Some(e)) => refusal(e),
+            (Err(strom_meta::MetadataLogError::NotLeader { .. }), _) => {
+                ControllerResponse::NotController
+            }
+            (Err(e), _) => ControllerResponse::Error(format!(
+                "removing broker {id} from the metadata quorum failed (retry the request): {e}"
+            )),
+        }
+    }
+
+    /// A heartbeat from a broker the image does not hold: it was unregistered while running,
+    /// or this controller's image is behind. Answers `Unregistered` only from an image that
+    /// holds everything committed, so a live broker is never told it is gone by mistake.
+    async fn unregistered(&self, broker: &Arc<Broker>, id: i32) -> ControllerResponse {
+        let Some(raft) = broker.raft() else {
+            return ControllerResponse::NotController;
+        };
+        if raft.ensure_leader_ready().await.is_err() {
+            return ControllerResponse::NotController;
+        }
+        // The applied offset, not the read index: membership entries (a learner's removal)
+        // carry no records and never reach the image.
+        if broker
+            .wait_image(raft.applied_offset(), broker.controller_timeout())
+            .await
+            .is_err()
+        {
+            return ControllerResponse::Error("controller image is behind its log".into());
+        }
+        if broker.image().brokers.contains_key(&id) {
+            return ControllerResponse::Ok;
+        }
+        ControllerResponse::Unregistered
     }
 
     /// Fences brokers that stopped heartbeating. Called on a timer on every node.
@@ -508,8 +605,19 @@ pub async fn heartbeat_loop(broker: Arc<Broker>) {
                 // not make this live broker miss its session with the next one.
                 let session = b.config.i64("broker.session.timeout.ms").max(3) as u64;
                 let within = Duration::from_millis(session / 3);
-                if let Err(e) = call_within(&b, &req, within).await {
-                    tracing::debug!(error = %e, "heartbeat failed");
+                match call_within(&b, &req, within).await {
+                    Ok(ControllerResponse::Unregistered) => {
+                        // Unregistered while running (UnregisterBroker): the cluster no longer
+                        // sends it metadata, so it must not serve stale leaderships. It stops;
+                        // started again, it registers as a new broker.
+                        tracing::error!(
+                            node_id = b.node_id,
+                            "this broker was unregistered from the cluster; shutting down"
+                        );
+                        b.begin_shutdown();
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
                 }
                 in_flight.store(false, Ordering::Release);
             });

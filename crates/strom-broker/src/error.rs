@@ -29,6 +29,8 @@ pub fn controller_error_code(e: &ControllerError) -> ResponseError {
         }
         ControllerError::InvalidReplicaAssignment(_) => ResponseError::InvalidReplicaAssignment,
         ControllerError::NoReassignmentInProgress(..) => ResponseError::NoReassignmentInProgress,
+        ControllerError::BrokerIdNotRegistered(_) => ResponseError::BrokerIdNotRegistered,
+        ControllerError::InvalidRequest(_) => ResponseError::InvalidRequest,
     }
 }
 

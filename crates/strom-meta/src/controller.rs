@@ -28,6 +28,10 @@ pub enum ControllerError {
     InvalidReplicaAssignment(String),
     #[error("no reassignment of partition {1} of topic '{0}' is in progress")]
     NoReassignmentInProgress(String, i32),
+    #[error("broker {0} is not registered")]
+    BrokerIdNotRegistered(i32),
+    #[error("{0}")]
+    InvalidRequest(String),
 }
 
 #[derive(Debug, Clone)]
@@ -414,15 +418,67 @@ impl Controller {
         }
         let mut records = vec![MetadataRecord::FenceBroker { broker_id }];
         let (after, _) = image.apply(image.offset, &records);
+        records.extend(self.leave_partitions(image, &after, broker_id, policy, false));
+        records
+    }
+
+    /// UnregisterBroker (KIP-631, Kafka's `ReplicationControlManager.handleBrokerUnregistered`):
+    /// the broker leaves for good. As fencing does, it loses every leadership (others are
+    /// elected) and leaves every ISR; unlike fencing it also leaves every ELR, since it will
+    /// never come back with its data. Partitions keep it in their replica lists: those replicas
+    /// are offline until reassigned. The records end with `UnregisterBroker`, which removes
+    /// the registration. A controller-quorum voter (`voters`) cannot be unregistered: it
+    /// would register again with its next heartbeat, and Kafka refuses it too.
+    pub fn unregister_broker(
+        &self,
+        image: &MetadataImage,
+        broker_id: i32,
+        voters: &[i32],
+        policy: &dyn TopicPolicy,
+    ) -> Result<Vec<MetadataRecord>, ControllerError> {
+        if voters.contains(&broker_id) {
+            return Err(ControllerError::InvalidRequest(format!(
+                "broker {broker_id} is a controller-quorum voter; only broker-only nodes can be \
+                 unregistered"
+            )));
+        }
+        if !image.brokers.contains_key(&broker_id) {
+            return Err(ControllerError::BrokerIdNotRegistered(broker_id));
+        }
+        let unregister = MetadataRecord::UnregisterBroker { broker_id };
+        let (after, _) = image.apply(image.offset, std::slice::from_ref(&unregister));
+        let mut records = self.leave_partitions(image, &after, broker_id, policy, true);
+        records.push(unregister);
+        Ok(records)
+    }
+
+    /// The partition records that take `broker_id` (no longer live in `after`, the image with
+    /// it fenced or unregistered) out of every leadership and ISR of `image`'s partitions,
+    /// electing new leaders where it led or none leads. A replica leaving an ISR that drops
+    /// below min.insync.replicas becomes an eligible leader replica, unless `forget`: then it
+    /// also leaves every ELR.
+    fn leave_partitions(
+        &self,
+        image: &MetadataImage,
+        after: &MetadataImage,
+        broker_id: i32,
+        policy: &dyn TopicPolicy,
+        forget: bool,
+    ) -> Vec<MetadataRecord> {
+        let mut records = Vec::new();
         for topic in image.topics.values() {
             for p in topic.partitions.values() {
-                if p.leader != broker_id && !p.isr.contains(&broker_id) {
+                let in_elr = forget && p.elr.contains(&broker_id);
+                if p.leader != broker_id && !p.isr.contains(&broker_id) && !in_elr {
                     continue;
                 }
                 let isr: Vec<i32> = p.isr.iter().copied().filter(|r| *r != broker_id).collect();
-                let (isr, elr) = next_isr(p, isr, policy.min_isr(topic));
+                let (isr, mut elr) = next_isr(p, isr, policy.min_isr(topic));
+                if forget {
+                    elr.retain(|r| *r != broker_id);
+                }
                 let l = if p.leader == broker_id || p.leader == -1 {
-                    elect(&after, &p.replicas, &isr, &elr, policy.unclean(topic))
+                    elect(after, &p.replicas, &isr, &elr, policy.unclean(topic))
                 } else {
                     Leadership {
                         leader: p.leader,
@@ -430,7 +486,7 @@ impl Controller {
                         elr,
                     }
                 };
-                records.push(partition_record(&after, topic.topic_id, p, l));
+                records.push(partition_record(after, topic.topic_id, p, l));
             }
         }
         records
@@ -1371,6 +1427,132 @@ mod tests {
         let (img, _) = img.apply(70, &rec);
         assert_eq!(partition(&img, "t", 0).isr.len(), 2);
         assert!(partition(&img, "t", 0).elr.is_empty());
+    }
+
+    /// UnregisterBroker: a live broker loses its leaderships (elected elsewhere, as fencing
+    /// does) and leaves every ISR; a fenced one leaves the ELR it was left in; replica lists
+    /// keep it; the registration is gone, also from an image rebuilt from a snapshot.
+    #[test]
+    fn unregistering_a_broker_takes_it_out_of_every_isr_elr_and_leadership() {
+        let c = Controller::default();
+        let policy = FixedPolicy {
+            unclean: false,
+            min_isr: 2,
+        };
+        let img = cluster(&[(1, ""), (2, ""), (3, ""), (4, "")]);
+        let mut s = spec("t", 4);
+        s.replication_factor = 2;
+        let (img, _) = img.apply(10, &c.create_topic(&img, &s).unwrap());
+        let led_by_4: Vec<i32> = img
+            .topic("t")
+            .unwrap()
+            .partitions
+            .values()
+            .filter(|p| p.leader == 4)
+            .map(|p| p.partition)
+            .collect();
+        let with_4: Vec<i32> = img
+            .topic("t")
+            .unwrap()
+            .partitions
+            .values()
+            .filter(|p| p.replicas.contains(&4))
+            .map(|p| p.partition)
+            .collect();
+        assert!(
+            !led_by_4.is_empty() && with_4.len() > led_by_4.len(),
+            "{img:?}"
+        );
+
+        // A live broker.
+        let records = c.unregister_broker(&img, 4, &[1, 2, 3], &policy).unwrap();
+        assert_eq!(
+            records.last(),
+            Some(&MetadataRecord::UnregisterBroker { broker_id: 4 })
+        );
+        let (after, delta) = img.apply(20, &records);
+        assert!(delta.changed_brokers);
+        assert!(!after.brokers.contains_key(&4));
+        assert_eq!(after.brokers.len(), 3);
+        for p in after.topic("t").unwrap().partitions.values() {
+            let before = partition(&img, "t", p.partition);
+            assert_eq!(p.replicas, before.replicas, "replica lists keep the broker");
+            assert!(!p.isr.contains(&4) && !p.elr.contains(&4), "{p:?}");
+            assert_ne!(p.leader, 4);
+            if led_by_4.contains(&p.partition) {
+                assert!(p.leader > 0, "another replica leads: {p:?}");
+                assert_eq!(p.leader_epoch, before.leader_epoch + 1);
+            } else {
+                assert_eq!(p.leader, before.leader);
+            }
+        }
+        // Applied the same way every time (replay, a snapshot of it).
+        assert_eq!(img.apply(20, &records).0.brokers, after.brokers);
+        let (rebuilt, _) = MetadataImage::empty().apply(0, &after.to_records());
+        assert_eq!(rebuilt.brokers, after.brokers);
+        assert_eq!(rebuilt.topics, after.topics);
+        // Unregistered: a second attempt, and any unknown id, is refused.
+        assert_eq!(
+            c.unregister_broker(&after, 4, &[1, 2, 3], &policy),
+            Err(ControllerError::BrokerIdNotRegistered(4))
+        );
+        assert_eq!(
+            c.unregister_broker(&img, 9, &[1, 2, 3], &policy),
+            Err(ControllerError::BrokerIdNotRegistered(9))
+        );
+
+        // A fenced broker: fencing left it an eligible leader replica where the ISR went below
+        // min.insync.replicas; unregistering takes it out of those ELRs too.
+        let (fenced, _) = img.apply(20, &c.fence_broker(&img, 4, &policy));
+        let in_elr: Vec<i32> = fenced
+            .topic("t")
+            .unwrap()
+            .partitions
+            .values()
+            .filter(|p| p.elr.contains(&4))
+            .map(|p| p.partition)
+            .collect();
+        assert_eq!(in_elr, with_4, "{fenced:?}");
+        let records = c
+            .unregister_broker(&fenced, 4, &[1, 2, 3], &policy)
+            .unwrap();
+        assert_eq!(records.len(), in_elr.len() + 1);
+        let (after, _) = fenced.apply(30, &records);
+        assert!(!after.brokers.contains_key(&4));
+        for p in after.topic("t").unwrap().partitions.values() {
+            assert!(p.replicas.contains(&4) == with_4.contains(&p.partition));
+            assert!(p.elr.is_empty() && !p.isr.contains(&4), "{p:?}");
+            assert!(p.leader > 0 && p.leader != 4, "{p:?}");
+        }
+        // A broker with nothing to leave only loses its registration.
+        let spare = cluster(&[(1, ""), (5, "")]);
+        assert_eq!(
+            c.unregister_broker(&spare, 5, &[1], &policy).unwrap(),
+            vec![MetadataRecord::UnregisterBroker { broker_id: 5 }]
+        );
+    }
+
+    /// A controller-quorum voter cannot be unregistered (it is refused before anything is
+    /// written), even while it is registered and fenced.
+    #[test]
+    fn a_controller_voter_cannot_be_unregistered() {
+        let c = Controller::default();
+        let policy = FixedPolicy {
+            unclean: false,
+            min_isr: 1,
+        };
+        let img = cluster(&[(1, ""), (2, ""), (3, ""), (4, "")]);
+        let (img, _) = img.apply(10, &c.fence_broker(&img, 2, &policy));
+        for id in [1, 2, 3] {
+            let e = c
+                .unregister_broker(&img, id, &[1, 2, 3], &policy)
+                .unwrap_err();
+            assert!(
+                matches!(&e, ControllerError::InvalidRequest(m) if m.contains("voter")),
+                "{e:?}"
+            );
+        }
+        assert!(c.unregister_broker(&img, 4, &[1, 2, 3], &policy).is_ok());
     }
 
     /// Topic "t" with one partition on brokers 1, 2, 3 (of 1..=4), leader 1.

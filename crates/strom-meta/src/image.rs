@@ -78,7 +78,7 @@ pub struct MetadataDelta {
     pub deleted_topics: Vec<(String, TopicId, Vec<i32>)>,
     pub changed_topic_configs: Vec<String>,
     pub changed_broker_configs: bool,
-    /// Brokers registered, fenced or unfenced.
+    /// Brokers registered, fenced, unfenced or unregistered.
     pub changed_brokers: bool,
 }
 
@@ -289,6 +289,13 @@ impl MetadataImage {
                     delta.changed_brokers = true;
                 }
             }
+            MetadataRecord::UnregisterBroker { broker_id } => {
+                // Its dynamic settings stay, as in Kafka: a broker registering again under the
+                // same id finds them.
+                if self.brokers.remove(broker_id).is_some() {
+                    delta.changed_brokers = true;
+                }
+            }
             MetadataRecord::Topic { name, topic_id } => {
                 self.topic_names_by_id.insert(*topic_id, name.clone());
                 self.topics.insert(
@@ -429,6 +436,15 @@ mod tests {
                 port: 9093,
                 rack: None,
             },
+            // Registered, then gone for good (UnregisterBroker): absent from the snapshot.
+            MetadataRecord::RegisterBroker {
+                broker_id: 3,
+                host: "h3".into(),
+                port: 9094,
+                rack: None,
+            },
+            MetadataRecord::FenceBroker { broker_id: 3 },
+            MetadataRecord::UnregisterBroker { broker_id: 3 },
             MetadataRecord::BrokerConfig {
                 broker_id: None,
                 name: "log.retention.ms".into(),
@@ -484,6 +500,10 @@ mod tests {
         let (rebuilt, _) = MetadataImage::empty().apply(100, &rebuilt_records);
         assert!(same_content(&img, &rebuilt), "{img:?}\n{rebuilt:?}");
         assert!(rebuilt.topic("gone").is_none());
+        assert_eq!(
+            rebuilt.brokers.keys().copied().collect::<Vec<_>>(),
+            vec![1, 2]
+        );
         assert_eq!(rebuilt.topic("a").unwrap().partitions.len(), 3);
         // Idempotent: a snapshot of a snapshot is the same records.
         assert_eq!(rebuilt.to_records(), rebuilt_records);

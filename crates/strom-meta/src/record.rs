@@ -30,6 +30,12 @@ pub enum MetadataRecord {
     UnfenceBroker {
         broker_id: i32,
     },
+    /// UnregisterBroker (KIP-631): the broker is gone for good and its registration leaves the
+    /// image. Partitions keep it in their replica lists (offline until reassigned); the
+    /// records written before this one took it out of every ISR, ELR and leadership.
+    UnregisterBroker {
+        broker_id: i32,
+    },
     Topic {
         name: String,
         topic_id: TopicId,

@@ -43,6 +43,7 @@ pub const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::AlterPartitionReassignments, 0, 1),
     (ApiKey::ListPartitionReassignments, 0, 0),
     (ApiKey::DescribeTopicPartitions, 0, 0),
+    (ApiKey::UnregisterBroker, 0, 0),
 ];
 
 /// The version range served for `key`, if the API is served at all.

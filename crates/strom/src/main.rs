@@ -1,6 +1,7 @@
 //! The `strom` binary: `strom server` runs a broker; `strom bench` drives load against one;
 //! `strom group` administers consumer groups; `strom config` topic and broker settings;
-//! `strom topic`, `strom reassign`, `strom elect` and `strom quorum` the replicated cluster.
+//! `strom topic`, `strom reassign`, `strom elect`, `strom quorum` and `strom cluster` the
+//! replicated cluster.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use strom_broker::{Broker, BrokerConfig, BrokerOptions};
 mod bench;
 mod bench_groups;
 mod client;
+mod cluster_cmd;
 mod config_cmd;
 mod elect;
 mod group;
@@ -54,6 +56,8 @@ enum Command {
     Elect(elect::ElectArgs),
     /// The metadata quorum: leader, epoch, high watermark, voters and their lag.
     Quorum(quorum::QuorumArgs),
+    /// The cluster's brokers: unregister a decommissioned one.
+    Cluster(cluster_cmd::ClusterArgs),
 }
 
 #[derive(clap::Args)]
@@ -141,6 +145,7 @@ fn run() -> Result<()> {
         Command::Reassign(args) => reassign::run(args),
         Command::Elect(args) => elect::run(args),
         Command::Quorum(args) => quorum::run(args),
+        Command::Cluster(args) => cluster_cmd::run(args),
         Command::BenchGroups(args) => rt.block_on(bench_groups::run(args)),
     }
 }

@@ -45,6 +45,7 @@ mod offset_fetch;
 mod offset_for_leader_epoch;
 mod produce;
 mod sync_group;
+mod unregister_broker;
 
 /// What a handler gives back to the connection.
 pub enum Reply {
@@ -113,6 +114,7 @@ pub async fn dispatch(
             list_partition_reassignments::handle(broker, &mut ctx)
         }
         ApiKey::DescribeTopicPartitions => describe_topic_partitions::handle(broker, &mut ctx),
+        ApiKey::UnregisterBroker => unregister_broker::handle(broker, &mut ctx),
         // decode_header only lets served APIs through.
         other => Err(HandlerError::Decode(other, "not served".into())),
     }

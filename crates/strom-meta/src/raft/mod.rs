@@ -21,8 +21,9 @@
 //!   leader's view of it go backwards (a debug assertion in debug builds) and acknowledged
 //!   entries may be lost.
 //! - A snapshot travels as one frame, so the metadata image must encode to under 64 MiB.
-//! - A broker-only node stays in the membership once added (there is no removal yet): the
-//!   leader keeps trying to replicate to it while it is gone.
+//! - A broker-only node stays in the membership until it is unregistered
+//!   ([`RaftMetadataLog::remove_learner`], UnregisterBroker): until then the leader keeps
+//!   trying to replicate to it while it is gone.
 //! - The leader does not purge entries a voter (or a broker-only learner) that is down still
 //!   needs, and the log store keeps unpurged entries in memory: a long outage of one node grows
 //!   the leader's memory.
@@ -293,7 +294,7 @@ impl RaftMetadataLog {
                         (m.current_leader.map(from_node_id), membership)
                     };
                     if membership_seen.as_ref() != Some(membership.log_id()) {
-                        peers.learn(membership.membership().nodes());
+                        peers.learn_only(membership.membership().nodes());
                         membership_seen = Some(*membership.log_id());
                     }
                     leader_tx.send_if_modified(|cur| {
@@ -576,6 +577,52 @@ impl RaftMetadataLog {
         }
     }
 
+    /// Leader only: removes broker-only node `node_id` (a learner) from the membership, so the
+    /// leader stops replicating to it and DescribeQuorum no longer lists it (UnregisterBroker).
+    /// Returns once the change is committed: true if it was a learner, false if it was not in
+    /// the membership. A voter is refused: the voter set never changes here.
+    pub async fn remove_learner(&self, node_id: i32) -> Result<bool, MetadataLogError> {
+        self.check_open()?;
+        if node_id < 0 {
+            return Ok(false);
+        }
+        let id = to_node_id(node_id);
+        let (voter, learner) = {
+            let metrics = self.inner.raft.metrics();
+            let m = metrics.borrow_watched();
+            let membership = m.membership_config.membership();
+            let voter = membership.voter_ids().any(|v| v == id);
+            let learner = membership.learner_ids().any(|l| l == id);
+            (voter, learner)
+        };
+        if voter || self.inner.app.peers.is_voter(id) {
+            return Err(raft_err(format!(
+                "node {node_id} is a controller-quorum voter, not a broker-only node"
+            )));
+        }
+        if !learner {
+            return Ok(false);
+        }
+        let change = openraft::ChangeMembers::RemoveNodes(BTreeSet::from([id]));
+        match self.inner.raft.change_membership(change, false).await {
+            Ok(_) => {
+                self.inner.app.peers.forget(id);
+                tracing::info!(
+                    node_id,
+                    "broker-only node removed from the metadata quorum (learner)"
+                );
+                Ok(true)
+            }
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(MetadataLogError::NotLeader {
+                    leader: f.leader_id.map(from_node_id),
+                })
+            }
+            Err(RaftError::Fatal(_)) => Err(MetadataLogError::Shutdown),
+            Err(e) => Err(raft_err(e)),
+        }
+    }
+
     /// For DescribeQuorum: leader id, leader epoch (= Raft term), high watermark (= committed
     /// index), and per voter its matched index and last fetch / caught-up times as the leader
     /// sees them (-1 where unknown, e.g. on a follower).
@@ -700,7 +747,7 @@ impl RaftMetadataLog {
 const JOIN_ATTEMPT: Duration = Duration::from_secs(10);
 const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// At most this many broker-only nodes in the membership (each costs the leader a replication
-/// stream, and nothing removes them yet).
+/// stream until UnregisterBroker removes it).
 const MAX_LEARNERS: usize = 1024;
 
 /// A broker-only node's start: asks the active controller to add it as a learner, retrying

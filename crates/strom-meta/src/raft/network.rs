@@ -133,6 +133,25 @@ impl PeerAddrs {
             }
         }
     }
+
+    /// The learners become exactly the membership's non-voter nodes: `learn`, and forget the
+    /// ones it no longer has (a broker-only node removed by UnregisterBroker).
+    pub fn learn_only<'a>(&self, nodes: impl Iterator<Item = (&'a u64, &'a BasicNode)>) {
+        let nodes: Vec<_> = nodes.collect();
+        self.learners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|id, _| nodes.iter().any(|(n, _)| *n == id));
+        self.learn(nodes.into_iter());
+    }
+
+    /// Forgets a learner's address (removed from the membership).
+    pub fn forget(&self, id: u64) {
+        self.learners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
 }
 
 #[derive(Serialize, Deserialize)]

@@ -540,6 +540,68 @@ async fn a_learner_follows_the_log_and_never_votes() {
     .await;
 }
 
+/// UnregisterBroker's Raft side: the leader removes a broker-only node from the membership; it
+/// is no longer an observer and gets no more entries. Voters are refused, a follower is not
+/// the leader, and the node rejoins as a new learner when it starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_learner_is_no_longer_an_observer_nor_replicated_to() {
+    bounded(async {
+        let root = tempfile::tempdir().unwrap();
+        let (voters, config) = cluster(root.path(), 10_000).await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let learner = start_node(4, listener, &config, &root.path().join("node-4"), 10_000).await;
+        let all: Vec<&Node> = voters.iter().collect();
+        let first = append(&all, vec![rec(0)]).await;
+        same_batches(&learner, &voters[0], first).await;
+        let leader_id = agreed_leader(&all).await;
+        let leader = voters.iter().find(|n| n.id == leader_id).unwrap();
+        let follower = voters.iter().find(|n| n.id != leader_id).unwrap();
+        until("the learner to be an observer", || {
+            leader.log.quorum_state().observers.len() == 1
+        })
+        .await;
+
+        assert!(matches!(
+            follower.log.remove_learner(4).await,
+            Err(MetadataLogError::NotLeader { .. })
+        ));
+        assert!(leader.log.remove_learner(follower.id).await.is_err());
+        assert!(leader.log.remove_learner(leader_id).await.is_err());
+        assert_eq!(leader.log.quorum_state().voters.len(), 3);
+        assert!(leader.log.remove_learner(4).await.unwrap());
+        assert!(leader.log.quorum_state().observers.is_empty());
+        assert!(!leader.log.remove_learner(4).await.unwrap(), "already gone");
+        assert!(!leader.log.remove_learner(77).await.unwrap());
+        until("every voter to drop the learner", || {
+            voters
+                .iter()
+                .all(|v| v.log.quorum_state().observers.is_empty())
+        })
+        .await;
+
+        // No more entries reach it.
+        let seen = learner.batches().len();
+        let later = append(&all, vec![rec(1)]).await;
+        same_batches(&voters[1], &voters[0], later).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(learner.batches().len(), seen, "replicated to after removal");
+
+        // Started again, it joins as a new learner and catches up.
+        learner.log.shutdown().await;
+        let learner = restart(&learner, &config, 10_000).await;
+        same_batches(&learner, &voters[0], later).await;
+        until("the learner to be an observer again", || {
+            leader.log.quorum_state().observers.len() == 1
+        })
+        .await;
+        learner.log.shutdown().await;
+        for n in &voters {
+            n.log.shutdown().await;
+        }
+    })
+    .await;
+}
+
 fn purged_index(dir: &Path) -> i64 {
     std::fs::read(dir.join(storage::PURGED_FILE))
         .ok()
