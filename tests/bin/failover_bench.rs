@@ -5,8 +5,8 @@
 //! flight at a time, so an acknowledgement is timed as it arrives).
 //!
 //! With `--controller`, every kill hits a node that is both the partition's leader and the
-//! active controller (until they coincide, the controller alone is killed and restarted,
-//! unmeasured, so that the metadata quorum elects another leader).
+//! active controller (until they coincide, the controller and the leader are killed and
+//! restarted in turn, unmeasured, so that the quorum and the partition elect other leaders).
 //!
 //!   cargo run --release -p strom-tests --bin failover-bench -- --kills 20 [--controller]
 
@@ -100,6 +100,7 @@ async fn main() {
     }
     let mut gaps_ms = Vec::new();
     for k in 0..kills {
+        let mut attempt = 0;
         let (victim, controller) = loop {
             let s = c.wait_partition("failover", 0, Duration::from_secs(60), "full ISR", |s| {
                 s.isr.len() == 3 && s.leader > 0
@@ -110,8 +111,14 @@ async fn main() {
             if !with_controller || controller == s.leader || controller < 0 {
                 break (s.leader, controller);
             }
-            c.node(controller).kill9();
-            c.node(controller).restart();
+            // Bring the two together: alternately restart the controller (another node takes
+            // over) and the leader (leadership moves). Controller elections after a kill are
+            // ranked by node id, so restarting the controller alone may never reach the leader.
+            attempt += 1;
+            assert!(attempt <= 40, "the leader never became the active controller");
+            let restart = if attempt % 2 == 1 { controller } else { s.leader };
+            c.node(restart).kill9();
+            c.node(restart).restart();
         };
         let killed = now_us(start);
         c.node(victim).kill9();
