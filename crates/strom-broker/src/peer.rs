@@ -76,10 +76,21 @@ impl PeerConn {
         if len < 0 || len as usize > self.max_response_bytes {
             return Err(format!("bad response size {len}"));
         }
-        // Read as it arrives, into memory that is not zeroed first.
-        let mut buf = strom_proto::frame::read_frame_body(&mut self.stream, len as usize)
-            .await
-            .map_err(|e| e.to_string())?;
+        // A peer broker's answer, bounded above: read into one buffer of its size, not zeroed
+        // first and never copied into a larger one as it grows.
+        let mut buf = BytesMut::with_capacity(len as usize);
+        while buf.len() < len as usize {
+            let want = len as u64 - buf.len() as u64;
+            let n = (&mut self.stream)
+                .take(want)
+                .read_buf(&mut buf)
+                .await
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("connection closed in the middle of a response".into());
+            }
+        }
+        let mut buf = buf.freeze();
         let h = ResponseHeader::decode(&mut buf, R::Response::header_version(version))
             .map_err(|e| e.to_string())?;
         if h.correlation_id != self.correlation_id {
