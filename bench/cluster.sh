@@ -5,7 +5,12 @@
 # min.insync.replicas 2 against replication factor 1 on the single node. Then the failover
 # time over repeated leader kills (`failover-bench`).
 #
-#   bash bench/cluster.sh            # KILLS=20 N=300000 by default
+#   bash bench/cluster.sh            # KILLS=20 N=300000 RUNS=1 by default
+#
+# RUNS=n repeats the four measurements n times on the same processes (fresh topics each time):
+# this VM's run-to-run noise is larger than most effects, so compare medians. After each row
+# the CPU the broker processes spent on it is printed (user + system clock ticks, 100 per
+# second): the work a configuration costs, which varies less than its rate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p strom -p strom-tests --bins >/dev/null
@@ -21,6 +26,7 @@ wait_port() { until (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; do sleep 0.01
 N=${N:-300000}
 RATE_N=${RATE_N:-300000}
 KILLS=${KILLS:-20}
+RUNS=${RUNS:-1}
 # The three nodes share the machine's cores: each gets its share of request threads (the single
 # node keeps the default, one per core).
 NODE_THREADS=${NODE_THREADS:-1}
@@ -28,6 +34,8 @@ NODE_THREADS=${NODE_THREADS:-1}
 SINGLE=$(free_port)
 "$BIN" server --listen "127.0.0.1:$SINGLE" --data-dir "$WORK/single" 2>"$WORK/single.log" &
 PIDS+=($!)
+SINGLE_PID=$!
+CLUSTER_PIDS=()
 wait_port "$SINGLE"
 
 C1=$(free_port); C2=$(free_port); C3=$(free_port)
@@ -38,21 +46,32 @@ for id in 1 2 3; do
   "$BIN" server --node-id "$id" --listen "127.0.0.1:$p" --data-dir "$WORK/node$id" \
     --controller-quorum "$QUORUM" --worker-threads "$NODE_THREADS" 2>"$WORK/node$id.log" &
   PIDS+=($!)
+  CLUSTER_PIDS+=($!)
 done
 for p in "${PORTS[@]}"; do wait_port "$p"; done
 CLUSTER="127.0.0.1:${PORTS[0]},127.0.0.1:${PORTS[1]},127.0.0.1:${PORTS[2]}"
 sleep 2
 
 first=--header
+# utime + stime of the given processes, in clock ticks.
+ticks() { local s=0 p; for p in $1; do s=$((s + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$s"; }
 # Each run starts on a quiet disk: what the previous run wrote is flushed first, so its
 # writeback does not land in the next run's latencies.
-run() { sync; sleep 2; "$BIN" bench $first "$@"; first=; }
-run --bootstrap "127.0.0.1:$SINGLE" --label "single RF1" --topic s1 --record-bytes 1024 --records "$N"
-run --bootstrap "$CLUSTER" --label "3 nodes RF3" --topic c1 --record-bytes 1024 --records "$N" \
-  --replication-factor 3 --topic-config min.insync.replicas=2
-run --bootstrap "127.0.0.1:$SINGLE" --label "single RF1" --topic s2 --record-bytes 1024 --records "$RATE_N" --rate 50000
-run --bootstrap "$CLUSTER" --label "3 nodes RF3" --topic c2 --record-bytes 1024 --records "$RATE_N" --rate 50000 \
-  --replication-factor 3 --topic-config min.insync.replicas=2
+run() {
+  local pids=$1; shift
+  sync; sleep 2
+  local before; before=$(ticks "$pids")
+  "$BIN" bench $first "$@"; first=
+  echo "    broker CPU for the row above: $(( $(ticks "$pids") - before )) ticks" >&2
+}
+for r in $(seq "$RUNS"); do
+  run "$SINGLE_PID" --bootstrap "127.0.0.1:$SINGLE" --label "single RF1" --topic "s1-$r" --record-bytes 1024 --records "$N"
+  run "${CLUSTER_PIDS[*]}" --bootstrap "$CLUSTER" --label "3 nodes RF3" --topic "c1-$r" --record-bytes 1024 --records "$N" \
+    --replication-factor 3 --topic-config min.insync.replicas=2
+  run "$SINGLE_PID" --bootstrap "127.0.0.1:$SINGLE" --label "single RF1" --topic "s2-$r" --record-bytes 1024 --records "$RATE_N" --rate 50000
+  run "${CLUSTER_PIDS[*]}" --bootstrap "$CLUSTER" --label "3 nodes RF3" --topic "c2-$r" --record-bytes 1024 --records "$RATE_N" --rate 50000 \
+    --replication-factor 3 --topic-config min.insync.replicas=2
+done
 for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
 wait 2>/dev/null || true
 PIDS=()

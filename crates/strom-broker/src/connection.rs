@@ -5,11 +5,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use strom_proto::api::{self, HeaderError};
 use strom_proto::frame::{self, FrameError};
+use strom_proto::splice::ResponseFrame;
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -25,7 +25,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         .config
         .i64("strom.connection.max.pipelined.requests")
         .max(1) as usize;
-    let (tx, rx) = mpsc::channel::<BoxFuture<'static, Option<Bytes>>>(depth);
+    let (tx, rx) = mpsc::channel::<BoxFuture<'static, Option<ResponseFrame>>>(depth);
     let writer_task = tokio::spawn(write_responses(writer, rx));
     let mut shutdown = broker.shutdown_signal();
 
@@ -68,7 +68,11 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
             }) => {
                 tracing::debug!(%peer, version, "ApiVersions newer than served; answering UNSUPPORTED_VERSION");
                 let bytes = api::api_versions_unsupported(correlation_id);
-                if tx.send(Box::pin(async move { Some(bytes) })).await.is_err() {
+                if tx
+                    .send(Box::pin(async move { Some(bytes.into()) }))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
                 continue;
@@ -83,29 +87,18 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         let dispatched = handlers::dispatch(&broker, request, peer).await;
         // The request's bytes are stored or dropped once dispatched.
         drop(permit);
-        match dispatched {
-            Ok(Reply::Now(bytes)) => {
-                if tx.send(Box::pin(async move { Some(bytes) })).await.is_err() {
-                    break;
-                }
-            }
-            Ok(Reply::Later(fut)) => {
-                // Run it now, not when the writer reaches it: a produce must start its group
-                // commit at once, even while earlier responses on this connection are pending.
-                let task = tokio::spawn(fut);
-                if tx
-                    .send(Box::pin(async move { task.await.ok().flatten() }))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-            Ok(Reply::None) => {}
+        let response: BoxFuture<'static, Option<ResponseFrame>> = match dispatched {
+            Ok(Reply::Now(bytes)) => Box::pin(async move { Some(bytes.into()) }),
+            Ok(Reply::Later(fut)) => spawned(fut.map(|r| r.map(ResponseFrame::from))),
+            Ok(Reply::LaterParts(fut)) => spawned(fut),
+            Ok(Reply::None) => continue,
             Err(e) => {
                 tracing::warn!(%peer, ?api_key, version, error = %e, "bad request; closing connection");
                 break;
             }
+        };
+        if tx.send(response).await.is_err() {
+            break;
         }
     }
     drop(tx);
@@ -113,9 +106,19 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     let _ = writer_task.await;
 }
 
+/// Runs a delayed response now, not when the writer reaches it: a produce must start its group
+/// commit at once, even while earlier responses on this connection are pending.
+fn spawned<F>(fut: F) -> BoxFuture<'static, Option<ResponseFrame>>
+where
+    F: std::future::Future<Output = Option<ResponseFrame>> + Send + 'static,
+{
+    let task = tokio::spawn(fut);
+    Box::pin(async move { task.await.ok().flatten() })
+}
+
 async fn write_responses(
     writer: tokio::net::tcp::OwnedWriteHalf,
-    mut rx: mpsc::Receiver<BoxFuture<'static, Option<Bytes>>>,
+    mut rx: mpsc::Receiver<BoxFuture<'static, Option<ResponseFrame>>>,
 ) {
     let mut writer = BufWriter::with_capacity(64 * 1024, writer);
     loop {
@@ -144,8 +147,23 @@ async fn write_responses(
         };
         // A response that could not be produced leaves the client waiting on its correlation
         // id forever: close instead.
-        let Some(bytes) = ready else { return };
-        if writer.write_all(&bytes).await.is_err() {
+        let Some(frame) = ready else { return };
+        // Parts of at least the buffer's capacity (spliced record batches) go to the socket
+        // directly, not through the buffer.
+        let written = match &frame {
+            ResponseFrame::Whole(bytes) => writer.write_all(bytes).await,
+            ResponseFrame::Parts(parts) => {
+                let mut r = Ok(());
+                for part in parts {
+                    r = writer.write_all(part).await;
+                    if r.is_err() {
+                        break;
+                    }
+                }
+                r
+            }
+        };
+        if written.is_err() {
             return;
         }
     }

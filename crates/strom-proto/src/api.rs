@@ -1,9 +1,10 @@
 //! Which APIs and versions Strom serves, decoding a request's header, and framing responses.
 //! The table here is the single truth that ApiVersions advertises and dispatch enforces.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::api_versions_response::ApiVersion;
 use kafka_protocol::messages::{ApiKey, ApiVersionsResponse, RequestHeader, ResponseHeader};
+use kafka_protocol::protocol::buf::ByteBufMut;
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion};
 
 /// (api, min version, max version) served. Ranges are those of `kafka-protocol` 0.18 (Kafka 4.1
@@ -137,20 +138,37 @@ pub fn encode_response<T: Encodable + HeaderVersion>(
     version: i16,
     body: &T,
 ) -> Result<Bytes, String> {
+    encode_frame(correlation_id, version, body, BytesMut::with_capacity).map(BytesMut::freeze)
+}
+
+/// Encodes a response frame (size field, header, body) into the buffer `make_buf` returns for
+/// the frame's length.
+pub(crate) fn encode_frame<T: Encodable + HeaderVersion, B: ByteBufMut>(
+    correlation_id: i32,
+    version: i16,
+    body: &T,
+    make_buf: impl FnOnce(usize) -> B,
+) -> Result<B, String> {
     let header_version = T::header_version(version);
     let header = ResponseHeader::default().with_correlation_id(correlation_id);
     let size = header
         .compute_size(header_version)
         .and_then(|h| body.compute_size(version).map(|b| h + b))
         .map_err(|e| e.to_string())?;
-    let mut buf = BytesMut::with_capacity(size + 4);
+    let mut buf = make_buf(size + 4);
     buf.put_i32(size as i32);
     header
         .encode(&mut buf, header_version)
         .map_err(|e| e.to_string())?;
     body.encode(&mut buf, version).map_err(|e| e.to_string())?;
-    debug_assert_eq!(buf.len(), size + 4);
-    Ok(buf.freeze())
+    if buf.offset() != size + 4 {
+        return Err(format!(
+            "encoded {} bytes where {} were computed",
+            buf.offset(),
+            size + 4
+        ));
+    }
+    Ok(buf)
 }
 
 /// The KIP-511 answer to an ApiVersions request newer than we serve: v0 body, header v0.
@@ -165,6 +183,7 @@ pub fn api_versions_unsupported(correlation_id: i32) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BufMut;
     use kafka_protocol::messages::MetadataRequest;
 
     fn request_bytes(key: i16, version: i16, correlation_id: i32) -> BytesMut {

@@ -68,12 +68,18 @@ pub async fn read_frame_body<R: AsyncRead + Unpin>(
     size: usize,
 ) -> Result<Bytes, FrameError> {
     // Memory is committed as bytes arrive, not as the size field promises: a peer that
-    // announces 100 MiB and sends nothing holds 64 KiB, not 100 MiB.
+    // announces 100 MiB and sends nothing holds 64 KiB, not 100 MiB. A peer that has sent the
+    // first 64 KiB gets a buffer of the announced size at once (one copy of that chunk, where
+    // growing the buffer by doubling copied the body over and over).
     let mut body = BytesMut::with_capacity(size.min(READ_CHUNK_BYTES));
     while body.len() < size {
-        let want = (size - body.len()).min(READ_CHUNK_BYTES);
-        body.reserve(want);
-        let n = (&mut *reader).take(want as u64).read_buf(&mut body).await?;
+        if body.len() == body.capacity() {
+            let mut whole = BytesMut::with_capacity(size);
+            whole.extend_from_slice(&body);
+            body = whole;
+        }
+        let want = (size - body.len()) as u64;
+        let n = (&mut *reader).take(want).read_buf(&mut body).await?;
         if n == 0 {
             return Err(FrameError::Truncated);
         }
@@ -82,3 +88,56 @@ pub async fn read_frame_body<R: AsyncRead + Unpin>(
 }
 
 const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    fn frame(body: &[u8]) -> Vec<u8> {
+        let mut f = (body.len() as i32).to_be_bytes().to_vec();
+        f.extend_from_slice(body);
+        f
+    }
+
+    #[tokio::test]
+    async fn a_large_body_arriving_in_pieces_is_read_whole() {
+        let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let wire = frame(&body);
+        let (mut tx, mut rx) = tokio::io::duplex(4096);
+        let writer = tokio::spawn(async move {
+            for piece in wire.chunks(7_001) {
+                tx.write_all(piece).await.unwrap();
+            }
+        });
+        let got = read_frame(&mut rx, 1 << 20).await.unwrap().unwrap();
+        writer.await.unwrap();
+        assert_eq!(got.len(), body.len());
+        assert!(got == body[..], "body bytes differ");
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_is_truncated_and_sizes_are_checked() {
+        for len in [10usize, 70_000] {
+            let mut wire = frame(&vec![1u8; len]);
+            wire.truncate(wire.len() - 1);
+            let mut r = &wire[..];
+            assert!(matches!(
+                read_frame(&mut r, 1 << 20).await,
+                Err(FrameError::Truncated)
+            ));
+        }
+        let mut r = &frame(&[0u8; 100])[..];
+        assert!(matches!(
+            read_frame(&mut r, 99).await,
+            Err(FrameError::TooLarge { size: 100, max: 99 })
+        ));
+        let mut r = &frame(&[0u8; 7])[..];
+        assert!(matches!(
+            read_frame(&mut r, 99).await,
+            Err(FrameError::TooShort(7))
+        ));
+        let mut r = &[][..];
+        assert!(read_frame(&mut r, 99).await.unwrap().is_none());
+    }
+}

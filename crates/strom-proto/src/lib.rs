@@ -7,5 +7,6 @@ pub mod batch;
 pub mod compression;
 pub mod frame;
 pub mod records;
+pub mod splice;
 
 pub use kafka_protocol;

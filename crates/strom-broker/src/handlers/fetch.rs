@@ -12,6 +12,7 @@ use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::{FetchRequest, FetchResponse, TopicName};
 use strom_log::LogError;
+use strom_proto::splice::{encode_response_spliced, ResponseFrame};
 use uuid::Uuid;
 
 use super::{str_bytes, Ctx, HandlerError, Reply};
@@ -159,9 +160,9 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
         .then(|| req.rack_id.to_string()),
     };
     let broker = broker.clone();
-    Ok(Reply::Later(Box::pin(
-        async move { run(broker, plan).await },
-    )))
+    Ok(Reply::LaterParts(Box::pin(async move {
+        run(broker, plan).await
+    })))
 }
 
 /// KIP-392 (RackAwareReplicaSelector): an in-sync follower in the consumer's rack, unless the
@@ -312,7 +313,7 @@ fn read_all(broker: &Arc<Broker>, plan: &Plan) -> (Vec<PartResult>, usize, bool)
     (results, total, any_error)
 }
 
-async fn run(broker: Arc<Broker>, plan: Plan) -> Option<Bytes> {
+async fn run(broker: Arc<Broker>, plan: Plan) -> Option<ResponseFrame> {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(plan.max_wait_ms as u64);
     let results = loop {
         // Register for wake-ups before reading, so an append between the read and the wait
@@ -412,8 +413,15 @@ async fn run(broker: Arc<Broker>, plan: Plan) -> Option<Bytes> {
     if v >= 7 {
         resp.session_id = plan.session_id;
     }
-    match strom_proto::api::encode_response(plan.correlation_id, v, &resp) {
-        Ok(b) => Some(b),
+    // The record batches go out by reference, not copied into the response buffer.
+    let batches = resp
+        .responses
+        .iter()
+        .flat_map(|t| t.partitions.iter())
+        .filter_map(|p| p.records.clone())
+        .collect();
+    match encode_response_spliced(plan.correlation_id, v, &resp, batches) {
+        Ok(frame) => Some(frame),
         Err(e) => {
             tracing::error!(error = %e, "encoding fetch response failed");
             None

@@ -9,6 +9,7 @@ use futures::future::BoxFuture;
 use kafka_protocol::messages::ApiKey;
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 use strom_proto::api::RequestFrame;
+use strom_proto::splice::ResponseFrame;
 
 use crate::broker::Broker;
 
@@ -54,6 +55,9 @@ pub enum Reply {
     /// A response that completes later (group commit, long poll). Responses still go out in
     /// request order.
     Later(BoxFuture<'static, Option<Bytes>>),
+    /// Like `Later`, for a frame sent in parts (a Fetch response with its record batches
+    /// spliced in uncopied).
+    LaterParts(BoxFuture<'static, Option<ResponseFrame>>),
     /// No response at all (Produce with acks=0).
     None,
 }
