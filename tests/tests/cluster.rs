@@ -1,8 +1,10 @@
 //! A replicated cluster of real `strom` processes (Raft metadata quorum, ISR replication),
 //! driven by librdkafka: leader failover under an acks=all idempotent producer with nothing
 //! acknowledged lost, controller failover, a restarted node catching up and rejoining the ISR,
-//! min.insync.replicas refusing acks=all writes once too few replicas remain, partition
-//! reassignment (KIP-455) moving a replica off its leader under load, or pending and cancelled,
+//! min.insync.replicas refusing acks=all writes once too few replicas remain, controlled
+//! shutdown of the active controller (leaderships and the quorum handed over before exit),
+//! partition reassignment (KIP-455) moving a replica off its leader under load, or pending and
+//! cancelled,
 //! a broker-only node (not a controller voter) leading and following partitions,
 //! DescribeTopicPartitions (KIP-966: ISR, ELR, offline replicas, paging), and the `strom topic`,
 //! `reassign`, `elect` and `quorum` commands run as a separate process.
@@ -455,6 +457,83 @@ async fn a_new_controller_takes_over_and_metadata_changes_work_again() {
         q.epoch > epoch && q.high_watermark > hw,
         "the quorum moved on"
     );
+}
+
+/// Controlled shutdown of the active controller (SIGTERM): before the process exits its
+/// partition leaderships move to in-sync replicas and it hands the metadata quorum's leadership
+/// to another voter (as a KRaft controller resigns), and it logs no error on the way out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_over_partition_leaderships_and_the_controller_before_exit() {
+    let mut c = Cluster::start(3, &[]);
+    let old = c.view().unwrap().controller;
+    create_replicated(
+        &c.bootstrap(),
+        "handover",
+        3,
+        3,
+        &[("min.insync.replicas", "2")],
+    )
+    .await;
+    let mut led = 0;
+    for p in 0..3 {
+        let s = c.wait_partition("handover", p, WAIT, "full ISR", |s| {
+            s.leader > 0 && s.isr.len() == 3
+        });
+        led += usize::from(s.leader == old);
+    }
+    assert!(
+        led > 0,
+        "leaders are balanced: the controller leads a partition"
+    );
+    let epoch = describe_quorum(&mut c, old).epoch;
+
+    assert!(c.node(old).terminate(), "clean exit:\n{}", c.logs());
+    let log = c.node(old).log();
+    assert!(
+        log.contains("controlled shutdown: leaderships moved"),
+        "partition leaderships moved before exit:\n{log}"
+    );
+    assert!(
+        log.contains("metadata quorum leadership handed over"),
+        "the controller resigned before exit:\n{log}"
+    );
+    assert!(
+        !log.contains(" ERROR "),
+        "a clean shutdown logs no error:\n{log}"
+    );
+
+    let survivors: Vec<i32> = (1..=3).filter(|id| *id != old).collect();
+    let deadline = Instant::now() + WAIT;
+    let q = loop {
+        let q = describe_quorum(&mut c, survivors[0]);
+        if q.leader > 0 && q.leader != old {
+            break q;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new controller:\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        q.epoch > epoch,
+        "a new quorum epoch: {} → {}",
+        epoch,
+        q.epoch
+    );
+    for p in 0..3 {
+        let s = c.wait_partition("handover", p, WAIT, "a live leader", |s| {
+            s.leader > 0 && s.leader != old
+        });
+        assert!(
+            !s.isr.contains(&old),
+            "the stopped node left the ISR: {s:?}"
+        );
+    }
+    let live: Vec<String> = survivors.iter().map(|id| c.node(*id).bootstrap()).collect();
+    let p = producer(&live.join(","), "all", true);
+    send_values(&p, "handover", 0..50).await;
 }
 
 /// Waits until the cluster's view satisfies `f`, failing after `within`.

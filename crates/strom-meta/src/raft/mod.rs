@@ -68,6 +68,8 @@ use types::{from_node_id, offset_of, to_node_id, RecordBatch};
 
 /// Room in the `Committed` channel.
 const COMMITTED_CHANNEL: usize = 1024;
+/// How long a stopping leader waits for another voter to take over (`resign`).
+const RESIGN_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct RaftConfig {
@@ -726,19 +728,88 @@ impl RaftMetadataLog {
         }
     }
 
-    /// Stops Raft, closes the controller listener and every connection it accepted.
+    /// Stops Raft, closes the controller listener and every connection it accepted. The
+    /// active controller first hands its leadership to another voter (`resign`).
     pub async fn shutdown(&self) {
         if self.inner.shut.swap(true, Ordering::SeqCst) {
             return;
         }
-        if let Err(e) = self.inner.raft.shutdown().await {
-            tracing::warn!(error = %e, "metadata raft did not stop cleanly");
-        }
+        self.resign(RESIGN_TIMEOUT).await;
+        // The listener and its connections first: a peer's request still inside Raft when it
+        // stops fails there (and openraft logs that as an error).
         let tasks: Vec<_> =
             std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
         for task in tasks {
             task.abort();
             let _ = task.await;
+        }
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!(error = %e, "metadata raft did not stop cleanly");
+        }
+    }
+
+    /// On the leader of a quorum of several voters: transfers the leadership to the voter that
+    /// has replicated the most and waits (up to `timeout`) until it has taken over. A KRaft
+    /// controller resigns on a clean shutdown the same way: the quorum has a leader again at
+    /// once instead of after the leader is noticed gone.
+    async fn resign(&self, timeout: Duration) {
+        let raft = &self.inner.raft;
+        let me = to_node_id(self.inner.node_id);
+        let target = {
+            let metrics = raft.metrics();
+            let m = metrics.borrow_watched();
+            if m.current_leader != Some(me) {
+                return;
+            }
+            let matched = |id: &u64| {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(id))
+                    .map(|l| offset_of(l.as_ref()))
+                    .unwrap_or(-1)
+            };
+            // Only a voter that answered recently can take over in time.
+            let answering = |id: &u64| {
+                m.heartbeat
+                    .as_ref()
+                    .and_then(|h| h.get(id))
+                    .and_then(|t| t.as_ref())
+                    .is_some_and(|t| t.elapsed() < RESIGN_TIMEOUT / 2)
+            };
+            m.membership_config
+                .membership()
+                .voter_ids()
+                .filter(|v| *v != me && answering(v))
+                .max_by_key(|v| (matched(v), std::cmp::Reverse(*v)))
+        };
+        let Some(to) = target else { return };
+        if raft.trigger().transfer_leader(to).await.is_err() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut metrics = raft.metrics();
+        loop {
+            let leader = metrics.borrow_watched().current_leader;
+            if let Some(leader) = leader.filter(|l| *l != me) {
+                tracing::info!(
+                    leader = from_node_id(leader),
+                    "metadata quorum leadership handed over"
+                );
+                return;
+            }
+            // A target that stops too (the whole cluster is being stopped) never takes over.
+            let now = tokio::time::Instant::now();
+            if now >= deadline || self.inner.liveness.down_since(to).is_some() {
+                tracing::info!(
+                    to = from_node_id(to),
+                    "metadata quorum leadership not handed over; leaving"
+                );
+                return;
+            }
+            let wake = deadline.min(now + Duration::from_millis(50));
+            if let Ok(Err(_)) = tokio::time::timeout_at(wake, metrics.changed()).await {
+                return;
+            }
         }
     }
 }

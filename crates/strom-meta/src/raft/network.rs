@@ -13,10 +13,12 @@
 //! | 4 full snapshot     | json {vote, meta, records}   | OK json SnapshotResponse            |
 //! | 5 application       | raw bytes                    | OK raw bytes, or NOT_LEADER json    |
 //! | 6 join as learner   | json JoinRequest             | OK json null, or NOT_LEADER json    |
+//! | 7 transfer leader   | json TransferLeaderRequest   | OK json TransferLeaderResponse      |
 //!
 //! Tag 6 is how a broker-only node (not in `--controller-quorum`) asks the active controller
 //! to add it to the membership as a learner, with the controller-listener address the leader
-//! replicates to.
+//! replicates to. Tag 7 is a stopping leader handing its leadership to this voter: it starts
+//! an election at once (the vote it asks for is still checked as any other).
 //!
 //! `ERR <utf-8 message>` answers any request the server could not serve. Bad input (an
 //! oversized frame, an unknown tag, json that does not parse) closes the connection; nothing
@@ -35,7 +37,8 @@ use openraft::error::{
 };
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::{BasicNode, RPCTypes, RaftNetworkV2};
 use serde::de::DeserializeOwned;
@@ -59,6 +62,7 @@ pub const TAG_PRE_VOTE: u8 = 3;
 pub const TAG_SNAPSHOT: u8 = 4;
 pub const TAG_APP: u8 = 5;
 pub const TAG_JOIN: u8 = 6;
+pub const TAG_TRANSFER_LEADER: u8 = 7;
 
 pub const ANSWER_OK: u8 = 0;
 pub const ANSWER_ERR: u8 = 1;
@@ -327,6 +331,11 @@ async fn serve_conn(mut stream: TcpStream, ctx: &ServerCtx) -> io::Result<()> {
                 };
                 json_answer(ctx.raft.install_full_snapshot(req.vote, snap).await)
             }
+            TAG_TRANSFER_LEADER => {
+                let req: TransferLeaderRequest<TypeConfig> =
+                    serde_json::from_slice(&body).map_err(invalid)?;
+                json_answer(ctx.raft.handle_transfer_leader(req).await)
+            }
             TAG_APP if ctx.raft.is_leader() => (ANSWER_OK, ctx.handler.handle(body).await),
             TAG_JOIN if ctx.raft.is_leader() => {
                 let req: JoinRequest = serde_json::from_slice(&body).map_err(invalid)?;
@@ -470,6 +479,22 @@ impl PeerClient {
         }
     }
 
+    /// One Raft RPC whose request and answer are json.
+    async fn json_rpc<Req: Serialize, Resp: DeserializeOwned>(
+        &mut self,
+        tag: u8,
+        rpc: &Req,
+        option: RPCOption,
+        action: RPCTypes,
+    ) -> Result<Resp, RPCError<TypeConfig>> {
+        let ttl = option.soft_ttl();
+        let body =
+            serde_json::to_vec(rpc).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        self.call(tag, &body, ttl)
+            .await
+            .map_err(|e| self.rpc_error(e, action, ttl))
+    }
+
     fn rpc_error(&self, e: CallError, action: RPCTypes, ttl: Duration) -> RPCError<TypeConfig> {
         match e {
             CallError::Io(e) => RPCError::Unreachable(Unreachable::new(&e)),
@@ -491,12 +516,8 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let ttl = option.soft_ttl();
-        let body =
-            serde_json::to_vec(&rpc).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-        self.call(TAG_APPEND, &body, ttl)
+        self.json_rpc(TAG_APPEND, &rpc, option, RPCTypes::AppendEntries)
             .await
-            .map_err(|e| self.rpc_error(e, RPCTypes::AppendEntries, ttl))
     }
 
     async fn vote(
@@ -504,12 +525,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let ttl = option.soft_ttl();
-        let body =
-            serde_json::to_vec(&rpc).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-        self.call(TAG_VOTE, &body, ttl)
-            .await
-            .map_err(|e| self.rpc_error(e, RPCTypes::Vote, ttl))
+        self.json_rpc(TAG_VOTE, &rpc, option, RPCTypes::Vote).await
     }
 
     async fn pre_vote(
@@ -517,12 +533,17 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let ttl = option.soft_ttl();
-        let body =
-            serde_json::to_vec(&rpc).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-        self.call(TAG_PRE_VOTE, &body, ttl)
+        self.json_rpc(TAG_PRE_VOTE, &rpc, option, RPCTypes::Vote)
             .await
-            .map_err(|e| self.rpc_error(e, RPCTypes::Vote, ttl))
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        rpc: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.json_rpc(TAG_TRANSFER_LEADER, &rpc, option, RPCTypes::TransferLeader)
+            .await
     }
 
     async fn full_snapshot(

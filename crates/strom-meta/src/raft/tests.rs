@@ -499,7 +499,8 @@ async fn a_learner_follows_the_log_and_never_votes() {
         same_batches(&learner, &voters[0], *offsets.last().unwrap()).await;
         assert_eq!(learner.batches().len(), 8);
 
-        // One voter and the learner are no majority: nobody leads, nothing commits.
+        // One voter and the learner are no majority: nothing commits. (The stopping leader
+        // handed its leadership to the last voter, which may still call itself leader.)
         let second = voters.remove(voters.iter().position(|n| n.id == new_leader).unwrap());
         second.log.shutdown().await;
         let lone = &voters[0];
@@ -513,7 +514,7 @@ async fn a_learner_follows_the_log_and_never_votes() {
         })
         .await;
         assert!(attempt.is_err(), "a learner counted towards a majority");
-        assert!(!learner.log.is_leader() && !lone.log.is_leader());
+        assert!(!learner.log.is_leader());
         assert_ne!(learner.log.leader(), Some(4));
 
         // The voters come back; the learner follows whoever leads and never leads itself.
@@ -530,7 +531,10 @@ async fn a_learner_follows_the_log_and_never_votes() {
         }
         let leader = voters.iter().find(|n| n.id == leader_now).unwrap();
         same_batches(&learner, leader, *offsets.last().unwrap()).await;
-        assert_eq!(learner.batches().len(), 9);
+        // 9, or 10 when the last voter had taken the attempt above as leader: Raft commits it
+        // once a majority is back, although the caller gave up on it.
+        assert_eq!(learner.batches().len(), leader.batches().len());
+        assert!((9..=10).contains(&learner.batches().len()));
         assert!(!learner.log.is_leader());
         learner.log.shutdown().await;
         for n in &voters {
