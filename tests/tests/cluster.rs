@@ -503,19 +503,9 @@ async fn sigterm_hands_over_partition_leaderships_and_the_controller_before_exit
     );
 
     let survivors: Vec<i32> = (1..=3).filter(|id| *id != old).collect();
-    let deadline = Instant::now() + WAIT;
-    let q = loop {
-        let q = describe_quorum(&mut c, survivors[0]);
-        if q.leader > 0 && q.leader != old {
-            break q;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no new controller:\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let q = wait_for(WAIT, "a new controller", || {
+        Some(describe_quorum(&mut c, survivors[0])).filter(|q| q.leader > 0 && q.leader != old)
+    });
     assert!(
         q.epoch > epoch,
         "a new quorum epoch: {} → {}",

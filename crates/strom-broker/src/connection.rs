@@ -89,8 +89,12 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         drop(permit);
         let response: BoxFuture<'static, Option<ResponseFrame>> = match dispatched {
             Ok(Reply::Now(bytes)) => Box::pin(async move { Some(bytes.into()) }),
-            Ok(Reply::Later(fut)) => spawned(fut.map(|r| r.map(ResponseFrame::from))),
-            Ok(Reply::LaterParts(fut)) => spawned(fut),
+            Ok(Reply::Later(fut)) => {
+                // Run it now, not when the writer reaches it: a produce must start its group
+                // commit at once, even while earlier responses on this connection are pending.
+                let task = tokio::spawn(fut);
+                Box::pin(async move { task.await.ok().flatten() })
+            }
             Ok(Reply::None) => continue,
             Err(e) => {
                 tracing::warn!(%peer, ?api_key, version, error = %e, "bad request; closing connection");
@@ -104,16 +108,6 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     drop(tx);
     // Finish the responses already owed (clean shutdown finishes in-flight requests).
     let _ = writer_task.await;
-}
-
-/// Runs a delayed response now, not when the writer reaches it: a produce must start its group
-/// commit at once, even while earlier responses on this connection are pending.
-fn spawned<F>(fut: F) -> BoxFuture<'static, Option<ResponseFrame>>
-where
-    F: std::future::Future<Output = Option<ResponseFrame>> + Send + 'static,
-{
-    let task = tokio::spawn(fut);
-    Box::pin(async move { task.await.ok().flatten() })
 }
 
 async fn write_responses(
@@ -150,21 +144,10 @@ async fn write_responses(
         let Some(frame) = ready else { return };
         // Parts of at least the buffer's capacity (spliced record batches) go to the socket
         // directly, not through the buffer.
-        let written = match &frame {
-            ResponseFrame::Whole(bytes) => writer.write_all(bytes).await,
-            ResponseFrame::Parts(parts) => {
-                let mut r = Ok(());
-                for part in parts {
-                    r = writer.write_all(part).await;
-                    if r.is_err() {
-                        break;
-                    }
-                }
-                r
+        for part in frame.parts() {
+            if writer.write_all(part).await.is_err() {
+                return;
             }
-        };
-        if written.is_err() {
-            return;
         }
     }
     let _ = writer.flush().await;

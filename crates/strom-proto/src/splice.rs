@@ -21,11 +21,16 @@ pub enum ResponseFrame {
 }
 
 impl ResponseFrame {
-    pub fn len(&self) -> usize {
+    /// The buffers to send, in order.
+    pub fn parts(&self) -> &[Bytes] {
         match self {
-            ResponseFrame::Whole(b) => b.len(),
-            ResponseFrame::Parts(p) => p.iter().map(Bytes::len).sum(),
+            ResponseFrame::Whole(b) => std::slice::from_ref(b),
+            ResponseFrame::Parts(p) => p,
         }
+    }
+
+    pub fn len(&self) -> usize {
+        self.parts().iter().map(Bytes::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -36,13 +41,7 @@ impl ResponseFrame {
     pub fn to_bytes(&self) -> Bytes {
         match self {
             ResponseFrame::Whole(b) => b.clone(),
-            ResponseFrame::Parts(p) => {
-                let mut all = BytesMut::with_capacity(self.len());
-                for b in p {
-                    all.extend_from_slice(b);
-                }
-                all.freeze()
-            }
+            ResponseFrame::Parts(p) => p.concat().into(),
         }
     }
 }

@@ -160,9 +160,9 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
         .then(|| req.rack_id.to_string()),
     };
     let broker = broker.clone();
-    Ok(Reply::LaterParts(Box::pin(async move {
-        run(broker, plan).await
-    })))
+    Ok(Reply::Later(Box::pin(
+        async move { run(broker, plan).await },
+    )))
 }
 
 /// KIP-392 (RackAwareReplicaSelector): an in-sync follower in the consumer's rack, unless the

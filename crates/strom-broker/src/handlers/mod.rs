@@ -54,10 +54,7 @@ pub enum Reply {
     Now(Bytes),
     /// A response that completes later (group commit, long poll). Responses still go out in
     /// request order.
-    Later(BoxFuture<'static, Option<Bytes>>),
-    /// Like `Later`, for a frame sent in parts (a Fetch response with its record batches
-    /// spliced in uncopied).
-    LaterParts(BoxFuture<'static, Option<ResponseFrame>>),
+    Later(BoxFuture<'static, Option<ResponseFrame>>),
     /// No response at all (Produce with acks=0).
     None,
 }
@@ -161,7 +158,7 @@ impl Ctx {
         Reply::Later(Box::pin(async move {
             let body = fut.await;
             match strom_proto::api::encode_response(correlation_id, version, &body) {
-                Ok(b) => Some(b),
+                Ok(b) => Some(b.into()),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot encode a delayed response");
                     None

@@ -215,7 +215,7 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
             "produce durable"
         );
         match strom_proto::api::encode_response(correlation_id, v, &resp) {
-            Ok(b) => Some(b),
+            Ok(b) => Some(b.into()),
             Err(e) => {
                 tracing::error!(error = %e, "encoding produce response failed");
                 None
