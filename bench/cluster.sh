@@ -7,6 +7,9 @@
 #
 #   bash bench/cluster.sh            # KILLS=20 N=300000 RUNS=1 by default
 #
+# STROM_BIN runs another build of strom (an A/B against an earlier binary). NODE_ARGS are added to every server's command line (e.g. NODE_ARGS="--set k=v" for an A/B of
+# a setting on the same binary); KILLS=0 skips the failover part.
+#
 # RUNS=n repeats the four measurements n times on the same processes (fresh topics each time):
 # this VM's run-to-run noise is larger than most effects, so compare medians. After each row
 # the CPU the broker processes spent on it is printed (user + system clock ticks, 100 per
@@ -14,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p strom -p strom-tests --bins >/dev/null
-BIN="${CARGO_TARGET_DIR:-target}/release/strom"
+BIN="${STROM_BIN:-${CARGO_TARGET_DIR:-target}/release/strom}"
 FAILOVER="${CARGO_TARGET_DIR:-target}/release/failover-bench"
 WORK=$(mktemp -d)
 PIDS=()
@@ -30,9 +33,10 @@ RUNS=${RUNS:-1}
 # The three nodes share the machine's cores: each gets its share of request threads (the single
 # node keeps the default, one per core).
 NODE_THREADS=${NODE_THREADS:-1}
+read -r -a NODE_ARGS <<<"${NODE_ARGS:-}"
 
 SINGLE=$(free_port)
-"$BIN" server --listen "127.0.0.1:$SINGLE" --data-dir "$WORK/single" 2>"$WORK/single.log" &
+"$BIN" server --listen "127.0.0.1:$SINGLE" --data-dir "$WORK/single" "${NODE_ARGS[@]}" 2>"$WORK/single.log" &
 PIDS+=($!)
 SINGLE_PID=$!
 CLUSTER_PIDS=()
@@ -44,7 +48,7 @@ PORTS=()
 for id in 1 2 3; do
   p=$(free_port); PORTS+=("$p")
   "$BIN" server --node-id "$id" --listen "127.0.0.1:$p" --data-dir "$WORK/node$id" \
-    --controller-quorum "$QUORUM" --worker-threads "$NODE_THREADS" 2>"$WORK/node$id.log" &
+    --controller-quorum "$QUORUM" --worker-threads "$NODE_THREADS" "${NODE_ARGS[@]}" 2>"$WORK/node$id.log" &
   PIDS+=($!)
   CLUSTER_PIDS+=($!)
 done
@@ -75,6 +79,7 @@ done
 for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
 wait 2>/dev/null || true
 PIDS=()
+[ "$KILLS" -gt 0 ] || exit 0
 echo
 STROM_BIN="$BIN" "$FAILOVER" --kills "$KILLS"
 STROM_BIN="$BIN" "$FAILOVER" --kills "$KILLS" --controller

@@ -112,6 +112,7 @@ pub static REGISTRY: &[ConfigDef] = &[
     def!("min.insync.replicas", Int, "1", Broker, None, &[], Some(1), "Default of the topic min.insync.replicas."),
     def!("strom.max.decompressed.bytes", Int, "67108864", Broker, None, &[], Some(1024), "Upper bound on the output of any decompression the broker performs."),
     def!("strom.connection.max.pipelined.requests", Int, "500", Broker, None, &[], Some(1), "Requests read ahead on one connection while earlier responses are pending."),
+    def!("strom.fetch.sendfile.min.bytes", Int, "16384", Broker, None, &[], Some(4096), "A partition's records in a Fetch response of at least this many bytes are sent from the segment files with sendfile (no copy through the broker's memory); smaller ones are copied. 2147483647 copies always."),
     // Replication and the cluster (used with --controller-quorum).
     def!("broker.rack", String, "", Broker, None, &[], None, "Rack (or zone) of this broker: replicas of a partition are spread over racks, and consumers with client.rack may fetch from a replica in theirs."),
     def!("broker.heartbeat.interval.ms", Int, "200", Broker, None, &[], Some(10), "How often a broker heartbeats to the active controller. Strom's default is 200 ms (Kafka's 2000) so that failover stays under 2 s."),

@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
+use std::os::fd::AsRawFd;
 use strom_proto::api::{self, HeaderError};
 use strom_proto::frame::{self, FrameError};
-use strom_proto::splice::ResponseFrame;
-use tokio::io::{AsyncWriteExt, BufWriter};
+use strom_proto::splice::{FilePart, Part, ResponseFrame};
+use tokio::io::{AsyncWriteExt, BufWriter, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -142,14 +143,140 @@ async fn write_responses(
         // A response that could not be produced leaves the client waiting on its correlation
         // id forever: close instead.
         let Some(frame) = ready else { return };
-        // Parts of at least the buffer's capacity (spliced record batches) go to the socket
-        // directly, not through the buffer.
-        for part in frame.parts() {
-            if writer.write_all(part).await.is_err() {
-                return;
-            }
+        if write_frame(&mut writer, frame).await.is_err() {
+            return;
         }
     }
     let _ = writer.flush().await;
     let _ = writer.shutdown().await;
+}
+
+/// Writes one response frame. Parts of at least the buffer's capacity (spliced record batches)
+/// go to the socket directly, not through the buffer; file parts go with `sendfile`, after
+/// what is buffered.
+async fn write_frame(
+    writer: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    frame: ResponseFrame,
+) -> std::io::Result<()> {
+    match frame {
+        ResponseFrame::Whole(b) => writer.write_all(&b).await,
+        ResponseFrame::Parts(parts) => {
+            for part in parts {
+                match part {
+                    Part::Mem(b) => writer.write_all(&b).await?,
+                    Part::File(f) => {
+                        writer.flush().await?;
+                        send_file(writer.get_ref().as_ref(), &f).await?;
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Sends a range of a file with `sendfile(2)`: the bytes go from the page cache to the socket
+/// without a copy through user space. A range that shrank (the file was truncated) or whose
+/// log was truncated since it was chosen fails: the frame's length is already promised, so the
+/// caller closes the connection rather than send other bytes, as Kafka does.
+pub async fn send_file(sock: &TcpStream, part: &FilePart) -> std::io::Result<()> {
+    let end = part.offset + part.len;
+    let mut pos = part.offset;
+    while pos < end {
+        sock.writable().await?;
+        let want = (end - pos).min(1 << 30) as usize;
+        let sent = sock.try_io(Interest::WRITABLE, || {
+            // Checked right before each call, not before the wait for the socket: a slow
+            // reader can keep us waiting while the log is cut and rewritten.
+            if !part.unchanged() {
+                return Err(std::io::Error::other("log truncated while sending from it"));
+            }
+            let mut off = pos as libc::off_t;
+            // SAFETY: both descriptors are open for the duration of the call (the socket is
+            // borrowed, the file is held by `part`), and `off` is a valid, exclusively borrowed
+            // offset the kernel updates.
+            let n =
+                unsafe { libc::sendfile(sock.as_raw_fd(), part.file.as_raw_fd(), &mut off, want) };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as u64)
+            }
+        });
+        match sent {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => pos += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (s, c)
+    }
+
+    fn file_of(bytes: &[u8]) -> (tempfile::NamedTempFile, Arc<std::fs::File>) {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(bytes).unwrap();
+        let file = Arc::new(f.reopen().unwrap());
+        (f, file)
+    }
+
+    fn part(file: &Arc<std::fs::File>, offset: u64, len: u64, g: &Arc<AtomicU64>) -> FilePart {
+        FilePart {
+            file: file.clone(),
+            offset,
+            len,
+            generation: g.clone(),
+            expected: g.load(Ordering::Acquire),
+        }
+    }
+
+    #[tokio::test]
+    async fn sendfile_sends_exactly_the_range_past_a_full_socket_buffer() {
+        let data: Vec<u8> = (0..6u32 << 20).map(|i| (i % 251) as u8).collect();
+        let (_tmp, file) = file_of(&data);
+        let g = Arc::new(AtomicU64::new(0));
+        let (server, mut client) = pair().await;
+        // Several MiB over loopback: the socket buffer fills and sendfile must wait for it.
+        let (from, len) = (1234u64, (5u64 << 20) + 17);
+        let p = part(&file, from, len, &g);
+        let sender = tokio::spawn(async move { send_file(&server, &p).await });
+        let mut got = vec![0u8; len as usize];
+        client.read_exact(&mut got).await.unwrap();
+        sender.await.unwrap().unwrap();
+        assert!(got[..] == data[from as usize..(from + len) as usize]);
+    }
+
+    #[tokio::test]
+    async fn sendfile_fails_on_a_shrunk_file_or_a_truncated_log() {
+        let (_tmp, file) = file_of(&vec![9u8; 100_000]);
+        let g = Arc::new(AtomicU64::new(4));
+        let (server, _client) = pair().await;
+        // The range runs past the end of the file (it was cut after the range was chosen).
+        let past = part(&file, 90_000, 20_000, &g);
+        let err = send_file(&server, &past).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+        // The log was truncated since: nothing is sent.
+        let stale = part(&file, 0, 50_000, &g);
+        g.fetch_add(1, Ordering::AcqRel);
+        assert!(send_file(&server, &stale).await.is_err());
+    }
 }

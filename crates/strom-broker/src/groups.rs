@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 use strom_group::consumer::TopicInfo;
 use strom_group::coordinator::{KeyValue, OFFSETS_TOPIC};
 use strom_group::{GroupConfig, GroupError, OffsetsLog};
-use strom_log::LogError;
+use strom_log::{LogError, ReadOut};
 use strom_proto::batch::BatchIter;
 use strom_proto::compression::Compression;
 use strom_proto::records::{decode_records, encode_batch, NewRecord, ProducerInfo};
@@ -174,7 +174,8 @@ impl OffsetsLog for Broker {
         let end = part.log_end_offset();
         while offset < end {
             let bytes = part
-                .read_for_replica(offset, 1 << 20)
+                .read_for_replica(offset, 1 << 20, u64::MAX)
+                .and_then(ReadOut::into_vec)
                 .map_err(|_| GroupError::StorageError)?;
             if bytes.is_empty() {
                 break;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 use strom_log::cleaner::CleanTarget;
-use strom_log::{AppendOutcome, FlushTarget, Log, LogConfig, LogError};
+use strom_log::{AppendOutcome, FlushTarget, Log, LogConfig, LogError, ReadOut};
 use tokio::sync::{watch, Notify};
 
 use crate::flusher::Flusher;
@@ -516,23 +516,30 @@ impl Partition {
         }
     }
 
-    /// Reads whole batches for a fetch: nothing at or above the high watermark.
+    /// Reads whole batches for a fetch: nothing at or above the high watermark. Reads of at
+    /// least `copy_below` bytes come back as ranges of the segment files, sent from there.
     pub fn read(
         &self,
         offset: i64,
         max_bytes: usize,
         min_one_batch: bool,
-    ) -> Result<Vec<u8>, LogError> {
+        copy_below: u64,
+    ) -> Result<ReadOut, LogError> {
         let hw = self.high_watermark();
-        self.with_log(|log| log.read(offset, max_bytes, hw, min_one_batch))
+        self.with_log(|log| log.read_files(offset, max_bytes, hw, min_one_batch, copy_below))
     }
 
     /// A follower's fetch: whole batches up to the log end offset (followers replicate what
     /// is not yet committed).
-    pub fn read_for_replica(&self, offset: i64, max_bytes: usize) -> Result<Vec<u8>, LogError> {
+    pub fn read_for_replica(
+        &self,
+        offset: i64,
+        max_bytes: usize,
+        copy_below: u64,
+    ) -> Result<ReadOut, LogError> {
         self.with_log(|log| {
             let leo = log.log_end_offset();
-            log.read(offset, max_bytes, leo, true)
+            log.read_files(offset, max_bytes, leo, true, copy_below)
         })
     }
 

@@ -12,6 +12,7 @@ mod retention;
 mod segment;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 
 use strom_proto::batch::{self, BatchError, BatchHeader, BATCH_HEADER_LEN, LOG_OVERHEAD};
 use strom_proto::compression::Compression;
@@ -21,6 +22,7 @@ use epoch_cache::EpochCache;
 pub use epoch_cache::{UNDEFINED_EPOCH, UNDEFINED_EPOCH_OFFSET};
 pub use producer_state::{ProducerState, SequenceCheck};
 use segment::{BatchPos, Segment};
+pub use strom_proto::splice::FilePart;
 
 const RECOVERY_POINT_FILE: &str = "recovery-point";
 const PRODUCER_STATE_FILE: &str = "producer-state";
@@ -144,6 +146,40 @@ impl FlushTarget {
             f.sync_data()?;
         }
         Ok(())
+    }
+}
+
+/// What `Log::read_files` answers: the bytes, or where they are.
+#[derive(Debug)]
+pub enum ReadOut {
+    Copied(Vec<u8>),
+    Files(Vec<FilePart>),
+}
+
+impl ReadOut {
+    pub fn len(&self) -> u64 {
+        match self {
+            ReadOut::Copied(b) => b.len() as u64,
+            ReadOut::Files(f) => f.iter().map(|f| f.len).sum(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes, read from the files if need be.
+    pub fn into_vec(self) -> Result<Vec<u8>, LogError> {
+        match self {
+            ReadOut::Copied(b) => Ok(b),
+            ReadOut::Files(parts) => {
+                let mut out = Vec::with_capacity(parts.iter().map(|p| p.len as usize).sum());
+                for p in parts {
+                    out.extend_from_slice(&p.read()?);
+                }
+                Ok(out)
+            }
+        }
     }
 }
 
@@ -646,6 +682,60 @@ impl Log {
         upper_bound: i64,
         min_one_batch: bool,
     ) -> Result<Vec<u8>, LogError> {
+        let ranges = self.read_ranges(offset, max_bytes, upper_bound, min_one_batch)?;
+        self.copy_ranges(&ranges)
+    }
+
+    /// `read`, answered with where the bytes are instead of the bytes when they are at least
+    /// `copy_below` long: ranges of the segment files, to be sent from the page cache without
+    /// a copy through user space. Valid until a truncation (see [`FilePart::unchanged`]).
+    pub fn read_files(
+        &self,
+        offset: i64,
+        max_bytes: usize,
+        upper_bound: i64,
+        min_one_batch: bool,
+        copy_below: u64,
+    ) -> Result<ReadOut, LogError> {
+        let ranges = self.read_ranges(offset, max_bytes, upper_bound, min_one_batch)?;
+        let total: u64 = ranges.iter().map(|(_, from, to)| to - from).sum();
+        if total < copy_below {
+            return self.copy_ranges(&ranges).map(ReadOut::Copied);
+        }
+        Ok(ReadOut::Files(
+            ranges
+                .into_iter()
+                .map(|(si, from, to)| {
+                    let seg = &self.segments[si];
+                    FilePart {
+                        file: seg.file.clone(),
+                        offset: from,
+                        len: to - from,
+                        generation: seg.truncations.clone(),
+                        expected: seg.truncations.load(Ordering::Acquire),
+                    }
+                })
+                .collect(),
+        ))
+    }
+
+    fn copy_ranges(&self, ranges: &[(usize, u64, u64)]) -> Result<Vec<u8>, LogError> {
+        let total: u64 = ranges.iter().map(|(_, from, to)| to - from).sum();
+        let mut out = Vec::with_capacity(total as usize);
+        for &(si, from, to) in ranges {
+            self.segments[si].read_range_into(from, to, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// The byte ranges (segment index, from, to) that `read` returns.
+    fn read_ranges(
+        &self,
+        offset: i64,
+        max_bytes: usize,
+        upper_bound: i64,
+        min_one_batch: bool,
+    ) -> Result<Vec<(usize, u64, u64)>, LogError> {
         let leo = self.log_end_offset();
         if offset < self.log_start_offset || offset > leo {
             return Err(LogError::OffsetOutOfRange {
@@ -654,28 +744,36 @@ impl Log {
                 end: leo,
             });
         }
-        let mut out = Vec::new();
+        let mut ranges = Vec::new();
         let Some((mut si, first)) = self.locate(offset)? else {
-            return Ok(out);
+            return Ok(ranges);
         };
+        let mut total = 0u64;
         let mut pos = first.position;
         loop {
             let seg = &self.segments[si];
             let start = pos;
             let mut end = pos;
+            if seg.next_offset <= upper_bound && total + (seg.size - start) <= max_bytes as u64 {
+                // The rest of the segment is wanted and fits: no need to read each batch's
+                // header to find where to stop (the common case at the log's tail, where
+                // followers and caught-up consumers read).
+                end = seg.size;
+            }
             while end < seg.size {
                 let Some(b) = seg.batch_at(end)? else { break };
                 if b.base_offset >= upper_bound {
                     break;
                 }
-                let so_far = out.len() as u64 + (end - start);
+                let so_far = total + (end - start);
                 if so_far + b.total_len > max_bytes as u64 && !(so_far == 0 && min_one_batch) {
                     break;
                 }
                 end += b.total_len;
             }
             if end > start {
-                seg.read_range_into(start, end, &mut out)?;
+                ranges.push((si, start, end));
+                total += end - start;
             }
             let exhausted = end >= seg.size;
             if !exhausted || si + 1 >= self.segments.len() {
@@ -684,7 +782,7 @@ impl Log {
             si += 1;
             pos = 0;
         }
-        Ok(out)
+        Ok(ranges)
     }
 
     /// First offset whose record timestamp is >= `ts_ms`, with that timestamp.
@@ -798,6 +896,9 @@ impl Log {
                 .is_some_and(|s| s.base_offset >= offset)
         {
             if let Some(s) = self.segments.pop() {
+                // Unlinked, so reads of it stay valid; unless the unlink fails and a new
+                // segment reuses the path.
+                s.truncations.fetch_add(1, Ordering::AcqRel);
                 s.delete_files();
             }
         }
@@ -896,6 +997,9 @@ impl Log {
         let changed = self.epochs.clear();
         self.persist_epochs_if(changed)?;
         for seg in &self.segments {
+            // Unlinked, not cut, but a new segment may reuse a path whose unlink failed:
+            // senders of earlier reads stop either way.
+            seg.truncations.fetch_add(1, Ordering::AcqRel);
             seg.delete_files();
         }
         sync_dir(&self.dir);

@@ -9,6 +9,8 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use strom_proto::batch::{validate_batch, BatchHeader, BATCH_HEADER_LEN, LOG_OVERHEAD};
 
@@ -37,7 +39,11 @@ pub struct BatchPos {
 pub struct Segment {
     pub base_offset: i64,
     dir: PathBuf,
-    pub file: File,
+    /// Shared so that reads sent straight from the file (`sendfile`) can outlive the lock.
+    pub file: Arc<File>,
+    /// Bumped before this file is cut (or its path may be reused): reads handed out as ranges
+    /// of it (`Log::read_files`) must not send what is written at those positions next.
+    pub truncations: Arc<AtomicU64>,
     pub size: u64,
     /// One past the last offset stored here (== base_offset when empty).
     pub next_offset: i64,
@@ -69,7 +75,8 @@ impl Segment {
         Segment {
             base_offset,
             dir: dir.to_path_buf(),
-            file,
+            file: Arc::new(file),
+            truncations: Arc::new(AtomicU64::new(0)),
             size,
             next_offset: base_offset,
             index: Vec::new(),
@@ -396,6 +403,7 @@ impl Segment {
             return Ok(());
         };
         // As Kafka: the batch containing `offset` goes too (batches are never split).
+        self.truncations.fetch_add(1, Ordering::AcqRel);
         self.file.set_len(b.position)?;
         self.file.sync_all()?;
         let (seg, _) = Segment::recover(
@@ -404,7 +412,9 @@ impl Segment {
             index_interval_bytes,
             self.created_ms,
         )?;
+        let truncations = self.truncations.clone();
         *self = seg;
+        self.truncations = truncations;
         Ok(())
     }
 

@@ -293,6 +293,107 @@ fn flush_bookkeeping() {
     assert!(log.flush_target().unwrap().is_none());
 }
 
+/// The bytes `read_files` points at, read back.
+fn gather(out: &ReadOut) -> Vec<u8> {
+    match out {
+        ReadOut::Copied(b) => b.clone(),
+        ReadOut::Files(parts) => parts
+            .iter()
+            .flat_map(|p| p.read().unwrap().to_vec())
+            .collect(),
+    }
+}
+
+#[test]
+fn file_reads_point_at_exactly_the_bytes_a_read_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), small_config(), true).unwrap();
+    for i in 0..60 {
+        log.append(&mut batch(2, i, 40), 0, 0).unwrap();
+    }
+    assert!(log.segments.len() > 3);
+    for (offset, max_bytes, upper, min_one) in [
+        (0, usize::MAX, i64::MAX, true),
+        (7, 1500, i64::MAX, true),
+        (30, 5000, 90, true),
+        (33, 10, i64::MAX, true),
+        (33, 10, i64::MAX, false),
+        (120, usize::MAX, i64::MAX, true),
+    ] {
+        let copied = log.read(offset, max_bytes, upper, min_one).unwrap();
+        let files = log
+            .read_files(offset, max_bytes, upper, min_one, 0)
+            .unwrap();
+        assert_eq!(
+            gather(&files),
+            copied,
+            "read({offset}, {max_bytes}, {upper})"
+        );
+        assert_eq!(files.len(), copied.len() as u64);
+        if let ReadOut::Files(parts) = &files {
+            // One range per segment touched, none empty.
+            assert!(parts.iter().all(|p| p.len > 0 && p.unchanged()));
+        }
+    }
+    // A read spanning segments is one range per segment.
+    let ReadOut::Files(parts) = log.read_files(0, usize::MAX, i64::MAX, true, 0).unwrap() else {
+        panic!("copy_below 0 always answers with files")
+    };
+    assert_eq!(parts.len(), log.segments.len());
+    // Shorter than copy_below: the bytes themselves.
+    let small = log.read_files(0, 300, i64::MAX, true, 4096).unwrap();
+    assert!(
+        matches!(small, ReadOut::Copied(ref b) if *b == log.read(0, 300, i64::MAX, true).unwrap())
+    );
+    assert!(matches!(
+        log.read_files(121, 10, i64::MAX, true, 0),
+        Err(LogError::OffsetOutOfRange { .. })
+    ));
+}
+
+#[test]
+fn a_truncation_invalidates_file_reads_handed_out_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), small_config(), true).unwrap();
+    for i in 0..10 {
+        log.append(&mut batch(2, i, 40), 0, 0).unwrap();
+    }
+    let files = |log: &Log, offset: i64| match log
+        .read_files(offset, usize::MAX, i64::MAX, true, 0)
+        .unwrap()
+    {
+        ReadOut::Files(parts) => parts,
+        ReadOut::Copied(_) => panic!("copy_below 0 always answers with files"),
+    };
+    let before = files(&log, 10);
+    // Appends and rolls leave earlier ranges valid: their bytes do not change.
+    for i in 0..30 {
+        log.append(&mut batch(2, i, 40), 0, 0).unwrap();
+    }
+    assert!(before.iter().all(FilePart::unchanged));
+    assert!(log.segments.len() > 2);
+    // A cut in the last segment leaves ranges of the earlier ones valid.
+    let last_base = log.segments.last().unwrap().base_offset;
+    let everything = files(&log, 0);
+    log.truncate_to(last_base + 2).unwrap();
+    let (valid, stale): (Vec<_>, Vec<_>) = everything.iter().partition(|p| p.unchanged());
+    assert_eq!(stale.len(), 1, "only the cut segment's range is stale");
+    assert_eq!(valid.len(), everything.len() - 1);
+    assert!(before.iter().all(FilePart::unchanged));
+    // The tail is cut and rewritten at the same positions: the old ranges now hold other
+    // bytes, and say so.
+    log.truncate_to(12).unwrap();
+    log.append(&mut batch(5, 99, 7), 0, 0).unwrap();
+    assert!(before.iter().all(|p| !p.unchanged()));
+    assert!(before[0].read().is_err());
+    let after = files(&log, 10);
+    assert!(after.iter().all(FilePart::unchanged));
+    assert_eq!(
+        gather(&ReadOut::Files(after)),
+        log.read(10, usize::MAX, i64::MAX, true).unwrap()
+    );
+}
+
 #[test]
 fn truncate_to_drops_the_tail() {
     let dir = tempfile::tempdir().unwrap();
@@ -319,7 +420,7 @@ fn write_error_leaves_the_log_readable() {
     let mut log = Log::open(dir.path(), LogConfig::default(), true).unwrap();
     log.append(&mut batch(2, 0, 10), 0, 0).unwrap();
     let ro = std::fs::File::open(dir.path().join("00000000000000000000.log")).unwrap();
-    let good = std::mem::replace(&mut log.active().file, ro);
+    let good = std::mem::replace(&mut log.active().file, std::sync::Arc::new(ro));
     let err = log.append(&mut batch(2, 0, 10), 0, 0).unwrap_err();
     assert!(matches!(err, LogError::Io(_) | LogError::Failed), "{err}");
     assert_eq!(log.log_end_offset(), 2);

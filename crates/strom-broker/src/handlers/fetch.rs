@@ -11,8 +11,8 @@ use futures::future::select_all;
 use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::{FetchRequest, FetchResponse, TopicName};
-use strom_log::LogError;
-use strom_proto::splice::{encode_response_spliced, ResponseFrame};
+use strom_log::{LogError, ReadOut};
+use strom_proto::splice::{encode_response_spliced, file_placeholder, ResponseFrame};
 use uuid::Uuid;
 
 use super::{str_bytes, Ctx, HandlerError, Reply};
@@ -41,6 +41,8 @@ struct Plan {
     epochs: std::collections::HashMap<([u8; 16], i32), i32>,
     /// The consumer's `client.rack` (v11+, KIP-392) when the rack-aware selector is on.
     rack: Option<String>,
+    /// Reads of at least this many bytes are sent from the files (`strom.fetch.sendfile.min.bytes`).
+    sendfile_min: u64,
 }
 
 pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError> {
@@ -158,6 +160,7 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
             && !req.rack_id.is_empty()
             && !broker.config.get("replica.selector.class").is_empty())
         .then(|| req.rack_id.to_string()),
+        sendfile_min: broker.config.i64("strom.fetch.sendfile.min.bytes").max(0) as u64,
     };
     let broker = broker.clone();
     Ok(Reply::Later(Box::pin(
@@ -189,7 +192,7 @@ impl PartResult {
             error: code.code(),
             hw: -1,
             log_start: -1,
-            records: Bytes::new(),
+            records: ReadOut::Copied(Vec::new()),
         }
     }
 }
@@ -201,7 +204,7 @@ struct PartResult {
     error: i16,
     hw: i64,
     log_start: i64,
-    records: Bytes,
+    records: ReadOut,
 }
 
 /// Whether this broker may serve the partition to this fetcher: it must be the leader (or,
@@ -271,7 +274,7 @@ fn read_all(broker: &Arc<Broker>, plan: &Plan) -> (Vec<PartResult>, usize, bool)
                     error: 0,
                     hw: part.high_watermark(),
                     log_start: part.log_start_offset(),
-                    records: Bytes::new(),
+                    records: ReadOut::Copied(Vec::new()),
                 });
                 continue;
             }
@@ -280,34 +283,33 @@ fn read_all(broker: &Arc<Broker>, plan: &Plan) -> (Vec<PartResult>, usize, bool)
         let limit = remaining.min(sp.max_bytes.max(0) as usize);
         // KIP-74: only while the response is still empty may a batch exceed the limits.
         let min_one = total == 0;
+        let none = || ReadOut::Copied(Vec::new());
         let (error, records) = if limit == 0 && !min_one {
-            (0, Vec::new())
+            (0, none())
         } else {
             let read = if plan.replica_id >= 0 {
-                part.read_for_replica(sp.fetch_offset, limit)
+                part.read_for_replica(sp.fetch_offset, limit, plan.sendfile_min)
             } else {
-                part.read(sp.fetch_offset, limit, min_one)
+                part.read(sp.fetch_offset, limit, min_one, plan.sendfile_min)
             };
             match read {
                 Ok(data) => (0, data),
-                Err(e @ LogError::OffsetOutOfRange { .. }) => {
-                    (log_error_code(&e).code(), Vec::new())
-                }
+                Err(e @ LogError::OffsetOutOfRange { .. }) => (log_error_code(&e).code(), none()),
                 Err(e) => {
                     tracing::warn!(topic = %key.topic, partition = key.partition, error = %e, "fetch read failed");
-                    (log_error_code(&e).code(), Vec::new())
+                    (log_error_code(&e).code(), none())
                 }
             }
         };
         any_error |= error != 0;
-        total += records.len();
+        total += records.len() as usize;
         results.push(PartResult {
             preferred: -1,
             key: key.clone(),
             error,
             hw: part.high_watermark(),
             log_start: part.log_start_offset(),
-            records: Bytes::from(records),
+            records,
         });
     }
     (results, total, any_error)
@@ -358,9 +360,26 @@ async fn run(broker: Arc<Broker>, plan: Plan) -> Option<ResponseFrame> {
             break read_all(&broker, &plan).0;
         }
     };
+    let (frame, sent) = respond(&plan, results);
+    if plan.session_id != 0 {
+        broker.fetch_sessions.record_sent(plan.session_id, &sent);
+    }
+    frame
+}
+
+/// What a fetch session remembers of each partition sent: key, high watermark, log start, error.
+type Sent = Vec<(SessionKey, i64, i64, i16)>;
+
+/// The response frame for what was read (None: it could not be made; the connection closes),
+/// and what was sent, for the fetch session.
+fn respond(plan: &Plan, results: Vec<PartResult>) -> (Option<ResponseFrame>, Sent) {
     let v = plan.version;
     let mut topics: Vec<FetchableTopicResponse> = Vec::new();
     let mut sent = Vec::new();
+    // Record batches in memory go out by reference, those in files with sendfile: the encoder
+    // is given a placeholder for those, in order.
+    let mut in_memory = Vec::new();
+    let mut in_files = Vec::new();
     for (r, (_, sp)) in results.into_iter().zip(plan.partitions.iter()) {
         if plan.incremental
             && r.preferred < 0
@@ -372,6 +391,33 @@ async fn run(broker: Arc<Broker>, plan: Plan) -> Option<ResponseFrame> {
             continue;
         }
         sent.push((r.key.clone(), r.hw, r.log_start, r.error));
+        let records = match r.records {
+            ReadOut::Copied(v) => {
+                let b = Bytes::from(v);
+                in_memory.push(b.clone());
+                b
+            }
+            ReadOut::Files(parts) => {
+                let total = parts.iter().map(|p| p.len).sum::<u64>() as usize;
+                if let Some(placeholder) = file_placeholder(total) {
+                    in_files.push(parts);
+                    placeholder
+                } else {
+                    // Too long for a placeholder: copied after all.
+                    match ReadOut::Files(parts).into_vec() {
+                        Ok(v) => {
+                            let b = Bytes::from(v);
+                            in_memory.push(b.clone());
+                            b
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "fetch read failed; closing connection");
+                            return (None, sent);
+                        }
+                    }
+                }
+            }
+        };
         let mut pd = PartitionData::default()
             .with_partition_index(r.key.partition)
             .with_error_code(r.error)
@@ -379,7 +425,7 @@ async fn run(broker: Arc<Broker>, plan: Plan) -> Option<ResponseFrame> {
             .with_last_stable_offset(r.hw)
             .with_log_start_offset(r.log_start)
             .with_aborted_transactions(None)
-            .with_records(Some(r.records));
+            .with_records(Some(records));
         if v < 5 {
             pd.log_start_offset = -1;
         }
@@ -406,25 +452,166 @@ async fn run(broker: Arc<Broker>, plan: Plan) -> Option<ResponseFrame> {
             t.partitions.push(pd);
         }
     }
-    if plan.session_id != 0 {
-        broker.fetch_sessions.record_sent(plan.session_id, &sent);
-    }
     let mut resp = FetchResponse::default().with_responses(topics);
     if v >= 7 {
         resp.session_id = plan.session_id;
     }
-    // The record batches go out by reference, not copied into the response buffer.
-    let batches = resp
-        .responses
-        .iter()
-        .flat_map(|t| t.partitions.iter())
-        .filter_map(|p| p.records.clone())
-        .collect();
-    match encode_response_spliced(plan.correlation_id, v, &resp, batches) {
+    let frame = match encode_response_spliced(plan.correlation_id, v, &resp, in_memory, in_files) {
         Ok(frame) => Some(frame),
         Err(e) => {
             tracing::error!(error = %e, "encoding fetch response failed");
             None
         }
+    };
+    (frame, sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strom_log::{Log, LogConfig};
+    use strom_proto::compression::Compression;
+    use strom_proto::records::{encode_batch, NewRecord, ProducerInfo};
+    use strom_proto::splice::Part;
+
+    fn key(partition: i32) -> SessionKey {
+        SessionKey {
+            topic_id: [7; 16],
+            topic: "t".into(),
+            partition,
+        }
+    }
+
+    fn plan(partitions: i32, sendfile_min: u64) -> Plan {
+        Plan {
+            version: 12,
+            correlation_id: 5,
+            max_wait_ms: 0,
+            min_bytes: 1,
+            max_bytes: usize::MAX,
+            session_id: 0,
+            incremental: false,
+            partitions: (0..partitions)
+                .map(|p| {
+                    let sp = SessionPartition {
+                        fetch_offset: 0,
+                        max_bytes: i32::MAX,
+                        last_hw: -1,
+                        last_log_start: -1,
+                        last_error: 0,
+                    };
+                    (key(p), sp)
+                })
+                .collect(),
+            replica_id: 2,
+            epochs: Default::default(),
+            rack: None,
+            sendfile_min,
+        }
+    }
+
+    /// A log of `batches` batches of 10 records of 1 KiB, in segments of 64 KiB.
+    fn log(dir: &std::path::Path, batches: usize) -> Log {
+        let config = LogConfig {
+            segment_bytes: 64 << 10,
+            ..LogConfig::default()
+        };
+        let mut log = Log::open(dir, config, true).unwrap();
+        for i in 0..batches {
+            let recs: Vec<NewRecord> = (0..10)
+                .map(|j| NewRecord {
+                    key: None,
+                    value: Some(vec![(i * 10 + j) as u8; 1024]),
+                    headers: vec![],
+                    timestamp: 1_700_000_000_000,
+                })
+                .collect();
+            let mut b = encode_batch(&recs, Compression::None, ProducerInfo::default()).unwrap();
+            log.append(&mut b, 0, 0).unwrap();
+        }
+        log
+    }
+
+    fn result(partition: i32, records: ReadOut) -> PartResult {
+        PartResult {
+            preferred: -1,
+            key: key(partition),
+            error: 0,
+            hw: 100,
+            log_start: 0,
+            records,
+        }
+    }
+
+    fn decoded(frame: &ResponseFrame) -> FetchResponse {
+        let mut bytes = frame.to_bytes().unwrap();
+        // Size, then the v0 response header (correlation id) of Fetch v12's flexible header.
+        let _ = bytes.split_to(4);
+        assert_eq!(&bytes.split_to(4)[..], &5i32.to_be_bytes());
+        let _tagged = bytes.split_to(1);
+        strom_proto::api::decode_body::<FetchResponse>(&mut bytes, 12).unwrap()
+    }
+
+    #[test]
+    fn large_reads_go_out_as_file_parts_with_the_log_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = log(&dir.path().join("a"), 30); // ~300 KiB over several segments
+        let small = log(&dir.path().join("b"), 1); // ~10 KiB
+        let min = 16 << 10;
+        let results = vec![
+            result(
+                0,
+                big.read_files(0, usize::MAX, i64::MAX, true, min).unwrap(),
+            ),
+            result(
+                1,
+                small
+                    .read_files(0, usize::MAX, i64::MAX, true, min)
+                    .unwrap(),
+            ),
+        ];
+        assert!(matches!(results[0].records, ReadOut::Files(ref f) if f.len() > 1));
+        assert!(matches!(results[1].records, ReadOut::Copied(_)));
+        let (frame, sent) = respond(&plan(2, min), results);
+        let frame = frame.expect("a frame");
+        assert_eq!(sent.len(), 2);
+        let ResponseFrame::Parts(parts) = &frame else {
+            panic!("file parts make a frame of parts")
+        };
+        let files: u64 = parts
+            .iter()
+            .filter_map(|p| match p {
+                Part::File(f) => Some(f.len),
+                Part::Mem(_) => None,
+            })
+            .sum();
+        let big_bytes = big.read(0, usize::MAX, i64::MAX, true).unwrap();
+        assert_eq!(
+            files,
+            big_bytes.len() as u64,
+            "only the large read is sent from files"
+        );
+        let resp = decoded(&frame);
+        let records: Vec<_> = resp.responses[0]
+            .partitions
+            .iter()
+            .map(|p| p.records.clone().unwrap())
+            .collect();
+        assert!(records[0] == big_bytes[..]);
+        assert!(records[1] == small.read(0, usize::MAX, i64::MAX, true).unwrap()[..]);
+    }
+
+    #[test]
+    fn a_log_truncated_before_sending_fails_the_frame_not_the_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = log(dir.path(), 10);
+        let read = log.read_files(0, usize::MAX, i64::MAX, true, 4096).unwrap();
+        let (frame, _) = respond(&plan(1, 4096), vec![result(0, read)]);
+        let frame = frame.unwrap();
+        log.truncate_to(3).unwrap();
+        assert!(
+            frame.to_bytes().is_err(),
+            "a truncated range must not be sent"
+        );
     }
 }
