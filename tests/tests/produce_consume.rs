@@ -38,6 +38,31 @@ async fn records_round_trip_exactly_over_three_partitions() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn records_sent_from_the_files_with_sendfile_arrive_exactly() {
+    // Every read of 4 KiB or more is sent with sendfile: librdkafka must get exactly what was
+    // produced, over fetches that span batch, segment and response boundaries.
+    let s = StromProcess::start(&[
+        "strom.fetch.sendfile.min.bytes=4096",
+        "log.segment.bytes=1048576",
+    ]);
+    create_topic(&s.bootstrap(), "sf", 2, &[]).await;
+    let recs: Vec<Rec> = (0..40_000)
+        .map(|i| rec(i, 10 + (i as usize * 37) % 3000))
+        .collect();
+    let p = producer(&s.bootstrap(), &[]);
+    let acked = produce_all(&p, "sf", &recs, |i| (i % 2) as i32).await;
+    assert_eq!(acked.len(), recs.len());
+    let got = consume(
+        &s.bootstrap(),
+        "sf",
+        2,
+        recs.len(),
+        Duration::from_secs(120),
+    );
+    check_exact(&recs, &acked, &got);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn every_compression_codec_is_stored_and_served() {
     let s = StromProcess::start(&[]);
     for codec in ["gzip", "snappy", "lz4", "zstd"] {
