@@ -175,7 +175,7 @@ impl ReadOut {
             ReadOut::Files(parts) => {
                 let mut out = Vec::with_capacity(parts.iter().map(|p| p.len as usize).sum());
                 for p in parts {
-                    out.extend_from_slice(&p.read()?);
+                    p.read_into(&mut out)?;
                 }
                 Ok(out)
             }

@@ -43,13 +43,24 @@ impl FilePart {
         self.generation.load(Ordering::Acquire) == self.expected
     }
 
-    /// The range's bytes, read into memory (for senders that cannot use `sendfile`).
-    pub fn read(&self) -> std::io::Result<Bytes> {
-        let mut buf = vec![0u8; self.len as usize];
-        self.file.read_exact_at(&mut buf, self.offset)?;
-        if !self.unchanged() {
+    /// Appends the range's bytes to `out` (for senders that cannot use `sendfile`); on an
+    /// error `out` is as it was.
+    pub fn read_into(&self, out: &mut Vec<u8>) -> std::io::Result<()> {
+        let start = out.len();
+        out.resize(start + self.len as usize, 0);
+        let read = self.file.read_exact_at(&mut out[start..], self.offset);
+        if read.is_err() || !self.unchanged() {
+            out.truncate(start);
+            read?;
             return Err(std::io::Error::other("file truncated while reading"));
         }
+        Ok(())
+    }
+
+    /// The range's bytes, read into memory.
+    pub fn read(&self) -> std::io::Result<Bytes> {
+        let mut buf = Vec::new();
+        self.read_into(&mut buf)?;
         Ok(buf.into())
     }
 }
@@ -98,14 +109,14 @@ impl ResponseFrame {
         match self {
             ResponseFrame::Whole(b) => Ok(b.clone()),
             ResponseFrame::Parts(parts) => {
-                let mut all = BytesMut::with_capacity(self.len());
+                let mut all = Vec::with_capacity(self.len());
                 for p in parts {
                     match p {
                         Part::Mem(b) => all.extend_from_slice(b),
-                        Part::File(f) => all.extend_from_slice(&f.read()?),
+                        Part::File(f) => f.read_into(&mut all)?,
                     }
                 }
-                Ok(all.freeze())
+                Ok(all.into())
             }
         }
     }
