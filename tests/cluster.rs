@@ -124,10 +124,11 @@ impl Cluster {
             .join(",")
     }
 
-    /// Metadata for all topics from the first running node that answers.
+    /// Metadata for all topics from the first running node that answers (paused ones are
+    /// skipped).
     pub fn view(&mut self) -> Option<ClusterView> {
         for n in self.nodes.iter_mut() {
-            if !n.is_running() {
+            if !n.is_running() || n.is_paused() {
                 continue;
             }
             if let Some(v) = view_of(n) {

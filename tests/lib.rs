@@ -92,6 +92,7 @@ pub struct StromProcess {
     _tmp: Option<tempfile::TempDir>,
     args: Vec<String>,
     pub log_path: PathBuf,
+    paused: bool,
 }
 
 impl StromProcess {
@@ -147,6 +148,7 @@ impl StromProcess {
             _tmp: tmp,
             args,
             log_path,
+            paused: false,
         }
     }
 
@@ -218,10 +220,36 @@ impl StromProcess {
     }
 
     pub fn kill9(&mut self) {
+        self.paused = false;
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// SIGSTOP: the process stops where it is (a GC pause, a stalled VM, a node cut off) with
+    /// its sockets open; peers see silence, not a closed connection. Undo with `resume`.
+    pub fn pause(&mut self) {
+        self.signal(libc::SIGSTOP);
+        self.paused = true;
+    }
+
+    /// SIGCONT after `pause`: it goes on from where it stopped, with whatever it believed then.
+    pub fn resume(&mut self) {
+        self.signal(libc::SIGCONT);
+        self.paused = false;
+    }
+
+    /// Stopped by `pause` (it would accept a connection and never answer).
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    fn signal(&mut self, sig: i32) {
+        let c = self.child.as_ref().expect("the process is running");
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        let rc = unsafe { libc::kill(c.id() as i32, sig) };
+        assert_eq!(rc, 0, "kill({sig}) failed");
     }
 
     /// SIGTERM and wait (bounded) for a clean exit; returns whether it exited successfully.

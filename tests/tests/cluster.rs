@@ -133,15 +133,16 @@ fn value_of(m: &rdkafka::message::BorrowedMessage<'_>) -> u64 {
         .unwrap()
 }
 
-/// A consumer of partition 0 from the beginning, on its own thread, that runs until it has
+/// A consumer of partition `p` from the beginning, on its own thread, that runs until it has
 /// `until` records (usize::MAX: keep going), or 60 s after `until` was set: every (offset,
 /// value) it was given, in the order it was given them.
 fn consume_continuously(
     bootstrap: &str,
     topic: &str,
+    p: i32,
     until: Arc<AtomicUsize>,
 ) -> std::thread::JoinHandle<Vec<(i64, u64)>> {
-    let c = assigned_consumer(bootstrap, topic, 0);
+    let c = assigned_consumer(bootstrap, topic, p);
     std::thread::spawn(move || {
         let mut out = Vec::new();
         let mut deadline = None;
@@ -245,6 +246,32 @@ fn check_history(acked: &[u64], values: &[u64]) {
     );
 }
 
+/// What a consumer that ran through failovers was given (offset, value) against the log read
+/// back afterwards (`values`, from offset 0): every offset once, in order, each holding what
+/// the log holds (nothing it was given was truncated away later), up to the end.
+fn check_consumed(consumed: &[(i64, u64)], values: &[u64]) {
+    for w in consumed.windows(2) {
+        assert!(
+            w[0].0 < w[1].0,
+            "the consumer went backwards or saw an offset twice: {:?} then {:?}",
+            w[0],
+            w[1]
+        );
+    }
+    for (offset, v) in consumed {
+        assert_eq!(
+            values.get(*offset as usize),
+            Some(v),
+            "the consumer was given offset {offset} = {v}, which the log does not hold"
+        );
+    }
+    assert_eq!(
+        consumed.len(),
+        values.len(),
+        "the continuous consumer did not reach the end of the log"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_loses_no_acknowledged_record_and_the_node_rejoins() {
     let mut c = Cluster::start(3, &[]);
@@ -257,7 +284,7 @@ async fn killing_the_leader_loses_no_acknowledged_record_and_the_node_rejoins() 
     let acked_count = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let consumer_until = Arc::new(AtomicUsize::new(usize::MAX));
-    let consumer = consume_continuously(&b, "orders", consumer_until.clone());
+    let consumer = consume_continuously(&b, "orders", 0, consumer_until.clone());
     let total = 40_000;
     let task = tokio::spawn(produce_sequence(
         producer(&b, "all", true),
@@ -314,27 +341,7 @@ async fn killing_the_leader_loses_no_acknowledged_record_and_the_node_rejoins() 
     // The consumer that ran through the failover saw only what the log keeps (nothing it was
     // given was later truncated away), each offset once and in order, and reached the end.
     consumer_until.store(values.len(), Ordering::Release);
-    let consumed = consumer.join().unwrap();
-    for w in consumed.windows(2) {
-        assert!(
-            w[0].0 < w[1].0,
-            "the consumer went backwards or saw an offset twice: {:?} then {:?}",
-            w[0],
-            w[1]
-        );
-    }
-    for (offset, v) in &consumed {
-        assert_eq!(
-            values.get(*offset as usize),
-            Some(v),
-            "the consumer was given offset {offset} = {v}, which the log does not hold"
-        );
-    }
-    assert_eq!(
-        consumed.len(),
-        values.len(),
-        "the continuous consumer did not reach the end of the log"
-    );
+    check_consumed(&consumer.join().unwrap(), &values);
 
     // Now the restarted node must hold the same log: make it the only possible leader by
     // stopping the others one at a time is not possible without the quorum, so kill the current
@@ -352,6 +359,196 @@ async fn killing_the_leader_loses_no_acknowledged_record_and_the_node_rejoins() 
     );
     let again = read_values(&b, "orders", 0, values.len(), Duration::from_secs(60));
     assert_eq!(again, values, "the next leader serves a different log");
+}
+
+/// A zombie: the node that leads the partition and is the active controller stops (SIGSTOP,
+/// as in a long GC pause or a stalled VM) with its connections open, so nobody sees it go.
+/// The others elect a new controller and partition leader, writes resume; then it wakes up
+/// believing it still leads both, with produce requests waiting in its sockets. It must not
+/// acknowledge anything it appends then, must step down to follow the new leader (dropping what
+/// it appended as a stale leader) and rejoin the ISR; nothing acknowledged is lost, nothing is
+/// stored twice, and a consumer running throughout never sees a record taken back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_and_controller_wakes_up_as_a_follower_and_nothing_acked_is_lost() {
+    let mut c = Cluster::start(3, &[]);
+    let b = c.bootstrap();
+    create_replicated(&b, "zombie", 3, 3, &[("min.insync.replicas", "2")]).await;
+    let controller = c.view().unwrap().controller;
+    // Leaders are spread over the brokers: one partition is led by the controller.
+    let (p, before) = wait_for(WAIT, "a partition led by the controller", || {
+        let v = c.view()?;
+        (0..3).find_map(|p| {
+            let s = v.partition("zombie", p)?;
+            (s.leader == controller && s.isr.len() == 3).then(|| (p as i32, s.clone()))
+        })
+    });
+
+    let acked_count = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumer_until = Arc::new(AtomicUsize::new(usize::MAX));
+    let consumer = consume_continuously(&b, "zombie", p, consumer_until.clone());
+    // A request to a paused broker gets no answer, only silence: librdkafka gives up on the
+    // connection after socket.timeout.ms (default 60 s; its produce requests wait for
+    // message.timeout.ms otherwise), fails what is in flight there as possibly persisted and
+    // retries it on the new leader, in order (idempotence).
+    let prod: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &b)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "2")
+        .set("socket.timeout.ms", "3000")
+        .set("message.timeout.ms", "60000")
+        .set("retry.backoff.ms", "50")
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
+        .unwrap();
+    let total = 40_000;
+    let task = tokio::spawn(produce_sequence(
+        prod,
+        "zombie".into(),
+        p,
+        total,
+        acked_count.clone(),
+        stop.clone(),
+    ));
+    wait_acked(&c, &acked_count, 5_000, "producer made no progress").await;
+    let at_pause = acked_count.load(Ordering::Acquire);
+    let paused_at = Instant::now();
+    c.node(controller).pause();
+    let after = c.wait_partition("zombie", p as usize, WAIT, "a new leader", |s| {
+        s.leader > 0 && s.leader != controller
+    });
+    assert!(after.leader_epoch > before.leader_epoch);
+    let v = wait_view(&mut c, WAIT, "a new controller", |v| {
+        v.controller > 0 && v.controller != controller
+    })
+    .await;
+    eprintln!(
+        "new leader {} and controller {} {:?} after the pause",
+        after.leader,
+        v.controller,
+        paused_at.elapsed()
+    );
+    let what = "writes did not resume after the leader was paused";
+    wait_acked(&c, &acked_count, at_pause + 5_000, what).await;
+    eprintln!(
+        "writes resumed; 5000 more acknowledged {:?} after the pause",
+        paused_at.elapsed()
+    );
+
+    // It wakes up with the producer still writing.
+    c.node(controller).resume();
+    let rejoined = c.wait_partition(
+        "zombie",
+        p as usize,
+        Duration::from_secs(60),
+        "the woken node rejoins the ISR as a follower",
+        |s| s.isr.contains(&controller) && s.leader != controller,
+    );
+    assert_eq!(rejoined.leader_epoch, after.leader_epoch, "{rejoined:?}");
+    // Its own view agrees: it follows the new controller and the new leader.
+    let own = wait_for(WAIT, "the woken node's metadata to catch up", || {
+        let v = c.view_from(controller)?;
+        let s = v.partition("zombie", p as usize)?.clone();
+        (v.controller != controller && s.leader == after.leader).then_some(v)
+    });
+    assert!(own.brokers.contains(&controller), "{:?}", own.brokers);
+    let q = describe_quorum(&mut c, controller);
+    assert_ne!(
+        q.leader, controller,
+        "the woken node still calls itself the quorum's leader"
+    );
+
+    let (acked, failed) = task.await.unwrap();
+    eprintln!("acknowledged {} of {total}, {failed} failed", acked.len());
+    assert!(acked.len() > 10_000);
+    let values = read_values(
+        &b,
+        "zombie",
+        p,
+        acked.len() + failed,
+        Duration::from_secs(60),
+    );
+    check_history(&acked, &values);
+    consumer_until.store(values.len(), Ordering::Release);
+    check_consumed(&consumer.join().unwrap(), &values);
+
+    // The woken node holds the same log as the leader: it is the preferred replica (it led
+    // first), so a preferred election makes it lead again, and it serves the same records.
+    assert_eq!(before.replicas[0], controller, "{before:?}");
+    assert_eq!(elect_leaders(&mut c, after.leader, 0, "zombie", p), 0);
+    c.wait_partition(
+        "zombie",
+        p as usize,
+        WAIT,
+        "the woken node leads again",
+        |s| s.leader == controller,
+    );
+    let again = read_values(&b, "zombie", p, values.len(), Duration::from_secs(60));
+    assert_eq!(again, values, "the woken node serves a different log");
+}
+
+/// The whole cluster stops at once (SIGSTOP to every node, as when the machine or VM they run
+/// on stalls) for longer than two broker sessions, then goes on. Nobody was silent while
+/// anybody watched: the controller must not take its own stall for the brokers' silence and
+/// fence them (which would leave every partition without a leader until they heartbeat
+/// again), and no partition changes leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_of_the_whole_cluster_fences_no_broker_and_moves_no_leader() {
+    let mut c = Cluster::start(3, &[]);
+    let b = c.bootstrap();
+    create_replicated(&b, "stall", 3, 3, &[("min.insync.replicas", "2")]).await;
+    let before = wait_view(&mut c, WAIT, "full ISRs", |v| {
+        (0..3).all(|p| v.partition("stall", p).is_some_and(|s| s.isr.len() == 3))
+    })
+    .await;
+    for id in 1..=3 {
+        c.node(id).pause();
+    }
+    std::thread::sleep(Duration::from_millis(3000));
+    for id in 1..=3 {
+        c.node(id).resume();
+    }
+    // Watch for a few sessions (broker.session.timeout.ms is 1200 ms): every broker stays
+    // registered and unfenced and every partition keeps its leader and leader epoch.
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut views = 0;
+    while Instant::now() < until {
+        if let Some(v) = c.view() {
+            views += 1;
+            assert_eq!(
+                v.brokers,
+                vec![1, 2, 3],
+                "a broker was fenced:\n{}",
+                c.logs()
+            );
+            for p in 0..3 {
+                let (was, now) = (before.partition("stall", p), v.partition("stall", p));
+                assert_eq!(
+                    was.map(|s| (s.leader, s.leader_epoch)),
+                    now.map(|s| (s.leader, s.leader_epoch)),
+                    "partition {p} changed leader:\n{}",
+                    c.logs()
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        views > 10,
+        "the cluster hardly answered after the stall ({views} views)"
+    );
+    assert!(
+        !(1..=3).any(|id| c.node(id).log().contains("missed its session timeout")),
+        "a broker was judged by the controller's own stall:\n{}",
+        c.logs()
+    );
+    let p = producer(&b, "all", true);
+    send_values(&p, "stall", 0..20).await;
+    assert_eq!(
+        read_values(&b, "stall", 0, 20, WAIT),
+        (0..20).collect::<Vec<_>>()
+    );
 }
 
 /// What DescribeQuorum (v2) answers: the leader, its epoch, the high watermark, and the voters

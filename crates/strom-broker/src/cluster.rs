@@ -156,6 +156,9 @@ pub struct ControllerService {
     /// The last other controller this node knew of (whose broker may have died with it).
     last_leader: Mutex<Option<i32>>,
     last_balance_check: Mutex<Instant>,
+    /// When this node last ran the liveness check as the controller (a long gap means this
+    /// process itself was not running).
+    last_liveness_check: Mutex<Option<Instant>>,
 }
 
 impl ControllerService {
@@ -167,6 +170,7 @@ impl ControllerService {
             was_leader: AtomicBool::new(false),
             last_leader: Mutex::new(None),
             last_balance_check: Mutex::new(Instant::now()),
+            last_liveness_check: Mutex::new(None),
         })
     }
 
@@ -378,6 +382,7 @@ impl ControllerService {
         };
         if !raft.is_leader() {
             self.was_leader.store(false, Ordering::Release);
+            *self.last_liveness_check.lock() = None;
             if let Some(l) = raft.leader() {
                 *self.last_leader.lock() = Some(l);
             }
@@ -385,6 +390,30 @@ impl ControllerService {
         }
         let now = Instant::now();
         let session = Duration::from_millis(broker.config.i64("broker.session.timeout.ms") as u64);
+        // Measured from the end of the previous check, so that a slow fencing round is no gap.
+        let previous_check = *self.last_liveness_check.lock();
+        let interval =
+            Duration::from_millis(broker.config.i64("broker.heartbeat.interval.ms").max(1) as u64);
+        let stalled = previous_check
+            .map(|t| now.duration_since(t))
+            .filter(|gap| *gap > (session / 2).max(interval * 3));
+        if let (Some(gap), true) = (stalled, self.was_leader.load(Ordering::Acquire)) {
+            // This check runs every heartbeat interval: a gap of half a session (and of three
+            // intervals) means this process did not run (stopped, a stalled VM, starved), and
+            // the heartbeats sent meanwhile are still unread in its sockets. Its own silence is
+            // no evidence against the brokers: each gets a new session instead of being fenced
+            // now. (If another controller took over meanwhile, this one cannot commit anyway.)
+            tracing::warn!(
+                stalled_ms = gap.as_millis() as u64,
+                "the controller did not run for longer than half a broker session; giving \
+                 every broker a new session instead of fencing them"
+            );
+            for t in self.last_heartbeat.lock().values_mut() {
+                *t = (*t).max(now);
+            }
+            *self.last_liveness_check.lock() = Some(now);
+            return;
+        }
         if !self.was_leader.swap(true, Ordering::AcqRel) {
             // A new controller gives every broker a full session before judging it — except
             // the node of the controller it replaces: this election happened because that node
@@ -397,9 +426,6 @@ impl ControllerService {
             }
             let previous = self.last_leader.lock().filter(|p| *p != broker.node_id);
             if let Some(p) = previous {
-                let interval = Duration::from_millis(
-                    broker.config.i64("broker.heartbeat.interval.ms").max(1) as u64,
-                );
                 // Known to be gone (see strom_meta's liveness probe): no grace at all.
                 let grace = if raft.peer_down_since(p).is_some() {
                     Duration::ZERO
@@ -442,6 +468,7 @@ impl ControllerService {
         }
         self.balance_leaders(broker, now).await;
         self.elect_unclean_leaders(broker).await;
+        *self.last_liveness_check.lock() = Some(Instant::now());
     }
 
     /// Offline partitions of topics that allow unclean election get a leader (see
