@@ -254,13 +254,17 @@ impl StromProcess {
 
     /// SIGTERM and wait (bounded) for a clean exit; returns whether it exited successfully.
     pub fn terminate(&mut self) -> bool {
+        if self.child.is_none() {
+            return false;
+        }
+        self.signal(libc::SIGTERM);
+        if self.paused {
+            // A stopped process keeps SIGTERM pending until it runs again.
+            self.resume();
+        }
         let Some(mut c) = self.child.take() else {
             return false;
         };
-        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-        unsafe {
-            libc::kill(c.id() as i32, libc::SIGTERM);
-        }
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(Some(status)) = c.try_wait() {
