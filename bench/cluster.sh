@@ -3,7 +3,7 @@
 # and controller voter, on loopback) measured in the same run with `strom bench` (librdkafka,
 # acks=all, 1 KiB records): maximum rate and a fixed 50k records/s, replication factor 3 with
 # min.insync.replicas 2 against replication factor 1 on the single node. Then the failover
-# time over repeated leader kills (`failover-bench`).
+# time over repeated leader kills (`failover-bench`), and over leaders stopped with SIGSTOP.
 #
 #   bash bench/cluster.sh            # KILLS=20 N=300000 RUNS=1 by default
 #
@@ -76,6 +76,11 @@ for r in $(seq "$RUNS"); do
   run "${CLUSTER_PIDS[*]}" --bootstrap "$CLUSTER" --label "3 nodes RF3" --topic "c2-$r" --record-bytes 1024 --records "$RATE_N" --rate 50000 \
     --replication-factor 3 --topic-config min.insync.replicas=2
 done
+# Under load a metadata quorum that misses heartbeats elects again and a broker that misses its
+# session is fenced: both would show in the latencies, so count them.
+elections=$(cat "$WORK"/node*.log | grep -c "this node is now the active controller" || true)
+fenced=$(cat "$WORK"/node*.log | grep -c "missed its session timeout" || true)
+echo "cluster during the runs: $elections controller elections (1 expected), $fenced brokers fenced" >&2
 for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
 wait 2>/dev/null || true
 PIDS=()
@@ -83,3 +88,6 @@ PIDS=()
 echo
 STROM_BIN="$BIN" "$FAILOVER" --kills "$KILLS"
 STROM_BIN="$BIN" "$FAILOVER" --kills "$KILLS" --controller
+# Silent failures: the leader is stopped (SIGSTOP), nothing closes its connections.
+STROM_BIN="$BIN" "$FAILOVER" --kills "$KILLS" --pause
+STROM_BIN="$BIN" "$FAILOVER" --kills "$KILLS" --pause --controller

@@ -8,7 +8,13 @@
 //! active controller (until they coincide, the controller and the leader are killed and
 //! restarted in turn, unmeasured, so that the quorum and the partition elect other leaders).
 //!
-//!   cargo run --release -p strom-tests --bin failover-bench -- --kills 20 [--controller]
+//! With `--pause`, the leader is stopped with SIGSTOP instead (a silent failure: a frozen
+//! machine, a pulled cable — no closed connection tells anyone) and resumed with SIGCONT after
+//! the measurement. Besides the gap to the next acknowledgement, the time until a surviving
+//! node's Metadata names another leader is printed: the cluster's part, without the client's
+//! `socket.timeout.ms` (set to 1 s here) on the request stuck at the stopped node.
+//!
+//!   cargo run --release -p strom-tests --bin failover-bench -- --kills 20 [--controller] [--pause]
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,14 +34,17 @@ fn now_us(start: Instant) -> i64 {
 async fn main() {
     let mut kills = 20;
     let mut with_controller = false;
+    let mut pause = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         if a == "--kills" {
             kills = args.next().and_then(|v| v.parse().ok()).expect("--kills N");
         } else if a == "--controller" {
             with_controller = true;
+        } else if a == "--pause" {
+            pause = true;
         } else {
-            eprintln!("usage: failover-bench [--kills N] [--controller]");
+            eprintln!("usage: failover-bench [--kills N] [--controller] [--pause]");
             std::process::exit(2);
         }
     }
@@ -73,19 +82,25 @@ async fn main() {
         // default; the nodes this bench kills and restarts over and over would otherwise be
         // measured by that backoff rather than by the cluster's failover.
         .set("reconnect.backoff.max.ms", "1000")
+        // A request to a stopped broker is never answered: librdkafka drops the connection
+        // (and retries elsewhere) after socket.timeout.ms, 60 s by default.
+        .set("socket.timeout.ms", if pause { "1000" } else { "60000" })
         .create()
         .unwrap();
     let start = Instant::now();
     let last_ack = Arc::new(AtomicI64::new(0));
+    let last_ack_sent = Arc::new(AtomicI64::new(0));
     let acked = Arc::new(AtomicU64::new(0));
     {
-        let (last_ack, acked) = (last_ack.clone(), acked.clone());
+        let (last_ack, last_ack_sent, acked) =
+            (last_ack.clone(), last_ack_sent.clone(), acked.clone());
         tokio::spawn(async move {
             // One write in flight at a time, so an acknowledgement is timed when it arrives.
             let mut i = 0u64;
             loop {
                 i += 1;
                 let v = i.to_string();
+                let sent = now_us(start);
                 let f = producer
                     .send_result(
                         FutureRecord::<(), _>::to("failover")
@@ -95,7 +110,10 @@ async fn main() {
                     .map_err(|(e, _)| e)
                     .unwrap();
                 if let Ok(Ok(_)) = f.await {
+                    // Timed by the writes sent since the kill: the one in flight may have been
+                    // answered just before it and its acknowledgement read just after.
                     last_ack.store(now_us(start), Ordering::Release);
+                    last_ack_sent.store(sent, Ordering::Release);
                     acked.fetch_add(1, Ordering::AcqRel);
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -103,6 +121,7 @@ async fn main() {
         });
     }
     let mut gaps_ms = Vec::new();
+    let mut elected_all = Vec::new();
     for k in 0..kills {
         let mut attempt = 0;
         let (victim, controller) = loop {
@@ -111,6 +130,17 @@ async fn main() {
             });
             c.wait_brokers(3, Duration::from_secs(60));
             tokio::time::sleep(Duration::from_millis(500)).await;
+            // Every node must name the same leader (a preferred-leader election may be under
+            // way after the previous round).
+            let views: Vec<_> = (1..=3)
+                .map(|n| {
+                    c.view_from(n)
+                        .and_then(|v| v.partition("failover", 0).cloned())
+                })
+                .collect();
+            if views.iter().any(|v| v.is_none() || *v != views[0]) {
+                continue;
+            }
             let controller = c.view().map(|v| v.controller).unwrap_or(-1);
             if !with_controller || controller == s.leader || controller < 0 {
                 break (s.leader, controller);
@@ -142,9 +172,21 @@ async fn main() {
             c.node(restart).restart();
         };
         let killed = now_us(start);
-        c.node(victim).kill9();
+        if pause {
+            c.node(victim).pause();
+        } else {
+            c.node(victim).kill9();
+        }
+        let mut elected_ms = None;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while last_ack.load(Ordering::Acquire) <= killed && Instant::now() < deadline {
+        while last_ack_sent.load(Ordering::Acquire) < killed && Instant::now() < deadline {
+            if elected_ms.is_none() {
+                // A view from a surviving node (the kit skips the stopped one).
+                let s = c.view().and_then(|v| v.partition("failover", 0).cloned());
+                if s.is_some_and(|s| s.leader > 0 && s.leader != victim) {
+                    elected_ms = Some((now_us(start) - killed) as f64 / 1000.0);
+                }
+            }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let gap = (last_ack.load(Ordering::Acquire) - killed) as f64 / 1000.0;
@@ -153,11 +195,18 @@ async fn main() {
         } else {
             "leader"
         };
+        let how = if pause { "stop" } else { "kill" };
+        let elected = elected_ms.map_or(String::new(), |e| {
+            format!(" (a new leader in Metadata after {e:.0} ms)")
+        });
         eprintln!(
-            "kill {}: node {victim} ({role}), writes resumed after {gap:.1} ms",
+            "{how} {}: node {victim} ({role}), writes resumed after {gap:.1} ms{elected}",
             k + 1
         );
         gaps_ms.push(gap);
+        if let Some(e) = elected_ms {
+            elected_all.push(e);
+        }
         if gap > 2000.0 {
             // Over the target: show what the surviving nodes logged since the kill.
             for n in (1..=3).filter(|n| *n != victim) {
@@ -169,17 +218,40 @@ async fn main() {
                 }
             }
         }
-        c.node(victim).restart();
+        if pause {
+            c.node(victim).resume();
+        } else {
+            c.node(victim).restart();
+        }
     }
-    gaps_ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let pct = |q: f64| gaps_ms[((gaps_ms.len() as f64 - 1.0) * q).round() as usize];
+    let what = if pause { "stops" } else { "kills" };
     println!(
-        "failover over {} leader kills: min {:.0} ms, p50 {:.0} ms, p90 {:.0} ms, max {:.0} ms ({} writes acknowledged)",
+        "failover over {} leader {what}: {} ({} writes acknowledged)",
         gaps_ms.len(),
+        summary(&mut gaps_ms),
+        acked.load(Ordering::Acquire)
+    );
+    if pause {
+        println!(
+            "a new leader in Metadata over {} leader {what}: {}",
+            elected_all.len(),
+            summary(&mut elected_all)
+        );
+    }
+}
+
+/// min, p50, p90 and max of `v` (in ms).
+fn summary(v: &mut [f64]) -> String {
+    if v.is_empty() {
+        return "no samples".into();
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let pct = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    format!(
+        "min {:.0} ms, p50 {:.0} ms, p90 {:.0} ms, max {:.0} ms",
         pct(0.0),
         pct(0.5),
         pct(0.9),
-        pct(1.0),
-        acked.load(Ordering::Acquire)
-    );
+        pct(1.0)
+    )
 }

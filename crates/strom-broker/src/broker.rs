@@ -869,14 +869,19 @@ async fn join_quorum(
     let election_ms = opts
         .config
         .i64("controller.quorum.election.timeout.ms")
-        .max(10) as u64;
+        .max(20) as u64;
+    // openraft's followers keep a lease on their leader of `election_timeout_max` after each
+    // heartbeat and stand for election only a random timeout (min..max) after the lease ran
+    // out: with max = E and min = E/2, a leader that went silent is replaced 1.5 E to 2 E
+    // later (900–1200 ms by default; a leader whose process died is replaced at once, see
+    // strom_meta's liveness probe).
     let cfg = RaftConfig {
         node_id: opts.node_id,
         voters: c.quorum.clone(),
         dir: dir.join("__cluster_metadata-0"),
-        election_timeout_min_ms: election_ms,
-        election_timeout_max_ms: election_ms * 2,
-        heartbeat_interval_ms: (election_ms / 6).max(5),
+        election_timeout_min_ms: election_ms / 2,
+        election_timeout_max_ms: election_ms,
+        heartbeat_interval_ms: (election_ms / 6).max(3),
         snapshot_every_entries: 10_000,
     };
     let service = crate::cluster::ControllerService::new();

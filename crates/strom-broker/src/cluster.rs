@@ -416,9 +416,7 @@ impl ControllerService {
         }
         if !self.was_leader.swap(true, Ordering::AcqRel) {
             // A new controller gives every broker a full session before judging it — except
-            // the node of the controller it replaces: this election happened because that node
-            // went silent, so it gets a few heartbeat intervals to show it is alive (its
-            // partitions fail over in one session, not in an election plus a session).
+            // the node of the controller it replaces (see `previous_controller_seen`).
             let mut hb = self.last_heartbeat.lock();
             hb.clear();
             for id in broker.image().brokers.keys() {
@@ -426,13 +424,9 @@ impl ControllerService {
             }
             let previous = self.last_leader.lock().filter(|p| *p != broker.node_id);
             if let Some(p) = previous {
-                // Known to be gone (see strom_meta's liveness probe): no grace at all.
-                let grace = if raft.peer_down_since(p).is_some() {
-                    Duration::ZERO
-                } else {
-                    (interval * 3).min(session)
-                };
-                if let Some(t) = now.checked_sub(session - grace + Duration::from_millis(1)) {
+                let down = raft.peer_down_since(p).is_some();
+                let heard = raft.peer_last_heard(p);
+                if let Some(t) = previous_controller_seen(now, session, interval, down, heard) {
                     hb.insert(p, t);
                 }
             }
@@ -577,6 +571,31 @@ impl ControllerHandler for ControllerService {
 }
 
 /// Sends one request to the active controller and decodes the answer.
+/// When a new active controller counts the node of the controller it replaces as last seen
+/// (its broker is fenced one `session` after that). The election happened because that node
+/// went silent, so its partitions should fail over one session after it did, not after an
+/// election plus a session: the session runs from the last request this node had from it (the
+/// metadata leader's heartbeats, `heard`), and at most a few heartbeat intervals from now are
+/// left to it to show it is alive. A node whose process is known to be gone (`down`, the
+/// liveness probe) is fenced at once.
+fn previous_controller_seen(
+    now: Instant,
+    session: Duration,
+    interval: Duration,
+    down: bool,
+    heard: Option<Instant>,
+) -> Option<Instant> {
+    if down {
+        return now.checked_sub(session + Duration::from_millis(1));
+    }
+    let grace = now.checked_sub(session - (interval * 3).min(session));
+    match (heard, grace) {
+        (Some(h), Some(g)) => Some(h.min(g)),
+        (Some(h), None) => Some(h.min(now)),
+        (None, g) => g,
+    }
+}
+
 pub async fn call(broker: &Broker, req: &ControllerRequest) -> Result<ControllerResponse, String> {
     call_within(broker, req, broker.controller_timeout()).await
 }
@@ -652,5 +671,54 @@ pub async fn heartbeat_loop(broker: Arc<Broker>) {
         if let Some(svc) = broker.controller_service_arc() {
             svc.check_liveness(&broker).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SESSION: Duration = Duration::from_millis(1200);
+    const INTERVAL: Duration = Duration::from_millis(200);
+
+    fn remaining(now: Instant, seen: Option<Instant>) -> Duration {
+        (seen.unwrap() + SESSION).saturating_duration_since(now)
+    }
+
+    #[test]
+    fn a_replaced_controller_is_fenced_one_session_after_it_was_last_heard() {
+        let now = Instant::now() + Duration::from_secs(10);
+        // Silent for 900 ms when this node took over (a stopped process, a partition): its
+        // session has 300 ms left, not a new one.
+        let heard = now - Duration::from_millis(900);
+        let seen = previous_controller_seen(now, SESSION, INTERVAL, false, Some(heard));
+        assert_eq!(seen, Some(heard));
+        assert_eq!(remaining(now, seen), Duration::from_millis(300));
+        // Silent longer than a session: fenced in this very check.
+        let heard = now - Duration::from_millis(1500);
+        let seen = previous_controller_seen(now, SESSION, INTERVAL, false, Some(heard));
+        assert_eq!(remaining(now, seen), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_replaced_controller_gets_at_most_a_few_heartbeat_intervals() {
+        let now = Instant::now() + Duration::from_secs(10);
+        // Heard from just now (it handed leadership over, or a long session): three intervals.
+        let seen = previous_controller_seen(now, SESSION, INTERVAL, false, Some(now));
+        assert_eq!(remaining(now, seen), INTERVAL * 3);
+        let long = Duration::from_secs(9);
+        let heard = now - Duration::from_secs(2);
+        let seen = previous_controller_seen(now, long, INTERVAL, false, Some(heard));
+        assert_eq!((seen.unwrap() + long) - now, INTERVAL * 3);
+        // Never heard from since this process started: the same few intervals.
+        let seen = previous_controller_seen(now, SESSION, INTERVAL, false, None);
+        assert_eq!(remaining(now, seen), INTERVAL * 3);
+    }
+
+    #[test]
+    fn a_replaced_controller_whose_process_is_gone_is_fenced_at_once() {
+        let now = Instant::now() + Duration::from_secs(10);
+        let seen = previous_controller_seen(now, SESSION, INTERVAL, true, Some(now));
+        assert!(now.duration_since(seen.unwrap()) > SESSION);
     }
 }

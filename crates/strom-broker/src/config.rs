@@ -128,7 +128,7 @@ pub static REGISTRY: &[ConfigDef] = &[
     def!("leader.imbalance.check.interval.seconds", Long, "300", Broker, None, &[], Some(1), "How often the active controller checks the leader balance."),
     def!("leader.imbalance.per.broker.percentage", Int, "10", Broker, None, &[], Some(0), "Share of a broker's preferred partitions it may not lead before preferred elections run."),
     def!("replica.selector.class", String, "", Broker, None, &["", "org.apache.kafka.common.replica.RackAwareReplicaSelector"], None, "KIP-392: with RackAwareReplicaSelector a leader tells a consumer that sends client.rack to fetch from an in-sync replica in its rack."),
-    def!("controller.quorum.election.timeout.ms", Int, "600", Broker, None, &[], Some(10), "Raft election timeout of the metadata quorum (randomised between this and twice this). Strom's default is 600 ms (Kafka's 1000)."),
+    def!("controller.quorum.election.timeout.ms", Int, "600", Broker, None, &[], Some(20), "Raft election timeout of the metadata quorum: a voter that hears nothing from the active controller for 1.5 to 2 times this long (randomised) stands for election, and the controller heartbeats every sixth of it. Strom's default is 600 ms (Kafka's 1000 plus a 2000 ms fetch timeout) so that a silent controller is replaced in under 2 s."),
     def!("controller.quorum.request.timeout.ms", Int, "2000", Broker, None, &[], Some(10), "Timeout of a request to the active controller."),
     // Group coordinator.
     def!("group.min.session.timeout.ms", Int, "6000", Broker, None, &[], Some(1), "Smallest session.timeout.ms a consumer may ask for (INVALID_SESSION_TIMEOUT below)."),

@@ -41,6 +41,9 @@ const ELECTION_STAGGER: Duration = Duration::from_millis(150);
 /// What this node knows of its peers' processes.
 pub struct PeerWatch {
     down: Mutex<HashMap<u64, Instant>>,
+    /// When each peer last sent this node a request (the Raft leader's appends and heartbeats,
+    /// a broker's requests to the controller).
+    heard: Mutex<HashMap<u64, Instant>>,
     probing: Mutex<HashSet<u64>>,
     closed_tx: mpsc::Sender<u64>,
 }
@@ -53,6 +56,7 @@ impl PeerWatch {
         let (closed_tx, rx) = mpsc::channel(CLOSED_QUEUE);
         let watch = Arc::new(PeerWatch {
             down: Mutex::new(HashMap::new()),
+            heard: Mutex::new(HashMap::new()),
             probing: Mutex::new(HashSet::new()),
             closed_tx,
         });
@@ -70,6 +74,23 @@ impl PeerWatch {
     /// A connection `peer` opened has closed.
     pub fn closed(&self, peer: u64) {
         let _ = self.closed_tx.try_send(peer);
+    }
+
+    /// A request from `peer` arrived: it was running when it sent it.
+    pub fn heard(&self, peer: u64) {
+        self.heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer, Instant::now());
+    }
+
+    /// When a request from `peer` last arrived, if one did since this process started.
+    pub fn last_heard(&self, peer: u64) -> Option<Instant> {
+        self.heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&peer)
+            .copied()
     }
 
     /// Since when `peer` is known to be down (its listener refused a probe), if it is.

@@ -407,6 +407,13 @@ impl RaftMetadataLog {
         self.inner.liveness.down_since(to_node_id(node_id))
     }
 
+    /// When node `node_id` last sent this node a request on the controller listener (the
+    /// metadata leader sends appends or heartbeats several times per election timeout), if it
+    /// did since this process started.
+    pub fn peer_last_heard(&self, node_id: i32) -> Option<std::time::Instant> {
+        self.inner.liveness.last_heard(to_node_id(node_id))
+    }
+
     pub fn is_leader(&self) -> bool {
         self.inner.raft.is_leader()
     }

@@ -307,6 +307,9 @@ async fn serve_conn(mut stream: TcpStream, ctx: &ServerCtx) -> io::Result<()> {
     });
     loop {
         let (tag, body) = read_frame(&mut stream).await?;
+        if let Some(peer) = hello.from {
+            ctx.liveness.heard(peer);
+        }
         let (answer, out) = match tag {
             TAG_APPEND => {
                 let req: AppendEntriesRequest<TypeConfig> =
