@@ -139,9 +139,9 @@ impl OffsetsLog for Broker {
                 timestamp: now,
             })
             .collect();
-        let mut batch = encode_batch(&records, Compression::None, ProducerInfo::default())
+        let batch = encode_batch(&records, Compression::None, ProducerInfo::default())
             .map_err(|_| GroupError::StorageError)?;
-        let outcome = part.append(&mut batch, now).map_err(|e| match e {
+        let outcome = part.append(&batch, now).map_err(|e| match e {
             LogError::MessageTooLarge { .. } => GroupError::InvalidCommitOffsetSize,
             e => {
                 tracing::error!(partition, error = %e, "appending to __consumer_offsets failed");

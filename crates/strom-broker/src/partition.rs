@@ -422,7 +422,7 @@ impl Partition {
     /// (`wait_durable`), so that the append itself happens in request order.
     pub fn append(
         self: &Arc<Self>,
-        records: &mut [u8],
+        records: &[u8],
         now_ms: i64,
     ) -> Result<AppendOutcome, LogError> {
         let epoch = self.leader_epoch();
@@ -688,7 +688,7 @@ mod tests {
 
     fn append(part: &Arc<Partition>, n: usize) {
         for _ in 0..n {
-            part.append(&mut batch(), 0).unwrap();
+            part.append(&batch(), 0).unwrap();
         }
     }
 

@@ -236,13 +236,13 @@ impl Sim {
         let epoch = self.part().leader_epoch;
         let value = self.next_value;
         self.next_value += 1;
-        let mut batch = one_record(value);
+        let batch = one_record(value);
         let out = self
             .nodes
             .get_mut(&leader)
             .unwrap()
             .log
-            .append(&mut batch, epoch, 1_700_000_000_000)
+            .append(&batch, epoch, 1_700_000_000_000)
             .unwrap();
         self.pending.push((out.base_offset, value));
     }

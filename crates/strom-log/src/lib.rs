@@ -477,9 +477,13 @@ impl Log {
 
     /// Appends one produce request's records for this partition: exactly one v2 batch (as
     /// Kafka requires of Produce v3+), validated before anything is written.
+    /// Appends one batch as a producer sent it. The batch is not modified: what the log
+    /// assigns (base offset, leader epoch, log-append time and CRC) goes into a copy of its
+    /// 61-byte header, written ahead of the rest in one vectored write, so a batch received
+    /// into a shared request buffer is stored without a copy.
     pub fn append(
         &mut self,
-        records: &mut [u8],
+        records: &[u8],
         leader_epoch: i32,
         now_ms: i64,
     ) -> Result<AppendOutcome, LogError> {
@@ -487,15 +491,15 @@ impl Log {
             return Err(LogError::Failed);
         }
         let header = batch::validate_produced_batch(records)?;
-        let mut converted;
-        let records: &mut [u8] = match self.config.compression {
+        let converted;
+        let records: &[u8] = match self.config.compression {
             Some(to)
                 if !header.is_control()
                     && header.compression().map_err(BatchError::from)? != to =>
             {
                 converted =
                     batch::recompress_batch(records, to, self.config.max_decompressed_bytes)?;
-                &mut converted
+                &converted
             }
             _ => records,
         };
@@ -546,19 +550,23 @@ impl Log {
             }
         }
         let base = self.log_end_offset();
-        batch::set_base_offset(records, base);
-        batch::set_partition_leader_epoch(records, leader_epoch);
+        // Validated above: at least a whole header.
+        let (head, rest) = records.split_at(batch::BATCH_HEADER_LEN);
+        let mut head: [u8; batch::BATCH_HEADER_LEN] =
+            head.try_into().map_err(|_| BatchError::Truncated)?;
+        batch::set_base_offset(&mut head, base);
+        batch::set_partition_leader_epoch(&mut head, leader_epoch);
         let log_append_time_ms = if self.config.timestamp_type == TimestampType::LogAppendTime {
-            batch::set_log_append_time(records, now_ms);
+            batch::set_log_append_time_split(&mut head, rest, now_ms);
             now_ms
         } else {
             -1
         };
-        let h = BatchHeader::parse(records)?;
+        let h = BatchHeader::parse(&head)?;
         self.maybe_roll(records.len() as u64, base, h.last_offset(), now_ms)?;
         // A new leader's first batch (control batches too) starts its epoch.
         self.assign_epoch(leader_epoch, base)?;
-        self.write_batch(records, &h, now_ms)?;
+        self.write_batch(&[&head, rest], &h, now_ms)?;
         debug_assert_eq!(self.log_end_offset(), h.last_offset() + 1);
         Ok(AppendOutcome {
             base_offset: base,
@@ -571,20 +579,26 @@ impl Log {
     /// Writes one validated batch (offsets already final) to the active segment and its
     /// indexes, and records it in the producer state. A write that cannot be undone takes the
     /// log offline for writes.
-    fn write_batch(&mut self, batch: &[u8], h: &BatchHeader, now_ms: i64) -> Result<(), LogError> {
+    /// The batch is the concatenation of `parts`.
+    fn write_batch(
+        &mut self,
+        parts: &[&[u8]],
+        h: &BatchHeader,
+        now_ms: i64,
+    ) -> Result<(), LogError> {
         let interval = self.config.index_interval_bytes;
         let seg = self.active();
         let pos = BatchPos {
             base_offset: h.base_offset,
             last_offset: h.last_offset(),
             position: seg.size,
-            total_len: batch.len() as u64,
+            total_len: parts.iter().map(|p| p.len() as u64).sum(),
             max_timestamp: h.max_timestamp,
         };
         if seg.size == 0 {
             seg.created_ms = now_ms;
         }
-        match seg.append(batch, &pos, interval) {
+        match seg.append(parts, &pos, interval) {
             Ok(()) => {}
             Err(LogError::Failed) => {
                 tracing::error!(dir = %self.dir.display(), "write failed and the segment could not be restored; log is offline for writes");
@@ -972,7 +986,7 @@ impl Log {
             }
             self.maybe_roll(total_len as u64, h.base_offset, last_offset, now)?;
             self.assign_epoch(h.partition_leader_epoch, h.base_offset)?;
-            self.write_batch(batch, &h, now)?;
+            self.write_batch(&[batch], &h, now)?;
             out.appended_batches += 1;
             out.bytes_consumed += total_len;
             out.first_offset.get_or_insert(h.base_offset);

@@ -54,8 +54,8 @@ fn append_and_read_across_rolled_segments() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = Log::open(dir.path(), small_config(), true).unwrap();
     for i in 0..50 {
-        let mut b = batch(3, 1000 + i * 10, 50);
-        let out = log.append(&mut b, 7, 0).unwrap();
+        let b = batch(3, 1000 + i * 10, 50);
+        let out = log.append(&b, 7, 0).unwrap();
         assert_eq!(out.base_offset, i * 3);
         assert_eq!(out.last_offset, i * 3 + 2);
     }
@@ -99,7 +99,7 @@ fn reopen_clean_and_unclean_keeps_everything() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = Log::open(dir.path(), small_config(), true).unwrap();
     for i in 0..40 {
-        log.append(&mut batch(2, i, 40), 0, 0).unwrap();
+        log.append(&batch(2, i, 40), 0, 0).unwrap();
     }
     let before = log.read(0, usize::MAX, i64::MAX, true).unwrap();
     log.close().unwrap();
@@ -110,10 +110,7 @@ fn reopen_clean_and_unclean_keeps_everything() {
     drop(log);
     let mut log = Log::open(dir.path(), small_config(), false).unwrap();
     assert_eq!(log.read(0, usize::MAX, i64::MAX, true).unwrap(), before);
-    assert_eq!(
-        log.append(&mut batch(1, 0, 1), 0, 0).unwrap().base_offset,
-        80
-    );
+    assert_eq!(log.append(&batch(1, 0, 1), 0, 0).unwrap().base_offset, 80);
 }
 
 #[test]
@@ -122,7 +119,7 @@ fn torn_and_corrupt_tails_are_truncated() {
         let dir = tempfile::tempdir().unwrap();
         let mut log = Log::open(dir.path(), LogConfig::default(), true).unwrap();
         for i in 0..10 {
-            log.append(&mut batch(2, i, 30), 0, 0).unwrap();
+            log.append(&batch(2, i, 30), 0, 0).unwrap();
         }
         let path = dir.path().join("00000000000000000000.log");
         let len = std::fs::metadata(&path).unwrap().len();
@@ -139,7 +136,7 @@ fn torn_and_corrupt_tails_are_truncated() {
         let mut log = Log::open(dir.path(), LogConfig::default(), false).unwrap();
         let expected_end = if damage == "garbage-length" { 20 } else { 18 };
         assert_eq!(log.log_end_offset(), expected_end, "{damage}");
-        let out = log.append(&mut batch(1, 0, 1), 0, 0).unwrap();
+        let out = log.append(&batch(1, 0, 1), 0, 0).unwrap();
         assert_eq!(
             out.base_offset, expected_end,
             "offsets continue with no gap ({damage})"
@@ -160,38 +157,38 @@ fn idempotent_producer_rules_survive_restarts() {
         base_sequence: seq,
     };
     let mut log = Log::open(dir.path(), small_config(), true).unwrap();
-    log.append(&mut batch(1, 0, 5), 0, 0).unwrap();
+    log.append(&batch(1, 0, 5), 0, 0).unwrap();
     let first = log
-        .append(&mut batch_with(3, 0, 5, Compression::None, p(0)), 0, 0)
+        .append(&batch_with(3, 0, 5, Compression::None, p(0)), 0, 0)
         .unwrap();
     assert_eq!(first.base_offset, 1);
     let dup = log
-        .append(&mut batch_with(3, 0, 5, Compression::None, p(0)), 0, 0)
+        .append(&batch_with(3, 0, 5, Compression::None, p(0)), 0, 0)
         .unwrap();
     assert!(dup.duplicate);
     assert_eq!((dup.base_offset, dup.last_offset), (1, 3));
     assert_eq!(log.log_end_offset(), 4, "a duplicate writes nothing");
     assert!(matches!(
-        log.append(&mut batch_with(1, 0, 5, Compression::None, p(5)), 0, 0),
+        log.append(&batch_with(1, 0, 5, Compression::None, p(5)), 0, 0),
         Err(LogError::OutOfOrderSequence {
             expected: 3,
             got: 5,
             ..
         })
     ));
-    log.append(&mut batch_with(2, 0, 5, Compression::None, p(3)), 0, 0)
+    log.append(&batch_with(2, 0, 5, Compression::None, p(3)), 0, 0)
         .unwrap();
     drop(log); // unclean: state is rebuilt from the log
     let mut log = Log::open(dir.path(), small_config(), false).unwrap();
     let dup = log
-        .append(&mut batch_with(2, 0, 5, Compression::None, p(3)), 0, 0)
+        .append(&batch_with(2, 0, 5, Compression::None, p(3)), 0, 0)
         .unwrap();
     assert!(dup.duplicate);
     assert_eq!(dup.base_offset, 4);
     log.close().unwrap();
     let mut log = Log::open(dir.path(), small_config(), true).unwrap();
     let dup = log
-        .append(&mut batch_with(3, 0, 5, Compression::None, p(0)), 0, 0)
+        .append(&batch_with(3, 0, 5, Compression::None, p(0)), 0, 0)
         .unwrap();
     assert!(dup.duplicate && dup.base_offset == 1);
     let stale = ProducerInfo {
@@ -199,10 +196,10 @@ fn idempotent_producer_rules_survive_restarts() {
         producer_epoch: 1,
         base_sequence: 0,
     };
-    log.append(&mut batch_with(1, 0, 5, Compression::None, stale), 0, 0)
+    log.append(&batch_with(1, 0, 5, Compression::None, stale), 0, 0)
         .unwrap();
     assert!(matches!(
-        log.append(&mut batch_with(1, 0, 5, Compression::None, p(5)), 0, 0),
+        log.append(&batch_with(1, 0, 5, Compression::None, p(5)), 0, 0),
         Err(LogError::InvalidProducerEpoch { .. })
     ));
 }
@@ -223,16 +220,16 @@ fn validation_refuses_bad_batches_and_stores_nothing() {
     let last = b.len() - 1;
     b[last] ^= 0x55;
     assert!(matches!(
-        log.append(&mut b, 0, 0),
+        log.append(&b, 0, 0),
         Err(LogError::Batch(BatchError::CorruptCrc { .. }))
     ));
     assert!(matches!(
-        log.append(&mut batch(10, 0, 100), 0, 0),
+        log.append(&batch(10, 0, 100), 0, 0),
         Err(LogError::MessageTooLarge { .. })
     ));
     let mut two = batch(1, 0, 1);
     two.extend_from_slice(&batch(1, 0, 1));
-    assert!(log.append(&mut two, 0, 0).is_err());
+    assert!(log.append(&two, 0, 0).is_err());
     assert_eq!(log.log_end_offset(), 0);
 }
 
@@ -241,14 +238,14 @@ fn log_append_time_and_timestamp_lookups() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = Log::open(dir.path(), small_config(), true).unwrap();
     for i in 0..30 {
-        let mut b = batch_with(
+        let b = batch_with(
             4,
             1000 + i * 100,
             20,
             Compression::Zstd,
             ProducerInfo::default(),
         );
-        log.append(&mut b, 0, 0).unwrap();
+        log.append(&b, 0, 0).unwrap();
     }
     // Batch i holds records with timestamps 1000+i*100 .. +3 at offsets 4i..4i+3.
     assert_eq!(log.offset_for_timestamp(0).unwrap(), Some((0, 1000)));
@@ -267,7 +264,7 @@ fn log_append_time_and_timestamp_lookups() {
         true,
     )
     .unwrap();
-    let out = lat.append(&mut batch(2, 5, 1), 0, 777).unwrap();
+    let out = lat.append(&batch(2, 5, 1), 0, 777).unwrap();
     assert_eq!(out.log_append_time_ms, 777);
     let data = lat.read(0, usize::MAX, i64::MAX, true).unwrap();
     let h = validate_batch(&data).unwrap();
@@ -276,12 +273,59 @@ fn log_append_time_and_timestamp_lookups() {
 }
 
 #[test]
+fn append_stores_the_callers_batch_untouched_with_the_header_fields_it_assigns() {
+    for timestamp_type in [TimestampType::CreateTime, TimestampType::LogAppendTime] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            timestamp_type,
+            ..LogConfig::default()
+        };
+        let mut log = Log::open(dir.path(), config, true).unwrap();
+        log.append(&batch(4, 10, 8), 3, 900).unwrap();
+        let b = batch(5, 20, 300);
+        let sent = b.clone();
+        let out = log.append(&b, 9, 1000).unwrap();
+        assert_eq!(b, sent, "append changed the caller's bytes");
+        assert_eq!(out.base_offset, 4);
+        let data = log.read(4, usize::MAX, i64::MAX, true).unwrap();
+        assert_eq!(data.len(), sent.len());
+        let h = validate_batch(&data).unwrap();
+        assert_eq!((h.base_offset, h.partition_leader_epoch), (4, 9));
+        assert_eq!(
+            h.is_log_append_time(),
+            timestamp_type == TimestampType::LogAppendTime
+        );
+        // Past the header: the producer's bytes as they came.
+        assert_eq!(data[BATCH_HEADER_LEN..], sent[BATCH_HEADER_LEN..]);
+    }
+}
+
+#[test]
+fn a_batch_written_in_parts_is_their_concatenation() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join("f"))
+        .unwrap();
+    let a: Vec<u8> = (0..70_000u32).map(|i| i as u8).collect();
+    let b = vec![7u8; 3];
+    let parts: Vec<&[u8]> = vec![&[], &a, &[], &b, &a[..10]];
+    segment::write_all_vectored_at(&file, &parts, 5).unwrap();
+    let mut got = vec![0u8; 5 + a.len() + 3 + 10];
+    file.read_exact_at(&mut got, 0).unwrap();
+    assert_eq!(got[5..], [&a[..], &b, &a[..10]].concat());
+}
+
+#[test]
 fn flush_bookkeeping() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = Log::open(dir.path(), small_config(), true).unwrap();
     assert!(log.flush_target().unwrap().is_none());
     for i in 0..20 {
-        log.append(&mut batch(1, i, 100), 0, 0).unwrap();
+        log.append(&batch(1, i, 100), 0, 0).unwrap();
     }
     let t = log.flush_target().unwrap().unwrap();
     assert_eq!(t.end_offset, 20);
@@ -309,7 +353,7 @@ fn file_reads_point_at_exactly_the_bytes_a_read_returns() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = Log::open(dir.path(), small_config(), true).unwrap();
     for i in 0..60 {
-        log.append(&mut batch(2, i, 40), 0, 0).unwrap();
+        log.append(&batch(2, i, 40), 0, 0).unwrap();
     }
     assert!(log.segments.len() > 3);
     for (offset, max_bytes, upper, min_one) in [
@@ -356,7 +400,7 @@ fn a_truncation_invalidates_file_reads_handed_out_before_it() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = Log::open(dir.path(), small_config(), true).unwrap();
     for i in 0..10 {
-        log.append(&mut batch(2, i, 40), 0, 0).unwrap();
+        log.append(&batch(2, i, 40), 0, 0).unwrap();
     }
     let files = |log: &Log, offset: i64| match log
         .read_files(offset, usize::MAX, i64::MAX, true, 0)
@@ -368,7 +412,7 @@ fn a_truncation_invalidates_file_reads_handed_out_before_it() {
     let before = files(&log, 10);
     // Appends and rolls leave earlier ranges valid: their bytes do not change.
     for i in 0..30 {
-        log.append(&mut batch(2, i, 40), 0, 0).unwrap();
+        log.append(&batch(2, i, 40), 0, 0).unwrap();
     }
     assert!(before.iter().all(FilePart::unchanged));
     assert!(log.segments.len() > 2);
@@ -383,7 +427,7 @@ fn a_truncation_invalidates_file_reads_handed_out_before_it() {
     // The tail is cut and rewritten at the same positions: the old ranges now hold other
     // bytes, and say so.
     log.truncate_to(12).unwrap();
-    log.append(&mut batch(5, 99, 7), 0, 0).unwrap();
+    log.append(&batch(5, 99, 7), 0, 0).unwrap();
     assert!(before.iter().all(|p| !p.unchanged()));
     assert!(before[0].read().is_err());
     let after = files(&log, 10);
@@ -399,7 +443,7 @@ fn truncate_to_drops_the_tail() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = Log::open(dir.path(), small_config(), true).unwrap();
     for i in 0..40 {
-        log.append(&mut batch(2, i, 40), 0, 0).unwrap();
+        log.append(&batch(2, i, 40), 0, 0).unwrap();
     }
     log.truncate_to(31).unwrap();
     assert_eq!(
@@ -407,10 +451,7 @@ fn truncate_to_drops_the_tail() {
         30,
         "truncation is at batch boundaries"
     );
-    assert_eq!(
-        log.append(&mut batch(1, 0, 1), 0, 0).unwrap().base_offset,
-        30
-    );
+    assert_eq!(log.append(&batch(1, 0, 1), 0, 0).unwrap().base_offset, 30);
 }
 
 #[test]
@@ -418,10 +459,10 @@ fn write_error_leaves_the_log_readable() {
     // A read-only segment file makes the write fail like a full disk would.
     let dir = tempfile::tempdir().unwrap();
     let mut log = Log::open(dir.path(), LogConfig::default(), true).unwrap();
-    log.append(&mut batch(2, 0, 10), 0, 0).unwrap();
+    log.append(&batch(2, 0, 10), 0, 0).unwrap();
     let ro = std::fs::File::open(dir.path().join("00000000000000000000.log")).unwrap();
     let good = std::mem::replace(&mut log.active().file, std::sync::Arc::new(ro));
-    let err = log.append(&mut batch(2, 0, 10), 0, 0).unwrap_err();
+    let err = log.append(&batch(2, 0, 10), 0, 0).unwrap_err();
     assert!(matches!(err, LogError::Io(_) | LogError::Failed), "{err}");
     assert_eq!(log.log_end_offset(), 2);
     log.active().file = good;
@@ -441,7 +482,7 @@ fn retention_by_bytes_deletes_the_oldest_whole_segments_only() {
     };
     let mut log = Log::open(dir.path(), cfg, true).unwrap();
     for i in 0..60 {
-        log.append(&mut batch(3, 1000 + i, 50), 0, 0).unwrap();
+        log.append(&batch(3, 1000 + i, 50), 0, 0).unwrap();
     }
     let before: u64 = log.size_bytes();
     let segments_before = log.segments.len();
@@ -466,10 +507,7 @@ fn retention_by_bytes_deletes_the_oldest_whole_segments_only() {
     log.close().unwrap();
     let mut log = Log::open(dir.path(), small_config(), true).unwrap();
     assert_eq!(log.log_start_offset(), start);
-    assert_eq!(
-        log.append(&mut batch(1, 5, 5), 0, 0).unwrap().base_offset,
-        leo
-    );
+    assert_eq!(log.append(&batch(1, 5, 5), 0, 0).unwrap().base_offset, leo);
 }
 
 #[test]
@@ -482,11 +520,11 @@ fn retention_by_time_keeps_recent_segments_and_the_active_one() {
     let mut log = Log::open(dir.path(), cfg, true).unwrap();
     // Old records (timestamps around 1000), then recent ones (around 100_000).
     for i in 0..30 {
-        log.append(&mut batch(3, 1000 + i, 50), 0, 0).unwrap();
+        log.append(&batch(3, 1000 + i, 50), 0, 0).unwrap();
     }
     let old_end = log.log_end_offset();
     for i in 0..30 {
-        log.append(&mut batch(3, 100_000 + i, 50), 0, 0).unwrap();
+        log.append(&batch(3, 100_000 + i, 50), 0, 0).unwrap();
     }
     log.apply_retention(105_000).unwrap();
     let start = log.log_start_offset();
@@ -508,7 +546,7 @@ fn retention_by_time_keeps_recent_segments_and_the_active_one() {
     )
     .unwrap();
     for i in 0..30 {
-        log2.append(&mut batch(3, 1000 + i, 50), 0, 0).unwrap();
+        log2.append(&batch(3, 1000 + i, 50), 0, 0).unwrap();
     }
     assert_eq!(log2.apply_retention(10_000_000).unwrap(), 0);
 }
@@ -518,7 +556,7 @@ fn delete_records_moves_the_start_inside_a_segment_durably() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = Log::open(dir.path(), small_config(), true).unwrap();
     for i in 0..40 {
-        log.append(&mut batch(3, 1000 + i, 50), 0, 0).unwrap();
+        log.append(&batch(3, 1000 + i, 50), 0, 0).unwrap();
     }
     let leo = log.log_end_offset();
     assert!(matches!(
@@ -546,16 +584,16 @@ fn create_time_batches_outside_the_allowed_range_are_refused() {
     let mut log = Log::open(dir.path(), cfg, true).unwrap();
     let now = 1_000_000;
     assert!(matches!(
-        log.append(&mut batch(2, now - 1001, 10), 0, now),
+        log.append(&batch(2, now - 1001, 10), 0, now),
         Err(LogError::InvalidTimestamp { .. })
     ));
     assert!(matches!(
-        log.append(&mut batch(2, now + 500, 10), 0, now),
+        log.append(&batch(2, now + 500, 10), 0, now),
         Err(LogError::InvalidTimestamp { .. })
     ));
     assert_eq!(log.log_end_offset(), 0, "nothing stored");
-    log.append(&mut batch(2, now - 1000, 10), 0, now).unwrap();
-    log.append(&mut batch(2, now + 498, 10), 0, now).unwrap();
+    log.append(&batch(2, now - 1000, 10), 0, now).unwrap();
+    log.append(&batch(2, now + 498, 10), 0, now).unwrap();
     assert_eq!(log.log_end_offset(), 4);
 }
 
@@ -640,11 +678,11 @@ mod compaction {
             for (j, (k, v)) in kv.iter().enumerate() {
                 latest.insert(k.clone(), (base + j as i64, v.clone().unwrap()));
             }
-            log.append(&mut keyed(&kv, 0), 0, 0).unwrap();
+            log.append(&keyed(&kv, 0), 0, 0).unwrap();
         }
         // A record with another key after a roll: every update is in a cleanable segment.
         log.append(
-            &mut keyed(&[("sentinel".into(), Some("s".into()))], 100_000),
+            &keyed(&[("sentinel".into(), Some("s".into()))], 100_000),
             0,
             100_000,
         )
@@ -692,7 +730,7 @@ mod compaction {
         };
         let mut log = Log::open(dir.path(), config, true).unwrap();
         log.append(
-            &mut keyed(
+            &keyed(
                 &[
                     ("a".into(), Some("1".into())),
                     ("b".into(), Some("2".into())),
@@ -703,10 +741,10 @@ mod compaction {
             0,
         )
         .unwrap();
-        log.append(&mut keyed(&[("a".into(), None)], 50_000), 0, 0)
+        log.append(&keyed(&[("a".into(), None)], 50_000), 0, 0)
             .unwrap();
         log.append(
-            &mut keyed(&[("z".into(), Some("z".into()))], 100_000),
+            &keyed(&[("z".into(), Some("z".into()))], 100_000),
             0,
             100_000,
         )
@@ -744,7 +782,7 @@ mod compaction {
         let mut log = Log::open(dir.path(), config.clone(), true).unwrap();
         for i in 0..200 {
             log.append(
-                &mut keyed(&[(format!("k{}", i % 10), Some(format!("{i}")))], 0),
+                &keyed(&[(format!("k{}", i % 10), Some(format!("{i}")))], 0),
                 0,
                 0,
             )

@@ -139,6 +139,17 @@ pub fn set_log_append_time(batch: &mut [u8], ts_ms: i64) {
     batch[17..21].copy_from_slice(&crc.to_be_bytes());
 }
 
+/// `set_log_append_time` on a copy of the batch's header (`head`, its first 61 bytes) with the
+/// rest of the batch (`rest`) left where it is: the CRC is computed over the patched header
+/// fields and then `rest`, so the records need not be copied to be stamped.
+pub fn set_log_append_time_split(head: &mut [u8; BATCH_HEADER_LEN], rest: &[u8], ts_ms: i64) {
+    let attrs = i16_at(head, 21) | ATTR_TIMESTAMP_TYPE;
+    head[21..23].copy_from_slice(&attrs.to_be_bytes());
+    head[35..43].copy_from_slice(&ts_ms.to_be_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&head[CRC_START..]), rest);
+    head[17..21].copy_from_slice(&crc.to_be_bytes());
+}
+
 /// CRC-32C of everything after the crc field.
 pub fn compute_crc(batch: &[u8]) -> u32 {
     crc32c::crc32c(&batch[CRC_START..])

@@ -406,6 +406,18 @@ mod tests {
     }
 
     #[test]
+    fn log_append_time_on_a_header_copy_gives_the_same_batch() {
+        let b = encode_batch(&recs(3), Compression::None, ProducerInfo::default()).unwrap();
+        let mut whole = b.clone();
+        set_log_append_time(&mut whole, 4242);
+        let (head, rest) = b.split_at(crate::batch::BATCH_HEADER_LEN);
+        let mut head: [u8; crate::batch::BATCH_HEADER_LEN] = head.try_into().unwrap();
+        crate::batch::set_log_append_time_split(&mut head, rest, 4242);
+        assert_eq!([&head[..], rest].concat(), whole);
+        validate_batch(&whole).unwrap();
+    }
+
+    #[test]
     fn crc_and_log_append_time() {
         let mut b = encode_batch(&recs(2), Compression::None, ProducerInfo::default()).unwrap();
         set_log_append_time(&mut b, 99);

@@ -526,8 +526,8 @@ mod tests {
                     timestamp: 1_700_000_000_000,
                 })
                 .collect();
-            let mut b = encode_batch(&recs, Compression::None, ProducerInfo::default()).unwrap();
-            log.append(&mut b, 0, 0).unwrap();
+            let b = encode_batch(&recs, Compression::None, ProducerInfo::default()).unwrap();
+            log.append(&b, 0, 0).unwrap();
         }
         log
     }

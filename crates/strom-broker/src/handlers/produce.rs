@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
 use futures::future::join_all;
 use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
@@ -122,10 +121,8 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
                             }
                             None => Some(ResponseError::CorruptMessage),
                             Some(records) => {
-                                let mut records = records
-                                    .try_into_mut()
-                                    .unwrap_or_else(|b| BytesMut::from(&b[..]));
-                                match part.append(&mut records, now) {
+                                // Stored as received: the log patches a copy of its header.
+                                match part.append(&records, now) {
                                     Ok(outcome) => {
                                         resp.base_offset = outcome.base_offset;
                                         if v >= 2 {

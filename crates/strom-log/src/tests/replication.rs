@@ -29,12 +29,12 @@ fn leader_with_epochs(dir: &Path) -> Log {
     let mut log = Log::open(dir, small_config(), true).unwrap();
     let epochs = [1, 1, 3, 3, 3, 6, 6, 6, 6, 9, 9, 9, 9, 9, 9];
     for (i, &epoch) in epochs.iter().enumerate() {
-        let mut b = if i == 2 {
+        let b = if i == 2 {
             control(batch(1, 1000 + i as i64, 5))
         } else {
             batch(3, 1000 + i as i64, 120)
         };
-        log.append(&mut b, epoch, 0).unwrap();
+        log.append(&b, epoch, 0).unwrap();
     }
     log
 }
@@ -45,14 +45,14 @@ fn leader_appends_start_epochs_durably_and_they_survive_reopen() {
     let mut log = Log::open(dir.path(), small_config(), true).unwrap();
     assert_eq!(log.latest_epoch(), None);
     assert!(!dir.path().join(CHECKPOINT).exists(), "nothing to say yet");
-    log.append(&mut batch(2, 0, 10), 0, 0).unwrap();
-    log.append(&mut batch(2, 0, 10), 0, 0).unwrap();
+    log.append(&batch(2, 0, 10), 0, 0).unwrap();
+    log.append(&batch(2, 0, 10), 0, 0).unwrap();
     // A new leader's first batch is a transaction marker: it starts the epoch.
-    log.append(&mut control(batch(1, 0, 1)), 4, 0).unwrap();
-    log.append(&mut batch(3, 0, 10), 4, 0).unwrap();
+    log.append(&control(batch(1, 0, 1)), 4, 0).unwrap();
+    log.append(&batch(3, 0, 10), 4, 0).unwrap();
     // A stale leader's epoch does not go back in time.
-    log.append(&mut batch(1, 0, 10), 2, 0).unwrap();
-    log.append(&mut batch(1, 0, 10), 7, 0).unwrap();
+    log.append(&batch(1, 0, 10), 2, 0).unwrap();
+    log.append(&batch(1, 0, 10), 7, 0).unwrap();
     let expected = vec![(0, 0), (4, 4), (7, 9)];
     assert_eq!(log.epoch_entries(), expected);
     assert_eq!(log.latest_epoch(), Some(7));
@@ -79,7 +79,7 @@ fn end_offset_for_epoch_answers_as_kafka() {
     assert_eq!(log.end_offset_for_epoch(-1), (-1, -1));
     // Epoch 2 at 0..=4, epoch 5 at 5..=6, epoch 8 at 7..=9; log end 10.
     for (epoch, n) in [(2, 5), (5, 2), (8, 3)] {
-        log.append(&mut batch(n, 0, 1), epoch, 0).unwrap();
+        log.append(&batch(n, 0, 1), epoch, 0).unwrap();
     }
     let table = [
         (-1, (-1, -1)),
@@ -104,9 +104,9 @@ fn a_torn_tail_after_a_new_epoch_drops_that_entry() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = Log::open(dir.path(), LogConfig::default(), true).unwrap();
     for _ in 0..5 {
-        log.append(&mut batch(2, 0, 30), 1, 0).unwrap();
+        log.append(&batch(2, 0, 30), 1, 0).unwrap();
     }
-    log.append(&mut batch(2, 0, 30), 3, 0).unwrap();
+    log.append(&batch(2, 0, 30), 3, 0).unwrap();
     assert_eq!(log.epoch_entries(), vec![(1, 0), (3, 10)]);
     drop(log); // kill -9 before the last batch reached the disk whole
     let path = dir.path().join("00000000000000000000.log");
@@ -123,7 +123,7 @@ fn a_torn_tail_after_a_new_epoch_drops_that_entry() {
     assert_eq!(checkpoint_text(dir.path()), "0\n1\n1 0\n", "rewritten");
     assert_eq!(log.end_offset_for_epoch(1), (1, 10));
     assert_eq!(log.end_offset_for_epoch(3), (-1, -1));
-    log.append(&mut batch(1, 0, 3), 4, 0).unwrap();
+    log.append(&batch(1, 0, 3), 4, 0).unwrap();
     assert_eq!(log.epoch_entries(), vec![(1, 0), (4, 10)]);
 }
 
@@ -131,9 +131,9 @@ fn a_torn_tail_after_a_new_epoch_drops_that_entry() {
 fn recovery_adds_epochs_of_a_rescanned_tail_missing_from_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = Log::open(dir.path(), LogConfig::default(), true).unwrap();
-    log.append(&mut batch(2, 0, 30), 1, 0).unwrap();
-    log.append(&mut batch(2, 0, 30), 2, 0).unwrap();
-    log.append(&mut batch(2, 0, 30), 5, 0).unwrap();
+    log.append(&batch(2, 0, 30), 1, 0).unwrap();
+    log.append(&batch(2, 0, 30), 2, 0).unwrap();
+    log.append(&batch(2, 0, 30), 5, 0).unwrap();
     drop(log);
     // A checkpoint that lags the data (as a crash between the two could leave).
     std::fs::write(dir.path().join(CHECKPOINT), "0\n1\n1 0\n").unwrap();
@@ -225,7 +225,7 @@ fn a_follower_stores_the_leaders_batches_byte_for_byte() {
         base_sequence: 0,
     };
     leader
-        .append(&mut batch_with(2, 5, 10, Compression::Zstd, p), 9, 0)
+        .append(&batch_with(2, 5, 10, Compression::Zstd, p), 9, 0)
         .unwrap();
     let data = read_all(&leader);
     let follower_dir = tempfile::tempdir().unwrap();
@@ -429,14 +429,14 @@ fn a_follower_truncates_a_divergent_tail_and_takes_the_new_leaders_history() {
     let mut b = Log::open(b_dir.path(), small_config(), true).unwrap();
     for i in 0..3 {
         let rec = batch(2, i, 40);
-        a.append(&mut rec.clone(), 1, 0).unwrap();
-        b.append(&mut rec.clone(), 1, 0).unwrap();
+        a.append(&rec.clone(), 1, 0).unwrap();
+        b.append(&rec.clone(), 1, 0).unwrap();
     }
     for i in 0..3 {
-        a.append(&mut batch(2, 100 + i, 40), 2, 0).unwrap();
+        a.append(&batch(2, 100 + i, 40), 2, 0).unwrap();
     }
     for i in 0..5 {
-        b.append(&mut batch(3, 200 + i, 40), 3, 0).unwrap();
+        b.append(&batch(3, 200 + i, 40), 3, 0).unwrap();
     }
     let f_dir = tempfile::tempdir().unwrap();
     let mut f = Log::open(f_dir.path(), small_config(), true).unwrap();
@@ -469,7 +469,7 @@ fn truncate_fully_and_start_at_leaves_an_empty_log_that_takes_appends() {
         producer_epoch: 0,
         base_sequence: 0,
     };
-    f.append(&mut batch_with(1, 0, 1, Compression::None, p), 9, 0)
+    f.append(&batch_with(1, 0, 1, Compression::None, p), 9, 0)
         .unwrap();
     f.truncate_fully_and_start_at(1000).unwrap();
     assert_eq!(f.log_start_offset(), 1000);
@@ -494,7 +494,7 @@ fn truncate_fully_and_start_at_leaves_an_empty_log_that_takes_appends() {
     let mut l = Log::open(l_dir.path(), small_config(), true).unwrap();
     l.truncate_fully_and_start_at(1000).unwrap();
     for epoch in [11, 11, 12] {
-        l.append(&mut batch(2, 0, 30), epoch, 0).unwrap();
+        l.append(&batch(2, 0, 30), epoch, 0).unwrap();
     }
     let out = f.append_replicated(&read_all(&l)).unwrap();
     assert_eq!(out.first_offset, Some(1000));
@@ -525,7 +525,7 @@ proptest! {
         for (i, step) in epochs.iter().enumerate() {
             epoch += step;
             let n = 1 + i % 3;
-            leader.append(&mut batch(n, i as i64, 50 + 13 * i), epoch, 0).unwrap();
+            leader.append(&batch(n, i as i64, 50 + 13 * i), epoch, 0).unwrap();
         }
         let follower_dir = tempfile::tempdir().unwrap();
         let mut follower = Log::open(follower_dir.path(), small_config(), true).unwrap();
@@ -561,7 +561,7 @@ proptest! {
 fn a_new_leader_records_its_epoch_at_election_and_answers_older_epochs() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = Log::open(dir.path(), small_config(), true).unwrap();
-    log.append(&mut batch(3, 0, 10), 1, 0).unwrap();
+    log.append(&batch(3, 0, 10), 1, 0).unwrap();
     // Elected in epoch 4 with nothing new written: a follower that last wrote in epoch 3
     // learns that everything up to here (epoch 1's end) is shared.
     log.start_leader_epoch(4).unwrap();
@@ -573,7 +573,7 @@ fn a_new_leader_records_its_epoch_at_election_and_answers_older_epochs() {
     log.start_leader_epoch(2).unwrap();
     assert_eq!(log.epoch_entries(), vec![(1, 0), (4, 3)]);
     // The first append of the epoch does not add a second entry.
-    log.append(&mut batch(1, 0, 10), 4, 0).unwrap();
+    log.append(&batch(1, 0, 10), 4, 0).unwrap();
     assert_eq!(log.epoch_entries(), vec![(1, 0), (4, 3)]);
     drop(log);
     let log = Log::open(dir.path(), small_config(), false).unwrap();
@@ -588,7 +588,7 @@ fn a_new_leader_records_its_epoch_at_election_and_answers_older_epochs() {
 fn truncating_at_the_end_forgets_an_epoch_that_wrote_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = Log::open(dir.path(), small_config(), true).unwrap();
-    log.append(&mut batch(3, 0, 10), 1, 0).unwrap();
+    log.append(&batch(3, 0, 10), 1, 0).unwrap();
     log.start_leader_epoch(4).unwrap();
     assert_eq!(log.epoch_entries(), vec![(1, 0), (4, 3)]);
     log.truncate_to(3).unwrap();
