@@ -476,11 +476,10 @@ impl Log {
     }
 
     /// Appends one produce request's records for this partition: exactly one v2 batch (as
-    /// Kafka requires of Produce v3+), validated before anything is written.
-    /// Appends one batch as a producer sent it. The batch is not modified: what the log
-    /// assigns (base offset, leader epoch, log-append time and CRC) goes into a copy of its
-    /// 61-byte header, written ahead of the rest in one vectored write, so a batch received
-    /// into a shared request buffer is stored without a copy.
+    /// Kafka requires of Produce v3+), validated before anything is written. The batch is not
+    /// modified: what the log assigns (base offset, leader epoch, log-append time and CRC)
+    /// goes into a copy of its 61-byte header, written ahead of the rest in one vectored
+    /// write, so a batch received into a shared request buffer is stored without a copy.
     pub fn append(
         &mut self,
         records: &[u8],

@@ -496,25 +496,27 @@ pub(crate) fn write_all_vectored_at(
             done = 0;
             continue;
         }
-        let iov: Vec<libc::iovec> = parts[first..]
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let p = if i == 0 { &p[done..] } else { p };
-                libc::iovec {
-                    iov_base: p.as_ptr() as *mut libc::c_void,
-                    iov_len: p.len(),
-                }
-            })
-            .take(64)
-            .collect();
+        // A batch is one or two parts: a few iovecs on the stack, the rest in later calls.
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 8];
+        let mut count = 0;
+        for (i, p) in parts[first..].iter().take(iov.len()).enumerate() {
+            let p = if i == 0 { &p[done..] } else { p };
+            iov[i] = libc::iovec {
+                iov_base: p.as_ptr() as *mut libc::c_void,
+                iov_len: p.len(),
+            };
+            count = i + 1;
+        }
         // SAFETY: every iovec points into a borrowed slice that outlives the call, and the
         // kernel only reads through them; the descriptor is open for the borrow of `file`.
         let n = unsafe {
             libc::pwritev(
                 file.as_raw_fd(),
                 iov.as_ptr(),
-                iov.len() as libc::c_int,
+                count as libc::c_int,
                 offset as libc::off_t,
             )
         };

@@ -312,11 +312,16 @@ fn a_batch_written_in_parts_is_their_concatenation() {
         .unwrap();
     let a: Vec<u8> = (0..70_000u32).map(|i| i as u8).collect();
     let b = vec![7u8; 3];
-    let parts: Vec<&[u8]> = vec![&[], &a, &[], &b, &a[..10]];
+    // More parts than one call takes, empty ones among them.
+    let mut parts: Vec<&[u8]> = vec![&[], &a, &[], &b, &a[..10]];
+    for i in 0..12 {
+        parts.push(&a[i * 100..i * 100 + 7]);
+    }
     segment::write_all_vectored_at(&file, &parts, 5).unwrap();
-    let mut got = vec![0u8; 5 + a.len() + 3 + 10];
+    let want = parts.concat();
+    let mut got = vec![0u8; 5 + want.len()];
     file.read_exact_at(&mut got, 0).unwrap();
-    assert_eq!(got[5..], [&a[..], &b, &a[..10]].concat());
+    assert_eq!(got[5..], want);
 }
 
 #[test]
