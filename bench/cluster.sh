@@ -64,9 +64,12 @@ ticks() { local s=0 p; for p in $1; do s=$((s + $(awk '{print $14 + $15}' "/proc
 run() {
   local pids=$1; shift
   sync; sleep 2
-  local before; before=$(ticks "$pids")
+  local before p each=() split=""; before=$(ticks "$pids")
+  for p in $pids; do each+=("$(ticks "$p")"); done
   "$BIN" bench $first "$@"; first=
-  echo "    broker CPU for the row above: $(( $(ticks "$pids") - before )) ticks" >&2
+  # Per process too: on the cluster, which node led the partition shows as the busiest.
+  local i=0; for p in $pids; do split+=" $(( $(ticks "$p") - each[i] ))"; i=$((i + 1)); done
+  echo "    broker CPU for the row above: $(( $(ticks "$pids") - before )) ticks (per process:$split)" >&2
 }
 for r in $(seq "$RUNS"); do
   run "$SINGLE_PID" --bootstrap "127.0.0.1:$SINGLE" --label "single RF1" --topic "s1-$r" --record-bytes 1024 --records "$N"
