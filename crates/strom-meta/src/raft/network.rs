@@ -305,9 +305,12 @@ async fn serve_conn(mut stream: TcpStream, ctx: &ServerCtx) -> io::Result<()> {
             peer,
         }
     });
+    // Only peers in the address book are remembered (the id in the handshake is the peer's
+    // own claim, and the map must not grow with whatever ids connections bring).
+    let heard_from = hello.from.filter(|p| ctx.peers.get(*p).is_some());
     loop {
         let (tag, body) = read_frame(&mut stream).await?;
-        if let Some(peer) = hello.from {
+        if let Some(peer) = heard_from {
             ctx.liveness.heard(peer);
         }
         let (answer, out) = match tag {
