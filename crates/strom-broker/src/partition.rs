@@ -68,6 +68,23 @@ pub struct FollowerState {
     pub log_end_offset: i64,
     /// Last time the follower's fetch reached the leader's log end offset.
     pub last_caught_up_ms: i64,
+    /// The leader's log end offset and the time at the follower's previous fetch (Kafka's
+    /// `lastFetchLeaderLogEndOffset`): a follower that reaches what the leader had then was
+    /// caught up then, even if the leader has moved on since, as it always does under load.
+    pub last_fetch_leader_leo: i64,
+    pub last_fetch_ms: i64,
+}
+
+impl FollowerState {
+    /// Nothing known of the follower's log yet; counted as caught up at `now_ms`.
+    pub fn new(now_ms: i64) -> FollowerState {
+        FollowerState {
+            log_end_offset: -1,
+            last_caught_up_ms: now_ms,
+            last_fetch_leader_leo: -1,
+            last_fetch_ms: now_ms,
+        }
+    }
 }
 
 pub struct Partition {
@@ -184,13 +201,7 @@ impl Partition {
             let mut f = self.followers.lock();
             f.clear();
             for r in role.replicas.iter().filter(|r| **r != self.local_id) {
-                f.insert(
-                    *r,
-                    FollowerState {
-                        log_end_offset: -1,
-                        last_caught_up_ms: now_ms,
-                    },
-                );
+                f.insert(*r, FollowerState::new(now_ms));
             }
         }
         self.leader_epoch
@@ -206,8 +217,9 @@ impl Partition {
         changed
     }
 
-    /// Leader: a follower fetched from `fetch_offset` (everything below it is durable on the
-    /// follower). Returns the ISR the leader should propose if it changes (expansion).
+    /// Leader: a follower fetched and holds everything below `fetch_offset` durably (the
+    /// fetch offset, or less when the fetch says its durable end lags: see
+    /// `replication::DURABLE_END_TAG`). Returns the ISR the leader should propose if it changes (expansion).
     pub fn record_follower_fetch(
         &self,
         replica: i32,
@@ -227,14 +239,15 @@ impl Partition {
         }
         {
             let mut f = self.followers.lock();
-            let st = f.entry(replica).or_insert(FollowerState {
-                log_end_offset: -1,
-                last_caught_up_ms: 0,
-            });
+            let st = f.entry(replica).or_insert(FollowerState::new(0));
             st.log_end_offset = fetch_offset;
             if fetch_offset >= leo {
                 st.last_caught_up_ms = now_ms;
+            } else if st.last_fetch_leader_leo >= 0 && fetch_offset >= st.last_fetch_leader_leo {
+                st.last_caught_up_ms = st.last_caught_up_ms.max(st.last_fetch_ms);
             }
+            st.last_fetch_leader_leo = leo;
+            st.last_fetch_ms = now_ms;
         }
         self.maybe_advance_hw();
         // KIP-497 / Kafka: a follower rejoins the ISR once it has caught up to the high
@@ -294,12 +307,7 @@ impl Partition {
     /// durable log end of the ISR; a follower the leader's high watermark capped at its own
     /// durable end.
     pub fn maybe_advance_hw(&self) {
-        let durable = if self.is_durable_mode() {
-            self.flush_state.borrow().0
-        } else {
-            self.log_end_offset()
-        }
-        .min(self.log_end_offset());
+        let durable = self.durable_end();
         let role = self.role.read();
         if role.leader == self.local_id && role.isr.len() < role.min_isr {
             // KIP-966: what is written while the ISR is short is not committed, so replicas
@@ -385,6 +393,17 @@ impl Partition {
     pub fn leader_epoch(&self) -> i32 {
         self.leader_epoch.load(Ordering::Acquire)
     }
+    /// The end of what this replica holds durably: fsynced, or (when the flush policy does
+    /// not fsync every write) all of the log.
+    pub fn durable_end(&self) -> i64 {
+        if self.is_durable_mode() {
+            self.flush_state.borrow().0
+        } else {
+            self.log_end_offset()
+        }
+        .min(self.log_end_offset())
+    }
+
     pub fn is_durable_mode(&self) -> bool {
         self.flush_messages.load(Ordering::Relaxed) <= 1
     }
@@ -717,5 +736,31 @@ mod tests {
         assert_eq!(part.high_watermark(), 15);
         part.isr_add_answered(3);
         assert_eq!(part.high_watermark(), 20);
+    }
+
+    #[test]
+    fn a_follower_that_reaches_the_previous_log_end_stays_in_sync_under_load() {
+        // Kafka's lastFetchLeaderLogEndOffset rule: under constant load every fetch is behind
+        // the leader's current end, but each reaches what the leader had at the fetch before.
+        let dir = tempfile::tempdir().unwrap();
+        let part = leader(dir.path());
+        let lag_max = 1_000;
+        let mut now = 0;
+        let mut offset = 0;
+        for _ in 0..50 {
+            append(&part, 3);
+            now += 100;
+            part.record_follower_fetch(2, offset, now);
+            offset = part.log_end_offset();
+            append(&part, 1); // the leader moves on before the next fetch arrives
+        }
+        assert_eq!(part.shrunk_isr(now + 500, lag_max), None);
+        // A follower that stops making progress falls out once the lag time has passed.
+        for _ in 0..20 {
+            append(&part, 1);
+            now += 100;
+            part.record_follower_fetch(2, offset, now);
+        }
+        assert_eq!(part.shrunk_isr(now, lag_max), Some(vec![1]));
     }
 }

@@ -2,8 +2,12 @@
 //! partition this broker follows from that leader with the Fetch API (replica id set), after
 //! first truncating any divergent tail with OffsetForLeaderEpoch (KIP-101, KIP-279: to the
 //! smaller of the leader's and its own end offset for the last common epoch — never to its high
-//! watermark). A follower fetches from offset N only once everything below N is fsynced, so the
-//! leader's high watermark (the lowest fetch offset across the ISR) only counts durable copies.
+//! watermark). The leader's high watermark only counts durable copies: a follower's fetch
+//! offset counts as its progress when everything below it is fsynced, and otherwise the fetch
+//! says how far its log is durable (`DURABLE_END_TAG`). A follower behind its leader (the
+//! response says the leader's log end, `LEADER_LOG_END_TAG`) fetches again while its fsync
+//! runs; one that has caught up waits for the fsync first, so a fetch the leader parks never
+//! holds back durable progress the leader does not know of.
 //! The leader side proposes ISR changes (AlterPartition through the controller): a follower
 //! that caught up rejoins, one that lagged for `replica.lag.time.max.ms` leaves.
 
@@ -27,6 +31,41 @@ use crate::peer::PeerConn;
 
 const FETCH_VERSION: i16 = 12;
 const EPOCH_VERSION: i16 = 3;
+
+/// Tagged fields between Strom brokers (Kafka's own tags are small numbers; other brokers
+/// ignore unknown tags). In a follower's fetch partition: the end of its fsynced log, when
+/// below the fetch offset.
+pub const DURABLE_END_TAG: i32 = 0x5354_0001;
+/// In a fetch response partition to a follower: the leader's log end offset.
+pub const LEADER_LOG_END_TAG: i32 = 0x5354_0002;
+
+/// An offset carried in a tagged field (8 bytes, big-endian); `None` when absent or malformed.
+pub fn tagged_offset(
+    fields: &std::collections::BTreeMap<i32, bytes::Bytes>,
+    tag: i32,
+) -> Option<i64> {
+    let b = fields.get(&tag)?;
+    let raw: [u8; 8] = b.as_ref().try_into().ok()?;
+    Some(i64::from_be_bytes(raw)).filter(|o| *o >= 0)
+}
+
+/// What a follower's fetch proves it holds durably, for the high watermark: the fetch offset,
+/// or the durable end it reports when lower. A fetch offset past the leader's log end (a
+/// follower that has not truncated a divergent tail) goes in as it is, to be refused.
+pub fn follower_progress(fetch_offset: i64, durable_end: Option<i64>, leader_leo: i64) -> i64 {
+    match durable_end {
+        Some(d) if fetch_offset <= leader_leo => fetch_offset.min(d),
+        _ => fetch_offset,
+    }
+}
+
+pub fn set_tagged_offset(
+    fields: &mut std::collections::BTreeMap<i32, bytes::Bytes>,
+    tag: i32,
+    offset: i64,
+) {
+    fields.insert(tag, bytes::Bytes::copy_from_slice(&offset.to_be_bytes()));
+}
 
 #[derive(Clone)]
 struct Follow {
@@ -308,13 +347,18 @@ async fn fetch_once(
     let per_partition = broker.config.i64("replica.fetch.max.bytes").max(0) as i32;
     let mut topics: Vec<FetchTopic> = Vec::new();
     for ((topic, index), fl) in follows {
-        let part = FetchPartition::default()
+        let leo = fl.part.log_end_offset();
+        let mut part = FetchPartition::default()
             .with_partition(*index)
             .with_current_leader_epoch(fl.leader_epoch)
-            .with_fetch_offset(fl.part.log_end_offset())
+            .with_fetch_offset(leo)
             .with_last_fetched_epoch(fl.part.latest_epoch().ok().flatten().unwrap_or(-1))
             .with_log_start_offset(fl.part.log_start_offset())
             .with_partition_max_bytes(per_partition);
+        let durable = fl.part.durable_end();
+        if durable < leo {
+            set_tagged_offset(&mut part.unknown_tagged_fields, DURABLE_END_TAG, durable);
+        }
         match topics.iter_mut().find(|t| t.topic.0.as_str() == topic) {
             Some(t) => t.partitions.push(part),
             None => topics.push(
@@ -339,6 +383,9 @@ async fn fetch_once(
     }
     let mut progressed = false;
     let mut appended = Vec::new();
+    // Whether the leader has more for this fetcher than it sent: then the next fetch returns
+    // at once, and may go out before the fsync of this one's data completes.
+    let mut leader_ahead = false;
     for t in resp.responses {
         for p in t.partitions {
             let key = (t.topic.0.to_string(), p.partition_index);
@@ -348,6 +395,7 @@ async fn fetch_once(
             let part = &fl.part;
             match ResponseError::try_from_code(p.error_code) {
                 None if p.error_code == 0 => {
+                    let leader_leo = tagged_offset(&p.unknown_tagged_fields, LEADER_LOG_END_TAG);
                     let records = p.records.unwrap_or_default();
                     if !records.is_empty() {
                         match part.append_replicated(&records) {
@@ -355,6 +403,8 @@ async fn fetch_once(
                                 if out.appended_batches > 0 {
                                     progressed = true;
                                     appended.push((part.clone(), out.log_end_offset));
+                                    leader_ahead |=
+                                        leader_leo.is_some_and(|l| l > out.log_end_offset);
                                 }
                             }
                             Err(e) => {
@@ -384,13 +434,25 @@ async fn fetch_once(
             }
         }
     }
-    // The next fetch offset must be durable here: the leader counts it toward the high
-    // watermark.
-    for (part, end) in appended {
-        if let Err(e) = part.wait_durable(end).await {
-            return Err(format!("fsync of replicated data failed: {e}"));
+    if leader_ahead {
+        // The fsyncs run while the next fetch is out; it reports what they reached.
+        for (part, _) in &appended {
+            if part.is_durable_mode() {
+                part.spawn_flush();
+            }
         }
-        part.maybe_advance_hw();
+        return Ok(progressed);
+    }
+    // The next fetch may wait at the leader: everything it reports must be durable first
+    // (also what an earlier fetch left to fsync).
+    for (_, fl) in follows {
+        let end = fl.part.log_end_offset();
+        if fl.part.durable_end() < end {
+            if let Err(e) = fl.part.wait_durable(end).await {
+                return Err(format!("fsync of replicated data failed: {e}"));
+            }
+        }
+        fl.part.maybe_advance_hw();
     }
     Ok(progressed)
 }
@@ -482,5 +544,65 @@ pub async fn isr_ticker(broker: Arc<Broker>) {
                 propose_isr(&broker, &p, IsrChange::Remove(removed));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+    use kafka_protocol::messages::FetchResponse;
+    use kafka_protocol::protocol::{Decodable, Encodable};
+
+    #[test]
+    fn the_leader_counts_what_the_follower_holds_durably() {
+        assert_eq!(follower_progress(100, None, 200), 100);
+        assert_eq!(follower_progress(100, Some(60), 200), 60);
+        // A durable end is never more than the fetch offset proves.
+        assert_eq!(follower_progress(100, Some(150), 200), 100);
+        // A fetch past the leader's end goes in unchanged, to be refused as divergent.
+        assert_eq!(follower_progress(300, Some(60), 200), 300);
+    }
+
+    #[test]
+    fn durable_end_and_leader_log_end_survive_the_wire() {
+        let mut part = FetchPartition::default().with_fetch_offset(100);
+        set_tagged_offset(&mut part.unknown_tagged_fields, DURABLE_END_TAG, 60);
+        let req = FetchRequest::default().with_topics(vec![FetchTopic::default()
+            .with_topic(TopicName(str_bytes("t")))
+            .with_partitions(vec![part])]);
+        let mut buf = BytesMut::new();
+        req.encode(&mut buf, FETCH_VERSION).unwrap();
+        let back = FetchRequest::decode(&mut buf.freeze(), FETCH_VERSION).unwrap();
+        let p = &back.topics[0].partitions[0];
+        assert_eq!(
+            tagged_offset(&p.unknown_tagged_fields, DURABLE_END_TAG),
+            Some(60)
+        );
+        assert_eq!(
+            tagged_offset(&p.unknown_tagged_fields, LEADER_LOG_END_TAG),
+            None
+        );
+
+        let mut pd = PartitionData::default();
+        set_tagged_offset(&mut pd.unknown_tagged_fields, LEADER_LOG_END_TAG, 1234);
+        let resp = FetchResponse::default().with_responses(vec![FetchableTopicResponse::default()
+            .with_topic(TopicName(str_bytes("t")))
+            .with_partitions(vec![pd])]);
+        let mut buf = BytesMut::new();
+        resp.encode(&mut buf, FETCH_VERSION).unwrap();
+        let back = FetchResponse::decode(&mut buf.freeze(), FETCH_VERSION).unwrap();
+        let p = &back.responses[0].partitions[0];
+        assert_eq!(
+            tagged_offset(&p.unknown_tagged_fields, LEADER_LOG_END_TAG),
+            Some(1234)
+        );
+        // Malformed or negative values are ignored.
+        let mut f = std::collections::BTreeMap::new();
+        f.insert(DURABLE_END_TAG, bytes::Bytes::from_static(b"abc"));
+        assert_eq!(tagged_offset(&f, DURABLE_END_TAG), None);
+        set_tagged_offset(&mut f, DURABLE_END_TAG, -5);
+        assert_eq!(tagged_offset(&f, DURABLE_END_TAG), None);
     }
 }

@@ -173,13 +173,7 @@ impl Sim {
         self.followers.clear();
         for r in &p.replicas {
             if *r != p.leader {
-                self.followers.insert(
-                    *r,
-                    FollowerState {
-                        log_end_offset: -1,
-                        last_caught_up_ms: 0,
-                    },
-                );
+                self.followers.insert(*r, FollowerState::new(0));
             }
         }
         self.pending.clear();

@@ -39,6 +39,9 @@ struct Plan {
     replica_id: i32,
     /// current_leader_epoch per partition as sent (KIP-320), -1 when not sent.
     epochs: std::collections::HashMap<([u8; 16], i32), i32>,
+    /// A Strom follower's durable log end per partition when it lags its fetch offset
+    /// (`replication::DURABLE_END_TAG`).
+    durable_ends: std::collections::HashMap<([u8; 16], i32), i64>,
     /// The consumer's `client.rack` (v11+, KIP-392) when the rack-aware selector is on.
     rack: Option<String>,
     /// Reads of at least this many bytes are sent from the files (`strom.fetch.sendfile.min.bytes`).
@@ -74,12 +77,22 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
         req.replica_id.0
     };
     let mut epochs = std::collections::HashMap::new();
+    let mut durable_ends = std::collections::HashMap::new();
     let mut requested = Vec::new();
     for t in &req.topics {
         for p in &t.partitions {
             if p.current_leader_epoch >= 0 {
                 let k = key_of(t.topic_id, t.topic.0.as_str(), p.partition);
                 epochs.insert((k.topic_id, p.partition), p.current_leader_epoch);
+            }
+            if replica_id >= 0 {
+                if let Some(end) = crate::replication::tagged_offset(
+                    &p.unknown_tagged_fields,
+                    crate::replication::DURABLE_END_TAG,
+                ) {
+                    let k = key_of(t.topic_id, t.topic.0.as_str(), p.partition);
+                    durable_ends.insert((k.topic_id, p.partition), end);
+                }
             }
             requested.push((
                 key_of(t.topic_id, t.topic.0.as_str(), p.partition),
@@ -155,6 +168,7 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
         partitions,
         replica_id,
         epochs,
+        durable_ends,
         rack: (v >= 11
             && replica_id < 0
             && !req.rack_id.is_empty()
@@ -193,6 +207,7 @@ impl PartResult {
             hw: -1,
             log_start: -1,
             records: ReadOut::Copied(Vec::new()),
+            leader_leo: None,
         }
     }
 }
@@ -205,6 +220,8 @@ struct PartResult {
     hw: i64,
     log_start: i64,
     records: ReadOut,
+    /// For a follower: this leader's log end offset after the read (`LEADER_LOG_END_TAG`).
+    leader_leo: Option<i64>,
 }
 
 /// Whether this broker may serve the partition to this fetcher: it must be the leader (or,
@@ -254,8 +271,17 @@ fn read_all(broker: &Arc<Broker>, plan: &Plan) -> (Vec<PartResult>, usize, bool)
             continue;
         }
         if plan.replica_id >= 0 {
+            // What counts toward the high watermark is what the follower holds durably (a
+            // fetch offset past the log end still goes in as it is: it proves nothing).
+            let progress = crate::replication::follower_progress(
+                sp.fetch_offset,
+                plan.durable_ends
+                    .get(&(key.topic_id, key.partition))
+                    .copied(),
+                part.log_end_offset(),
+            );
             if let Some(_isr) =
-                part.record_follower_fetch(plan.replica_id, sp.fetch_offset, broker.now_ms())
+                part.record_follower_fetch(plan.replica_id, progress, broker.now_ms())
             {
                 crate::replication::propose_isr(
                     broker,
@@ -275,6 +301,7 @@ fn read_all(broker: &Arc<Broker>, plan: &Plan) -> (Vec<PartResult>, usize, bool)
                     hw: part.high_watermark(),
                     log_start: part.log_start_offset(),
                     records: ReadOut::Copied(Vec::new()),
+                    leader_leo: None,
                 });
                 continue;
             }
@@ -310,6 +337,7 @@ fn read_all(broker: &Arc<Broker>, plan: &Plan) -> (Vec<PartResult>, usize, bool)
             hw: part.high_watermark(),
             log_start: part.log_start_offset(),
             records,
+            leader_leo: (plan.replica_id >= 0).then(|| part.log_end_offset()),
         });
     }
     (results, total, any_error)
@@ -432,6 +460,13 @@ fn respond(plan: &Plan, results: Vec<PartResult>) -> (Option<ResponseFrame>, Sen
         if v >= 11 {
             pd.preferred_read_replica = kafka_protocol::messages::BrokerId(r.preferred);
         }
+        if let Some(leo) = r.leader_leo.filter(|_| v >= 12) {
+            crate::replication::set_tagged_offset(
+                &mut pd.unknown_tagged_fields,
+                crate::replication::LEADER_LOG_END_TAG,
+                leo,
+            );
+        }
         let same_topic = topics.last().is_some_and(|t: &FetchableTopicResponse| {
             if v >= 13 {
                 t.topic_id.as_bytes() == &r.key.topic_id
@@ -505,6 +540,7 @@ mod tests {
                 .collect(),
             replica_id: 2,
             epochs: Default::default(),
+            durable_ends: Default::default(),
             rack: None,
             sendfile_min,
         }
@@ -540,6 +576,7 @@ mod tests {
             hw: 100,
             log_start: 0,
             records,
+            leader_leo: None,
         }
     }
 
