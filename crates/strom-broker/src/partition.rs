@@ -219,7 +219,8 @@ impl Partition {
 
     /// Leader: a follower fetched and holds everything below `fetch_offset` durably (the
     /// fetch offset, or less when the fetch says its durable end lags: see
-    /// `replication::DURABLE_END_TAG`). Returns the ISR the leader should propose if it changes (expansion).
+    /// `replication::DURABLE_END_TAG`). Returns the ISR the leader should propose if it
+    /// changes (expansion).
     pub fn record_follower_fetch(
         &self,
         replica: i32,

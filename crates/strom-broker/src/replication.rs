@@ -402,7 +402,7 @@ async fn fetch_once(
                             Ok(out) => {
                                 if out.appended_batches > 0 {
                                     progressed = true;
-                                    appended.push((part.clone(), out.log_end_offset));
+                                    appended.push(part.clone());
                                     leader_ahead |=
                                         leader_leo.is_some_and(|l| l > out.log_end_offset);
                                 }
@@ -436,7 +436,7 @@ async fn fetch_once(
     }
     if leader_ahead {
         // The fsyncs run while the next fetch is out; it reports what they reached.
-        for (part, _) in &appended {
+        for part in &appended {
             if part.is_durable_mode() {
                 part.spawn_flush();
             }

@@ -81,8 +81,8 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
     let mut requested = Vec::new();
     for t in &req.topics {
         for p in &t.partitions {
+            let k = key_of(t.topic_id, t.topic.0.as_str(), p.partition);
             if p.current_leader_epoch >= 0 {
-                let k = key_of(t.topic_id, t.topic.0.as_str(), p.partition);
                 epochs.insert((k.topic_id, p.partition), p.current_leader_epoch);
             }
             if replica_id >= 0 {
@@ -90,15 +90,10 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
                     &p.unknown_tagged_fields,
                     crate::replication::DURABLE_END_TAG,
                 ) {
-                    let k = key_of(t.topic_id, t.topic.0.as_str(), p.partition);
                     durable_ends.insert((k.topic_id, p.partition), end);
                 }
             }
-            requested.push((
-                key_of(t.topic_id, t.topic.0.as_str(), p.partition),
-                p.fetch_offset,
-                p.partition_max_bytes,
-            ));
+            requested.push((k, p.fetch_offset, p.partition_max_bytes));
         }
     }
     let fresh = |reqd: Vec<(SessionKey, i64, i32)>| -> Vec<(SessionKey, SessionPartition)> {
