@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
 # Replicated-cluster benchmark: a single durable node and a 3-node cluster (every node a broker
 # and controller voter, on loopback) measured in the same run with `strom bench` (librdkafka,
-# acks=all, 1 KiB records): maximum rate and a fixed 50k records/s, replication factor 3 with
-# min.insync.replicas 2 against replication factor 1 on the single node. Then the failover
-# time over repeated leader kills (`failover-bench`), and over leaders stopped with SIGSTOP.
+# acks=all, 1 KiB records): maximum rate (and RF 3 with acks=1) and a fixed 50k records/s,
+# replication factor 3 with min.insync.replicas 2 against replication factor 1 on the single
+# node. Then the failover time over repeated leader kills (`failover-bench`), and over leaders
+# stopped with SIGSTOP.
 #
-#   bash bench/cluster.sh            # KILLS=20 N=300000 RUNS=1 by default
+#   bash bench/cluster.sh            # KILLS=20 N=1000000 RUNS=1 WARM_GB=6 by default
 #
-# STROM_BIN runs another build of strom (an A/B against an earlier binary). NODE_ARGS are added to every server's command line (e.g. NODE_ARGS="--set k=v" for an A/B of
-# a setting on the same binary); KILLS=0 skips the failover part.
+# STROM_BIN runs another build of strom (an A/B against an earlier binary). NODE_ARGS are added
+# to every server's command line (e.g. NODE_ARGS="--set k=v" for an A/B of a setting on the same
+# binary); KILLS=0 skips the failover part.
 #
-# RUNS=n repeats the four measurements n times on the same processes (fresh topics each time):
+# RUNS=n repeats the five measurements n times on the same processes (fresh topics each time):
 # this VM's run-to-run noise is larger than most effects, so compare medians. After each row
 # the CPU the broker processes spent on it is printed (user + system clock ticks, 100 per
 # second): the work a configuration costs, which varies less than its rate.
+#
+# WARM_GB (default 6): before each maximum-rate row that many GiB are written to a file and
+# deleted, so every such row starts with the same memory state. On a VM that hands freed pages
+# back to the host, the first touch of a page after an idle spell costs several times more than
+# right after a free, and without this a row is slowed by memory temperature rather than by what
+# it measures. WARM_GB=0 skips it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p strom -p strom-tests --bins >/dev/null
@@ -26,10 +34,11 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { until (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; do sleep 0.01; done; }
 
-N=${N:-300000}
+N=${N:-1000000}
 RATE_N=${RATE_N:-300000}
 KILLS=${KILLS:-20}
 RUNS=${RUNS:-1}
+WARM_GB=${WARM_GB:-6}
 # The three nodes share the machine's cores: each gets its share of request threads (the single
 # node keeps the default, one per core).
 NODE_THREADS=${NODE_THREADS:-1}
@@ -61,9 +70,22 @@ first=--header
 ticks() { local s=0 p; for p in $1; do s=$((s + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$s"; }
 # Each run starts on a quiet disk: what the previous run wrote is flushed first, so its
 # writeback does not land in the next run's latencies.
+# The first argument says how the memory starts (see WARM_GB): "warm" for the maximum-rate rows,
+# which write gigabytes; "quiet" for the fixed-rate rows, which write little and measure the
+# tail, and which must not run while the host takes freed pages back.
 run() {
-  local pids=$1; shift
+  local mode=$1 pids=$2; shift 2
   sync; sleep 2
+  if [ "$mode" = warm ] && [ "$WARM_GB" -gt 0 ]; then
+    # Last before the run: pages freed and left alone are handed back to the host a few
+    # seconds later (free page reporting), so no pause between the warm-up and the run.
+    dd if=/dev/zero of="$WORK/warm" bs=1M count=$((WARM_GB * 1024)) status=none
+    rm -f "$WORK/warm"
+  elif [ "$mode" = quiet ]; then
+    # Past the hand-back of what the previous rows freed: while it runs (a few hundred ms,
+    # seconds after the free) page allocations stall, and a fixed-rate row's p99 with them.
+    sleep 8
+  fi
   local before p each=() split=""; before=$(ticks "$pids")
   for p in $pids; do each+=("$(ticks "$p")"); done
   "$BIN" bench $first "$@"; first=
@@ -72,11 +94,15 @@ run() {
   echo "    broker CPU for the row above: $(( $(ticks "$pids") - before )) ticks (per process:$split)" >&2
 }
 for r in $(seq "$RUNS"); do
-  run "$SINGLE_PID" --bootstrap "127.0.0.1:$SINGLE" --label "single RF1" --topic "s1-$r" --record-bytes 1024 --records "$N"
-  run "${CLUSTER_PIDS[*]}" --bootstrap "$CLUSTER" --label "3 nodes RF3" --topic "c1-$r" --record-bytes 1024 --records "$N" \
+  run warm "$SINGLE_PID" --bootstrap "127.0.0.1:$SINGLE" --label "single RF1" --topic "s1-$r" --record-bytes 1024 --records "$N"
+  run warm "${CLUSTER_PIDS[*]}" --bootstrap "$CLUSTER" --label "3 nodes RF3" --topic "c1-$r" --record-bytes 1024 --records "$N" \
     --replication-factor 3 --topic-config min.insync.replicas=2
-  run "$SINGLE_PID" --bootstrap "127.0.0.1:$SINGLE" --label "single RF1" --topic "s2-$r" --record-bytes 1024 --records "$RATE_N" --rate 50000
-  run "${CLUSTER_PIDS[*]}" --bootstrap "$CLUSTER" --label "3 nodes RF3" --topic "c2-$r" --record-bytes 1024 --records "$RATE_N" --rate 50000 \
+  # The same with acks=1: what waiting for the followers costs, against what the three nodes
+  # sharing the machine cost.
+  run warm "${CLUSTER_PIDS[*]}" --bootstrap "$CLUSTER" --label "3 nodes RF3 acks=1" --topic "c3-$r" --record-bytes 1024 --records "$N" \
+    --replication-factor 3 --topic-config min.insync.replicas=2 --acks 1
+  run quiet "$SINGLE_PID" --bootstrap "127.0.0.1:$SINGLE" --label "single RF1" --topic "s2-$r" --record-bytes 1024 --records "$RATE_N" --rate 50000
+  run quiet "${CLUSTER_PIDS[*]}" --bootstrap "$CLUSTER" --label "3 nodes RF3" --topic "c2-$r" --record-bytes 1024 --records "$RATE_N" --rate 50000 \
     --replication-factor 3 --topic-config min.insync.replicas=2
 done
 # Under load a metadata quorum that misses heartbeats elects again and a broker that misses its
