@@ -876,6 +876,58 @@ async fn too_few_in_sync_replicas_refuse_acks_all_but_not_acks_1() {
     assert_eq!(values, vec![1, 3, 4], "what the partition holds");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_partition_replicates_while_the_fetch_for_idle_ones_waits_at_the_leader() {
+    // Followers' fetches wait at the leader up to replica.fetch.wait.max.ms when their
+    // partitions have no traffic. A partition that joins such a fetcher (here: a new topic)
+    // must not wait for that fetch to come back before it is replicated.
+    let mut c = Cluster::start(3, &["replica.fetch.wait.max.ms=20000"]);
+    let b = c.bootstrap();
+    // Three partitions, leaders on all three nodes: every node fetches from both others.
+    create_replicated(&b, "idle", 3, 3, &[]).await;
+    let mut leaders = Vec::new();
+    for p in 0..3 {
+        let s = c.wait_partition("idle", p, WAIT, "full ISR", |s| s.isr.len() == 3);
+        leaders.push(s.leader);
+    }
+    leaders.sort();
+    leaders.dedup();
+    assert_eq!(
+        leaders.len(),
+        3,
+        "the idle topic's leaders are spread over the nodes"
+    );
+    let all = producer(&b, "all", false);
+    for p in 0..3 {
+        all.send(
+            FutureRecord::<(), _>::to("idle").payload("x").partition(p),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("acks=all to the idle topic");
+    }
+    // Now every follower's fetch is parked at its leader, for up to 20 s.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    create_replicated(&b, "fresh", 1, 3, &[]).await;
+    c.wait_partition("fresh", 0, WAIT, "full ISR", |s| s.isr.len() == 3);
+    let quick = ClientConfig::new()
+        .set("bootstrap.servers", &b)
+        .set("acks", "all")
+        .set("message.timeout.ms", "2000")
+        .create::<FutureProducer>()
+        .unwrap();
+    quick
+        .send(
+            FutureRecord::<(), _>::to("fresh").payload("7").partition(0),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("acks=all to the new topic within its 2 s delivery timeout");
+    assert_eq!(read_values(&b, "fresh", 0, 1, WAIT), vec![7]);
+}
+
 /// FindCoordinator (v4) for a group through node `id`: the coordinator's node id.
 fn find_coordinator(c: &mut Cluster, id: i32, group: &str) -> i32 {
     use kafka_protocol::messages::{ApiKey, FindCoordinatorRequest, FindCoordinatorResponse};

@@ -12,6 +12,7 @@
 //! that caught up rejoins, one that lagged for `replica.lag.time.max.ms` leaves.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -79,7 +80,30 @@ type Key = (String, i32);
 struct Fetcher {
     leader: i32,
     partitions: Mutex<HashMap<Key, Follow>>,
+    /// Bumped whenever a partition joins or leaves: a fetch that waits at the leader for the
+    /// old set is given up, so that a partition that just joined (a new topic, a leadership
+    /// change) is not held back for `replica.fetch.wait.max.ms` by partitions with no traffic.
+    generation: AtomicU64,
     wake: Notify,
+}
+
+impl Fetcher {
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.wake.notify_one();
+    }
+}
+
+/// What one fetch round did.
+#[derive(Debug, PartialEq, Eq)]
+enum Fetched {
+    /// Data appended, or the high watermark moved: fetch again at once.
+    Progress,
+    /// Nothing new.
+    Idle,
+    /// The fetcher's partitions changed while the fetch waited; its answer is still owed on
+    /// the connection, which must be dropped.
+    Interrupted,
 }
 
 /// The fetchers of this broker, one per leader it follows partitions of.
@@ -103,7 +127,9 @@ impl ReplicaFetchers {
     pub fn remove(&self, topic: &str, partition: i32) {
         let key = (topic.to_string(), partition);
         for f in self.fetchers.lock().values() {
-            f.partitions.lock().remove(&key);
+            if f.partitions.lock().remove(&key).is_some() {
+                f.changed();
+            }
         }
     }
 
@@ -114,7 +140,9 @@ impl ReplicaFetchers {
         let role = part.role();
         let mut fetchers = self.fetchers.lock();
         for f in fetchers.values() {
-            f.partitions.lock().remove(&key);
+            if f.partitions.lock().remove(&key).is_some() {
+                f.changed();
+            }
         }
         if role.leader < 0 || role.leader == node_id || !role.replicas.contains(&node_id) {
             return;
@@ -126,6 +154,7 @@ impl ReplicaFetchers {
             let f = Arc::new(Fetcher {
                 leader: role.leader,
                 partitions: Mutex::new(HashMap::new()),
+                generation: AtomicU64::new(0),
                 wake: Notify::new(),
             });
             tokio::spawn(run_fetcher(weak, f.clone()));
@@ -139,7 +168,7 @@ impl ReplicaFetchers {
                 truncated: false,
             },
         );
-        f.wake.notify_one();
+        f.changed();
     }
 }
 
@@ -156,6 +185,9 @@ async fn run_fetcher(weak: Weak<Broker>, f: Arc<Fetcher>) {
         if broker.is_shutting_down() {
             return;
         }
+        // Read before the partitions: a change in between interrupts one fetch needlessly,
+        // never the other way round.
+        let generation = f.generation.load(Ordering::Acquire);
         let follows: Vec<(Key, Follow)> = f
             .partitions
             .lock()
@@ -210,9 +242,10 @@ async fn run_fetcher(weak: Weak<Broker>, f: Arc<Fetcher>) {
             }
             continue;
         }
-        match fetch_once(&broker, c, &f, &follows, timeout).await {
-            Ok(true) => {}
-            Ok(false) => tokio::time::sleep(Duration::from_millis(50)).await,
+        match fetch_once(&broker, c, &f, &follows, generation, timeout).await {
+            Ok(Fetched::Progress) => {}
+            Ok(Fetched::Idle) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Ok(Fetched::Interrupted) => conn = None,
             Err(e) => {
                 tracing::debug!(leader = f.leader, error = %e, "replica fetch failed");
                 conn = None;
@@ -336,14 +369,15 @@ pub fn truncation_offset(
     }
 }
 
-/// One fetch round. Ok(false): nothing progressed (errors or no data), the caller pauses.
+/// One fetch round. `Idle`: nothing progressed (errors or no data), the caller pauses.
 async fn fetch_once(
     broker: &Broker,
     conn: &mut PeerConn,
     f: &Fetcher,
     follows: &[(Key, Follow)],
+    generation: u64,
     timeout: Duration,
-) -> Result<bool, String> {
+) -> Result<Fetched, String> {
     let per_partition = broker.config.i64("replica.fetch.max.bytes").max(0) as i32;
     let mut topics: Vec<FetchTopic> = Vec::new();
     for ((topic, index), fl) in follows {
@@ -377,11 +411,23 @@ async fn fetch_once(
         .with_session_id(0)
         .with_session_epoch(-1)
         .with_topics(topics);
-    let resp = conn.call(&req, FETCH_VERSION, timeout).await?;
+    let call = conn.call(&req, FETCH_VERSION, timeout);
+    tokio::pin!(call);
+    let resp = loop {
+        tokio::select! {
+            r = &mut call => break r?,
+            _ = f.wake.notified() => {
+                if f.generation.load(Ordering::Acquire) != generation {
+                    return Ok(Fetched::Interrupted);
+                }
+            }
+        }
+    };
+    let progressed = |p: bool| if p { Fetched::Progress } else { Fetched::Idle };
     if resp.error_code != 0 {
         return Err(format!("fetch error {}", resp.error_code));
     }
-    let mut progressed = false;
+    let mut any_progress = false;
     let mut appended = Vec::new();
     // Whether the leader has more for this fetcher than it sent: then the next fetch returns
     // at once, and may go out before the fsync of this one's data completes.
@@ -401,7 +447,7 @@ async fn fetch_once(
                         match part.append_replicated(&records) {
                             Ok(out) => {
                                 if out.appended_batches > 0 {
-                                    progressed = true;
+                                    any_progress = true;
                                     appended.push(part.clone());
                                     leader_ahead |=
                                         leader_leo.is_some_and(|l| l > out.log_end_offset);
@@ -415,7 +461,7 @@ async fn fetch_once(
                     }
                     part.set_leader_hw(p.high_watermark);
                     if p.high_watermark > part.high_watermark() {
-                        progressed = true;
+                        any_progress = true;
                     }
                 }
                 Some(ResponseError::OffsetOutOfRange) => {
@@ -426,7 +472,7 @@ async fn fetch_once(
                     } else {
                         mark(f, &key, fl.leader_epoch, false);
                     }
-                    progressed = true;
+                    any_progress = true;
                 }
                 _ => {
                     tracing::debug!(topic = %key.0, partition = key.1, error = p.error_code, "replica fetch refused");
@@ -441,7 +487,7 @@ async fn fetch_once(
                 part.spawn_flush();
             }
         }
-        return Ok(progressed);
+        return Ok(progressed(any_progress));
     }
     // The next fetch may wait at the leader: everything it reports must be durable first
     // (also what an earlier fetch left to fsync).
@@ -454,7 +500,7 @@ async fn fetch_once(
         }
         fl.part.maybe_advance_hw();
     }
-    Ok(progressed)
+    Ok(progressed(any_progress))
 }
 
 /// An ISR change a leader proposes.
