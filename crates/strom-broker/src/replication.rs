@@ -24,6 +24,7 @@ use kafka_protocol::messages::offset_for_leader_epoch_request::{
 use kafka_protocol::messages::{BrokerId, FetchRequest, OffsetForLeaderEpochRequest, TopicName};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::broker::Broker;
 use crate::handlers::str_bytes;
@@ -73,6 +74,23 @@ struct Follow {
     part: Arc<Partition>,
     leader_epoch: i32,
     truncated: bool,
+    /// The leader refused this partition `refusals` times in a row (it may not have applied
+    /// the metadata that made it leader yet, or no longer be the leader): it is asked for again
+    /// at `retry_at`, while the fetcher's other partitions go on without waiting (Kafka delays
+    /// a failed partition alone too).
+    refusals: u32,
+    retry_at: Option<Instant>,
+}
+
+/// First pause after a partition was refused; it doubles with each refusal in a row, up to
+/// `replica.fetch.backoff.ms`. Short, because the usual cause is a leader that applies the same
+/// metadata a few milliseconds after its follower.
+const FIRST_RETRY: Duration = Duration::from_millis(5);
+
+/// How long a partition waits after its `refusals`-th refusal in a row.
+fn retry_delay(refusals: u32, max: Duration) -> Duration {
+    let doubled = FIRST_RETRY.saturating_mul(1u32 << refusals.saturating_sub(1).min(16));
+    doubled.min(max)
 }
 
 type Key = (String, i32);
@@ -97,9 +115,12 @@ impl Fetcher {
 /// What one fetch round did.
 #[derive(Debug, PartialEq, Eq)]
 enum Fetched {
-    /// Data appended, or the high watermark moved: fetch again at once.
-    Progress,
-    /// Nothing new.
+    /// Data appended, the high watermark moved, or the leader waited out the fetch with nothing
+    /// new (it long-polls, so the next fetch can go out at once). Refused partitions wait for
+    /// their retry on their own.
+    Done,
+    /// The leader answered at once with nothing although it was asked to wait: fetching again
+    /// at once could spin, so the fetcher pauses.
     Idle,
     /// The fetcher's partitions changed while the fetch waited; its answer is still owed on
     /// the connection, which must be dropped.
@@ -166,6 +187,8 @@ impl ReplicaFetchers {
                 part: part.clone(),
                 leader_epoch: role.leader_epoch,
                 truncated: false,
+                refusals: 0,
+                retry_at: None,
             },
         );
         f.changed();
@@ -188,16 +211,36 @@ async fn run_fetcher(weak: Weak<Broker>, f: Arc<Fetcher>) {
         // Read before the partitions: a change in between interrupts one fetch needlessly,
         // never the other way round.
         let generation = f.generation.load(Ordering::Acquire);
+        let now = Instant::now();
+        let mut next_retry: Option<Instant> = None;
+        let mut any = false;
         let follows: Vec<(Key, Follow)> = f
             .partitions
             .lock()
             .iter()
+            .filter(|(_, v)| {
+                any = true;
+                match v.retry_at {
+                    Some(t) if t > now => {
+                        next_retry = Some(next_retry.map_or(t, |n| n.min(t)));
+                        false
+                    }
+                    _ => true,
+                }
+            })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        if follows.is_empty() {
+        if !any {
             drop(broker);
             conn = None;
             let _ = tokio::time::timeout(Duration::from_secs(1), f.wake.notified()).await;
+            continue;
+        }
+        if follows.is_empty() {
+            // Every partition waits for its retry; the connection stays.
+            drop(broker);
+            let until = next_retry.unwrap_or(now + Duration::from_secs(1));
+            let _ = tokio::time::timeout_at(until, f.wake.notified()).await;
             continue;
         }
         let backoff = ms(&broker, "replica.fetch.backoff.ms");
@@ -231,9 +274,9 @@ async fn run_fetcher(weak: Weak<Broker>, f: Arc<Fetcher>) {
             .cloned()
             .collect();
         if !untruncated.is_empty() {
+            // Partitions the leader refused wait for their retry; the others went on.
             match truncate(&broker, c, &f, untruncated, timeout).await {
-                Ok(true) => {}
-                Ok(false) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Ok(()) => {}
                 Err(e) => {
                     tracing::debug!(leader = f.leader, error = %e, "OffsetForLeaderEpoch failed");
                     conn = None;
@@ -242,8 +285,14 @@ async fn run_fetcher(weak: Weak<Broker>, f: Arc<Fetcher>) {
             }
             continue;
         }
-        match fetch_once(&broker, c, &f, &follows, generation, timeout).await {
-            Ok(Fetched::Progress) => {}
+        // A partition waiting for its retry must not wait behind a fetch the leader parks.
+        let max_wait = ms(&broker, "replica.fetch.wait.max.ms");
+        let wait =
+            max_wait.min(next_retry.map_or(Duration::MAX, |t| t.saturating_duration_since(now)));
+        match fetch_once(&broker, c, &f, &follows, generation, wait, timeout).await {
+            Ok(Fetched::Done) => {}
+            // A wait shortened for a retry that is due is no sign of a spinning leader.
+            Ok(Fetched::Idle) if wait < max_wait => {}
             Ok(Fetched::Idle) => tokio::time::sleep(Duration::from_millis(50)).await,
             Ok(Fetched::Interrupted) => conn = None,
             Err(e) => {
@@ -263,15 +312,38 @@ fn mark(f: &Fetcher, key: &Key, epoch: i32, truncated: bool) {
     }
 }
 
-/// KIP-101/279 truncation of the partitions that just started following. Ok(false): some
-/// could not be resolved yet (the leader or this broker has stale metadata).
+/// The leader refused the partition: it waits before it is asked for again.
+fn refused(f: &Fetcher, key: &Key, epoch: i32, max: Duration) {
+    if let Some(fl) = f.partitions.lock().get_mut(key) {
+        if fl.leader_epoch == epoch {
+            fl.refusals = fl.refusals.saturating_add(1);
+            fl.retry_at = Some(Instant::now() + retry_delay(fl.refusals, max));
+        }
+    }
+}
+
+/// The leader answered for the partition: a later refusal starts again from the first pause.
+fn accepted(f: &Fetcher, key: &Key, fl: &Follow) {
+    if fl.refusals == 0 {
+        return;
+    }
+    if let Some(fl2) = f.partitions.lock().get_mut(key) {
+        if fl2.leader_epoch == fl.leader_epoch {
+            fl2.refusals = 0;
+            fl2.retry_at = None;
+        }
+    }
+}
+
+/// KIP-101/279 truncation of the partitions that just started following. Those the leader
+/// refuses (it or this broker has stale metadata) wait for a retry.
 async fn truncate(
     broker: &Broker,
     conn: &mut PeerConn,
     f: &Fetcher,
     follows: Vec<(Key, Follow)>,
     timeout: Duration,
-) -> Result<bool, String> {
+) -> Result<(), String> {
     let mut by_topic: HashMap<String, Vec<OffsetForLeaderPartition>> = HashMap::new();
     let mut asked = Vec::new();
     for (key, fl) in &follows {
@@ -291,7 +363,7 @@ async fn truncate(
         }
     }
     if asked.is_empty() {
-        return Ok(true);
+        return Ok(());
     }
     let req = OffsetForLeaderEpochRequest::default()
         .with_replica_id(BrokerId(broker.node_id))
@@ -306,7 +378,7 @@ async fn truncate(
                 .collect(),
         );
     let resp = conn.call(&req, EPOCH_VERSION, timeout).await?;
-    let mut all_done = true;
+    let backoff = ms(broker, "replica.fetch.backoff.ms");
     for t in resp.topics {
         for p in t.partitions {
             let key = (t.topic.0.to_string(), p.partition);
@@ -315,7 +387,7 @@ async fn truncate(
             };
             if p.error_code != 0 {
                 tracing::debug!(topic = %key.0, partition = key.1, error = p.error_code, "leader refused OffsetForLeaderEpoch");
-                all_done = false;
+                refused(f, &key, fl.leader_epoch, backoff);
                 continue;
             }
             let part = &fl.part;
@@ -337,9 +409,10 @@ async fn truncate(
                 continue;
             }
             mark(f, &key, fl.leader_epoch, true);
+            accepted(f, &key, fl);
         }
     }
-    Ok(all_done)
+    Ok(())
 }
 
 /// Where a follower truncates (KIP-101, KIP-279), given the leader's answer to
@@ -369,13 +442,15 @@ pub fn truncation_offset(
     }
 }
 
-/// One fetch round. `Idle`: nothing progressed (errors or no data), the caller pauses.
+/// One fetch round, asking the leader to wait up to `wait` for data.
+#[allow(clippy::too_many_arguments)]
 async fn fetch_once(
     broker: &Broker,
     conn: &mut PeerConn,
     f: &Fetcher,
     follows: &[(Key, Follow)],
     generation: u64,
+    wait: Duration,
     timeout: Duration,
 ) -> Result<Fetched, String> {
     let per_partition = broker.config.i64("replica.fetch.max.bytes").max(0) as i32;
@@ -404,13 +479,14 @@ async fn fetch_once(
     }
     let req = FetchRequest::default()
         .with_replica_id(BrokerId(broker.node_id))
-        .with_max_wait_ms(broker.config.i64("replica.fetch.wait.max.ms") as i32)
+        .with_max_wait_ms(wait.as_millis().min(i32::MAX as u128) as i32)
         .with_min_bytes(1)
         .with_max_bytes(broker.config.i64("replica.fetch.response.max.bytes") as i32)
         .with_isolation_level(0)
         .with_session_id(0)
         .with_session_epoch(-1)
         .with_topics(topics);
+    let sent_at = Instant::now();
     let call = conn.call(&req, FETCH_VERSION, timeout);
     tokio::pin!(call);
     let resp = loop {
@@ -423,11 +499,12 @@ async fn fetch_once(
             }
         }
     };
-    let progressed = |p: bool| if p { Fetched::Progress } else { Fetched::Idle };
     if resp.error_code != 0 {
         return Err(format!("fetch error {}", resp.error_code));
     }
+    let backoff = ms(broker, "replica.fetch.backoff.ms");
     let mut any_progress = false;
+    let mut any_refused = false;
     let mut appended = Vec::new();
     // Whether the leader has more for this fetcher than it sent: then the next fetch returns
     // at once, and may go out before the fsync of this one's data completes.
@@ -441,6 +518,7 @@ async fn fetch_once(
             let part = &fl.part;
             match ResponseError::try_from_code(p.error_code) {
                 None if p.error_code == 0 => {
+                    accepted(f, &key, fl);
                     let leader_leo = tagged_offset(&p.unknown_tagged_fields, LEADER_LOG_END_TAG);
                     let records = p.records.unwrap_or_default();
                     if !records.is_empty() {
@@ -470,12 +548,17 @@ async fn fetch_once(
                         part.truncate_fully_and_start_at(p.log_start_offset)
                             .map_err(|e| e.to_string())?;
                     } else {
+                        // Truncate again before the next fetch; a leader that keeps answering
+                        // so is asked less and less often.
                         mark(f, &key, fl.leader_epoch, false);
+                        refused(f, &key, fl.leader_epoch, backoff);
                     }
                     any_progress = true;
                 }
                 _ => {
                     tracing::debug!(topic = %key.0, partition = key.1, error = p.error_code, "replica fetch refused");
+                    refused(f, &key, fl.leader_epoch, backoff);
+                    any_refused = true;
                 }
             }
         }
@@ -487,7 +570,7 @@ async fn fetch_once(
                 part.spawn_flush();
             }
         }
-        return Ok(progressed(any_progress));
+        return Ok(Fetched::Done);
     }
     // The next fetch may wait at the leader: everything it reports must be durable first
     // (also what an earlier fetch left to fsync).
@@ -500,7 +583,24 @@ async fn fetch_once(
         }
         fl.part.maybe_advance_hw();
     }
-    Ok(progressed(any_progress))
+    Ok(round_outcome(
+        any_progress,
+        any_refused,
+        sent_at.elapsed(),
+        wait,
+    ))
+}
+
+/// Whether a fetch round calls for a pause before the next. The leader long-polls, so an empty
+/// answer after the wait asked for is no reason to pause (a pause there would hold back data
+/// produced during it, by up to the pause); refused partitions have their own retry. Only an
+/// empty answer well before the wait, with nothing refused, could repeat in a tight loop.
+fn round_outcome(progress: bool, refused: bool, took: Duration, wait: Duration) -> Fetched {
+    if progress || refused || (!wait.is_zero() && took >= wait / 2) {
+        Fetched::Done
+    } else {
+        Fetched::Idle
+    }
 }
 
 /// An ISR change a leader proposes.
@@ -600,6 +700,44 @@ mod tests {
     use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
     use kafka_protocol::messages::FetchResponse;
     use kafka_protocol::protocol::{Decodable, Encodable};
+
+    #[test]
+    fn a_refused_partition_waits_longer_after_each_refusal_up_to_the_backoff() {
+        let max = Duration::from_millis(1000);
+        let delays: Vec<u128> = (1..=10).map(|n| retry_delay(n, max).as_millis()).collect();
+        assert_eq!(delays, vec![5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        assert_eq!(retry_delay(u32::MAX, max), max);
+        assert_eq!(retry_delay(3, Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn only_an_early_empty_answer_pauses_the_fetcher() {
+        let wait = Duration::from_millis(500);
+        // The leader waited the fetch out with nothing new: fetch again at once (a pause would
+        // hold back whatever is produced during it).
+        assert_eq!(
+            round_outcome(false, false, Duration::from_millis(500), wait),
+            Fetched::Done
+        );
+        assert_eq!(
+            round_outcome(true, false, Duration::from_millis(1), wait),
+            Fetched::Done
+        );
+        // Refused partitions wait on their own; the others go on.
+        assert_eq!(
+            round_outcome(false, true, Duration::from_millis(1), wait),
+            Fetched::Done
+        );
+        // Nothing, at once, although asked to wait: could spin.
+        assert_eq!(
+            round_outcome(false, false, Duration::from_millis(1), wait),
+            Fetched::Idle
+        );
+        assert_eq!(
+            round_outcome(false, false, Duration::from_millis(1), Duration::ZERO),
+            Fetched::Idle
+        );
+    }
 
     #[test]
     fn the_leader_counts_what_the_follower_holds_durably() {
