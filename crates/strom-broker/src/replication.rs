@@ -212,24 +212,17 @@ async fn run_fetcher(weak: Weak<Broker>, f: Arc<Fetcher>) {
         // never the other way round.
         let generation = f.generation.load(Ordering::Acquire);
         let now = Instant::now();
-        let mut next_retry: Option<Instant> = None;
-        let mut any = false;
-        let follows: Vec<(Key, Follow)> = f
-            .partitions
-            .lock()
-            .iter()
-            .filter(|(_, v)| {
-                any = true;
-                match v.retry_at {
-                    Some(t) if t > now => {
-                        next_retry = Some(next_retry.map_or(t, |n| n.min(t)));
-                        false
-                    }
-                    _ => true,
-                }
-            })
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let (follows, next_retry, any) = {
+            let parts = f.partitions.lock();
+            let waiting = |v: &Follow| v.retry_at.filter(|t| *t > now);
+            let follows: Vec<(Key, Follow)> = parts
+                .iter()
+                .filter(|(_, v)| waiting(v).is_none())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let next_retry = parts.values().filter_map(waiting).min();
+            (follows, next_retry, !parts.is_empty())
+        };
         if !any {
             drop(broker);
             conn = None;
@@ -289,7 +282,7 @@ async fn run_fetcher(weak: Weak<Broker>, f: Arc<Fetcher>) {
         let max_wait = ms(&broker, "replica.fetch.wait.max.ms");
         let wait =
             max_wait.min(next_retry.map_or(Duration::MAX, |t| t.saturating_duration_since(now)));
-        match fetch_once(&broker, c, &f, &follows, generation, wait, timeout).await {
+        match fetch_once(&broker, c, &f, &follows, generation, wait).await {
             Ok(Fetched::Done) => {}
             // A wait shortened for a retry that is due is no sign of a spinning leader.
             Ok(Fetched::Idle) if wait < max_wait => {}
@@ -304,34 +297,35 @@ async fn run_fetcher(weak: Weak<Broker>, f: Arc<Fetcher>) {
     }
 }
 
-fn mark(f: &Fetcher, key: &Key, epoch: i32, truncated: bool) {
+/// Changes the fetcher's state of a partition, unless it has since moved to another leader
+/// epoch (what the round learned is about the epoch it asked in).
+fn update(f: &Fetcher, key: &Key, epoch: i32, change: impl FnOnce(&mut Follow)) {
     if let Some(fl) = f.partitions.lock().get_mut(key) {
         if fl.leader_epoch == epoch {
-            fl.truncated = truncated;
+            change(fl);
         }
     }
+}
+
+fn mark(f: &Fetcher, key: &Key, epoch: i32, truncated: bool) {
+    update(f, key, epoch, |fl| fl.truncated = truncated);
 }
 
 /// The leader refused the partition: it waits before it is asked for again.
 fn refused(f: &Fetcher, key: &Key, epoch: i32, max: Duration) {
-    if let Some(fl) = f.partitions.lock().get_mut(key) {
-        if fl.leader_epoch == epoch {
-            fl.refusals = fl.refusals.saturating_add(1);
-            fl.retry_at = Some(Instant::now() + retry_delay(fl.refusals, max));
-        }
-    }
+    update(f, key, epoch, |fl| {
+        fl.refusals = fl.refusals.saturating_add(1);
+        fl.retry_at = Some(Instant::now() + retry_delay(fl.refusals, max));
+    });
 }
 
 /// The leader answered for the partition: a later refusal starts again from the first pause.
 fn accepted(f: &Fetcher, key: &Key, fl: &Follow) {
-    if fl.refusals == 0 {
-        return;
-    }
-    if let Some(fl2) = f.partitions.lock().get_mut(key) {
-        if fl2.leader_epoch == fl.leader_epoch {
-            fl2.refusals = 0;
-            fl2.retry_at = None;
-        }
+    if fl.refusals > 0 {
+        update(f, key, fl.leader_epoch, |fl| {
+            fl.refusals = 0;
+            fl.retry_at = None;
+        });
     }
 }
 
@@ -443,7 +437,6 @@ pub fn truncation_offset(
 }
 
 /// One fetch round, asking the leader to wait up to `wait` for data.
-#[allow(clippy::too_many_arguments)]
 async fn fetch_once(
     broker: &Broker,
     conn: &mut PeerConn,
@@ -451,7 +444,6 @@ async fn fetch_once(
     follows: &[(Key, Follow)],
     generation: u64,
     wait: Duration,
-    timeout: Duration,
 ) -> Result<Fetched, String> {
     let per_partition = broker.config.i64("replica.fetch.max.bytes").max(0) as i32;
     let mut topics: Vec<FetchTopic> = Vec::new();
@@ -487,7 +479,7 @@ async fn fetch_once(
         .with_session_epoch(-1)
         .with_topics(topics);
     let sent_at = Instant::now();
-    let call = conn.call(&req, FETCH_VERSION, timeout);
+    let call = conn.call(&req, FETCH_VERSION, wait + broker.controller_timeout() * 5);
     tokio::pin!(call);
     let resp = loop {
         tokio::select! {
