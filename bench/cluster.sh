@@ -82,6 +82,10 @@ run() {
     dd if=/dev/zero of="$WORK/warm" bs=1M count=$((WARM_GB * 1024)) status=none
     rm -f "$WORK/warm"
   elif [ "$mode" = quiet ]; then
+    # The gigabytes the maximum-rate rows left in the page cache are dropped first (as root;
+    # the row writes a new topic and reads nothing old): on a VM that pages out memory left
+    # cold (DAMON) they would otherwise be reclaimed, and handed to the host, during the row.
+    if [ -w /proc/sys/vm/drop_caches ]; then echo 1 >/proc/sys/vm/drop_caches; fi
     # Past the hand-back of what the previous rows freed: while it runs (a few hundred ms,
     # seconds after the free) page allocations stall, and a fixed-rate row's p99 with them.
     sleep 8

@@ -134,9 +134,10 @@ pub struct ReplicatedAppend {
     pub log_end_offset: i64,
 }
 
-/// Cloned handles of the segment files an fsync must cover, and the offset it makes durable.
+/// Shared handles of the segment files an fsync must cover (no descriptor is duplicated per
+/// fsync), and the offset it makes durable.
 pub struct FlushTarget {
-    pub files: Vec<std::fs::File>,
+    pub files: Vec<std::sync::Arc<std::fs::File>>,
     pub end_offset: i64,
 }
 
@@ -855,7 +856,7 @@ impl Log {
             .iter()
             .filter(|s| s.flushed_next_offset < s.next_offset)
         {
-            files.push(s.file.try_clone()?);
+            files.push(s.file.clone());
         }
         Ok(Some(FlushTarget {
             files,

@@ -46,6 +46,14 @@ pub struct BenchArgs {
     acks: String,
     #[arg(long, default_value_t = 1)]
     linger_ms: u64,
+    /// The producer's queue of records not yet acknowledged, in KiB
+    /// (`queue.buffering.max.kbytes`). The default, 32 MiB, is the Java producer's
+    /// `buffer.memory`: sending blocks while it is full, as a real producer's does, so a slower
+    /// broker does not make the load generator buffer the whole run (its page faults then cost
+    /// the client more against the slower target, and the latencies measured would be mostly
+    /// time queued in the client).
+    #[arg(long, default_value_t = 32768)]
+    buffer_kbytes: u64,
     /// Also consume everything back and report consume throughput.
     #[arg(long)]
     consume: bool,
@@ -156,7 +164,7 @@ fn run_blocking(args: BenchArgs) -> Result<()> {
         .set("acks", &args.acks)
         .set("linger.ms", args.linger_ms.to_string())
         .set("queue.buffering.max.messages", "1000000")
-        .set("queue.buffering.max.kbytes", "1048576")
+        .set("queue.buffering.max.kbytes", args.buffer_kbytes.to_string())
         .set("enable.idempotence", "false")
         .create_with_context(ctx)?;
 
