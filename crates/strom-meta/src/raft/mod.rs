@@ -28,6 +28,7 @@
 //!   needs, and the log store keeps unpurged entries in memory: a long outage of one node grows
 //!   the leader's memory.
 
+mod check_quorum;
 mod liveness;
 mod network;
 mod state_machine;
@@ -57,6 +58,7 @@ use tokio::task::JoinHandle;
 
 use crate::log::MetadataLogError;
 use crate::record::MetadataRecord;
+use check_quorum::CheckQuorum;
 use liveness::{PeerWatch, Watcher};
 use network::{
     Answer, AppClient, JoinRequest, NetworkFactory, PeerAddrs, RaftHandle, ServerCtx, TAG_APP,
@@ -159,6 +161,9 @@ struct Inner {
     listen_addr: SocketAddr,
     raft: RaftHandle,
     leader_rx: watch::Receiver<Option<i32>>,
+    /// This node is the Raft leader but has not heard from a majority of the voters for a
+    /// while (see `CheckQuorum`): it does not act as the active controller meanwhile.
+    resigned: Arc<AtomicBool>,
     progress: Arc<Progress>,
     app: AppClient,
     handler: Arc<dyn ControllerHandler>,
@@ -284,29 +289,48 @@ impl RaftMetadataLog {
         );
 
         let (leader_tx, leader_rx) = watch::channel(None);
+        let resigned = Arc::new(AtomicBool::new(false));
         let watcher = {
             let mut metrics = raft.metrics();
             let peers = peers.clone();
+            let resigned = resigned.clone();
+            let mut check = CheckQuorum::new(
+                me,
+                Duration::from_millis(cfg.election_timeout_max_ms.saturating_mul(3) / 2),
+            );
+            // Wakes up without a metrics change too: a leader cut off from the other voters
+            // sees none (its last quorum acknowledgement just grows old).
+            let tick = Duration::from_millis(cfg.heartbeat_interval_ms.max(1));
             tokio::spawn(async move {
                 let mut membership_seen = None;
                 loop {
-                    let (leader, membership) = {
+                    let (leader, membership, lost) = {
                         let m = metrics.borrow_watched();
                         let membership = m.membership_config.clone();
-                        (m.current_leader.map(from_node_id), membership)
+                        let voters = membership.membership().voter_ids().count();
+                        let acked = m.last_quorum_acked.as_ref().map(|t| t.elapsed());
+                        let lost = check.lost(m.state == ServerState::Leader, voters, acked);
+                        (m.current_leader.map(from_node_id), membership, lost)
                     };
                     if membership_seen.as_ref() != Some(membership.log_id()) {
                         peers.learn_only(membership.membership().nodes());
                         membership_seen = Some(*membership.log_id());
                     }
+                    resigned.store(lost, Ordering::SeqCst);
+                    let leader = if lost { None } else { leader };
                     leader_tx.send_if_modified(|cur| {
                         let changed = *cur != leader;
                         *cur = leader;
                         changed
                     });
-                    if metrics.changed().await.is_err() {
-                        leader_tx.send_replace(None);
-                        return;
+                    tokio::select! {
+                        changed = metrics.changed() => {
+                            if changed.is_err() {
+                                leader_tx.send_replace(None);
+                                return;
+                            }
+                        }
+                        _ = tokio::time::sleep(tick) => {}
                     }
                 }
             })
@@ -359,6 +383,7 @@ impl RaftMetadataLog {
                 listen_addr,
                 raft,
                 leader_rx,
+                resigned,
                 progress,
                 app: AppClient::new(me, peers),
                 handler,
@@ -414,8 +439,10 @@ impl RaftMetadataLog {
         self.inner.liveness.last_heard(to_node_id(node_id))
     }
 
+    /// Whether this node is the active controller: the Raft leader, still acknowledged by a
+    /// majority of the voters within the check-quorum window.
     pub fn is_leader(&self) -> bool {
-        self.inner.raft.is_leader()
+        self.inner.raft.is_leader() && !self.inner.resigned.load(Ordering::SeqCst)
     }
 
     fn check_open(&self) -> Result<(), MetadataLogError> {
@@ -681,8 +708,13 @@ impl RaftMetadataLog {
         let membership = m.membership_config.membership();
         let voter_ids: BTreeSet<u64> = membership.voter_ids().collect();
         let learner_ids: BTreeSet<u64> = membership.learner_ids().collect();
+        let resigned = self.inner.resigned.load(Ordering::SeqCst);
         QuorumState {
-            leader_id: m.current_leader.map(from_node_id).unwrap_or(-1),
+            leader_id: if resigned {
+                -1
+            } else {
+                m.current_leader.map(from_node_id).unwrap_or(-1)
+            },
             leader_epoch: m.current_term as i32,
             high_watermark,
             voters: voter_ids.into_iter().map(replica).collect(),
