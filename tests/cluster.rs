@@ -1,6 +1,7 @@
 //! N-node clusters of real `strom` processes on loopback: start them, kill, pause and restart
 //! nodes, and ask any node what the cluster looks like (Metadata over the wire).
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse};
@@ -37,6 +38,8 @@ impl ClusterView {
 pub struct Cluster {
     /// Node i+1 is `nodes[i]`.
     pub nodes: Vec<StromProcess>,
+    /// The voters' controller listeners, `--controller-quorum` style (what a node is given
+    /// unless `start_routed` routes it elsewhere).
     pub quorum: String,
 }
 
@@ -64,23 +67,59 @@ impl Cluster {
     ) -> Cluster {
         let n = voters + broker_only;
         let controller_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let quorum = controller_ports[..voters]
-            .iter()
-            .enumerate()
-            .map(|(i, p)| format!("{}@127.0.0.1:{p}", i + 1))
-            .collect::<Vec<_>>()
-            .join(",");
+        Self::start_routed(
+            voters,
+            broker_only,
+            sets,
+            node_sets,
+            &controller_ports,
+            |_, _, addr| addr,
+        )
+    }
+
+    /// `start_mixed` where node i+1's controller listener is on `controller_ports[i]` and
+    /// each node has its own `--controller-quorum`: node `node` reaches voter `peer` at
+    /// `route(node, peer, peer_listener)` (e.g. a proxy in front of `peer_listener`), its own
+    /// entry staying its listener. Voters are always dialled at their `--controller-quorum`
+    /// address (the membership's addresses count only for broker-only nodes), so every
+    /// controller connection between voters takes the route given here.
+    pub fn start_routed(
+        voters: usize,
+        broker_only: usize,
+        sets: &[&str],
+        node_sets: impl Fn(i32) -> Vec<String>,
+        controller_ports: &[u16],
+        route: impl Fn(i32, i32, SocketAddr) -> SocketAddr,
+    ) -> Cluster {
+        let n = voters + broker_only;
+        assert_eq!(controller_ports.len(), n, "one controller port per node");
+        let listener = |i: usize| SocketAddr::from(([127, 0, 0, 1], controller_ports[i]));
+        let quorum_of = |node: Option<i32>| {
+            (0..voters)
+                .map(|i| {
+                    let peer = i as i32 + 1;
+                    let addr = match node {
+                        Some(node) if node != peer => route(node, peer, listener(i)),
+                        _ => listener(i),
+                    };
+                    format!("{peer}@{addr}")
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let quorum = quorum_of(None);
         let mut nodes = Vec::new();
         for (i, port) in controller_ports.iter().enumerate() {
             let tmp = tempfile::tempdir().unwrap();
             let dir = tmp.path().to_path_buf();
             let id = (i + 1).to_string();
             let listen = format!("127.0.0.1:{port}");
+            let node_quorum = quorum_of(Some(i as i32 + 1));
             let extra = [
                 "--node-id",
                 id.as_str(),
                 "--controller-quorum",
-                quorum.as_str(),
+                node_quorum.as_str(),
                 "--controller-listen",
                 listen.as_str(),
             ];

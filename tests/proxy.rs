@@ -1,6 +1,7 @@
 //! A userspace TCP proxy for fault injection (the kernel here has no netem): forwards bytes
 //! both ways and, on command, cuts every connection so in-flight responses are lost and the
-//! client must retry.
+//! client must retry, or holds every byte (a partition that looks like a silent network, not
+//! a refused or closed connection) until released.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,6 +14,8 @@ use tokio::sync::watch;
 pub struct Proxy {
     pub addr: SocketAddr,
     cut_tx: watch::Sender<u64>,
+    /// While true nothing is forwarded either way (see `hold`).
+    held_tx: watch::Sender<bool>,
     pub connections: Arc<AtomicU64>,
 }
 
@@ -22,23 +25,36 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (cut_tx, cut_rx) = watch::channel(0u64);
+        let (held_tx, held_rx) = watch::channel(false);
         let connections = Arc::new(AtomicU64::new(0));
         let conns = connections.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 conns.fetch_add(1, Ordering::Relaxed);
-                let cut = cut_rx.clone();
+                let mut cut = cut_rx.clone();
+                cut.borrow_and_update();
+                let held = held_rx.clone();
                 tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(upstream).await else {
+                    // A connection accepted while held reaches the upstream only once released
+                    // (as a SYN lost in a partition would, minus the client's own timeout).
+                    let server = tokio::select! {
+                        s = async {
+                            released(held.clone()).await;
+                            TcpStream::connect(upstream).await
+                        } => s,
+                        _ = cut.changed() => return,
+                    };
+                    let Ok(server) = server else {
                         return;
                     };
-                    pipe(client, server, cut).await;
+                    pipe(client, server, cut, held).await;
                 });
             }
         });
         Proxy {
             addr,
             cut_tx,
+            held_tx,
             connections,
         }
     }
@@ -47,33 +63,52 @@ impl Proxy {
     pub fn cut_all(&self) {
         self.cut_tx.send_modify(|n| *n += 1);
     }
+
+    /// Stops forwarding in both directions without closing anything: bytes sent either way
+    /// (and a close) wait in the proxy and the socket buffers until `release`, and new
+    /// connections are accepted but not forwarded. `cut_all` still drops everything.
+    pub fn hold(&self) {
+        self.held_tx.send_replace(true);
+    }
+
+    /// Forwards again whatever `hold` kept back, and everything after it.
+    pub fn release(&self) {
+        self.held_tx.send_replace(false);
+    }
 }
 
-async fn pipe(client: TcpStream, server: TcpStream, mut cut: watch::Receiver<u64>) {
-    let (mut cr, mut cw) = client.into_split();
-    let (mut sr, mut sw) = server.into_split();
-    let up = async {
+/// Returns once the proxy is not held.
+async fn released(mut held: watch::Receiver<bool>) {
+    // Err: the proxy is gone, and with it any reason to wait.
+    let _ = held.wait_for(|h| !*h).await;
+}
+
+async fn pipe(
+    client: TcpStream,
+    server: TcpStream,
+    mut cut: watch::Receiver<u64>,
+    held: watch::Receiver<bool>,
+) {
+    let (cr, cw) = client.into_split();
+    let (sr, sw) = server.into_split();
+    // Bytes read while held wait here (a close too: the peer does not see it before release).
+    async fn forward(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        held: watch::Receiver<bool>,
+    ) {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let n = cr.read(&mut buf).await.unwrap_or(0);
-            if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
+            let n = from.read(&mut buf).await.unwrap_or(0);
+            released(held.clone()).await;
+            if n == 0 || to.write_all(&buf[..n]).await.is_err() {
                 break;
             }
         }
-    };
-    let down = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = sr.read(&mut buf).await.unwrap_or(0);
-            if n == 0 || cw.write_all(&buf[..n]).await.is_err() {
-                break;
-            }
-        }
-    };
-    cut.borrow_and_update();
+    }
     tokio::select! {
-        _ = up => {}
-        _ = down => {}
+        _ = forward(cr, sw, held.clone()) => {}
+        _ = forward(sr, cw, held) => {}
         _ = cut.changed() => {}
     }
 }

@@ -5,18 +5,22 @@
 //! shutdown of the active controller (leaderships and the quorum handed over before exit),
 //! partition reassignment (KIP-455) moving a replica off its leader under load, or pending and
 //! cancelled,
-//! a broker-only node (not a controller voter) leading and following partitions,
+//! a broker-only node (not a controller voter) leading and following partitions, an active
+//! controller cut off from the other voters by a silent network resigning (check quorum) and
+//! following the new one once healed,
 //! DescribeTopicPartitions (KIP-966: ISR, ELR, offline replicas, paging), and the `strom topic`,
 //! `reassign`, `elect` and `quorum` commands run as a separate process.
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
+use kafka_protocol::error::ResponseError;
 use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -27,7 +31,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use strom_proto::compression::Compression;
 use strom_proto::records::{encode_batch, NewRecord, ProducerInfo};
 use strom_tests::cluster::Cluster;
-use strom_tests::{produce_raw, wait_for, RawClient};
+use strom_tests::proxy::Proxy;
+use strom_tests::{free_port, produce_raw, wait_for, RawClient};
 
 fn one_record(value: &str) -> bytes::Bytes {
     let r = NewRecord {
@@ -563,6 +568,13 @@ struct Quorum {
 
 /// DescribeQuorum (v2) through node `id`.
 fn describe_quorum(c: &mut Cluster, id: i32) -> Quorum {
+    try_describe_quorum(c, id)
+        .unwrap_or_else(|(code, message)| panic!("DescribeQuorum: error {code}: {message:?}"))
+}
+
+/// DescribeQuorum (v2) through node `id`: the quorum, or the error code and message it
+/// answered with (a node that knows no active controller cannot ask one).
+fn try_describe_quorum(c: &mut Cluster, id: i32) -> Result<Quorum, (i16, Option<String>)> {
     use kafka_protocol::messages::describe_quorum_request::{PartitionData, TopicData};
     use kafka_protocol::messages::describe_quorum_response::ReplicaState;
     use kafka_protocol::messages::{
@@ -575,7 +587,12 @@ fn describe_quorum(c: &mut Cluster, id: i32) -> Quorum {
         .with_partitions(vec![PartitionData::default().with_partition_index(0)])]);
     let resp: DescribeQuorumResponse = raw.call(ApiKey::DescribeQuorum, 2, &req);
     let p = &resp.topics[0].partitions[0];
-    assert_eq!(p.error_code, 0, "DescribeQuorum: {:?}", p.error_message);
+    if p.error_code != 0 {
+        return Err((
+            p.error_code,
+            p.error_message.as_ref().map(|m| m.to_string()),
+        ));
+    }
     assert_eq!(resp.nodes.len(), 3, "controller listeners of the voters");
     let ids = |rs: &[ReplicaState]| {
         let mut v: Vec<(i32, i64)> = rs
@@ -585,13 +602,13 @@ fn describe_quorum(c: &mut Cluster, id: i32) -> Quorum {
         v.sort_unstable();
         v
     };
-    Quorum {
+    Ok(Quorum {
         leader: p.leader_id.0,
         epoch: p.leader_epoch,
         high_watermark: p.high_watermark,
         voters: ids(&p.current_voters),
         observers: ids(&p.observers),
-    }
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -654,6 +671,157 @@ async fn a_new_controller_takes_over_and_metadata_changes_work_again() {
         q.epoch > epoch && q.high_watermark > hw,
         "the quorum moved on"
     );
+}
+
+/// The active controller is cut off from the other voters by a silent network (every byte
+/// on its controller links held, nothing closed or refused, so no fast path notices): as
+/// KRaft's leader resigns after 1.5 fetch timeouts without a majority (KAFKA-15489), it stops
+/// calling itself the controller while the two others elect a new one and go on changing
+/// metadata; healed, it follows the new controller and its broker serves again. Each voter
+/// reaches each other voter through its own proxy (`--controller-quorum` per node), so the
+/// partition cuts exactly the controller's links; broker traffic is not proxied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_cut_off_from_the_voters_stops_claiming_it_and_follows_once_healed() {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut proxies: HashMap<(i32, i32), Proxy> = HashMap::new();
+    for from in 1..=3 {
+        for to in (1..=3).filter(|to| *to != from) {
+            let upstream = SocketAddr::from(([127, 0, 0, 1], ports[to as usize - 1]));
+            proxies.insert((from, to), Proxy::start(upstream).await);
+        }
+    }
+    let routes: HashMap<(i32, i32), SocketAddr> =
+        proxies.iter().map(|(link, p)| (*link, p.addr)).collect();
+    let mut c = Cluster::start_routed(
+        3,
+        0,
+        &[],
+        |_| Vec::new(),
+        &ports,
+        |node, peer, _| routes[&(node, peer)],
+    );
+    let old = c.view().unwrap().controller;
+    let others: Vec<i32> = (1..=3).filter(|id| *id != old).collect();
+    let before = describe_quorum(&mut c, old);
+    assert_eq!(before.leader, old);
+    let links: Vec<&Proxy> = proxies
+        .iter()
+        .filter(|((from, to), _)| *from == old || *to == old)
+        .map(|(_, p)| p)
+        .collect();
+    assert_eq!(links.len(), 4);
+    // The controller's links carry its controller traffic: replication to the followers one
+    // way, their brokers' heartbeats to it the other.
+    for ((from, to), p) in &proxies {
+        if *from == old || *to == old {
+            assert!(
+                p.connections.load(Ordering::Relaxed) > 0,
+                "nothing went through the proxy from node {from} to node {to}"
+            );
+        }
+    }
+
+    for p in &links {
+        p.hold();
+    }
+    let held_at = Instant::now();
+    // Asked directly, it no longer names itself; without check quorum it would forever, as
+    // nothing tells it of the newer term. The bound is generous; the window is 1.5 election
+    // timeouts (900 ms by default).
+    wait_for(
+        Duration::from_secs(5),
+        "the cut-off controller to resign",
+        || {
+            let v = c.view_from(old)?;
+            (v.controller != old).then_some(v)
+        },
+    );
+    let resigned_after = held_at.elapsed();
+    eprintln!("node {old} stopped naming itself the controller {resigned_after:?} after the cut");
+    // The majority elects a new controller and both of them say so.
+    let new = wait_for(WAIT, "the majority to agree on a new controller", || {
+        let a = c.view_from(others[0])?.controller;
+        let b = c.view_from(others[1])?.controller;
+        (a == b && others.contains(&a)).then_some(a)
+    });
+    eprintln!(
+        "nodes {others:?} agree on controller {new} {:?} after the cut",
+        held_at.elapsed()
+    );
+    // DescribeQuorum through the cut-off node names it no more: it knows no active controller
+    // to ask, and says so.
+    match try_describe_quorum(&mut c, old) {
+        Ok(q) => assert_ne!(q.leader, old, "DescribeQuorum from the cut-off node"),
+        Err((code, message)) => {
+            eprintln!("DescribeQuorum from node {old}: error {code} {message:?}");
+            assert_eq!(code, ResponseError::NotLeaderOrFollower.code());
+        }
+    }
+    assert!(
+        c.node(old)
+            .log()
+            .contains("no longer acting as the active controller"),
+        "the resignation is logged:\n{}",
+        c.logs()
+    );
+    let q = describe_quorum(&mut c, others[1]);
+    assert_eq!(q.leader, new);
+    assert!(
+        q.epoch > before.epoch,
+        "a new quorum epoch: {} → {}",
+        before.epoch,
+        q.epoch
+    );
+    // It fences the cut-off broker (no heartbeat reaches it), then places a new topic on the
+    // two it hears from.
+    wait_for(WAIT, "the cut-off broker to be fenced", || {
+        let v = c.view_from(new)?;
+        (v.brokers == others).then_some(())
+    });
+    let majority: Vec<String> = others.iter().map(|id| c.node(*id).bootstrap()).collect();
+    create_replicated(&majority.join(","), "during-cut", 2, 2, &[]).await;
+    // (Asked of the new controller: `Cluster::view` would ask the cut-off node first.)
+    for p in 0..2 {
+        let s = wait_for(WAIT, "leaders and full ISRs", || {
+            let s = c.view_from(new)?.partition("during-cut", p)?.clone();
+            (s.leader > 0 && s.isr.len() == 2).then_some(s)
+        });
+        assert!(
+            !s.replicas.contains(&old),
+            "placed on the cut-off broker: {s:?}"
+        );
+    }
+    // Still cut off, it still names no controller.
+    assert_eq!(c.view_from(old).map(|v| v.controller), Some(-1));
+
+    for p in &links {
+        p.release();
+    }
+    // Healed, it follows the new controller, its broker is registered and unfenced again, and
+    // it serves what changed meanwhile.
+    let v = wait_for(WAIT, "the healed node to follow the new controller", || {
+        let v = c.view_from(old)?;
+        let caught_up = v
+            .partition("during-cut", 1)
+            .is_some_and(|s| s.leader > 0 && s.isr.len() == 2);
+        (v.controller == new && v.brokers == vec![1, 2, 3] && caught_up).then_some(v)
+    });
+    eprintln!("node {old} follows node {new} again: {:?}", v.brokers);
+    assert_eq!(describe_quorum(&mut c, old).leader, new);
+    for id in &others {
+        wait_for(WAIT, "every node to list the healed broker", || {
+            (c.view_from(*id)?.brokers == vec![1, 2, 3]).then_some(())
+        });
+    }
+    // A metadata change through the healed node, with a replica on it.
+    create_replicated(&c.node(old).bootstrap(), "after-cut", 3, 3, &[]).await;
+    for p in 0..3 {
+        c.wait_partition("after-cut", p, WAIT, "leaders and full ISRs", |s| {
+            s.leader > 0 && s.isr.len() == 3
+        });
+    }
+    let p = producer(&c.node(old).bootstrap(), "all", true);
+    send_values(&p, "after-cut", 0..20).await;
 }
 
 /// Controlled shutdown of the active controller (SIGTERM): before the process exits its
