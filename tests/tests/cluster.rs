@@ -673,15 +673,9 @@ async fn a_new_controller_takes_over_and_metadata_changes_work_again() {
     );
 }
 
-/// The active controller is cut off from the other voters by a silent network (every byte
-/// on its controller links held, nothing closed or refused, so no fast path notices): as
-/// KRaft's leader resigns after 1.5 fetch timeouts without a majority (KAFKA-15489), it stops
-/// calling itself the controller while the two others elect a new one and go on changing
-/// metadata; healed, it follows the new controller and its broker serves again. Each voter
-/// reaches each other voter through its own proxy (`--controller-quorum` per node), so the
-/// partition cuts exactly the controller's links; broker traffic is not proxied.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_controller_cut_off_from_the_voters_stops_claiming_it_and_follows_once_healed() {
+/// Three voters, each reaching each other voter's controller listener through its own proxy
+/// (`proxies[&(from, to)]`), so that a test can cut or hold exactly one node's links.
+async fn cluster_with_proxied_controller_links() -> (Cluster, HashMap<(i32, i32), Proxy>) {
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let mut proxies: HashMap<(i32, i32), Proxy> = HashMap::new();
     for from in 1..=3 {
@@ -692,7 +686,7 @@ async fn a_controller_cut_off_from_the_voters_stops_claiming_it_and_follows_once
     }
     let routes: HashMap<(i32, i32), SocketAddr> =
         proxies.iter().map(|(link, p)| (*link, p.addr)).collect();
-    let mut c = Cluster::start_routed(
+    let c = Cluster::start_routed(
         3,
         0,
         &[],
@@ -700,6 +694,68 @@ async fn a_controller_cut_off_from_the_voters_stops_claiming_it_and_follows_once
         &ports,
         |node, peer, _| routes[&(node, peer)],
     );
+    (c, proxies)
+}
+
+/// A one-way partition: the active controller's requests still reach the other voters but
+/// nothing they send reaches it, answers included. Its appends and heartbeats then wait out
+/// their timeouts instead of keeping the others from electing, and the two others elect a
+/// controller and change metadata again; the cut-off node, which hears of no newer term,
+/// stops naming itself after the check-quorum window. Healed, it follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_that_is_heard_but_hears_nothing_is_replaced_and_stops_claiming() {
+    let (mut c, proxies) = cluster_with_proxied_controller_links().await;
+    let old = c.view().unwrap().controller;
+    let others: Vec<i32> = (1..=3).filter(|id| *id != old).collect();
+    let before = describe_quorum(&mut c, old);
+    for ((from, to), p) in &proxies {
+        if *from == old {
+            p.hold_replies();
+        } else if *to == old {
+            p.hold();
+        }
+    }
+    let held_at = Instant::now();
+    let new = wait_for(WAIT, "the two others to agree on a new controller", || {
+        let a = c.view_from(others[0])?.controller;
+        let b = c.view_from(others[1])?.controller;
+        (a == b && others.contains(&a)).then_some(a)
+    });
+    eprintln!(
+        "nodes {others:?} agree on controller {new} {:?} after the one-way cut",
+        held_at.elapsed()
+    );
+    assert!(describe_quorum(&mut c, new).epoch > before.epoch);
+    wait_for(WAIT, "the cut-off node to stop naming itself", || {
+        (c.view_from(old)?.controller != old).then_some(())
+    });
+    let majority: Vec<String> = others.iter().map(|id| c.node(*id).bootstrap()).collect();
+    create_replicated(&majority.join(","), "one-way-cut", 1, 2, &[]).await;
+    wait_for(WAIT, "a leader and a full ISR", || {
+        let s = c.view_from(new)?.partition("one-way-cut", 0)?.clone();
+        (s.leader > 0 && s.isr.len() == 2).then_some(())
+    });
+
+    for p in proxies.values() {
+        p.release();
+    }
+    wait_for(WAIT, "the healed node to follow the new controller", || {
+        let v = c.view_from(old)?;
+        (v.controller == new && v.brokers == vec![1, 2, 3]).then_some(())
+    });
+    assert_eq!(describe_quorum(&mut c, old).leader, new);
+}
+
+/// The active controller is cut off from the other voters by a silent network (every byte
+/// on its controller links held, nothing closed or refused, so no fast path notices): as
+/// KRaft's leader resigns after 1.5 fetch timeouts without a majority (KAFKA-15489), it stops
+/// calling itself the controller while the two others elect a new one and go on changing
+/// metadata; healed, it follows the new controller and its broker serves again. Each voter
+/// reaches each other voter through its own proxy (`--controller-quorum` per node), so the
+/// partition cuts exactly the controller's links; broker traffic is not proxied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_cut_off_from_the_voters_stops_claiming_it_and_follows_once_healed() {
+    let (mut c, proxies) = cluster_with_proxied_controller_links().await;
     let old = c.view().unwrap().controller;
     let others: Vec<i32> = (1..=3).filter(|id| *id != old).collect();
     let before = describe_quorum(&mut c, old);

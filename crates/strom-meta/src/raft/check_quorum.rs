@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 pub(crate) struct CheckQuorum {
     node_id: u64,
     window: Duration,
-    /// When this node last became leader (for a leader no majority has acknowledged yet).
-    leader_since: Option<Instant>,
+    /// The term this node leads and since when it has (for a leader no majority has
+    /// acknowledged yet in that term). Kept per term: the watcher may not see every state, and
+    /// a node that lost and regained the leadership between two looks starts afresh.
+    leader_since: Option<(u64, Instant)>,
     lost: bool,
 }
 
@@ -28,31 +30,37 @@ impl CheckQuorum {
         }
     }
 
-    /// Whether the leader has lost its majority, given whether this node is the Raft leader,
-    /// how many voters there are, and how long ago a majority last acknowledged it (None: not
-    /// yet in this term).
+    /// Whether the leader has lost its majority, given the term this node leads (None: it is
+    /// not the Raft leader), how many voters there are, and how long ago a majority last
+    /// acknowledged it (None: not yet in this term).
     pub(crate) fn lost(
         &mut self,
-        leader: bool,
+        leader_term: Option<u64>,
         voters: usize,
         since_ack: Option<Duration>,
     ) -> bool {
-        self.lost_at(Instant::now(), leader, voters, since_ack)
+        self.lost_at(Instant::now(), leader_term, voters, since_ack)
     }
 
     pub(crate) fn lost_at(
         &mut self,
         now: Instant,
-        leader: bool,
+        leader_term: Option<u64>,
         voters: usize,
         since_ack: Option<Duration>,
     ) -> bool {
-        if !leader {
+        let Some(term) = leader_term else {
             self.leader_since = None;
             self.set(false, None);
             return false;
-        }
-        let since = *self.leader_since.get_or_insert(now);
+        };
+        let since = match self.leader_since {
+            Some((t, since)) if t == term => since,
+            _ => {
+                self.leader_since = Some((term, now));
+                now
+            }
+        };
         // A single voter is its own majority.
         if voters <= 1 {
             self.set(false, None);
@@ -99,34 +107,45 @@ mod tests {
     fn a_leader_resigns_only_after_the_window_without_a_majority_and_returns_when_acked() {
         let mut c = CheckQuorum::new(1, W);
         let t0 = Instant::now();
-        assert!(!c.lost_at(t0, true, 3, Some(ms(100))));
-        assert!(!c.lost_at(t0, true, 3, Some(ms(900))));
-        assert!(c.lost_at(t0, true, 3, Some(ms(901))));
-        assert!(c.lost_at(t0, true, 3, Some(ms(5000))));
+        assert!(!c.lost_at(t0, Some(1), 3, Some(ms(100))));
+        assert!(!c.lost_at(t0, Some(1), 3, Some(ms(900))));
+        assert!(c.lost_at(t0, Some(1), 3, Some(ms(901))));
+        assert!(c.lost_at(t0, Some(1), 3, Some(ms(5000))));
         // A majority acknowledges it again.
-        assert!(!c.lost_at(t0, true, 3, Some(ms(10))));
+        assert!(!c.lost_at(t0, Some(1), 3, Some(ms(10))));
     }
 
     #[test]
     fn a_new_leader_that_no_majority_ever_acknowledged_resigns_after_the_window() {
         let mut c = CheckQuorum::new(1, W);
         let t0 = Instant::now();
-        assert!(!c.lost_at(t0, true, 3, None));
-        assert!(!c.lost_at(t0 + ms(800), true, 3, None));
-        assert!(c.lost_at(t0 + ms(1000), true, 3, None));
+        assert!(!c.lost_at(t0, Some(1), 3, None));
+        assert!(!c.lost_at(t0 + ms(800), Some(1), 3, None));
+        assert!(c.lost_at(t0 + ms(1000), Some(1), 3, None));
         // Stepping down and being elected again restarts the clock.
-        assert!(!c.lost_at(t0 + ms(1100), false, 3, None));
-        assert!(!c.lost_at(t0 + ms(1200), true, 3, None));
-        assert!(!c.lost_at(t0 + ms(2000), true, 3, None));
-        assert!(c.lost_at(t0 + ms(2200), true, 3, None));
+        assert!(!c.lost_at(t0 + ms(1100), None, 3, None));
+        assert!(!c.lost_at(t0 + ms(1200), Some(1), 3, None));
+        assert!(!c.lost_at(t0 + ms(2000), Some(1), 3, None));
+        assert!(c.lost_at(t0 + ms(2200), Some(1), 3, None));
     }
 
     #[test]
     fn a_single_voter_and_a_follower_never_resign() {
         let mut c = CheckQuorum::new(1, W);
         let t0 = Instant::now();
-        assert!(!c.lost_at(t0, true, 1, None));
-        assert!(!c.lost_at(t0 + ms(60_000), true, 1, None));
-        assert!(!c.lost_at(t0 + ms(60_000), false, 3, Some(ms(60_000))));
+        assert!(!c.lost_at(t0, Some(1), 1, None));
+        assert!(!c.lost_at(t0 + ms(60_000), Some(1), 1, None));
+        assert!(!c.lost_at(t0 + ms(60_000), None, 3, Some(ms(60_000))));
+    }
+
+    #[test]
+    fn a_new_term_restarts_the_clock_even_if_no_step_down_was_seen() {
+        let mut c = CheckQuorum::new(1, W);
+        let t0 = Instant::now();
+        assert!(!c.lost_at(t0, Some(1), 3, None));
+        // Term 2 won between two looks: nothing acknowledged it yet, but it is new.
+        assert!(!c.lost_at(t0 + ms(2000), Some(2), 3, None));
+        assert!(!c.lost_at(t0 + ms(2800), Some(2), 3, None));
+        assert!(c.lost_at(t0 + ms(3000), Some(2), 3, None));
     }
 }

@@ -309,7 +309,8 @@ impl RaftMetadataLog {
                         let membership = m.membership_config.clone();
                         let voters = membership.membership().voter_ids().count();
                         let acked = m.last_quorum_acked.as_ref().map(|t| t.elapsed());
-                        let lost = check.lost(m.state == ServerState::Leader, voters, acked);
+                        let term = (m.state == ServerState::Leader).then_some(m.current_term);
+                        let lost = check.lost(term, voters, acked);
                         (m.current_leader.map(from_node_id), membership, lost)
                     };
                     if membership_seen.as_ref() != Some(membership.log_id()) {
