@@ -267,6 +267,7 @@ impl RaftMetadataLog {
             .map_err(raft_err)?;
 
         let (liveness, closed) = PeerWatch::new();
+        let resigned = Arc::new(AtomicBool::new(false));
         let server = tokio::spawn(network::serve(
             listener,
             Arc::new(ServerCtx {
@@ -275,6 +276,7 @@ impl RaftMetadataLog {
                 handler: handler.clone(),
                 peers: peers.clone(),
                 liveness: liveness.clone(),
+                resigned: resigned.clone(),
             }),
         ));
         let liveness_watch = tokio::spawn(
@@ -289,7 +291,6 @@ impl RaftMetadataLog {
         );
 
         let (leader_tx, leader_rx) = watch::channel(None);
-        let resigned = Arc::new(AtomicBool::new(false));
         let watcher = {
             let mut metrics = raft.metrics();
             let peers = peers.clone();

@@ -28,6 +28,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -227,6 +228,8 @@ pub struct ServerCtx {
     pub handler: Arc<dyn ControllerHandler>,
     pub peers: PeerAddrs,
     pub liveness: Arc<PeerWatch>,
+    /// The Raft leader lost its majority (check quorum): it answers as if it led nothing.
+    pub resigned: Arc<AtomicBool>,
 }
 
 /// Reports the close of a connection a peer opened (however `serve_conn` ends).
@@ -242,7 +245,15 @@ impl Drop for PeerConnection<'_> {
 }
 
 impl ServerCtx {
+    /// Whether this node serves as the active controller: the Raft leader, not resigned.
+    fn active(&self) -> bool {
+        self.raft.is_leader() && !self.resigned.load(Ordering::SeqCst)
+    }
+
     fn current_leader(&self) -> Option<i32> {
+        if self.resigned.load(Ordering::SeqCst) {
+            return None;
+        }
         self.raft
             .metrics()
             .borrow_watched()
@@ -342,8 +353,8 @@ async fn serve_conn(mut stream: TcpStream, ctx: &ServerCtx) -> io::Result<()> {
                     serde_json::from_slice(&body).map_err(invalid)?;
                 json_answer(ctx.raft.handle_transfer_leader(req).await)
             }
-            TAG_APP if ctx.raft.is_leader() => (ANSWER_OK, ctx.handler.handle(body).await),
-            TAG_JOIN if ctx.raft.is_leader() => {
+            TAG_APP if ctx.active() => (ANSWER_OK, ctx.handler.handle(body).await),
+            TAG_JOIN if ctx.active() => {
                 let req: JoinRequest = serde_json::from_slice(&body).map_err(invalid)?;
                 match super::admit_learner(&ctx.raft, &ctx.peers, req).await {
                     Answer::Ok(b) => (ANSWER_OK, b),
