@@ -697,6 +697,15 @@ async fn cluster_with_proxied_controller_links() -> (Cluster, HashMap<(i32, i32)
     (c, proxies)
 }
 
+/// Waits until the two nodes `others` name the same controller, one of them, and returns it.
+fn agreed_controller_among(c: &mut Cluster, others: &[i32]) -> i32 {
+    wait_for(WAIT, "the other two to agree on a new controller", || {
+        let a = c.view_from(others[0])?.controller;
+        let b = c.view_from(others[1])?.controller;
+        (a == b && others.contains(&a)).then_some(a)
+    })
+}
+
 /// A one-way partition: the active controller's requests still reach the other voters but
 /// nothing they send reaches it, answers included. Its appends and heartbeats then wait out
 /// their timeouts instead of keeping the others from electing, and the two others elect a
@@ -716,11 +725,7 @@ async fn a_controller_that_is_heard_but_hears_nothing_is_replaced_and_stops_clai
         }
     }
     let held_at = Instant::now();
-    let new = wait_for(WAIT, "the two others to agree on a new controller", || {
-        let a = c.view_from(others[0])?.controller;
-        let b = c.view_from(others[1])?.controller;
-        (a == b && others.contains(&a)).then_some(a)
-    });
+    let new = agreed_controller_among(&mut c, &others);
     eprintln!(
         "nodes {others:?} agree on controller {new} {:?} after the one-way cut",
         held_at.elapsed()
@@ -795,11 +800,7 @@ async fn a_controller_cut_off_from_the_voters_stops_claiming_it_and_follows_once
     let resigned_after = held_at.elapsed();
     eprintln!("node {old} stopped naming itself the controller {resigned_after:?} after the cut");
     // The majority elects a new controller and both of them say so.
-    let new = wait_for(WAIT, "the majority to agree on a new controller", || {
-        let a = c.view_from(others[0])?.controller;
-        let b = c.view_from(others[1])?.controller;
-        (a == b && others.contains(&a)).then_some(a)
-    });
+    let new = agreed_controller_among(&mut c, &others);
     eprintln!(
         "nodes {others:?} agree on controller {new} {:?} after the cut",
         held_at.elapsed()

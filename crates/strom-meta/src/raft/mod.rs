@@ -712,11 +712,11 @@ impl RaftMetadataLog {
         let learner_ids: BTreeSet<u64> = membership.learner_ids().collect();
         let resigned = self.inner.resigned.load(Ordering::SeqCst);
         QuorumState {
-            leader_id: if resigned {
-                -1
-            } else {
-                m.current_leader.map(from_node_id).unwrap_or(-1)
-            },
+            leader_id: m
+                .current_leader
+                .filter(|_| !resigned)
+                .map(from_node_id)
+                .unwrap_or(-1),
             leader_epoch: m.current_term as i32,
             high_watermark,
             voters: voter_ids.into_iter().map(replica).collect(),
