@@ -112,6 +112,7 @@ pub static REGISTRY: &[ConfigDef] = &[
     def!("min.insync.replicas", Int, "1", Broker, None, &[], Some(1), "Default of the topic min.insync.replicas."),
     def!("strom.max.decompressed.bytes", Int, "67108864", Broker, None, &[], Some(1024), "Upper bound on the output of any decompression the broker performs."),
     def!("strom.connection.max.pipelined.requests", Int, "500", Broker, None, &[], Some(1), "Requests read ahead on one connection while earlier responses are pending."),
+    def!("strom.replica.direct.writes", Boolean, "true", Broker, None, &[], None, "A follower writes the data it replicates past the page cache (O_DIRECT), from its memory to the disk; the leader's writes always go through the page cache, which serves its fetches. false: followers write through the page cache too."),
     def!("strom.fetch.sendfile.min.bytes", Int, "16384", Broker, None, &[], Some(4096), "A partition's records in a Fetch response of at least this many bytes are sent from the segment files with sendfile (no copy through the broker's memory); smaller ones are copied. 2147483647 copies always."),
     // Replication and the cluster (used with --controller-quorum).
     def!("broker.rack", String, "", Broker, None, &[], None, "Rack (or zone) of this broker: replicas of a partition are spread over racks, and consumers with client.rack may fetch from a replica in theirs."),

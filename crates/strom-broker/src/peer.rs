@@ -1,6 +1,7 @@
 //! A connection from this broker to another one, speaking the Kafka wire through
-//! `kafka-protocol` types (replica fetches, OffsetForLeaderEpoch). One request at a time; every
-//! call has a deadline and a bounded response size.
+//! `kafka-protocol` types (replica fetches, OffsetForLeaderEpoch). Every call has a deadline
+//! and a bounded response size. A request may be sent before the answer to the previous one
+//! is needed (`send`, then `receive`): at most one is outstanding.
 
 use std::time::Duration;
 
@@ -54,6 +55,15 @@ impl PeerConn {
         R: Request + Encodable + HeaderVersion,
         R::Response: Decodable + HeaderVersion,
     {
+        self.send(req, version).await?;
+        self.receive::<R>(version).await
+    }
+
+    /// Sends a request whose answer `receive` reads later.
+    pub async fn send<R>(&mut self, req: &R, version: i16) -> Result<(), String>
+    where
+        R: Request + Encodable + HeaderVersion,
+    {
         self.correlation_id = self.correlation_id.wrapping_add(1);
         let header = RequestHeader::default()
             .with_request_api_key(R::KEY)
@@ -71,7 +81,15 @@ impl PeerConn {
         self.stream
             .write_all(&frame)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())
+    }
+
+    /// Reads the answer to the request `send` sent last.
+    pub async fn receive<R>(&mut self, version: i16) -> Result<R::Response, String>
+    where
+        R: Request,
+        R::Response: Decodable + HeaderVersion,
+    {
         let len = self.stream.read_i32().await.map_err(|e| e.to_string())?;
         if len < 0 || len as usize > self.max_response_bytes {
             return Err(format!("bad response size {len}"));

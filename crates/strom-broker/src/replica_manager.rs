@@ -79,6 +79,7 @@ pub fn log_config(config: &BrokerConfig, topic: &TopicImage) -> LogConfig {
         },
         timestamp_before_max_ms: config.topic_i64(o, "message.timestamp.before.max.ms"),
         timestamp_after_max_ms: config.topic_i64(o, "message.timestamp.after.max.ms"),
+        direct_replica_writes: config.bool("strom.replica.direct.writes"),
     }
 }
 

@@ -8,6 +8,10 @@
 //! response says the leader's log end, `LEADER_LOG_END_TAG`) fetches again while its fsync
 //! runs; one that has caught up waits for the fsync first, so a fetch the leader parks never
 //! holds back durable progress the leader does not know of.
+//! When every partition of a response came back without error and the leader holds more than
+//! it sent, the next fetch goes out before the records are appended (fetch offsets and epochs
+//! predicted from the batch headers), so the leader reads and sends while the follower writes;
+//! appends that end elsewhere than predicted drop the connection and the fetch in flight.
 //! The leader side proposes ISR changes (AlterPartition through the controller): a follower
 //! that caught up rejoins, one that lagged for `replica.lag.time.max.ms` leaves.
 
@@ -201,6 +205,8 @@ fn ms(broker: &Broker, name: &str) -> Duration {
 
 async fn run_fetcher(weak: Weak<Broker>, f: Arc<Fetcher>) {
     let mut conn: Option<PeerConn> = None;
+    // A fetch sent ahead on `conn` (see `fetch_once`); its answer is owed on that connection.
+    let mut inflight: Option<Inflight> = None;
     loop {
         let Some(broker) = weak.upgrade() else {
             return;
@@ -211,6 +217,14 @@ async fn run_fetcher(weak: Weak<Broker>, f: Arc<Fetcher>) {
         // Read before the partitions: a change in between interrupts one fetch needlessly,
         // never the other way round.
         let generation = f.generation.load(Ordering::Acquire);
+        if inflight
+            .as_ref()
+            .is_some_and(|i| i.generation != generation)
+        {
+            // Asked for the old set of partitions: its answer goes with the connection.
+            inflight = None;
+            conn = None;
+        }
         let now = Instant::now();
         let (follows, next_retry, any) = {
             let parts = f.partitions.lock();
@@ -226,11 +240,16 @@ async fn run_fetcher(weak: Weak<Broker>, f: Arc<Fetcher>) {
         if !any {
             drop(broker);
             conn = None;
+            inflight = None;
             let _ = tokio::time::timeout(Duration::from_secs(1), f.wake.notified()).await;
             continue;
         }
         if follows.is_empty() {
-            // Every partition waits for its retry; the connection stays.
+            // Every partition waits for its retry; the connection stays (unless an answer is
+            // owed on it).
+            if inflight.take().is_some() {
+                conn = None;
+            }
             drop(broker);
             let until = next_retry.unwrap_or(now + Duration::from_secs(1));
             let _ = tokio::time::timeout_at(until, f.wake.notified()).await;
@@ -266,6 +285,10 @@ async fn run_fetcher(weak: Weak<Broker>, f: Arc<Fetcher>) {
             .filter(|(_, fl)| !fl.truncated)
             .cloned()
             .collect();
+        if !untruncated.is_empty() && inflight.take().is_some() {
+            conn = None;
+            continue;
+        }
         if !untruncated.is_empty() {
             // Partitions the leader refused wait for their retry; the others went on.
             match truncate(&broker, c, &f, untruncated, timeout).await {
@@ -282,12 +305,13 @@ async fn run_fetcher(weak: Weak<Broker>, f: Arc<Fetcher>) {
         let max_wait = ms(&broker, "replica.fetch.wait.max.ms");
         let wait =
             max_wait.min(next_retry.map_or(Duration::MAX, |t| t.saturating_duration_since(now)));
-        match fetch_once(&broker, c, &f, &follows, generation, wait).await {
-            Ok(Fetched::Done) => {}
+        let ahead = inflight.take();
+        match fetch_once(&broker, c, &f, &follows, generation, wait, ahead).await {
+            Ok((Fetched::Done, next)) => inflight = next,
             // A wait shortened for a retry that is due is no sign of a spinning leader.
-            Ok(Fetched::Idle) if wait < max_wait => {}
-            Ok(Fetched::Idle) => tokio::time::sleep(Duration::from_millis(50)).await,
-            Ok(Fetched::Interrupted) => conn = None,
+            Ok((Fetched::Idle, _)) if wait < max_wait => {}
+            Ok((Fetched::Idle, _)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Ok((Fetched::Interrupted, _)) => conn = None,
             Err(e) => {
                 tracing::debug!(leader = f.leader, error = %e, "replica fetch failed");
                 conn = None;
@@ -436,24 +460,54 @@ pub fn truncation_offset(
     }
 }
 
-/// One fetch round, asking the leader to wait up to `wait` for data.
-async fn fetch_once(
-    broker: &Broker,
-    conn: &mut PeerConn,
-    f: &Fetcher,
-    follows: &[(Key, Follow)],
+/// A fetch sent before the data of the previous one was appended: its answer is the next
+/// round's. It asks from where the previous answer's whole batches end.
+struct Inflight {
+    follows: Vec<(Key, Follow)>,
     generation: u64,
+    sent_at: Instant,
     wait: Duration,
-) -> Result<Fetched, String> {
+}
+
+/// Where a follower's log ending at `log_end` ends, and in which epoch, once the whole batches
+/// of `records` past its end are appended (`None`: nothing in them is new). Headers only: the
+/// append checks the rest, and a round whose append does not end here drops the fetch sent
+/// ahead.
+fn end_after(log_end: i64, records: &[u8]) -> Option<(i64, i32)> {
+    let mut end = log_end;
+    let mut epoch = None;
+    for b in strom_proto::batch::BatchIter::new(records) {
+        let (h, _) = b.ok()?;
+        if h.last_offset() >= end {
+            end = h.last_offset().checked_add(1)?;
+            epoch = Some(h.partition_leader_epoch);
+        }
+    }
+    epoch.map(|e| (end, e))
+}
+
+fn fetch_request(
+    broker: &Broker,
+    follows: &[(Key, Follow)],
+    wait: Duration,
+    ahead: &HashMap<Key, (i64, i32)>,
+) -> FetchRequest {
     let per_partition = broker.config.i64("replica.fetch.max.bytes").max(0) as i32;
     let mut topics: Vec<FetchTopic> = Vec::new();
-    for ((topic, index), fl) in follows {
-        let leo = fl.part.log_end_offset();
+    for (key, fl) in follows {
+        let (topic, index) = key;
+        let (leo, epoch) = match ahead.get(key) {
+            Some(&(end, epoch)) => (end, epoch),
+            None => (
+                fl.part.log_end_offset(),
+                fl.part.latest_epoch().ok().flatten().unwrap_or(-1),
+            ),
+        };
         let mut part = FetchPartition::default()
             .with_partition(*index)
             .with_current_leader_epoch(fl.leader_epoch)
             .with_fetch_offset(leo)
-            .with_last_fetched_epoch(fl.part.latest_epoch().ok().flatten().unwrap_or(-1))
+            .with_last_fetched_epoch(epoch)
             .with_log_start_offset(fl.part.log_start_offset())
             .with_partition_max_bytes(per_partition);
         let durable = fl.part.durable_end();
@@ -469,7 +523,7 @@ async fn fetch_once(
             ),
         }
     }
-    let req = FetchRequest::default()
+    FetchRequest::default()
         .with_replica_id(BrokerId(broker.node_id))
         .with_max_wait_ms(wait.as_millis().min(i32::MAX as u128) as i32)
         .with_min_bytes(1)
@@ -477,16 +531,42 @@ async fn fetch_once(
         .with_isolation_level(0)
         .with_session_id(0)
         .with_session_epoch(-1)
-        .with_topics(topics);
-    let sent_at = Instant::now();
-    let call = conn.call(&req, FETCH_VERSION, wait + broker.controller_timeout() * 5);
-    tokio::pin!(call);
-    let resp = loop {
-        tokio::select! {
-            r = &mut call => break r?,
-            _ = f.wake.notified() => {
-                if f.generation.load(Ordering::Acquire) != generation {
-                    return Ok(Fetched::Interrupted);
+        .with_topics(topics)
+}
+
+/// One fetch round, asking the leader to wait up to `wait` for data; or, with `inflight`, the
+/// round of the fetch already sent. When the answer leaves the leader ahead of this follower
+/// and holds nothing but data, the next fetch goes out before the data is appended (and
+/// returned as the new `Inflight`): the leader serves it while this broker writes.
+async fn fetch_once(
+    broker: &Broker,
+    conn: &mut PeerConn,
+    f: &Fetcher,
+    follows: &[(Key, Follow)],
+    generation: u64,
+    wait: Duration,
+    inflight: Option<Inflight>,
+) -> Result<(Fetched, Option<Inflight>), String> {
+    let (follows, generation, sent_at, wait) = match &inflight {
+        Some(i) => (&i.follows[..], i.generation, i.sent_at, i.wait),
+        None => {
+            let req = fetch_request(broker, follows, wait, &HashMap::new());
+            let sent_at = Instant::now();
+            conn.send(&req, FETCH_VERSION).await?;
+            (follows, generation, sent_at, wait)
+        }
+    };
+    let timeout = wait + broker.controller_timeout() * 5;
+    let resp = {
+        let call = tokio::time::timeout(timeout, conn.receive::<FetchRequest>(FETCH_VERSION));
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                r = &mut call => break r.map_err(|_| "request timed out".to_string())??,
+                _ = f.wake.notified() => {
+                    if f.generation.load(Ordering::Acquire) != generation {
+                        return Ok((Fetched::Interrupted, None));
+                    }
                 }
             }
         }
@@ -494,6 +574,49 @@ async fn fetch_once(
     if resp.error_code != 0 {
         return Err(format!("fetch error {}", resp.error_code));
     }
+    // The next fetch goes out before the appends when every partition answered without error
+    // and the leader has more for one of them than it sent (so that fetch returns at once).
+    let mut ahead: HashMap<Key, (i64, i32)> = HashMap::new();
+    let mut plain = resp.error_code == 0;
+    let mut leader_has_more = false;
+    for t in &resp.responses {
+        for p in &t.partitions {
+            let key = (t.topic.0.to_string(), p.partition_index);
+            let Some((_, fl)) = follows.iter().find(|(k, _)| *k == key) else {
+                plain = false;
+                continue;
+            };
+            if p.error_code != 0 {
+                plain = false;
+                continue;
+            }
+            let Some(records) = p.records.as_ref().filter(|r| !r.is_empty()) else {
+                continue;
+            };
+            match end_after(fl.part.log_end_offset(), records) {
+                Some((end, epoch)) => {
+                    let leader_leo = tagged_offset(&p.unknown_tagged_fields, LEADER_LOG_END_TAG);
+                    leader_has_more |= leader_leo.is_some_and(|l| l > end);
+                    ahead.insert(key, (end, epoch));
+                }
+                None => plain = false,
+            }
+        }
+    }
+    let next = if plain && leader_has_more && f.generation.load(Ordering::Acquire) == generation {
+        let req = fetch_request(broker, follows, wait, &ahead);
+        let sent_at = Instant::now();
+        conn.send(&req, FETCH_VERSION).await?;
+        Some(Inflight {
+            follows: follows.to_vec(),
+            generation,
+            sent_at,
+            wait,
+        })
+    } else {
+        ahead.clear();
+        None
+    };
     let backoff = ms(broker, "replica.fetch.backoff.ms");
     let mut any_progress = false;
     let mut any_refused = false;
@@ -555,6 +678,25 @@ async fn fetch_once(
             }
         }
     }
+    if let Some(next) = next {
+        // The fetch sent ahead asked from where these appends were to end: if one ended
+        // elsewhere (an error), its answer does not fit, and the connection goes with it.
+        let fits = ahead.iter().all(|(key, (end, _))| {
+            follows
+                .iter()
+                .any(|(k, fl)| k == key && fl.part.log_end_offset() == *end)
+        });
+        for part in &appended {
+            if part.is_durable_mode() {
+                part.spawn_flush();
+            }
+        }
+        return Ok(if fits {
+            (Fetched::Done, Some(next))
+        } else {
+            (Fetched::Interrupted, None)
+        });
+    }
     if leader_ahead {
         // The fsyncs run while the next fetch is out; it reports what they reached.
         for part in &appended {
@@ -562,7 +704,7 @@ async fn fetch_once(
                 part.spawn_flush();
             }
         }
-        return Ok(Fetched::Done);
+        return Ok((Fetched::Done, None));
     }
     // The next fetch may wait at the leader: everything it reports must be durable first
     // (also what an earlier fetch left to fsync).
@@ -575,11 +717,9 @@ async fn fetch_once(
         }
         fl.part.maybe_advance_hw();
     }
-    Ok(round_outcome(
-        any_progress,
-        any_refused,
-        sent_at.elapsed(),
-        wait,
+    Ok((
+        round_outcome(any_progress, any_refused, sent_at.elapsed(), wait),
+        None,
     ))
 }
 
@@ -729,6 +869,40 @@ mod tests {
             round_outcome(false, false, Duration::from_millis(1), Duration::ZERO),
             Fetched::Idle
         );
+    }
+
+    #[test]
+    fn a_fetch_sent_ahead_asks_from_where_the_whole_new_batches_end() {
+        let batch = |base: i64, n: i32, epoch: i32| {
+            let recs: Vec<strom_proto::records::NewRecord> = (0..n)
+                .map(|i| strom_proto::records::NewRecord {
+                    key: None,
+                    value: Some(vec![b'v'; 10]),
+                    headers: vec![],
+                    timestamp: i as i64,
+                })
+                .collect();
+            let mut b = strom_proto::records::encode_batch(
+                &recs,
+                strom_proto::compression::Compression::None,
+                Default::default(),
+            )
+            .unwrap();
+            strom_proto::batch::set_base_offset(&mut b, base);
+            strom_proto::batch::set_partition_leader_epoch(&mut b, epoch);
+            b
+        };
+        let mut data = batch(10, 5, 3);
+        data.extend_from_slice(&batch(15, 2, 4));
+        let partial = batch(17, 3, 4);
+        data.extend_from_slice(&partial[..partial.len() - 1]);
+        assert_eq!(end_after(10, &data), Some((17, 4)));
+        // The fetch started inside a batch the log has: only what is past its end counts.
+        assert_eq!(end_after(12, &data), Some((17, 4)));
+        assert_eq!(end_after(15, &data[..batch(10, 5, 3).len()]), None);
+        // Nothing whole, or garbage: nothing to predict, no fetch ahead.
+        assert_eq!(end_after(10, &partial[..40]), None);
+        assert_eq!(end_after(10, &[0u8; 80]), None);
     }
 
     #[test]

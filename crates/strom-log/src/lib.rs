@@ -6,6 +6,7 @@
 //! (`append_replicated`), and truncates either end on a follower's behalf.
 
 pub mod cleaner;
+mod direct;
 mod epoch_cache;
 mod producer_state;
 mod retention;
@@ -59,6 +60,9 @@ pub struct LogConfig {
     pub timestamp_before_max_ms: i64,
     /// `message.timestamp.after.max.ms`: how far in the future a CreateTime batch may be.
     pub timestamp_after_max_ms: i64,
+    /// Replicated appends (a follower's) are written past the page cache (`O_DIRECT`, see
+    /// `direct`); appends as leader always go through it.
+    pub direct_replica_writes: bool,
 }
 
 impl Default for LogConfig {
@@ -76,6 +80,7 @@ impl Default for LogConfig {
             compression: None,
             timestamp_before_max_ms: i64::MAX,
             timestamp_after_max_ms: i64::MAX,
+            direct_replica_writes: true,
         }
     }
 }
@@ -563,10 +568,10 @@ impl Log {
             -1
         };
         let h = BatchHeader::parse(&head)?;
-        self.maybe_roll(records.len() as u64, base, h.last_offset(), now_ms)?;
+        self.maybe_roll(records.len() as u64, base, h.last_offset(), now_ms, None)?;
         // A new leader's first batch (control batches too) starts its epoch.
         self.assign_epoch(leader_epoch, base)?;
-        self.write_batch(&[&head, rest], &h, now_ms)?;
+        self.write_batch(&[&head, rest], &h, now_ms, None)?;
         debug_assert_eq!(self.log_end_offset(), h.last_offset() + 1);
         Ok(AppendOutcome {
             base_offset: base,
@@ -580,11 +585,14 @@ impl Log {
     /// indexes, and records it in the producer state. A write that cannot be undone takes the
     /// log offline for writes.
     /// The batch is the concatenation of `parts`.
+    /// With a `stage` the batch is staged for a direct write (see `Segment::stage`) where the
+    /// file takes one.
     fn write_batch(
         &mut self,
         parts: &[&[u8]],
         h: &BatchHeader,
         now_ms: i64,
+        stage: Option<&mut direct::Stage>,
     ) -> Result<(), LogError> {
         let interval = self.config.index_interval_bytes;
         let seg = self.active();
@@ -598,7 +606,12 @@ impl Log {
         if seg.size == 0 {
             seg.created_ms = now_ms;
         }
-        match seg.append(parts, &pos, interval) {
+        let staged = stage.is_some_and(|st| seg.stage(parts, &pos, interval, st));
+        match if staged {
+            Ok(())
+        } else {
+            seg.append(parts, &pos, interval)
+        } {
             Ok(()) => {}
             Err(LogError::Failed) => {
                 tracing::error!(dir = %self.dir.display(), "write failed and the segment could not be restored; log is offline for writes");
@@ -614,12 +627,14 @@ impl Log {
     /// Rolls the active segment if a batch of `incoming` bytes holding `base_offset..=
     /// last_offset` may not go into it. The new segment starts at `base_offset` (which is past
     /// the log end only for a follower whose leader's log has gaps after compaction).
+    /// What `stage` holds for the active segment is written before it rolls.
     fn maybe_roll(
         &mut self,
         incoming: u64,
         base_offset: i64,
         last_offset: i64,
         now_ms: i64,
+        stage: Option<&mut direct::Stage>,
     ) -> Result<(), LogError> {
         let seg_bytes = self.config.segment_bytes;
         let seg_ms = self.config.segment_ms;
@@ -648,10 +663,14 @@ impl Log {
         if !(full || old || too_big || offsets_overflow) {
             return Ok(());
         }
-        let next = active.next_offset;
-        let new_base = base_offset.max(next);
+        let new_base = base_offset.max(active.next_offset);
+        if let Some(stage) = stage {
+            self.write_staged(stage)?;
+        }
+        let active = self.active();
         // The finished segment becomes immutable: fsync it with its index files, then move the
         // recovery point past it so an unclean restart never rescans it.
+        active.trim()?;
         active.write_index_files()?;
         active.flushed_next_offset = active.next_offset;
         let seg = Segment::create(&self.dir, new_base, now_ms)?;
@@ -879,6 +898,7 @@ impl Log {
     /// Clean close: fsync data and index files, write the producer snapshot and recovery point.
     pub fn close(mut self) -> Result<(), LogError> {
         let leo = self.log_end_offset();
+        self.active().trim()?;
         self.active().write_index_files()?;
         self.producers
             .write_snapshot(&self.dir.join(PRODUCER_STATE_FILE), leo)?;
@@ -937,10 +957,40 @@ impl Log {
     /// checks, and a batch of a newer epoch starts a leader epoch cache entry. Nothing is
     /// fsynced here: durability comes with the normal flush path. On an error the batches
     /// before the bad one stay appended.
+    ///
+    /// With `direct_replica_writes` the batches are written past the page cache, all of one
+    /// call in one write per segment.
     pub fn append_replicated(&mut self, data: &[u8]) -> Result<ReplicatedAppend, LogError> {
         if self.failed {
             return Err(LogError::Failed);
         }
+        if !self.config.direct_replica_writes {
+            return self.append_replicated_with(data, None);
+        }
+        direct::with_stage(|stage| {
+            let out = self.append_replicated_with(data, Some(&mut *stage));
+            // Also after an error: the batches before the bad one are in the indexes.
+            self.write_staged(stage)?;
+            out
+        })
+    }
+
+    /// Writes what `stage` holds for the active segment; a failure takes the log offline for
+    /// writes (its indexes already count the staged batches).
+    fn write_staged(&mut self, stage: &mut direct::Stage) -> Result<(), LogError> {
+        let out = self.active().write_staged(stage);
+        if out.is_err() {
+            tracing::error!(dir = %self.dir.display(), "replicated data could not be written; log is offline for writes");
+            self.failed = true;
+        }
+        out
+    }
+
+    fn append_replicated_with(
+        &mut self,
+        data: &[u8],
+        mut stage: Option<&mut direct::Stage>,
+    ) -> Result<ReplicatedAppend, LogError> {
         let mut out = ReplicatedAppend {
             appended_batches: 0,
             bytes_consumed: 0,
@@ -984,9 +1034,15 @@ impl Log {
                     h.base_offset
                 )));
             }
-            self.maybe_roll(total_len as u64, h.base_offset, last_offset, now)?;
+            self.maybe_roll(
+                total_len as u64,
+                h.base_offset,
+                last_offset,
+                now,
+                stage.as_deref_mut(),
+            )?;
             self.assign_epoch(h.partition_leader_epoch, h.base_offset)?;
-            self.write_batch(&[batch], &h, now)?;
+            self.write_batch(&[batch], &h, now, stage.as_deref_mut())?;
             out.appended_batches += 1;
             out.bytes_consumed += total_len;
             out.first_offset.get_or_insert(h.base_offset);

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use strom_proto::batch::{validate_batch, BatchHeader, BATCH_HEADER_LEN, LOG_OVERHEAD};
 
+use crate::direct::{align_down, DirectFile, Stage};
 use crate::LogError;
 
 /// Bytes of a header needed to walk batches: base offset, length, epoch, magic, crc,
@@ -57,6 +58,13 @@ pub struct Segment {
     pub created_ms: i64,
     /// `next_offset` at the last fsync of this segment's file.
     pub flushed_next_offset: i64,
+    /// Replicated appends go past the page cache through this (see `direct`); opened by the
+    /// first one.
+    direct: Option<DirectFile>,
+    /// The file refused a direct write (or its opening): page cache writes only.
+    pub(crate) direct_refused: bool,
+    /// The file may run past `size` with the zeros that padded a direct write to a block.
+    padded: bool,
 }
 
 impl Segment {
@@ -86,6 +94,9 @@ impl Segment {
             max_timestamp_batch: base_offset,
             created_ms: now_ms,
             flushed_next_offset: base_offset,
+            direct: None,
+            direct_refused: false,
+            padded: false,
         }
     }
 
@@ -322,6 +333,9 @@ impl Segment {
         b: &BatchPos,
         index_interval_bytes: u32,
     ) -> Result<(), LogError> {
+        // After direct writes: no zeros left past the end, and their last block is stale.
+        self.trim()?;
+        self.direct = None;
         if let Err(e) = write_all_vectored_at(&self.file, parts, self.size) {
             // Leave the file as it was; if even that fails the caller marks the log failed.
             self.file.set_len(self.size).map_err(|_| LogError::Failed)?;
@@ -329,6 +343,88 @@ impl Segment {
         }
         self.track(b, index_interval_bytes);
         self.next_offset = b.last_offset + 1;
+        Ok(())
+    }
+
+    /// Adds the batch `b` (the concatenation of `parts`) at the end of the segment, with its
+    /// bytes staged in `stage` for one direct write of everything staged (`write_staged`)
+    /// before the log's lock is released. `false` if this file takes no direct writes: the
+    /// caller writes the batch with `append`.
+    pub(crate) fn stage(
+        &mut self,
+        parts: &[&[u8]],
+        b: &BatchPos,
+        index_interval_bytes: u32,
+        stage: &mut Stage,
+    ) -> bool {
+        if self.direct_refused {
+            return false;
+        }
+        if self.direct.is_none() {
+            match DirectFile::open(&self.path("log"), &self.file, self.size) {
+                Ok(d) => self.direct = Some(d),
+                Err(e) => {
+                    tracing::debug!(segment = %self.path("log").display(), error = %e, "no direct writes to this file; writing through the page cache");
+                    self.direct_refused = true;
+                    return false;
+                }
+            }
+        }
+        if stage.is_empty() {
+            let tail = self.direct.as_ref().map(|d| d.tail()).unwrap_or_default();
+            stage.start(align_down(self.size), tail);
+        }
+        debug_assert_eq!(stage.end(), self.size);
+        for p in parts {
+            stage.push(p);
+        }
+        self.track(b, index_interval_bytes);
+        self.next_offset = b.last_offset + 1;
+        true
+    }
+
+    /// Writes what `stage` holds for this segment. A file that refuses the direct write gets
+    /// the same bytes through the page cache; an error there leaves the segment's memory ahead
+    /// of its file (`LogError::Failed`).
+    pub(crate) fn write_staged(&mut self, stage: &mut Stage) -> Result<(), LogError> {
+        if stage.is_empty() {
+            return Ok(());
+        }
+        let end = stage.end();
+        let direct = match self.direct.as_mut() {
+            Some(d) => d.write(stage),
+            None => Err(std::io::ErrorKind::Unsupported.into()),
+        };
+        let out = match direct {
+            Ok(()) => {
+                self.padded = !end.is_multiple_of(crate::direct::ALIGN);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(segment = %self.path("log").display(), error = %e, "a direct write failed; writing through the page cache");
+                self.direct = None;
+                self.direct_refused = true;
+                // Part of the direct write, zeros included, may have reached the file.
+                self.padded = true;
+                match self.file.write_all_at(stage.bytes(), stage.file_pos) {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        tracing::error!(segment = %self.path("log").display(), error = %e, "writing replicated data failed");
+                        Err(LogError::Failed)
+                    }
+                }
+            }
+        };
+        stage.clear();
+        out
+    }
+
+    /// Cuts the zeros of the last direct write's block off the end of the file.
+    pub fn trim(&mut self) -> Result<(), LogError> {
+        if self.padded {
+            self.file.set_len(self.size)?;
+            self.padded = false;
+        }
         Ok(())
     }
 

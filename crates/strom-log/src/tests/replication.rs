@@ -602,3 +602,143 @@ fn truncating_at_the_end_forgets_an_epoch_that_wrote_nothing() {
     let log = Log::open(dir.path(), small_config(), false).unwrap();
     assert_eq!(log.epoch_entries(), vec![(1, 0)]);
 }
+
+/// The `.log` files of a directory by name, with their lengths.
+fn log_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Replicated data in fetch-sized pieces cut at batch boundaries (3, 1, 4, 1, 5 batches, ...).
+fn fetches(data: &[u8]) -> Vec<&[u8]> {
+    let sizes: Vec<usize> = BatchIter::new(data).map(|b| b.unwrap().1.len()).collect();
+    let mut out = Vec::new();
+    let (mut at, mut i) = (0, 0);
+    for n in [3, 1, 4, 1, 5, 9, 2, 6].iter().cycle() {
+        if i >= sizes.len() {
+            break;
+        }
+        let len: usize = sizes[i..(i + n).min(sizes.len())].iter().sum();
+        out.push(&data[at..at + len]);
+        at += len;
+        i += n;
+    }
+    out
+}
+
+#[test]
+fn direct_replica_writes_leave_the_files_page_cache_writes_leave() {
+    let leader_dir = tempfile::tempdir().unwrap();
+    let leader = leader_with_epochs(leader_dir.path());
+    let data = read_all(&leader);
+    let open = |dir: &Path, direct: bool, clean: bool| {
+        let config = LogConfig {
+            direct_replica_writes: direct,
+            ..small_config()
+        };
+        Log::open(dir, config, clean).unwrap()
+    };
+    let (direct_dir, cached_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut direct = open(direct_dir.path(), true, true);
+    let mut cached = open(cached_dir.path(), false, true);
+    for piece in fetches(&data) {
+        let a = direct.append_replicated(piece).unwrap();
+        let b = cached.append_replicated(piece).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(read_all(&direct), read_all(&cached));
+        let active = direct.segments.last().unwrap();
+        let len = active.file.metadata().unwrap().len();
+        if active.direct_refused {
+            // A file system without O_DIRECT: written through the page cache instead.
+            assert_eq!(len, active.size);
+        } else {
+            // Written to the next block boundary, the rest zeros until the next write.
+            assert_eq!(len, active.size.next_multiple_of(4096), "direct write");
+        }
+        // Rolled segments are cut back to their size before they count as finished.
+        for s in &direct.segments[..direct.segments.len() - 1] {
+            assert_eq!(s.file.metadata().unwrap().len(), s.size);
+        }
+    }
+    assert!(direct.segments.len() > 2, "rolled while writing directly");
+    assert_eq!(read_all(&direct), data);
+    assert_eq!(direct.epoch_entries(), leader.epoch_entries());
+    // A clean close leaves the same files as page cache writes, and a clean open trusts them.
+    direct.close().unwrap();
+    cached.close().unwrap();
+    assert_eq!(log_files(direct_dir.path()), log_files(cached_dir.path()));
+    let direct = open(direct_dir.path(), true, true);
+    assert_eq!(read_all(&direct), data);
+}
+
+#[test]
+fn after_a_crash_the_zeros_of_a_direct_write_go_like_any_torn_tail() {
+    let leader_dir = tempfile::tempdir().unwrap();
+    let leader = leader_with_epochs(leader_dir.path());
+    let data = read_all(&leader);
+    let pieces = fetches(&data);
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), small_config(), true).unwrap();
+    for piece in &pieces {
+        log.append_replicated(piece).unwrap();
+    }
+    let t = log.flush_target().unwrap().unwrap();
+    t.sync().unwrap();
+    // kill -9: no close, the active file still ends with zeros up to a block boundary.
+    drop(log);
+    let log = Log::open(dir.path(), small_config(), false).unwrap();
+    assert_eq!(read_all(&log), data);
+    assert_eq!(log.epoch_entries(), leader.epoch_entries());
+    let active = log.segments.last().unwrap();
+    assert_eq!(active.file.metadata().unwrap().len(), active.size);
+}
+
+#[test]
+fn direct_writes_follow_truncation_and_leadership_in_turn() {
+    let leader_dir = tempfile::tempdir().unwrap();
+    let leader = leader_with_epochs(leader_dir.path());
+    let data = read_all(&leader);
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        segment_bytes: 1 << 20,
+        ..small_config()
+    };
+    let mut log = Log::open(dir.path(), config.clone(), true).unwrap();
+    let pieces = fetches(&data);
+    for piece in &pieces[..3] {
+        log.append_replicated(piece).unwrap();
+    }
+    // A divergent tail goes; replication continues from the cut with direct writes.
+    let cut = log.log_end_offset() - 5;
+    log.truncate_to(cut).unwrap();
+    let end = log.log_end_offset();
+    assert!(end <= cut);
+    let rest = leader.read(end, usize::MAX, i64::MAX, true).unwrap();
+    log.append_replicated(&rest).unwrap();
+    assert_eq!(read_all(&log), data);
+    // Leader now: appends through the page cache after the direct writes, and back.
+    let own = log.append(&batch(2, 0, 33), 11, 0).unwrap();
+    assert_eq!(own.base_offset, leader.log_end_offset());
+    let written = read_all(&log);
+    assert_eq!(&written[..data.len()], &data[..]);
+    let mut more = batch(3, 0, 77);
+    set_base_offset(&mut more, own.last_offset + 1);
+    // Written by a later leader (epoch 12): header fields outside the CRC.
+    more[12..16].copy_from_slice(&12i32.to_be_bytes());
+    log.append_replicated(&more).unwrap();
+    let all = read_all(&log);
+    assert_eq!(&all[..written.len()], &written[..]);
+    assert_eq!(&all[written.len()..], &more[..]);
+    log.close().unwrap();
+    let log = Log::open(dir.path(), config, true).unwrap();
+    assert_eq!(read_all(&log), all);
+}

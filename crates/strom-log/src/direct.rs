@@ -1,0 +1,194 @@
+//! Writes past the page cache (`O_DIRECT`) for a follower's replicated data.
+//!
+//! A follower writes what it replicates and, as long as it follows, reads it back only when it
+//! has to (a consumer fetching from it, a truncation): keeping those bytes in the page cache
+//! costs a copy into freshly allocated cache pages on every write and pushes out data a leader
+//! serves. A direct write goes from the broker's memory to the device instead.
+//!
+//! Direct writes must start and end on a block boundary, while batches end anywhere. So the
+//! segment keeps the bytes of its last, partial block in memory; a write rewrites that block
+//! with the new batches after it and zeros up to the next boundary. The file then runs past the
+//! segment's size with zeros, which the next write overwrites; a segment that rolls or closes
+//! is cut back to its size, and recovery after a crash drops the zeros as it drops any torn
+//! tail (a batch length of zero is invalid).
+//!
+//! The batches of one fetch response are staged in one aligned buffer per thread and written
+//! with one system call. A file that refuses direct writes (a file system without
+//! `O_DIRECT`) is written through the page cache as before.
+
+use std::cell::RefCell;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+/// Alignment of file positions, lengths and memory for direct writes: a common page size and
+/// a multiple of every usual logical block size.
+pub(crate) const ALIGN: u64 = 4096;
+
+/// A staging buffer larger than this is freed after use rather than kept for the next write.
+const RETAIN_BYTES: usize = 8 << 20;
+
+pub(crate) fn align_down(pos: u64) -> u64 {
+    pos & !(ALIGN - 1)
+}
+
+/// The descriptor a segment's direct writes go through, and the bytes of the segment's last
+/// partial block (from the block's start to the segment's size).
+pub(crate) struct DirectFile {
+    file: File,
+    tail: Vec<u8>,
+}
+
+impl DirectFile {
+    /// Opens `path` for direct writes; `buffered` (the same file) gives the partial last block
+    /// of a segment of `size` bytes.
+    pub(crate) fn open(path: &Path, buffered: &File, size: u64) -> std::io::Result<DirectFile> {
+        let file = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)?;
+        let start = align_down(size);
+        let mut tail = vec![0u8; (size - start) as usize];
+        buffered.read_exact_at(&mut tail, start)?;
+        Ok(DirectFile { file, tail })
+    }
+
+    /// Writes `stage` (aligned at its file position) with zeros up to the next block boundary.
+    /// On success the new partial last block is kept for the next write.
+    pub(crate) fn write(&mut self, stage: &mut Stage) -> std::io::Result<()> {
+        let pos = stage.file_pos;
+        let len = stage.len;
+        let padded = stage.padded();
+        // A short write leaves the rest at an unaligned position, which the device refuses:
+        // an error, and the segment falls back to page cache writes.
+        self.file.write_all_at(padded, pos)?;
+        let end = pos + len as u64;
+        let tail_from = (align_down(end) - pos) as usize;
+        self.tail.clear();
+        self.tail.extend_from_slice(&stage.bytes()[tail_from..]);
+        Ok(())
+    }
+
+    pub(crate) fn tail(&self) -> &[u8] {
+        &self.tail
+    }
+}
+
+/// Bytes waiting for one direct write: they start at `file_pos`, a block boundary, and sit at
+/// an aligned address in `mem`.
+pub(crate) struct Stage {
+    mem: Vec<u8>,
+    off: usize,
+    len: usize,
+    pub(crate) file_pos: u64,
+}
+
+impl Stage {
+    const fn new() -> Stage {
+        Stage {
+            mem: Vec::new(),
+            off: 0,
+            len: 0,
+            file_pos: 0,
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// File position one past the staged bytes.
+    pub(crate) fn end(&self) -> u64 {
+        self.file_pos + self.len as u64
+    }
+
+    /// Starts staging at `file_pos` (a block boundary) with `tail`, the bytes the file already
+    /// has from there.
+    pub(crate) fn start(&mut self, file_pos: u64, tail: &[u8]) {
+        debug_assert_eq!(file_pos % ALIGN, 0);
+        self.file_pos = file_pos;
+        self.len = 0;
+        self.push(tail);
+    }
+
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
+        let need = self.len + bytes.len();
+        // Room for the bytes and for the zeros that pad them to a block boundary.
+        let room = need.next_multiple_of(ALIGN as usize);
+        if self.mem.len() < self.off + room {
+            let cap = room.max(1 << 20).next_power_of_two();
+            let mut mem = vec![0u8; cap + ALIGN as usize];
+            let off = mem.as_ptr().align_offset(ALIGN as usize);
+            mem[off..off + self.len].copy_from_slice(&self.mem[self.off..self.off + self.len]);
+            self.mem = mem;
+            self.off = off;
+        }
+        let at = self.off + self.len;
+        self.mem[at..at + bytes.len()].copy_from_slice(bytes);
+        self.len = need;
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.mem[self.off..self.off + self.len]
+    }
+
+    /// The staged bytes and zeros after them up to a block boundary.
+    fn padded(&mut self) -> &[u8] {
+        let padded = self.len.next_multiple_of(ALIGN as usize);
+        let from = self.off + self.len;
+        self.mem[from..self.off + padded].fill(0);
+        &self.mem[self.off..self.off + padded]
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.len = 0;
+        if self.mem.len() > RETAIN_BYTES {
+            self.mem = Vec::new();
+            self.off = 0;
+        }
+    }
+}
+
+thread_local! {
+    static STAGE: RefCell<Stage> = const { RefCell::new(Stage::new()) };
+}
+
+/// Runs `f` with this thread's staging buffer, empty. A nested call gets a buffer of its own.
+pub(crate) fn with_stage<T>(f: impl FnOnce(&mut Stage) -> T) -> T {
+    STAGE.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut stage) => {
+            stage.clear();
+            let out = f(&mut stage);
+            stage.clear();
+            out
+        }
+        Err(_) => f(&mut Stage::new()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_bytes_sit_at_an_aligned_address_and_are_padded_with_zeros_to_a_block() {
+        let mut stage = Stage::new();
+        stage.start(8192, b"tail");
+        stage.push(&[7u8; 5000]);
+        assert_eq!(stage.bytes().as_ptr() as usize % ALIGN as usize, 0);
+        assert_eq!(stage.end(), 8192 + 5004);
+        let padded = stage.padded().to_vec();
+        assert_eq!(padded.len(), 8192);
+        assert_eq!(&padded[..4], b"tail");
+        assert!(padded[4..5004].iter().all(|b| *b == 7));
+        assert!(padded[5004..].iter().all(|b| *b == 0));
+        // Growing keeps what was staged, aligned.
+        stage.push(&vec![9u8; 3 << 20]);
+        assert_eq!(stage.bytes().as_ptr() as usize % ALIGN as usize, 0);
+        assert_eq!(&stage.bytes()[..4], b"tail");
+        assert_eq!(stage.bytes().len(), 5004 + (3 << 20));
+        stage.clear();
+        assert!(stage.is_empty());
+        assert!(stage.mem.len() <= RETAIN_BYTES);
+    }
+}
