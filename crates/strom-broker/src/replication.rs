@@ -15,7 +15,7 @@
 //! The leader side proposes ISR changes (AlterPartition through the controller): a follower
 //! that caught up rejoins, one that lagged for `replica.lag.time.max.ms` leaves.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -478,8 +478,9 @@ fn end_after(log_end: i64, records: &[u8]) -> Option<(i64, i32)> {
     let mut epoch = None;
     for b in strom_proto::batch::BatchIter::new(records) {
         let (h, _) = b.ok()?;
-        if h.last_offset() >= end {
-            end = h.last_offset().checked_add(1)?;
+        let last = h.base_offset.checked_add(h.last_offset_delta as i64)?;
+        if last >= end {
+            end = last.checked_add(1)?;
             epoch = Some(h.partition_leader_epoch);
         }
     }
@@ -547,8 +548,18 @@ async fn fetch_once(
     wait: Duration,
     inflight: Option<Inflight>,
 ) -> Result<(Fetched, Option<Inflight>), String> {
+    // A fetch sent ahead goes on only while it asks for the partitions a fresh one would
+    // (not when one that waited for its retry is due again).
+    let mut same_set = true;
+    let was_ahead = inflight.is_some();
+    let current = follows;
     let (follows, generation, sent_at, wait) = match &inflight {
-        Some(i) => (&i.follows[..], i.generation, i.sent_at, i.wait),
+        Some(i) => {
+            let asked: HashSet<&Key> = i.follows.iter().map(|(k, _)| k).collect();
+            same_set =
+                asked.len() == current.len() && current.iter().all(|(k, _)| asked.contains(k));
+            (&i.follows[..], i.generation, i.sent_at, i.wait)
+        }
         None => {
             let req = fetch_request(broker, follows, wait, &HashMap::new());
             let sent_at = Instant::now();
@@ -603,20 +614,34 @@ async fn fetch_once(
             }
         }
     }
-    let next = if plain && leader_has_more && f.generation.load(Ordering::Acquire) == generation {
-        let req = fetch_request(broker, follows, wait, &ahead);
+    let go_ahead =
+        plain && same_set && leader_has_more && f.generation.load(Ordering::Acquire) == generation;
+    // Sent ahead without waiting at the leader: the durable ends it reports are from before
+    // these appends, and a parked fetch would hold back what their fsyncs reach.
+    let mut send_failed = false;
+    let next = if go_ahead {
+        let req = fetch_request(broker, follows, Duration::ZERO, &ahead);
         let sent_at = Instant::now();
-        conn.send(&req, FETCH_VERSION).await?;
-        Some(Inflight {
-            follows: follows.to_vec(),
-            generation,
-            sent_at,
-            wait,
-        })
+        match conn.send(&req, FETCH_VERSION).await {
+            Ok(()) => Some(Inflight {
+                follows: follows.to_vec(),
+                generation,
+                sent_at,
+                wait: Duration::ZERO,
+            }),
+            Err(e) => {
+                // The answer at hand is still appended; the connection goes after it.
+                tracing::debug!(leader = f.leader, error = %e, "sending a replica fetch ahead failed");
+                send_failed = true;
+                None
+            }
+        }
     } else {
-        ahead.clear();
         None
     };
+    if next.is_none() {
+        ahead.clear();
+    }
     let backoff = ms(broker, "replica.fetch.backoff.ms");
     let mut any_progress = false;
     let mut any_refused = false;
@@ -678,6 +703,14 @@ async fn fetch_once(
             }
         }
     }
+    if send_failed {
+        for part in &appended {
+            if part.is_durable_mode() {
+                part.spawn_flush();
+            }
+        }
+        return Ok((Fetched::Interrupted, None));
+    }
     if let Some(next) = next {
         // The fetch sent ahead asked from where these appends were to end: if one ended
         // elsewhere (an error), its answer does not fit, and the connection goes with it.
@@ -717,10 +750,14 @@ async fn fetch_once(
         }
         fl.part.maybe_advance_hw();
     }
-    Ok((
-        round_outcome(any_progress, any_refused, sent_at.elapsed(), wait),
-        None,
-    ))
+    // An answer to a fetch sent ahead (which did not wait) is never a sign of a spinning
+    // leader: the next fetch is an ordinary one.
+    let outcome = if was_ahead {
+        Fetched::Done
+    } else {
+        round_outcome(any_progress, any_refused, sent_at.elapsed(), wait)
+    };
+    Ok((outcome, None))
 }
 
 /// Whether a fetch round calls for a pause before the next. The leader long-polls, so an empty
@@ -903,6 +940,8 @@ mod tests {
         // Nothing whole, or garbage: nothing to predict, no fetch ahead.
         assert_eq!(end_after(10, &partial[..40]), None);
         assert_eq!(end_after(10, &[0u8; 80]), None);
+        // Offsets that overflow: no prediction, no panic.
+        assert_eq!(end_after(0, &batch(i64::MAX - 1, 5, 3)), None);
     }
 
     #[test]

@@ -81,6 +81,8 @@ pub(crate) struct Stage {
     off: usize,
     len: usize,
     pub(crate) file_pos: u64,
+    /// File position of the first new byte (after the tail the file already has).
+    pub(crate) new_from: u64,
 }
 
 impl Stage {
@@ -90,6 +92,7 @@ impl Stage {
             off: 0,
             len: 0,
             file_pos: 0,
+            new_from: 0,
         }
     }
 
@@ -107,6 +110,7 @@ impl Stage {
     pub(crate) fn start(&mut self, file_pos: u64, tail: &[u8]) {
         debug_assert_eq!(file_pos % ALIGN, 0);
         self.file_pos = file_pos;
+        self.new_from = file_pos + tail.len() as u64;
         self.len = 0;
         self.push(tail);
     }

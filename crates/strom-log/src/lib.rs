@@ -938,6 +938,12 @@ impl Log {
         }
         let interval = self.config.index_interval_bytes;
         self.active().truncate_to(offset, interval)?;
+        self.after_truncation()
+    }
+
+    /// What follows a cut of the active segment: the flushed offset and recovery point, the
+    /// producer state and the epochs past the new end.
+    fn after_truncation(&mut self) -> Result<(), LogError> {
         let leo = self.log_end_offset();
         self.flushed_offset = self.flushed_offset.min(leo);
         let rp = self.flushed_offset.min(self.active().base_offset);
@@ -975,15 +981,26 @@ impl Log {
         })
     }
 
-    /// Writes what `stage` holds for the active segment; a failure takes the log offline for
-    /// writes (its indexes already count the staged batches).
+    /// Writes what `stage` holds for the active segment. On a write error the staged batches
+    /// (already counted in the segment's indexes) go again, as a truncation would take them;
+    /// only when that fails too is the log offline for writes.
     fn write_staged(&mut self, stage: &mut direct::Stage) -> Result<(), LogError> {
-        let out = self.active().write_staged(stage);
-        if out.is_err() {
-            tracing::error!(dir = %self.dir.display(), "replicated data could not be written; log is offline for writes");
+        let from = stage.new_from;
+        let Err(e) = self.active().write_staged(stage) else {
+            return Ok(());
+        };
+        tracing::error!(dir = %self.dir.display(), error = %e, "writing replicated data failed");
+        let interval = self.config.index_interval_bytes;
+        let undone = self
+            .active()
+            .cut_at(from, interval)
+            .and_then(|()| self.after_truncation());
+        if let Err(u) = undone {
+            tracing::error!(dir = %self.dir.display(), error = %u, "replicated data that could not be written cannot be cut off either; log is offline for writes");
             self.failed = true;
+            return Err(LogError::Failed);
         }
-        out
+        Err(e.into())
     }
 
     fn append_replicated_with(

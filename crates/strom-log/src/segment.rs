@@ -17,6 +17,12 @@ use strom_proto::batch::{validate_batch, BatchHeader, BATCH_HEADER_LEN, LOG_OVER
 use crate::direct::{align_down, DirectFile, Stage};
 use crate::LogError;
 
+#[cfg(test)]
+thread_local! {
+    /// Makes this thread's staged writes fail after writing half their bytes.
+    pub(crate) static FAIL_STAGED_WRITES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Bytes of a header needed to walk batches: base offset, length, epoch, magic, crc,
 /// attributes, last offset delta, base timestamp, max timestamp.
 const WALK_HEADER_LEN: usize = 43;
@@ -60,7 +66,7 @@ pub struct Segment {
     pub flushed_next_offset: i64,
     /// Replicated appends go past the page cache through this (see `direct`); opened by the
     /// first one.
-    direct: Option<DirectFile>,
+    pub(crate) direct: Option<DirectFile>,
     /// The file refused a direct write (or its opening): page cache writes only.
     pub(crate) direct_refused: bool,
     /// The file may run past `size` with the zeros that padded a direct write to a block.
@@ -335,7 +341,6 @@ impl Segment {
     ) -> Result<(), LogError> {
         // After direct writes: no zeros left past the end, and their last block is stale.
         self.trim()?;
-        self.direct = None;
         if let Err(e) = write_all_vectored_at(&self.file, parts, self.size) {
             // Leave the file as it was; if even that fails the caller marks the log failed.
             self.file.set_len(self.size).map_err(|_| LogError::Failed)?;
@@ -385,12 +390,21 @@ impl Segment {
 
     /// Writes what `stage` holds for this segment. A file that refuses the direct write gets
     /// the same bytes through the page cache; an error there leaves the segment's memory ahead
-    /// of its file (`LogError::Failed`).
-    pub(crate) fn write_staged(&mut self, stage: &mut Stage) -> Result<(), LogError> {
+    /// of its file, for the caller to cut back (`cut_at`).
+    pub(crate) fn write_staged(&mut self, stage: &mut Stage) -> std::io::Result<()> {
         if stage.is_empty() {
             return Ok(());
         }
         let end = stage.end();
+        #[cfg(test)]
+        if FAIL_STAGED_WRITES.with(|f| f.get()) {
+            // As a disk that fills up: half the bytes land, then the write fails.
+            let half = &stage.bytes()[..stage.bytes().len() / 2];
+            self.file.write_all_at(half, stage.file_pos)?;
+            self.padded = true;
+            stage.clear();
+            return Err(std::io::Error::other("injected write failure"));
+        }
         let direct = match self.direct.as_mut() {
             Some(d) => d.write(stage),
             None => Err(std::io::ErrorKind::Unsupported.into()),
@@ -406,21 +420,17 @@ impl Segment {
                 self.direct_refused = true;
                 // Part of the direct write, zeros included, may have reached the file.
                 self.padded = true;
-                match self.file.write_all_at(stage.bytes(), stage.file_pos) {
-                    Ok(()) => Ok(()),
-                    Err(e) => {
-                        tracing::error!(segment = %self.path("log").display(), error = %e, "writing replicated data failed");
-                        Err(LogError::Failed)
-                    }
-                }
+                self.file.write_all_at(stage.bytes(), stage.file_pos)
             }
         };
         stage.clear();
         out
     }
 
-    /// Cuts the zeros of the last direct write's block off the end of the file.
+    /// Ends direct writes to the file (until the next one opens them again): closes their
+    /// descriptor and cuts the zeros of the last one's block off the end of the file.
     pub fn trim(&mut self) -> Result<(), LogError> {
+        self.direct = None;
         if self.padded {
             self.file.set_len(self.size)?;
             self.padded = false;
@@ -500,8 +510,17 @@ impl Segment {
             return Ok(());
         };
         // As Kafka: the batch containing `offset` goes too (batches are never split).
+        self.cut_at(b.position, index_interval_bytes)
+    }
+
+    /// Cuts the file at `position`, a batch boundary, and rebuilds the segment from the file.
+    pub(crate) fn cut_at(
+        &mut self,
+        position: u64,
+        index_interval_bytes: u32,
+    ) -> Result<(), LogError> {
         self.truncations.fetch_add(1, Ordering::AcqRel);
-        self.file.set_len(b.position)?;
+        self.file.set_len(position)?;
         self.file.sync_all()?;
         let (seg, _) = Segment::recover(
             &self.dir,

@@ -664,9 +664,11 @@ fn direct_replica_writes_leave_the_files_page_cache_writes_leave() {
             // Written to the next block boundary, the rest zeros until the next write.
             assert_eq!(len, active.size.next_multiple_of(4096), "direct write");
         }
-        // Rolled segments are cut back to their size before they count as finished.
+        // Rolled segments are cut back to their size before they count as finished, and
+        // keep no descriptor for direct writes.
         for s in &direct.segments[..direct.segments.len() - 1] {
             assert_eq!(s.file.metadata().unwrap().len(), s.size);
+            assert!(s.direct.is_none());
         }
     }
     assert!(direct.segments.len() > 2, "rolled while writing directly");
@@ -741,4 +743,39 @@ fn direct_writes_follow_truncation_and_leadership_in_turn() {
     log.close().unwrap();
     let log = Log::open(dir.path(), config, true).unwrap();
     assert_eq!(read_all(&log), all);
+}
+
+#[test]
+fn a_replicated_write_that_fails_takes_back_its_batches_and_the_log_goes_on() {
+    let leader_dir = tempfile::tempdir().unwrap();
+    let leader = leader_with_epochs(leader_dir.path());
+    let data = read_all(&leader);
+    let pieces = fetches(&data);
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), small_config(), true).unwrap();
+    let mut at = 0;
+    while log.segments.len() < 2 || log.active().size == 0 {
+        log.append_replicated(pieces[at]).unwrap();
+        at += 1;
+    }
+    let (before, epochs, leo) = (read_all(&log), log.epoch_entries(), log.log_end_offset());
+    crate::segment::FAIL_STAGED_WRITES.with(|f| f.set(true));
+    let err = log.append_replicated(pieces[at]).unwrap_err();
+    crate::segment::FAIL_STAGED_WRITES.with(|f| f.set(false));
+    assert!(matches!(err, LogError::Io(_)), "{err}");
+    // Nothing of the failed write counts: not in memory, not in the file, not in the epochs.
+    assert_eq!(log.log_end_offset(), leo);
+    assert_eq!(read_all(&log), before);
+    assert_eq!(log.epoch_entries(), epochs);
+    let active = log.active();
+    assert_eq!(active.file.metadata().unwrap().len(), active.size);
+    // The fetcher asks again from the same offset, and replication goes on.
+    for piece in &pieces[at..] {
+        log.append_replicated(piece).unwrap();
+    }
+    assert_eq!(read_all(&log), data);
+    assert_eq!(log.epoch_entries(), leader.epoch_entries());
+    drop(log);
+    let log = Log::open(dir.path(), small_config(), false).unwrap();
+    assert_eq!(read_all(&log), data);
 }
