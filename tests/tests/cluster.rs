@@ -8,6 +8,7 @@
 //! a broker-only node (not a controller voter) leading and following partitions, an active
 //! controller cut off from the other voters by a silent network resigning (check quorum) and
 //! following the new one once healed,
+//! a follower whose disk is full backing off and catching up once it has space again,
 //! DescribeTopicPartitions (KIP-966: ISR, ELR, offline replicas, paging), and the `strom topic`,
 //! `reassign`, `elect` and `quorum` commands run as a separate process.
 
@@ -2509,4 +2510,106 @@ async fn an_unregistered_broker_only_node_leaves_the_cluster_for_good() {
     c.wait_brokers(3, WAIT);
     assert!(describe_quorum(&mut c, 3).observers.is_empty());
     assert_eq!(registered_brokers(&mut c, 3).len(), 3);
+}
+
+/// Whether every thread of process `pid` is traced (ptrace-attached).
+fn all_threads_traced(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("status"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_whose_disk_is_full_backs_off_and_rejoins_once_it_has_space() {
+    let mut c = Cluster::start(3, &["replica.lag.time.max.ms=1500"]);
+    let b = c.bootstrap();
+    create_replicated(&b, "full", 1, 3, &[("min.insync.replicas", "2")]).await;
+    let s = c.wait_partition("full", 0, WAIT, "full ISR", |s| s.isr.len() == 3);
+    let f = *s.replicas.iter().find(|r| **r != s.leader).unwrap();
+    let segment = |c: &mut Cluster, id: i32| {
+        let p = c
+            .node(id)
+            .data_dir()
+            .join("full-0/00000000000000000000.log");
+        std::fs::canonicalize(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    };
+    let ours = segment(&mut c, f);
+    let theirs = segment(&mut c, s.leader);
+    let p = producer(&b, "all", true);
+    send_values(&p, "full", 0..20).await;
+    let mut sent = 20;
+
+    // Every write to the follower's segment fails as on a full disk (strace injects ENOSPC into
+    // the direct write and into the page cache write it falls back to).
+    let pid = c.node(f).pid().expect("running").to_string();
+    let mut strace = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-p", &pid, "-P"])
+        .arg(&ours)
+        .args(["-e", "trace=pwrite64,pwritev"])
+        .args(["-e", "inject=pwrite64,pwritev:error=ENOSPC"])
+        .spawn()
+        .expect("strace (the test command installs it)");
+    let pid: u32 = pid.parse().unwrap();
+    wait_for(WAIT, "strace attached", || {
+        all_threads_traced(pid).then_some(())
+    });
+    let failed_before = c
+        .node(f)
+        .log()
+        .matches("appending replicated data failed")
+        .count();
+    // acks=all waits until the follower leaves the ISR, then goes on with the other two.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        send_values(&p, "full", sent..sent + 20).await;
+        sent += 20;
+    }
+    let x = c.wait_partition("full", 0, WAIT, "the full follower is out", |x| {
+        !x.isr.contains(&f)
+    });
+    assert_eq!(x.isr.len(), 2, "{x:?}");
+    let failures = c
+        .node(f)
+        .log()
+        .matches("appending replicated data failed")
+        .count()
+        - failed_before;
+    // Each failure waits twice as long as the one before (up to replica.fetch.backoff.ms):
+    // about a dozen in five seconds, where a loop without a pause fails thousands of times.
+    assert!(
+        (1..=40).contains(&failures),
+        "{failures} failed appends while the disk was full"
+    );
+
+    // Space again: the follower catches up, byte for byte, and rejoins.
+    // SAFETY: kill(2) on a child process of ours.
+    unsafe { libc::kill(strace.id() as i32, libc::SIGTERM) };
+    let _ = strace.wait();
+    send_values(&p, "full", sent..sent + 20).await;
+    sent += 20;
+    c.wait_partition(
+        "full",
+        0,
+        Duration::from_secs(30),
+        "the follower rejoins",
+        |x| x.isr.len() == 3,
+    );
+    wait_for(WAIT, "the follower's segment is the leader's", || {
+        let (a, b) = (
+            std::fs::read(&ours).unwrap(),
+            std::fs::read(&theirs).unwrap(),
+        );
+        // Past its size a segment written directly may hold the zeros of its last block.
+        (a.len() >= b.len() && a[..b.len()] == b[..] && a[b.len()..].iter().all(|z| *z == 0))
+            .then_some(())
+    });
+    assert!(c.node(f).is_running());
+    let values = read_values(&b, "full", 0, sent as usize, WAIT);
+    assert_eq!(values, (0..sent).collect::<Vec<_>>());
 }

@@ -335,7 +335,8 @@ fn mark(f: &Fetcher, key: &Key, epoch: i32, truncated: bool) {
     update(f, key, epoch, |fl| fl.truncated = truncated);
 }
 
-/// The leader refused the partition: it waits before it is asked for again.
+/// The leader refused the partition (or this broker could not append what it sent): it waits
+/// before it is asked for again.
 fn refused(f: &Fetcher, key: &Key, epoch: i32, max: Duration) {
     update(f, key, epoch, |fl| {
         fl.refusals = fl.refusals.saturating_add(1);
@@ -343,7 +344,8 @@ fn refused(f: &Fetcher, key: &Key, epoch: i32, max: Duration) {
     });
 }
 
-/// The leader answered for the partition: a later refusal starts again from the first pause.
+/// A fetch of the partition was answered and appended: a later refusal starts again from the
+/// first pause.
 fn accepted(f: &Fetcher, key: &Key, fl: &Follow) {
     if fl.refusals > 0 {
         update(f, key, fl.leader_epoch, |fl| {
@@ -426,8 +428,9 @@ async fn truncate(
                 // Another round at once, with the older epoch this cut left as the latest.
                 continue;
             }
+            // Its pause grows back to the first only once a fetch is answered and appended:
+            // a disk that cannot take the data fails after every truncation.
             mark(f, &key, fl.leader_epoch, true);
-            accepted(f, &key, fl);
         }
     }
     Ok(())
@@ -658,12 +661,14 @@ async fn fetch_once(
             let part = &fl.part;
             match ResponseError::try_from_code(p.error_code) {
                 None if p.error_code == 0 => {
-                    accepted(f, &key, fl);
                     let leader_leo = tagged_offset(&p.unknown_tagged_fields, LEADER_LOG_END_TAG);
                     let records = p.records.unwrap_or_default();
-                    if !records.is_empty() {
+                    if records.is_empty() {
+                        accepted(f, &key, fl);
+                    } else {
                         match part.append_replicated(&records) {
                             Ok(out) => {
+                                accepted(f, &key, fl);
                                 if out.appended_batches > 0 {
                                     any_progress = true;
                                     appended.push(part.clone());
@@ -672,8 +677,12 @@ async fn fetch_once(
                                 }
                             }
                             Err(e) => {
+                                // A full or failing disk: truncate and fetch again after
+                                // a pause that doubles while it lasts, not in a tight loop.
                                 tracing::error!(topic = %key.0, partition = key.1, error = %e, "appending replicated data failed");
                                 mark(f, &key, fl.leader_epoch, false);
+                                refused(f, &key, fl.leader_epoch, backoff);
+                                any_refused = true;
                             }
                         }
                     }
