@@ -444,7 +444,7 @@ impl RaftMetadataLog {
     /// Whether this node is the active controller: the Raft leader, still acknowledged by a
     /// majority of the voters within the check-quorum window.
     pub fn is_leader(&self) -> bool {
-        self.inner.raft.is_leader() && !self.inner.resigned.load(Ordering::SeqCst)
+        network::active_controller(&self.inner.raft, &self.inner.resigned)
     }
 
     fn check_open(&self) -> Result<(), MetadataLogError> {

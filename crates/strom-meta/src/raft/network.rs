@@ -244,10 +244,15 @@ impl Drop for PeerConnection<'_> {
     }
 }
 
+/// Whether a node serves as the active controller: the Raft leader, still acknowledged by a
+/// majority of the voters within the check-quorum window (not resigned).
+pub(crate) fn active_controller(raft: &RaftHandle, resigned: &AtomicBool) -> bool {
+    raft.is_leader() && !resigned.load(Ordering::SeqCst)
+}
+
 impl ServerCtx {
-    /// Whether this node serves as the active controller: the Raft leader, not resigned.
     fn active(&self) -> bool {
-        self.raft.is_leader() && !self.resigned.load(Ordering::SeqCst)
+        active_controller(&self.raft, &self.resigned)
     }
 
     fn current_leader(&self) -> Option<i32> {
