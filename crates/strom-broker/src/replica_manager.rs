@@ -79,7 +79,10 @@ pub fn log_config(config: &BrokerConfig, topic: &TopicImage) -> LogConfig {
         },
         timestamp_before_max_ms: config.topic_i64(o, "message.timestamp.before.max.ms"),
         timestamp_after_max_ms: config.topic_i64(o, "message.timestamp.after.max.ms"),
-        direct_replica_writes: config.bool("strom.replica.direct.writes"),
+        // With follower fetching (KIP-392) consumers read a follower's tail as they read a
+        // leader's: it stays in the page cache.
+        direct_replica_writes: config.bool("strom.replica.direct.writes")
+            && config.get("replica.selector.class").is_empty(),
     }
 }
 
@@ -322,5 +325,32 @@ impl ReplicaManager {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topic() -> TopicImage {
+        TopicImage {
+            name: "t".into(),
+            topic_id: [1; 16],
+            partitions: Default::default(),
+            configs: Default::default(),
+        }
+    }
+
+    #[test]
+    fn followers_write_past_the_page_cache_unless_consumers_may_read_from_them() {
+        let direct = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            log_config(&BrokerConfig::new(None, &sets).unwrap(), &topic()).direct_replica_writes
+        };
+        assert!(direct(&[]));
+        assert!(!direct(&["strom.replica.direct.writes=false"]));
+        assert!(!direct(&[
+            "replica.selector.class=org.apache.kafka.common.replica.RackAwareReplicaSelector"
+        ]));
     }
 }
