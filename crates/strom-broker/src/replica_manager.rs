@@ -83,6 +83,7 @@ pub fn log_config(config: &BrokerConfig, topic: &TopicImage) -> LogConfig {
         // leader's: it stays in the page cache.
         direct_replica_writes: config.bool("strom.replica.direct.writes")
             && config.get("replica.selector.class").is_empty(),
+        direct_replica_min_bytes: config.i64("strom.replica.direct.min.bytes").max(0) as usize,
     }
 }
 
@@ -348,6 +349,12 @@ mod tests {
             log_config(&BrokerConfig::new(None, &sets).unwrap(), &topic()).direct_replica_writes
         };
         assert!(direct(&[]));
+        let min = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            log_config(&BrokerConfig::new(None, &sets).unwrap(), &topic()).direct_replica_min_bytes
+        };
+        assert_eq!(min(&[]), 256 << 10);
+        assert_eq!(min(&["strom.replica.direct.min.bytes=0"]), 0);
         assert!(!direct(&["strom.replica.direct.writes=false"]));
         assert!(!direct(&[
             "replica.selector.class=org.apache.kafka.common.replica.RackAwareReplicaSelector"

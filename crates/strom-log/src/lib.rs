@@ -63,6 +63,10 @@ pub struct LogConfig {
     /// Replicated appends (a follower's) are written past the page cache (`O_DIRECT`, see
     /// `direct`); appends as leader always go through it.
     pub direct_replica_writes: bool,
+    /// Only replicated appends of at least this many bytes go past the page cache (a write
+    /// that follows direct ones stays direct down to a quarter of it); smaller ones are
+    /// copied into it, where the fsync writes them with its own device round trip.
+    pub direct_replica_min_bytes: usize,
 }
 
 impl Default for LogConfig {
@@ -81,6 +85,7 @@ impl Default for LogConfig {
             timestamp_before_max_ms: i64::MAX,
             timestamp_after_max_ms: i64::MAX,
             direct_replica_writes: true,
+            direct_replica_min_bytes: 0,
         }
     }
 }
@@ -964,13 +969,18 @@ impl Log {
     /// fsynced here: durability comes with the normal flush path. On an error the batches
     /// before the bad one stay appended.
     ///
-    /// With `direct_replica_writes` the batches are written past the page cache, all of one
-    /// call in one write per segment.
+    /// With `direct_replica_writes` the batches of a large enough call are written past the
+    /// page cache, all of them in one write per segment.
     pub fn append_replicated(&mut self, data: &[u8]) -> Result<ReplicatedAppend, LogError> {
         if self.failed {
             return Err(LogError::Failed);
         }
-        if !self.config.direct_replica_writes {
+        let min = self.config.direct_replica_min_bytes;
+        let direct = self.config.direct_replica_writes
+            && (data.len() >= min
+                || (self.segments.last().is_some_and(|s| s.writes_directly())
+                    && data.len() >= min / 4));
+        if !direct {
             return self.append_replicated_with(data, None);
         }
         direct::with_stage(|stage| {

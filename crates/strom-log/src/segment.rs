@@ -427,6 +427,11 @@ impl Segment {
         out
     }
 
+    /// Whether the last write to the file was a direct one (its descriptor is open).
+    pub(crate) fn writes_directly(&self) -> bool {
+        self.direct.is_some()
+    }
+
     /// Ends direct writes to the file (until the next one opens them again): closes their
     /// descriptor and cuts the zeros of the last one's block off the end of the file.
     pub fn trim(&mut self) -> Result<(), LogError> {

@@ -779,3 +779,50 @@ fn a_replicated_write_that_fails_takes_back_its_batches_and_the_log_goes_on() {
     let log = Log::open(dir.path(), small_config(), false).unwrap();
     assert_eq!(read_all(&log), data);
 }
+
+#[test]
+fn only_large_replicated_appends_go_past_the_page_cache() {
+    let leader_dir = tempfile::tempdir().unwrap();
+    let leader = leader_with_epochs(leader_dir.path());
+    let data = read_all(&leader);
+    let pieces = fetches(&data);
+    let big = pieces.iter().map(|p| p.len()).max().unwrap();
+    assert!(
+        pieces.iter().any(|p| p.len() < big / 4),
+        "pieces of mixed sizes"
+    );
+    let config = LogConfig {
+        direct_replica_min_bytes: big,
+        ..small_config()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), config.clone(), true).unwrap();
+    let (mut direct, mut buffered) = (0, 0);
+    for piece in &pieces {
+        let was_direct = log.active().writes_directly();
+        log.append_replicated(piece).unwrap();
+        let expected = piece.len() >= big || (was_direct && piece.len() >= big / 4);
+        if log.active().direct_refused {
+            continue; // a file system without O_DIRECT
+        }
+        assert_eq!(
+            log.active().writes_directly(),
+            expected,
+            "{} bytes",
+            piece.len()
+        );
+        if expected {
+            direct += 1;
+        } else {
+            buffered += 1;
+        }
+    }
+    assert!(
+        direct > 0 && buffered > 0,
+        "{direct} direct, {buffered} buffered"
+    );
+    assert_eq!(read_all(&log), data);
+    drop(log);
+    let log = Log::open(dir.path(), config, false).unwrap();
+    assert_eq!(read_all(&log), data);
+}
