@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Replicated-cluster benchmark: a single durable node and a 3-node cluster (every node a broker
 # and controller voter, on loopback) measured in the same run with `strom bench` (librdkafka,
-# acks=all, 1 KiB records): maximum rate (and RF 3 with acks=1) and a fixed 50k records/s,
+# acks=all, 1 KiB records): maximum rate (and RF 3 with acks=1) and a fixed 50k records/s
+# (and RF 3 over three partitions, each node leading one),
 # replication factor 3 with min.insync.replicas 2 against replication factor 1 on the single
 # node. Then the failover time over repeated leader kills (`failover-bench`), and over leaders
 # stopped with SIGSTOP.
@@ -108,6 +109,10 @@ for r in $(seq "$RUNS"); do
   run quiet "$SINGLE_PID" --bootstrap "127.0.0.1:$SINGLE" --label "single RF1" --topic "s2-$r" --record-bytes 1024 --records "$RATE_N" --rate 50000
   run quiet "${CLUSTER_PIDS[*]}" --bootstrap "$CLUSTER" --label "3 nodes RF3" --topic "c2-$r" --record-bytes 1024 --records "$RATE_N" --rate 50000 \
     --replication-factor 3 --topic-config min.insync.replicas=2
+  # Three partitions: every node leads one and follows two, so each one's writes as a follower
+  # and its work as a leader share its thread and disk.
+  run quiet "${CLUSTER_PIDS[*]}" --bootstrap "$CLUSTER" --label "3 nodes RF3" --topic "c4-$r" --record-bytes 1024 --records "$RATE_N" --rate 50000 \
+    --partitions 3 --replication-factor 3 --topic-config min.insync.replicas=2
 done
 # Under load a metadata quorum that misses heartbeats elects again and a broker that misses its
 # session is fenced: both would show in the latencies, so count them.
