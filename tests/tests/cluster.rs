@@ -280,7 +280,9 @@ fn check_consumed(consumed: &[(i64, u64)], values: &[u64]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_loses_no_acknowledged_record_and_the_node_rejoins() {
-    let mut c = Cluster::start(3, &[]);
+    // Every follower write goes past the page cache (by default only large ones do): the
+    // kill interrupts that path, and the restarted node recovers from it.
+    let mut c = Cluster::start(3, &["strom.replica.direct.min.bytes=0"]);
     let b = c.bootstrap();
     create_replicated(&b, "orders", 1, 3, &[("min.insync.replicas", "2")]).await;
     let before = c.wait_partition("orders", 0, WAIT, "full ISR", |s| {
@@ -2527,7 +2529,15 @@ fn all_threads_traced(pid: u32) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_whose_disk_is_full_backs_off_and_rejoins_once_it_has_space() {
-    let mut c = Cluster::start(3, &["replica.lag.time.max.ms=1500"]);
+    // Follower writes go past the page cache (all of them here), fall back to the page cache
+    // when that fails, and are taken back when that fails too.
+    let mut c = Cluster::start(
+        3,
+        &[
+            "replica.lag.time.max.ms=1500",
+            "strom.replica.direct.min.bytes=0",
+        ],
+    );
     let b = c.bootstrap();
     create_replicated(&b, "full", 1, 3, &[("min.insync.replicas", "2")]).await;
     let s = c.wait_partition("full", 0, WAIT, "full ISR", |s| s.isr.len() == 3);
@@ -2585,6 +2595,10 @@ async fn a_follower_whose_disk_is_full_backs_off_and_rejoins_once_it_has_space()
     assert!(
         (1..=40).contains(&failures),
         "{failures} failed appends while the disk was full"
+    );
+    assert!(
+        c.node(f).log().contains("a direct write failed"),
+        "the direct write failed first"
     );
 
     // Space again: the follower catches up, byte for byte, and rejoins.
