@@ -468,8 +468,6 @@ pub fn truncation_offset(
 struct Inflight {
     follows: Vec<(Key, Follow)>,
     generation: u64,
-    sent_at: Instant,
-    wait: Duration,
 }
 
 /// Where a follower's log ending at `log_end` ends, and in which epoch, once the whole batches
@@ -553,24 +551,26 @@ async fn fetch_once(
 ) -> Result<(Fetched, Option<Inflight>), String> {
     // A fetch sent ahead goes on only while it asks for the partitions a fresh one would
     // (not when one that waited for its retry is due again).
+    // `sent_at`: when this round's fetch went out, if it was not sent ahead (which does not
+    // wait at the leader).
     let mut same_set = true;
-    let was_ahead = inflight.is_some();
     let current = follows;
-    let (follows, generation, sent_at, wait) = match &inflight {
+    let (follows, generation, sent_at) = match &inflight {
         Some(i) => {
             let asked: HashSet<&Key> = i.follows.iter().map(|(k, _)| k).collect();
             same_set =
                 asked.len() == current.len() && current.iter().all(|(k, _)| asked.contains(k));
-            (&i.follows[..], i.generation, i.sent_at, i.wait)
+            (&i.follows[..], i.generation, None)
         }
         None => {
             let req = fetch_request(broker, follows, wait, &HashMap::new());
             let sent_at = Instant::now();
             conn.send(&req, FETCH_VERSION).await?;
-            (follows, generation, sent_at, wait)
+            (follows, generation, Some(sent_at))
         }
     };
-    let timeout = wait + broker.controller_timeout() * 5;
+    let by_key: HashMap<&Key, &Follow> = follows.iter().map(|(k, fl)| (k, fl)).collect();
+    let timeout = sent_at.map_or(Duration::ZERO, |_| wait) + broker.controller_timeout() * 5;
     let resp = {
         let call = tokio::time::timeout(timeout, conn.receive::<FetchRequest>(FETCH_VERSION));
         tokio::pin!(call);
@@ -591,12 +591,12 @@ async fn fetch_once(
     // The next fetch goes out before the appends when every partition answered without error
     // and the leader has more for one of them than it sent (so that fetch returns at once).
     let mut ahead: HashMap<Key, (i64, i32)> = HashMap::new();
-    let mut plain = resp.error_code == 0;
+    let mut plain = true;
     let mut leader_has_more = false;
     for t in &resp.responses {
         for p in &t.partitions {
             let key = (t.topic.0.to_string(), p.partition_index);
-            let Some((_, fl)) = follows.iter().find(|(k, _)| *k == key) else {
+            let Some(fl) = by_key.get(&key) else {
                 plain = false;
                 continue;
             };
@@ -624,13 +624,10 @@ async fn fetch_once(
     let mut send_failed = false;
     let next = if go_ahead {
         let req = fetch_request(broker, follows, Duration::ZERO, &ahead);
-        let sent_at = Instant::now();
         match conn.send(&req, FETCH_VERSION).await {
             Ok(()) => Some(Inflight {
                 follows: follows.to_vec(),
                 generation,
-                sent_at,
-                wait: Duration::ZERO,
             }),
             Err(e) => {
                 // The answer at hand is still appended; the connection goes after it.
@@ -642,9 +639,6 @@ async fn fetch_once(
     } else {
         None
     };
-    if next.is_none() {
-        ahead.clear();
-    }
     let backoff = ms(broker, "replica.fetch.backoff.ms");
     let mut any_progress = false;
     let mut any_refused = false;
@@ -655,7 +649,7 @@ async fn fetch_once(
     for t in resp.responses {
         for p in t.partitions {
             let key = (t.topic.0.to_string(), p.partition_index);
-            let Some((_, fl)) = follows.iter().find(|(k, _)| *k == key) else {
+            let Some(&fl) = by_key.get(&key) else {
                 continue;
             };
             let part = &fl.part;
@@ -712,41 +706,27 @@ async fn fetch_once(
             }
         }
     }
-    if send_failed {
+    if send_failed || next.is_some() || leader_ahead {
+        // The fsyncs run while the next fetch is out (sent ahead, or sent at once because the
+        // leader has more); it reports what they reached.
         for part in &appended {
             if part.is_durable_mode() {
                 part.spawn_flush();
             }
         }
-        return Ok((Fetched::Interrupted, None));
-    }
-    if let Some(next) = next {
         // The fetch sent ahead asked from where these appends were to end: if one ended
         // elsewhere (an error), its answer does not fit, and the connection goes with it.
         let fits = ahead.iter().all(|(key, (end, _))| {
-            follows
-                .iter()
-                .any(|(k, fl)| k == key && fl.part.log_end_offset() == *end)
+            by_key
+                .get(key)
+                .is_some_and(|fl| fl.part.log_end_offset() == *end)
         });
-        for part in &appended {
-            if part.is_durable_mode() {
-                part.spawn_flush();
-            }
-        }
-        return Ok(if fits {
-            (Fetched::Done, Some(next))
-        } else {
-            (Fetched::Interrupted, None)
+        return Ok(match next {
+            _ if send_failed => (Fetched::Interrupted, None),
+            Some(next) if fits => (Fetched::Done, Some(next)),
+            Some(_) => (Fetched::Interrupted, None),
+            None => (Fetched::Done, None),
         });
-    }
-    if leader_ahead {
-        // The fsyncs run while the next fetch is out; it reports what they reached.
-        for part in &appended {
-            if part.is_durable_mode() {
-                part.spawn_flush();
-            }
-        }
-        return Ok((Fetched::Done, None));
     }
     // The next fetch may wait at the leader: everything it reports must be durable first
     // (also what an earlier fetch left to fsync).
@@ -761,10 +741,9 @@ async fn fetch_once(
     }
     // An answer to a fetch sent ahead (which did not wait) is never a sign of a spinning
     // leader: the next fetch is an ordinary one.
-    let outcome = if was_ahead {
-        Fetched::Done
-    } else {
-        round_outcome(any_progress, any_refused, sent_at.elapsed(), wait)
+    let outcome = match sent_at {
+        Some(at) => round_outcome(any_progress, any_refused, at.elapsed(), wait),
+        None => Fetched::Done,
     };
     Ok((outcome, None))
 }

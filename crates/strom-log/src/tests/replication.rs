@@ -603,6 +603,15 @@ fn truncating_at_the_end_forgets_an_epoch_that_wrote_nothing() {
     assert_eq!(log.epoch_entries(), vec![(1, 0)]);
 }
 
+/// A leader log with several epochs (in its own directory, kept by the caller) and all of
+/// its data.
+fn leader_and_data() -> (tempfile::TempDir, Log, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let leader = leader_with_epochs(dir.path());
+    let data = read_all(&leader);
+    (dir, leader, data)
+}
+
 /// The `.log` files of a directory by name, with their lengths.
 fn log_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
@@ -637,9 +646,7 @@ fn fetches(data: &[u8]) -> Vec<&[u8]> {
 
 #[test]
 fn direct_replica_writes_leave_the_files_page_cache_writes_leave() {
-    let leader_dir = tempfile::tempdir().unwrap();
-    let leader = leader_with_epochs(leader_dir.path());
-    let data = read_all(&leader);
+    let (_leader_dir, leader, data) = leader_and_data();
     let open = |dir: &Path, direct: bool, clean: bool| {
         let config = LogConfig {
             direct_replica_writes: direct,
@@ -684,9 +691,7 @@ fn direct_replica_writes_leave_the_files_page_cache_writes_leave() {
 
 #[test]
 fn after_a_crash_the_zeros_of_a_direct_write_go_like_any_torn_tail() {
-    let leader_dir = tempfile::tempdir().unwrap();
-    let leader = leader_with_epochs(leader_dir.path());
-    let data = read_all(&leader);
+    let (_leader_dir, leader, data) = leader_and_data();
     let pieces = fetches(&data);
     let dir = tempfile::tempdir().unwrap();
     let mut log = Log::open(dir.path(), small_config(), true).unwrap();
@@ -706,9 +711,7 @@ fn after_a_crash_the_zeros_of_a_direct_write_go_like_any_torn_tail() {
 
 #[test]
 fn direct_writes_follow_truncation_and_leadership_in_turn() {
-    let leader_dir = tempfile::tempdir().unwrap();
-    let leader = leader_with_epochs(leader_dir.path());
-    let data = read_all(&leader);
+    let (_leader_dir, leader, data) = leader_and_data();
     let dir = tempfile::tempdir().unwrap();
     let config = LogConfig {
         segment_bytes: 1 << 20,
@@ -747,9 +750,7 @@ fn direct_writes_follow_truncation_and_leadership_in_turn() {
 
 #[test]
 fn a_replicated_write_that_fails_takes_back_its_batches_and_the_log_goes_on() {
-    let leader_dir = tempfile::tempdir().unwrap();
-    let leader = leader_with_epochs(leader_dir.path());
-    let data = read_all(&leader);
+    let (_leader_dir, leader, data) = leader_and_data();
     let pieces = fetches(&data);
     let dir = tempfile::tempdir().unwrap();
     let mut log = Log::open(dir.path(), small_config(), true).unwrap();
@@ -782,9 +783,7 @@ fn a_replicated_write_that_fails_takes_back_its_batches_and_the_log_goes_on() {
 
 #[test]
 fn only_large_replicated_appends_go_past_the_page_cache() {
-    let leader_dir = tempfile::tempdir().unwrap();
-    let leader = leader_with_epochs(leader_dir.path());
-    let data = read_all(&leader);
+    let (_leader_dir, _, data) = leader_and_data();
     let pieces = fetches(&data);
     let big = pieces.iter().map(|p| p.len()).max().unwrap();
     assert!(
