@@ -18,6 +18,9 @@
 # the CPU the broker processes spent on it is printed (user + system clock ticks, 100 per
 # second): the work a configuration costs, which varies less than its rate.
 #
+# ROWS=max runs only the single node's and RF 3's maximum-rate rows (acks=all), RUNS times:
+# the quick A/B of a change to the replication path.
+#
 # WARM_GB (default 6): before each maximum-rate row that many GiB are written to a file and
 # deleted, so every such row starts with the same memory state. On a VM that hands freed pages
 # back to the host, the first touch of a page after an idle spell costs several times more than
@@ -39,6 +42,7 @@ N=${N:-1000000}
 RATE_N=${RATE_N:-300000}
 KILLS=${KILLS:-20}
 RUNS=${RUNS:-1}
+ROWS=${ROWS:-all}
 WARM_GB=${WARM_GB:-6}
 # The three nodes share the machine's cores: each gets its share of request threads (the single
 # node keeps the default, one per core).
@@ -102,6 +106,8 @@ for r in $(seq "$RUNS"); do
   run warm "$SINGLE_PID" --bootstrap "127.0.0.1:$SINGLE" --label "single RF1" --topic "s1-$r" --record-bytes 1024 --records "$N"
   run warm "${CLUSTER_PIDS[*]}" --bootstrap "$CLUSTER" --label "3 nodes RF3" --topic "c1-$r" --record-bytes 1024 --records "$N" \
     --replication-factor 3 --topic-config min.insync.replicas=2
+  # ROWS=max: only the two rows above (a quick A/B of the maximum rate).
+  [ "$ROWS" = max ] && continue
   # The same with acks=1: what waiting for the followers costs, against what the three nodes
   # sharing the machine cost.
   run warm "${CLUSTER_PIDS[*]}" --bootstrap "$CLUSTER" --label "3 nodes RF3 acks=1" --topic "c3-$r" --record-bytes 1024 --records "$N" \
