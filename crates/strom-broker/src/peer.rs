@@ -21,6 +21,8 @@ use tokio::net::TcpStream;
 /// The most bytes of an answer the kernel buffers before waking the reader (the kernel also
 /// caps it at half the largest receive buffer, `tcp_rmem`, so it cannot wait forever).
 const RECEIVE_LOW_WATER: usize = 1 << 20;
+/// Below this the mark is left at 1: loopback's largest segment (64 KiB).
+const ONE_SEGMENT: usize = 64 << 10;
 
 pub struct PeerConn {
     stream: TcpStream,
@@ -140,10 +142,16 @@ impl PeerConn {
         while buf.len() < len as usize {
             let want = len as u64 - buf.len() as u64;
             // Wake once the rest (or the next RECEIVE_LOW_WATER bytes) is here, never for more
-            // than the answer still owes.
-            self.low_water((want as usize).min(RECEIVE_LOW_WATER));
+            // than the answer still owes. A rest that fits in one segment arrives in one wake-up
+            // anyway: no system calls for small answers.
+            let want = want as usize;
+            self.low_water(if want > ONE_SEGMENT {
+                want.min(RECEIVE_LOW_WATER)
+            } else {
+                1
+            });
             let n = (&mut self.stream)
-                .take(want)
+                .take(want as u64)
                 .read_buf(&mut buf)
                 .await
                 .map_err(|e| e.to_string())?;
