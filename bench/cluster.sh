@@ -133,7 +133,9 @@ for r in $(seq "$RUNS"); do
     --partitions 3 --replication-factor 3 --topic-config min.insync.replicas=2
 done
 if [ "${#SHARES[@]}" -gt 0 ]; then
-  echo "RF 3 max rate / single node's over ${#SHARES[@]} rounds: $(printf '%s\n' "${SHARES[@]}" | sort -n | tr '\n' ' ')% -- median $(printf '%s\n' "${SHARES[@]}" | sort -n | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : int((v[NR / 2] + v[NR / 2 + 1]) / 2)}') %" >&2
+  sorted=$(printf '%s\n' "${SHARES[@]}" | sort -n)
+  median=$(awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : int((v[NR / 2] + v[NR / 2 + 1]) / 2)}' <<<"$sorted")
+  echo "RF 3 max rate / single node's over ${#SHARES[@]} rounds: $(tr '\n' ' ' <<<"$sorted")% -- median $median %" >&2
 fi
 # Under load a metadata quorum that misses heartbeats elects again and a broker that misses its
 # session is fenced: both would show in the latencies, so count them.

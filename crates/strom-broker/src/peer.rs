@@ -140,11 +140,10 @@ impl PeerConn {
         // first and never copied into a larger one as it grows.
         let mut buf = BytesMut::with_capacity(len as usize);
         while buf.len() < len as usize {
-            let want = len as u64 - buf.len() as u64;
+            let want = len as usize - buf.len();
             // Wake once the rest (or the next RECEIVE_LOW_WATER bytes) is here, never for more
             // than the answer still owes. A rest that fits in one segment arrives in one wake-up
             // anyway: no system calls for small answers.
-            let want = want as usize;
             self.low_water(if want > ONE_SEGMENT {
                 want.min(RECEIVE_LOW_WATER)
             } else {
