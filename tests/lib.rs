@@ -224,6 +224,15 @@ impl StromProcess {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
+    /// The exit code once the process has ended by itself (`None` while it runs, or if a
+    /// signal ended it); the process is then reaped and can be `restart`ed.
+    pub fn exit_code(&mut self) -> Option<i32> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        self.paused = false;
+        status.code()
+    }
+
     pub fn kill9(&mut self) {
         self.paused = false;
         if let Some(mut c) = self.child.take() {
@@ -459,4 +468,64 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Whether every thread of process `pid` is traced (ptrace-attached).
+pub fn all_threads_traced(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("status"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"))
+    })
+}
+
+/// strace attached to process `pid`, failing with EIO the fsyncs (`fdatasync`, `fsync`,
+/// `syncfs`) of the given paths, as a failing disk does: all of them, or those `when` selects
+/// (strace's syntax, counted per thread: "1" fails each thread's first). Returns once every
+/// thread is traced; the strace ends with the process, or when killed.
+pub fn fail_fsyncs(pid: u32, paths: &[PathBuf], when: Option<&str>) -> Child {
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-qq", "-o", "/dev/null", "-p", &pid.to_string()]);
+    for p in paths {
+        cmd.arg("-P").arg(p);
+    }
+    let inject = match when {
+        Some(w) => format!("inject=fdatasync,fsync,syncfs:error=EIO:when={w}"),
+        None => "inject=fdatasync,fsync,syncfs:error=EIO".to_string(),
+    };
+    let strace = cmd
+        .args(["-e", "trace=fdatasync,fsync,syncfs", "-e", &inject])
+        .spawn()
+        .expect("strace (the test command installs it)");
+    // A process that fails its first fsync at once may be gone before all are seen traced.
+    wait_for(Duration::from_secs(30), "strace attached", || {
+        (all_threads_traced(pid) || has_exited(pid)).then_some(())
+    });
+    strace
+}
+
+/// Whether process `pid` has ended (a zombie not yet reaped by its parent, or gone).
+pub fn has_exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| matches!(rest.trim_start().chars().next(), Some('Z' | 'X'))),
+        Err(_) => true,
+    }
+}
+
+/// Waits (30 s) until `node` stops by itself on a storage failure: exit status 74 and `why` in
+/// its log. Reaps the strace (`fail_fsyncs`) that caused it.
+pub fn expect_storage_halt(node: &mut StromProcess, mut strace: Child, why: &str) {
+    let code = wait_for(Duration::from_secs(30), "the node stops by itself", || {
+        node.exit_code()
+    });
+    let _ = strace.wait();
+    assert_eq!(code, 74, "{}", node.log());
+    assert!(node.log().contains(why), "{}", node.log());
 }

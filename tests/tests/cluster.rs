@@ -8,7 +8,9 @@
 //! a broker-only node (not a controller voter) leading and following partitions, an active
 //! controller cut off from the other voters by a silent network resigning (check quorum) and
 //! following the new one once healed,
-//! a follower whose disk is full backing off and catching up once it has space again,
+//! a follower whose disk is full backing off and catching up once it has space again, a
+//! leader whose fsync fails and a controller whose metadata log fails stopping and the
+//! others taking over,
 //! DescribeTopicPartitions (KIP-966: ISR, ELR, offline replicas, paging), and the `strom topic`,
 //! `reassign`, `elect` and `quorum` commands run as a separate process.
 
@@ -33,7 +35,10 @@ use strom_proto::compression::Compression;
 use strom_proto::records::{encode_batch, NewRecord, ProducerInfo};
 use strom_tests::cluster::Cluster;
 use strom_tests::proxy::Proxy;
-use strom_tests::{free_port, produce_raw, wait_for, RawClient};
+use strom_tests::{
+    all_threads_traced, expect_storage_halt, fail_fsyncs, free_port, produce_raw, wait_for,
+    RawClient,
+};
 
 fn one_record(value: &str) -> bytes::Bytes {
     let r = NewRecord {
@@ -2514,17 +2519,112 @@ async fn an_unregistered_broker_only_node_leaves_the_cluster_for_good() {
     assert_eq!(registered_brokers(&mut c, 3).len(), 3);
 }
 
-/// Whether every thread of process `pid` is traced (ptrace-attached).
-fn all_threads_traced(pid: u32) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.flatten().all(|t| {
-        std::fs::read_to_string(t.path().join("status"))
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"))
-    })
+/// The active controller's metadata log cannot be fsynced: the node stops (staying up, it would
+/// serve from a metadata image that no longer changes); a new controller takes over and
+/// metadata changes work again; restarted, the node rejoins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_whose_metadata_log_fails_stops_and_another_takes_over() {
+    let mut c = Cluster::start(3, &[]);
+    let old = c.view().unwrap().controller;
+    let dir = std::fs::canonicalize(c.node(old).data_dir()).unwrap();
+    let raft_log = dir.join("__cluster_metadata-0/raft.log");
+    let pid = c.node(old).pid().expect("running");
+    let strace = fail_fsyncs(pid, &[raft_log], None);
+    // A metadata change makes every voter append to its metadata log: this one fails.
+    let b = c.bootstrap();
+    let creating = tokio::spawn(async move {
+        let t = NewTopic::new("during", 1, TopicReplication::Fixed(3));
+        let _ = common::admin(&b)
+            .create_topics(
+                [&t],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(5))),
+            )
+            .await;
+    });
+    expect_storage_halt(
+        c.node(old),
+        strace,
+        "the metadata log failed: stopping the node",
+    );
+    let _ = creating.await;
+    let live: Vec<String> = (1..=3)
+        .filter(|id| *id != old)
+        .map(|id| c.node(id).bootstrap())
+        .collect();
+    create_replicated(&live.join(","), "after", 1, 2, &[]).await;
+    let s = c.wait_partition("after", 0, WAIT, "a leader", |s| {
+        s.leader > 0 && s.isr.len() == 2
+    });
+    assert!(
+        !s.replicas.contains(&old),
+        "placed on a stopped broker: {s:?}"
+    );
+    let new = c.view().unwrap().controller;
+    assert!(new > 0 && new != old, "controller {new}");
+    c.node(old).restart();
+    c.wait_brokers(3, WAIT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_fsync_fails_stops_and_the_others_take_over_losing_nothing() {
+    let mut c = Cluster::start(3, &[]);
+    let b = c.bootstrap();
+    create_replicated(&b, "synced", 1, 3, &[("min.insync.replicas", "2")]).await;
+    let before = c.wait_partition("synced", 0, WAIT, "full ISR", |s| {
+        s.isr.len() == 3 && s.leader > 0
+    });
+    let victim = before.leader;
+    let acked_count = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let task = tokio::spawn(produce_sequence(
+        producer(&b, "all", true),
+        "synced".into(),
+        0,
+        30_000,
+        acked_count.clone(),
+        stop.clone(),
+    ));
+    wait_acked(&c, &acked_count, 2_000, "producer made no progress").await;
+
+    // The leader's fsyncs of the partition's segment (and of the data directory, which a
+    // flush of several files syncs as a whole) fail from now on, as on a failing disk.
+    let dir = std::fs::canonicalize(c.node(victim).data_dir()).unwrap();
+    let segment = std::fs::canonicalize(dir.join("synced-0/00000000000000000000.log")).unwrap();
+    let pid = c.node(victim).pid().expect("running");
+    let strace = fail_fsyncs(pid, &[segment, dir], None);
+    // It stops by itself, with the status that says why, instead of retrying the fsync.
+    expect_storage_halt(
+        c.node(victim),
+        strace,
+        "fsync of the log failed: stopping the node",
+    );
+    // The others take over and writes resume.
+    let at_stop = acked_count.load(Ordering::Acquire);
+    wait_acked(&c, &acked_count, at_stop + 2_000, "writes did not resume").await;
+    let after = c.wait_partition("synced", 0, WAIT, "a new leader", |s| {
+        s.leader > 0 && s.leader != victim
+    });
+    assert!(after.leader_epoch > before.leader_epoch);
+    let (acked, failed) = task.await.unwrap();
+    eprintln!("acknowledged {}, {failed} failed", acked.len());
+
+    // Restarted (its disk healthy again), it recovers its log and rejoins the ISR.
+    c.node(victim).restart();
+    c.wait_partition(
+        "synced",
+        0,
+        Duration::from_secs(60),
+        "the restarted node rejoins the ISR",
+        |s| s.isr.contains(&victim),
+    );
+    let values = read_values(
+        &b,
+        "synced",
+        0,
+        acked.len() + failed,
+        Duration::from_secs(60),
+    );
+    check_history(&acked, &values);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

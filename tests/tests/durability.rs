@@ -1,4 +1,5 @@
-//! Nothing acknowledged is lost: kill -9 under load, restarts, idempotent retries.
+//! Nothing acknowledged is lost: kill -9 under load, a failed fsync, restarts, idempotent
+//! retries.
 
 mod common;
 
@@ -14,7 +15,9 @@ use rdkafka::producer::FutureRecord;
 use strom_proto::compression::Compression;
 use strom_proto::records::{encode_batch, NewRecord, ProducerInfo};
 use strom_tests::proxy::Proxy;
-use strom_tests::{free_port, produce_raw, RawClient, StromProcess};
+use strom_tests::{
+    expect_storage_halt, fail_fsyncs, free_port, produce_raw, RawClient, StromProcess,
+};
 
 /// Reads every record of `topic` up to the high watermark: (partition, offset, value).
 fn read_everything(bootstrap: &str, topic: &str, partitions: i32) -> Vec<(i32, i64, Vec<u8>)> {
@@ -49,6 +52,53 @@ async fn sigterm_under_load_finishes_in_flight_requests_and_loses_nothing() {
 
 /// Streams at full rate, stops the broker with `stop_broker` mid-stream, restarts it and checks that
 /// every acknowledged record is there exactly once at its offset, with contiguous offsets.
+/// One failed fsync stops the node, though the next one would succeed: after a writeback error
+/// the kernel may have dropped the pages it could not write, so acknowledging past it could
+/// acknowledge records that are not on disk. What was acknowledged before is there after a
+/// restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_fsync_stops_the_node_and_loses_no_acknowledged_record() {
+    stop_under_load_and_verify(|s| {
+        let dir = std::fs::canonicalize(s.data_dir()).unwrap();
+        let mut paths = vec![dir.clone()];
+        for p in 0..2 {
+            let seg = dir.join(format!("dur-{p}/00000000000000000000.log"));
+            paths.push(std::fs::canonicalize(seg).unwrap());
+        }
+        // Each thread's first fsync of those files fails; the ones after it would not.
+        let strace = fail_fsyncs(s.pid().expect("running"), &paths, Some("1"));
+        expect_storage_halt(s, strace, "fsync of the log failed: stopping the node");
+    })
+    .await;
+}
+
+/// A segment that rolls is fsynced before it becomes immutable: that fsync failing stops the
+/// node too (the roll would otherwise be retried, and a retried fsync proves nothing).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_fsync_of_a_rolling_segment_stops_the_node() {
+    let mut s = StromProcess::start(&[]);
+    // Flushed only at the roll: the fsync that fails is the roll's.
+    let configs = [
+        ("segment.bytes", "1048576"),
+        ("flush.messages", "1000000000"),
+    ];
+    create_topic(&s.bootstrap(), "roll", 1, &configs).await;
+    let p = producer(&s.bootstrap(), &[("acks", "1"), ("linger.ms", "1")]);
+    let value = vec![b'x'; 10_000];
+    let record = || FutureRecord::to("roll").payload(&value).key("k");
+    let wait = Duration::from_secs(5);
+    p.send(record(), wait).await.unwrap();
+    let seg = s.data_dir().join("roll-0/00000000000000000000.log");
+    let seg = std::fs::canonicalize(seg).unwrap();
+    let strace = fail_fsyncs(s.pid().expect("running"), &[seg], None);
+    // Past the segment's size: the roll fsyncs it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.is_running() && Instant::now() < deadline {
+        let _ = p.send(record(), wait).await;
+    }
+    expect_storage_halt(&mut s, strace, "fsync of the log failed: stopping the node");
+}
+
 async fn stop_under_load_and_verify(stop_broker: impl FnOnce(&mut StromProcess)) {
     let mut s = StromProcess::start(&[]);
     create_topic(&s.bootstrap(), "dur", 2, &[]).await;

@@ -554,6 +554,16 @@ impl ControllerHandler for ControllerService {
         })
     }
 
+    /// As Kafka's metadata log fault handler: the node stops. Going on, it would keep serving
+    /// its partitions from a metadata image that no longer changes (a leader the controller has
+    /// replaced would still take writes).
+    fn metadata_log_failed(&self, error: &str) {
+        crate::flusher::halt_on_storage_failure(
+            "the metadata log failed: stopping the node; the next start recovers it",
+            error,
+        );
+    }
+
     /// A broker whose process is gone is fenced at once by the active controller (its
     /// leaderships move now, not after `broker.session.timeout.ms`).
     fn peer_down(&self, node_id: i32) {

@@ -14,7 +14,9 @@ pub fn log_error_code(e: &LogError) -> ResponseError {
         LogError::OutOfOrderSequence { .. } => ResponseError::OutOfOrderSequenceNumber,
         LogError::InvalidProducerEpoch { .. } => ResponseError::InvalidProducerEpoch,
         LogError::InvalidTimestamp { .. } => ResponseError::InvalidTimestamp,
-        LogError::Io(_) | LogError::Failed => ResponseError::KafkaStorageError,
+        LogError::Io(_) | LogError::SyncFailed(_) | LogError::Failed => {
+            ResponseError::KafkaStorageError
+        }
     }
 }
 

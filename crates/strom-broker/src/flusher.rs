@@ -3,6 +3,12 @@
 //! the waiters. With several dirty files the step is one `syncfs` on the data directory's
 //! filesystem (measured here: ~0.5 ms for 16 dirty files, against ~2.5 ms for 16 parallel
 //! fdatasyncs and ~5 ms sequential); with one file it is an `fdatasync` of that file.
+//!
+//! A failed fsync stops the node (as Kafka halts when its log directory fails): after a
+//! writeback error the kernel may have dropped the dirty pages and marked them clean, so a
+//! later fsync that succeeds proves nothing about them, and acknowledging past the failure
+//! could acknowledge records that are not on disk. Nothing is acknowledged from then on; in a
+//! cluster the other replicas take over, and the node's next start recovers its log.
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -98,6 +104,27 @@ impl Flusher {
                     }
                 }
             }
+            if let Err(e) = result {
+                halt_on_fsync_failure(&e);
+            }
         }
     }
+}
+
+/// The exit status of a node stopped by a storage failure (`EX_IOERR` of sysexits.h).
+pub const EXIT_STORAGE_FAILED: i32 = 74;
+
+/// Stops the process at once after a failed fsync of a log.
+pub(crate) fn halt_on_fsync_failure(e: &std::io::Error) -> ! {
+    halt_on_storage_failure(
+        "fsync of the log failed: stopping the node (a failed fsync may have dropped written pages, so no later fsync can prove them durable); the next start recovers the log",
+        &e.to_string(),
+    )
+}
+
+/// Stops the process at once: no clean shutdown (it would fsync again and write the marker that
+/// lets the next start skip recovery), no further acknowledgement.
+pub(crate) fn halt_on_storage_failure(what: &str, error: &str) -> ! {
+    tracing::error!(error, exit_status = EXIT_STORAGE_FAILED, "{what}");
+    std::process::exit(EXIT_STORAGE_FAILED)
 }

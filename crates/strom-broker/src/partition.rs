@@ -424,7 +424,10 @@ impl Partition {
 
     fn with_log<T>(&self, f: impl FnOnce(&mut Log) -> Result<T, LogError>) -> Result<T, LogError> {
         match self.log.lock().as_mut() {
-            Some(log) => f(log),
+            Some(log) => match f(log) {
+                Err(LogError::SyncFailed(e)) => crate::flusher::halt_on_fsync_failure(&e),
+                r => r,
+            },
             None => Err(LogError::Failed),
         }
     }

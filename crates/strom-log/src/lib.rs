@@ -124,6 +124,11 @@ pub enum LogError {
     InvalidTimestamp { timestamp: i64, min: i64, max: i64 },
     #[error("log i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// An fsync of a segment's data failed. The kernel may have dropped the written pages, so
+    /// no later fsync proves them durable: the caller must stop using the log (the broker stops
+    /// the node, as the flusher does when its fsync fails).
+    #[error("fsync of the log failed: {0}")]
+    SyncFailed(std::io::Error),
     #[error("log is offline after an unrecoverable write error")]
     Failed,
     #[error("log is corrupt: {0}")]

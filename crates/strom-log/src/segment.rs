@@ -468,7 +468,7 @@ impl Segment {
             f.write_all(&bytes)?;
             f.sync_all()?;
         }
-        self.file.sync_data()?;
+        self.file.sync_data().map_err(LogError::SyncFailed)?;
         Ok(())
     }
 
@@ -526,7 +526,7 @@ impl Segment {
     ) -> Result<(), LogError> {
         self.truncations.fetch_add(1, Ordering::AcqRel);
         self.file.set_len(position)?;
-        self.file.sync_all()?;
+        self.file.sync_all().map_err(LogError::SyncFailed)?;
         let (seg, _) = Segment::recover(
             &self.dir,
             self.base_offset,

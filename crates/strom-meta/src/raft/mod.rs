@@ -111,6 +111,9 @@ pub trait ControllerHandler: Send + Sync + 'static {
     fn handle(&self, request: Vec<u8>) -> BoxFuture<'static, Vec<u8>>;
     /// The process of node `node_id` is gone (see `liveness.rs`). Called on every node.
     fn peer_down(&self, _node_id: i32) {}
+    /// This node's Raft stopped on an error of its own (its log storage failed, e.g. an
+    /// fsync): it can no longer take part in the quorum nor learn what it commits. Called once.
+    fn metadata_log_failed(&self, _error: &str) {}
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -295,6 +298,8 @@ impl RaftMetadataLog {
             let mut metrics = raft.metrics();
             let peers = peers.clone();
             let resigned = resigned.clone();
+            let handler = handler.clone();
+            let mut failed = false;
             let mut check = CheckQuorum::new(
                 me,
                 Duration::from_millis(cfg.election_timeout_max_ms.saturating_mul(3) / 2),
@@ -305,15 +310,24 @@ impl RaftMetadataLog {
             tokio::spawn(async move {
                 let mut membership_seen = None;
                 loop {
-                    let (leader, membership, lost) = {
+                    let (leader, membership, lost, fatal) = {
                         let m = metrics.borrow_watched();
+                        // Stopped by a storage error or a panic, not by `shutdown`.
+                        let fatal = match &m.running_state {
+                            Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
+                            Err(e) => Some(e.to_string()),
+                        };
                         let membership = m.membership_config.clone();
                         let voters = membership.membership().voter_ids().count();
                         let acked = m.last_quorum_acked.as_ref().map(|t| t.elapsed());
                         let term = (m.state == ServerState::Leader).then_some(m.current_term);
                         let lost = check.lost(term, voters, acked);
-                        (m.current_leader.map(from_node_id), membership, lost)
+                        (m.current_leader.map(from_node_id), membership, lost, fatal)
                     };
+                    if let Some(e) = fatal.filter(|_| !failed) {
+                        failed = true;
+                        handler.metadata_log_failed(&e);
+                    }
                     if membership_seen.as_ref() != Some(membership.log_id()) {
                         peers.learn_only(membership.membership().nodes());
                         membership_seen = Some(*membership.log_id());
