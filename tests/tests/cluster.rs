@@ -234,6 +234,14 @@ async fn wait_acked(c: &Cluster, acked: &AtomicUsize, n: usize, what: &str) {
     }
 }
 
+/// Reads the partition back (everything acknowledged and what failed but may have been
+/// written) and checks it against the acknowledged history.
+fn read_back_and_check(b: &str, topic: &str, p: i32, acked: &[u64], failed: usize) -> Vec<u64> {
+    let values = read_values(b, topic, p, acked.len() + failed, Duration::from_secs(60));
+    check_history(acked, &values);
+    values
+}
+
 /// What was read back is the history a client expects: no value twice, in the order produced,
 /// every acknowledged value present.
 fn check_history(acked: &[u64], values: &[u64]) {
@@ -342,14 +350,7 @@ async fn killing_the_leader_loses_no_acknowledged_record_and_the_node_rejoins() 
         |s| s.isr.contains(&victim),
     );
 
-    let values = read_values(
-        &b,
-        "orders",
-        0,
-        acked.len() + failed,
-        Duration::from_secs(60),
-    );
-    check_history(&acked, &values);
+    let values = read_back_and_check(&b, "orders", 0, &acked, failed);
 
     // The consumer that ran through the failover saw only what the log keeps (nothing it was
     // given was later truncated away), each offset once and in order, and reached the end.
@@ -475,14 +476,7 @@ async fn a_paused_leader_and_controller_wakes_up_as_a_follower_and_nothing_acked
     let (acked, failed) = task.await.unwrap();
     eprintln!("acknowledged {} of {total}, {failed} failed", acked.len());
     assert!(acked.len() > 10_000);
-    let values = read_values(
-        &b,
-        "zombie",
-        p,
-        acked.len() + failed,
-        Duration::from_secs(60),
-    );
-    check_history(&acked, &values);
+    let values = read_back_and_check(&b, "zombie", p, &acked, failed);
     consumer_until.store(values.len(), Ordering::Release);
     check_consumed(&consumer.join().unwrap(), &values);
 
@@ -1786,14 +1780,7 @@ async fn reassigning_a_partition_off_its_leader_under_load_loses_nothing() {
     let (acked, failed) = task.await.unwrap();
     eprintln!("acknowledged {}, {failed} failed", acked.len());
 
-    let values = read_values(
-        &b,
-        "moving",
-        0,
-        acked.len() + failed,
-        Duration::from_secs(60),
-    );
-    check_history(&acked, &values);
+    read_back_and_check(&b, "moving", 0, &acked, failed);
 
     // The removed replica deleted its log; the newcomer has one.
     let gone = c.node(victim).data_dir().join("moving-0");
@@ -2330,14 +2317,7 @@ async fn a_broker_only_node_leads_and_follows_partitions_but_never_controls() {
     let (acked, failed) = task.await.unwrap();
     eprintln!("acknowledged {} of {total}, {failed} failed", acked.len());
     assert!(acked.len() > 6_000);
-    let values = read_values(
-        &b,
-        "observed",
-        partition,
-        acked.len() + failed,
-        Duration::from_secs(60),
-    );
-    check_history(&acked, &values);
+    let values = read_back_and_check(&b, "observed", partition, &acked, failed);
 
     // Back with its log and its place in the metadata log: it catches up, rejoins the ISR and,
     // by a preferred election, leads its partition again with the same records.
@@ -2617,14 +2597,7 @@ async fn a_leader_whose_fsync_fails_stops_and_the_others_take_over_losing_nothin
         "the restarted node rejoins the ISR",
         |s| s.isr.contains(&victim),
     );
-    let values = read_values(
-        &b,
-        "synced",
-        0,
-        acked.len() + failed,
-        Duration::from_secs(60),
-    );
-    check_history(&acked, &values);
+    read_back_and_check(&b, "synced", 0, &acked, failed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2657,18 +2630,7 @@ async fn a_follower_whose_disk_is_full_backs_off_and_rejoins_once_it_has_space()
 
     // Every write to the follower's segment fails as on a full disk (strace injects ENOSPC into
     // the direct write and into the page cache write it falls back to).
-    let pid = c.node(f).pid().expect("running").to_string();
-    let mut strace = std::process::Command::new("strace")
-        .args(["-f", "-qq", "-o", "/dev/null", "-p", &pid, "-P"])
-        .arg(&ours)
-        .args(["-e", "trace=pwrite64,pwritev"])
-        .args(["-e", "inject=pwrite64,pwritev:error=ENOSPC"])
-        .spawn()
-        .expect("strace (the test command installs it)");
-    let pid: u32 = pid.parse().unwrap();
-    wait_for(WAIT, "strace attached", || {
-        all_threads_traced(pid).then_some(())
-    });
+    let mut strace = fill_disk_for(c.node(f).pid().expect("running"), &ours);
     let failed_before = c
         .node(f)
         .log()
@@ -2714,16 +2676,117 @@ async fn a_follower_whose_disk_is_full_backs_off_and_rejoins_once_it_has_space()
         "the follower rejoins",
         |x| x.isr.len() == 3,
     );
-    wait_for(WAIT, "the follower's segment is the leader's", || {
-        let (a, b) = (
-            std::fs::read(&ours).unwrap(),
-            std::fs::read(&theirs).unwrap(),
-        );
-        // Past its size a segment written directly may hold the zeros of its last block.
-        (a.len() >= b.len() && a[..b.len()] == b[..] && a[b.len()..].iter().all(|z| *z == 0))
-            .then_some(())
-    });
+    wait_same_segment(&ours, &theirs, "the follower's segment is the leader's");
     assert!(c.node(f).is_running());
     let values = read_values(&b, "full", 0, sent as usize, WAIT);
     assert_eq!(values, (0..sent).collect::<Vec<_>>());
+}
+
+/// Waits until segment `ours` holds what `theirs` holds, byte for byte: nothing half-written
+/// was left behind. Past its size a segment written directly may hold the zeros of its last
+/// block.
+fn wait_same_segment(ours: &std::path::Path, theirs: &std::path::Path, what: &str) {
+    wait_for(WAIT, what, || {
+        let (a, b) = (std::fs::read(ours).unwrap(), std::fs::read(theirs).unwrap());
+        (a.len() >= b.len() && a[..b.len()] == b[..] && a[b.len()..].iter().all(|z| *z == 0))
+            .then_some(())
+    });
+}
+
+/// Starts failing every write of `pid` to `file` with ENOSPC, as a full disk would (the
+/// page-cache writes of a leader's appends, a follower's direct writes and their fallback).
+/// Kill the returned strace to give the space back.
+fn fill_disk_for(pid: u32, file: &std::path::Path) -> std::process::Child {
+    let strace = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-p", &pid.to_string(), "-P"])
+        .arg(file)
+        .args(["-e", "trace=pwrite64,pwritev"])
+        .args(["-e", "inject=pwrite64,pwritev:error=ENOSPC"])
+        .spawn()
+        .expect("strace (the test command installs it)");
+    wait_for(WAIT, "strace attached", || {
+        all_threads_traced(pid).then_some(())
+    });
+    strace
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_disk_is_full_hands_over_and_rejoins_once_it_has_space() {
+    let mut c = Cluster::start(3, &[]);
+    let b = c.bootstrap();
+    create_replicated(&b, "spill", 1, 3, &[("min.insync.replicas", "2")]).await;
+    let before = c.wait_partition("spill", 0, WAIT, "full ISR", |s| {
+        s.isr.len() == 3 && s.leader > 0
+    });
+    let victim = before.leader;
+    let segment = |c: &mut Cluster, id: i32| {
+        let p = c
+            .node(id)
+            .data_dir()
+            .join("spill-0/00000000000000000000.log");
+        std::fs::canonicalize(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    };
+    let ours = segment(&mut c, victim);
+    let acked_count = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let task = tokio::spawn(produce_sequence(
+        producer(&b, "all", true),
+        "spill".into(),
+        0,
+        u64::MAX,
+        acked_count.clone(),
+        stop.clone(),
+    ));
+    wait_acked(&c, &acked_count, 2_000, "producer made no progress").await;
+
+    // The leader's disk is full: its appends fail (and are taken back). It hands the partition
+    // to an in-sync follower and leaves the ISR; producers go on there.
+    let mut strace = fill_disk_for(c.node(victim).pid().expect("running"), &ours);
+    let at_fault = acked_count.load(Ordering::Acquire);
+    let after = c.wait_partition("spill", 0, WAIT, "another leader", |s| {
+        s.leader > 0 && s.leader != victim && !s.isr.contains(&victim)
+    });
+    assert!(after.leader_epoch > before.leader_epoch, "{after:?}");
+    assert_eq!(after.isr.len(), 2, "{after:?}");
+    wait_acked(&c, &acked_count, at_fault + 2_000, "writes did not resume").await;
+    assert!(
+        c.node(victim).log().contains("leadership handed over"),
+        "{}",
+        c.node(victim).log()
+    );
+    // Still serving, as a follower that cannot write yet: it says so in its fetches and stays
+    // out of the ISR, so that acks=all writes do not wait for it.
+    wait_for(WAIT, "the old leader fails to write as a follower", || {
+        c.node(victim)
+            .log()
+            .contains("appending replicated data failed")
+            .then_some(())
+    });
+    let at_follow = acked_count.load(Ordering::Acquire);
+    wait_acked(&c, &acked_count, at_follow + 2_000, "writes stopped").await;
+    let view = c.view_from(after.leader).expect("metadata");
+    let now = view.partition("spill", 0).expect("spill-0");
+    assert!(!now.isr.contains(&victim), "{view:?}");
+    assert!(c.node(victim).is_running());
+
+    // Space again: it catches up and rejoins the ISR while the producer goes on.
+    // SAFETY: kill(2) on a child process of ours.
+    unsafe { libc::kill(strace.id() as i32, libc::SIGTERM) };
+    let _ = strace.wait();
+    c.wait_partition(
+        "spill",
+        0,
+        Duration::from_secs(30),
+        "the old leader rejoins",
+        |s| s.isr.len() == 3,
+    );
+    let at_rejoin = acked_count.load(Ordering::Acquire);
+    wait_acked(&c, &acked_count, at_rejoin + 1_000, "writes stopped").await;
+    stop.store(true, Ordering::Release);
+    let (acked, failed) = task.await.unwrap();
+    eprintln!("acknowledged {}, {failed} failed", acked.len());
+    read_back_and_check(&b, "spill", 0, &acked, failed);
+    // Its log is the leader's, byte for byte: nothing half-written was left behind.
+    let theirs = segment(&mut c, after.leader);
+    wait_same_segment(&ours, &theirs, "the old leader's segment is the new one's");
 }

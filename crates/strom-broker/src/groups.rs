@@ -145,6 +145,9 @@ impl OffsetsLog for Broker {
             LogError::MessageTooLarge { .. } => GroupError::InvalidCommitOffsetSize,
             e => {
                 tracing::error!(partition, error = %e, "appending to __consumer_offsets failed");
+                if let Some(me) = self.fetchers.broker() {
+                    crate::replication::resign_if_storage_failed(&me, &part, &e);
+                }
                 GroupError::StorageError
             }
         })?;

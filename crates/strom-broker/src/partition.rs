@@ -22,6 +22,7 @@ use strom_log::{AppendOutcome, FlushTarget, Log, LogConfig, LogError, ReadOut};
 use tokio::sync::{watch, Notify};
 
 use crate::flusher::Flusher;
+use crate::replication::IsrChange;
 
 /// The leader's high watermark: the lowest durable log end offset across the ISR (`None` while
 /// an ISR follower has not fetched in this leader epoch, so nothing is known of its log).
@@ -124,6 +125,10 @@ pub struct Partition {
     pending_isr_add: AtomicI32,
     /// Woken on every append (replica fetches long-poll on it).
     pub appended: Notify,
+    /// The last append to this log failed on its storage (a full or failing disk) and none
+    /// has succeeded since. A follower says so in its fetches
+    /// (`replication::WRITE_FAILED_TAG`): the leader keeps it out of the ISR meanwhile.
+    write_failed: AtomicBool,
 }
 
 impl Partition {
@@ -161,6 +166,7 @@ impl Partition {
             isr_change_pending: AtomicBool::new(false),
             pending_isr_add: AtomicI32::new(-1),
             appended: Notify::new(),
+            write_failed: AtomicBool::new(false),
             log: Mutex::new(Some(log)),
         }
     }
@@ -219,14 +225,18 @@ impl Partition {
 
     /// Leader: a follower fetched and holds everything below `fetch_offset` durably (the
     /// fetch offset, or less when the fetch says its durable end lags: see
-    /// `replication::DURABLE_END_TAG`). Returns the ISR the leader should propose if it
-    /// changes (expansion).
+    /// `replication::DURABLE_END_TAG`). Returns the ISR change the leader should propose:
+    /// adding a follower that caught up, or removing at once one that says it cannot write
+    /// (`can_write` false: `replication::WRITE_FAILED_TAG`). What such a follower holds still
+    /// counts toward the high watermark, but it is never caught up: it would hold every
+    /// acks=all write back for `replica.lag.time.max.ms`.
     pub fn record_follower_fetch(
         &self,
         replica: i32,
         fetch_offset: i64,
+        can_write: bool,
         now_ms: i64,
-    ) -> Option<Vec<i32>> {
+    ) -> Option<IsrChange> {
         {
             let role = self.role.read();
             if role.leader != self.local_id || !role.replicas.contains(&replica) {
@@ -242,7 +252,9 @@ impl Partition {
             let mut f = self.followers.lock();
             let st = f.entry(replica).or_insert(FollowerState::new(0));
             st.log_end_offset = fetch_offset;
-            if fetch_offset >= leo {
+            if !can_write {
+                // Not caught up, however far it got.
+            } else if fetch_offset >= leo {
                 st.last_caught_up_ms = now_ms;
             } else if st.last_fetch_leader_leo >= 0 && fetch_offset >= st.last_fetch_leader_leo {
                 st.last_caught_up_ms = st.last_caught_up_ms.max(st.last_fetch_ms);
@@ -254,6 +266,12 @@ impl Partition {
         // KIP-497 / Kafka: a follower rejoins the ISR once it has caught up to the high
         // watermark (and so holds everything acknowledged).
         let role = self.role.read();
+        if !can_write {
+            return role
+                .isr
+                .contains(&replica)
+                .then(|| IsrChange::Remove(vec![replica]));
+        }
         if !role.isr.contains(&replica) && fetch_offset >= self.high_watermark() {
             // From this decision on the replica counts toward the high watermark.
             let _ = self.pending_isr_add.compare_exchange(
@@ -262,9 +280,7 @@ impl Partition {
                 Ordering::AcqRel,
                 Ordering::Acquire,
             );
-            let mut isr = role.isr.clone();
-            isr.push(replica);
-            return Some(isr);
+            return Some(IsrChange::Add(replica));
         }
         None
     }
@@ -449,10 +465,13 @@ impl Partition {
         now_ms: i64,
     ) -> Result<AppendOutcome, LogError> {
         let epoch = self.leader_epoch();
-        let (outcome, leo, unflushed) = self.with_log(|log| {
-            let outcome = log.append(records, epoch, now_ms)?;
-            Ok((outcome, log.log_end_offset(), log.unflushed_messages()))
-        })?;
+        let (outcome, leo, unflushed) = self
+            .with_log(|log| {
+                let outcome = log.append(records, epoch, now_ms)?;
+                Ok((outcome, log.log_end_offset(), log.unflushed_messages()))
+            })
+            .inspect_err(|e| self.note_write_failure(e))?;
+        self.write_failed.store(false, Ordering::Release);
         self.log_end_offset.fetch_max(leo, Ordering::AcqRel);
         self.appended.notify_waiters();
         if !self.is_durable_mode() {
@@ -566,10 +585,26 @@ impl Partition {
         })
     }
 
+    /// Whether the last append failed on the storage (`write_failed`).
+    pub fn write_failed(&self) -> bool {
+        self.write_failed.load(Ordering::Acquire)
+    }
+
+    fn note_write_failure(&self, e: &LogError) {
+        if matches!(e, LogError::Io(_) | LogError::Failed) {
+            self.write_failed.store(true, Ordering::Release);
+        }
+    }
+
     /// Follower: appends what the leader's fetch returned, keeping its offsets and epochs.
     /// Durability is awaited separately (`wait_durable`).
     pub fn append_replicated(&self, data: &[u8]) -> Result<strom_log::ReplicatedAppend, LogError> {
-        let out = self.with_log(|log| log.append_replicated(data))?;
+        let out = self
+            .with_log(|log| log.append_replicated(data))
+            .inspect_err(|e| self.note_write_failure(e))?;
+        if out.appended_batches > 0 {
+            self.write_failed.store(false, Ordering::Release);
+        }
         self.log_end_offset
             .fetch_max(out.log_end_offset, Ordering::AcqRel);
         self.appended.notify_waiters();
@@ -720,23 +755,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let part = leader(dir.path());
         append(&part, 10);
-        assert_eq!(part.record_follower_fetch(2, 10, 0), None);
+        assert_eq!(part.record_follower_fetch(2, 10, true, 0), None);
         assert_eq!(part.high_watermark(), 10);
         // Replica 3 caught up: the leader proposes it for the ISR.
-        assert_eq!(part.record_follower_fetch(3, 10, 0), Some(vec![1, 2, 3]));
+        assert_eq!(
+            part.record_follower_fetch(3, 10, true, 0),
+            Some(IsrChange::Add(3))
+        );
         append(&part, 5);
-        part.record_follower_fetch(2, 15, 0);
+        part.record_follower_fetch(2, 15, true, 0);
         assert_eq!(
             part.high_watermark(),
             10,
             "committed past what the joining replica holds"
         );
-        part.record_follower_fetch(3, 15, 0);
+        part.record_follower_fetch(3, 15, true, 0);
         assert_eq!(part.high_watermark(), 15);
         // Proposed again, then refused: it stops counting.
         append(&part, 5);
-        part.record_follower_fetch(3, 15, 0);
-        part.record_follower_fetch(2, 20, 0);
+        part.record_follower_fetch(3, 15, true, 0);
+        part.record_follower_fetch(2, 20, true, 0);
         assert_eq!(part.high_watermark(), 15);
         part.isr_add_answered(3);
         assert_eq!(part.high_watermark(), 20);
@@ -754,7 +792,7 @@ mod tests {
         for _ in 0..50 {
             append(&part, 3);
             now += 100;
-            part.record_follower_fetch(2, offset, now);
+            part.record_follower_fetch(2, offset, true, now);
             offset = part.log_end_offset();
             append(&part, 1); // the leader moves on before the next fetch arrives
         }
@@ -763,8 +801,44 @@ mod tests {
         for _ in 0..20 {
             append(&part, 1);
             now += 100;
-            part.record_follower_fetch(2, offset, now);
+            part.record_follower_fetch(2, offset, true, now);
         }
         assert_eq!(part.shrunk_isr(now, lag_max), Some(vec![1]));
+    }
+
+    #[test]
+    fn a_follower_that_cannot_write_leaves_the_isr_at_once_and_rejoins_once_it_can() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = leader(dir.path()); // ISR [1, 2] of replicas [1, 2, 3]
+        append(&part, 10);
+        // Fully caught up, but its disk is full: out of the ISR now, not after the lag time.
+        assert_eq!(
+            part.record_follower_fetch(2, 10, false, 0),
+            Some(IsrChange::Remove(vec![2]))
+        );
+        // What it holds still counts until the ISR changes.
+        assert_eq!(part.high_watermark(), 10);
+        // Not in the ISR (replica 3), caught up but unable to write: it is not proposed.
+        assert_eq!(part.record_follower_fetch(3, 10, false, 0), None);
+        assert_eq!(part.shrunk_isr(0, 1_000), None);
+        // It wrote again: proposed as soon as it holds the high watermark.
+        assert_eq!(
+            part.record_follower_fetch(3, 10, true, 0),
+            Some(IsrChange::Add(3))
+        );
+    }
+
+    #[test]
+    fn a_failed_write_is_remembered_until_one_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = leader(dir.path());
+        append(&part, 1);
+        assert!(!part.write_failed());
+        part.note_write_failure(&LogError::MessageTooLarge { size: 2, max: 1 });
+        assert!(!part.write_failed(), "the client's error, not the disk's");
+        part.note_write_failure(&LogError::Io(std::io::Error::from_raw_os_error(28)));
+        assert!(part.write_failed());
+        append(&part, 1);
+        assert!(!part.write_failed());
     }
 }

@@ -27,6 +27,7 @@ use kafka_protocol::messages::offset_for_leader_epoch_request::{
 };
 use kafka_protocol::messages::{BrokerId, FetchRequest, OffsetForLeaderEpochRequest, TopicName};
 use parking_lot::Mutex;
+use strom_log::LogError;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -44,6 +45,11 @@ const EPOCH_VERSION: i16 = 3;
 pub const DURABLE_END_TAG: i32 = 0x5354_0001;
 /// In a fetch response partition to a follower: the leader's log end offset.
 pub const LEADER_LOG_END_TAG: i32 = 0x5354_0002;
+/// In a follower's fetch partition, empty: its last write to this partition's log failed (a
+/// full or failing disk) and none has succeeded since. The leader takes it out of the ISR at
+/// once and lets it back only once it can write again (as Kafka does with the replicas of a
+/// failed log directory, KIP-858).
+pub const WRITE_FAILED_TAG: i32 = 0x5354_0003;
 
 /// An offset carried in a tagged field (8 bytes, big-endian); `None` when absent or malformed.
 pub fn tagged_offset(
@@ -516,6 +522,10 @@ fn fetch_request(
         if durable < leo {
             set_tagged_offset(&mut part.unknown_tagged_fields, DURABLE_END_TAG, durable);
         }
+        if fl.part.write_failed() {
+            part.unknown_tagged_fields
+                .insert(WRITE_FAILED_TAG, bytes::Bytes::new());
+        }
         match topics.iter_mut().find(|t| t.topic.0.as_str() == topic) {
             Some(t) => t.partitions.push(part),
             None => topics.push(
@@ -761,10 +771,24 @@ fn round_outcome(progress: bool, refused: bool, took: Duration, wait: Duration) 
 }
 
 /// An ISR change a leader proposes.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IsrChange {
     Add(i32),
     Remove(Vec<i32>),
+    /// The leader cannot write its log: another in-sync replica leads and it leaves the ISR
+    /// (`Controller::resign_leadership`).
+    Resign,
+}
+
+/// A leader's append failed on its storage (a full or failing disk; the segment was put back
+/// as it was, or the log went offline for writes): it asks to hand the partition to another
+/// in-sync replica, so that producers go on there while it retries as a follower. Other
+/// refusals (a bad batch, a sequence error) are the client's and change nothing; so does a
+/// leader alone in its ISR.
+pub fn resign_if_storage_failed(broker: &Arc<Broker>, part: &Arc<Partition>, e: &LogError) {
+    if matches!(e, LogError::Io(_) | LogError::Failed) && part.is_leader() && part.isr_len() > 1 {
+        propose_isr(broker, part, IsrChange::Resign);
+    }
 }
 
 /// Sends an ISR change for `part` to the controller in the background (one at a time per
@@ -793,26 +817,37 @@ pub fn propose_isr(broker: &Arc<Broker>, part: &Arc<Partition>, change: IsrChang
                 else {
                     return Ok(Vec::new());
                 };
+                let state = (me, epoch, partition_epoch);
                 let mut isr = p.isr.clone();
                 match &change {
                     IsrChange::Add(r) if !isr.contains(r) => isr.push(*r),
                     IsrChange::Add(_) => return Ok(Vec::new()),
                     IsrChange::Remove(rs) => isr.retain(|r| !rs.contains(r)),
+                    IsrChange::Resign => {
+                        return broker
+                            .controller()
+                            .resign_leadership(img, &part.topic, part.index, state, &*broker)
+                            .map_err(|e| e.to_string())
+                    }
                 }
                 broker
                     .controller()
-                    .alter_isr(
-                        img,
-                        &part.topic,
-                        part.index,
-                        (me, epoch, partition_epoch),
-                        &isr,
-                        &*broker,
-                    )
+                    .alter_isr(img, &part.topic, part.index, state, &isr, &*broker)
                     .map_err(|e| e.to_string())
             })
             .await;
         match result {
+            Ok(img) if matches!(change, IsrChange::Resign) => {
+                let leader = img
+                    .topic(&part.topic)
+                    .and_then(|t| t.partitions.get(&part.index))
+                    .map(|p| p.leader);
+                if leader == Some(me) {
+                    tracing::warn!(topic = %part.topic, partition = part.index, "the log cannot be written and no other in-sync replica can lead: staying the leader");
+                } else {
+                    tracing::warn!(topic = %part.topic, partition = part.index, ?leader, "the log cannot be written: leadership handed over");
+                }
+            }
             Ok(_) => {
                 tracing::info!(topic = %part.topic, partition = part.index, ?change, "ISR changed")
             }

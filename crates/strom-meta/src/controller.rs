@@ -170,6 +170,45 @@ impl Leadership {
     }
 }
 
+/// The topic and partition an AlterPartition-like request from `leader_id` acts on, if it
+/// still leads in the epochs it names: the partition may have moved on since (KIP-497).
+fn leader_state<'a>(
+    image: &'a MetadataImage,
+    topic: &str,
+    partition: i32,
+    (leader_id, leader_epoch, partition_epoch): (i32, i32, i32),
+) -> Result<
+    (
+        &'a crate::image::TopicImage,
+        &'a crate::image::PartitionImage,
+    ),
+    AlterPartitionError,
+> {
+    let t = image
+        .topic(topic)
+        .ok_or(AlterPartitionError::UnknownTopicOrPartition)?;
+    let p = t
+        .partitions
+        .get(&partition)
+        .ok_or(AlterPartitionError::UnknownTopicOrPartition)?;
+    if p.leader != leader_id {
+        return Err(AlterPartitionError::NotLeaderOrFollower);
+    }
+    if p.leader_epoch != leader_epoch {
+        return Err(AlterPartitionError::FencedLeaderEpoch {
+            got: leader_epoch,
+            current: p.leader_epoch,
+        });
+    }
+    if p.partition_epoch != partition_epoch {
+        return Err(AlterPartitionError::InvalidUpdateVersion {
+            got: partition_epoch,
+            current: p.partition_epoch,
+        });
+    }
+    Ok((t, p))
+}
+
 /// KIP-966: the ISR becomes `isr`. Replicas that leave it while it is below min.insync.replicas
 /// become eligible leader replicas: the high watermark cannot advance without them from then on,
 /// so they hold everything committed. An ISR back at min.insync.replicas clears them.
@@ -534,28 +573,12 @@ impl Controller {
         new_isr: &[i32],
         policy: &dyn TopicPolicy,
     ) -> Result<Vec<MetadataRecord>, AlterPartitionError> {
-        let t = image
-            .topic(topic)
-            .ok_or(AlterPartitionError::UnknownTopicOrPartition)?;
-        let p = t
-            .partitions
-            .get(&partition)
-            .ok_or(AlterPartitionError::UnknownTopicOrPartition)?;
-        if p.leader != leader_id {
-            return Err(AlterPartitionError::NotLeaderOrFollower);
-        }
-        if p.leader_epoch != leader_epoch {
-            return Err(AlterPartitionError::FencedLeaderEpoch {
-                got: leader_epoch,
-                current: p.leader_epoch,
-            });
-        }
-        if p.partition_epoch != partition_epoch {
-            return Err(AlterPartitionError::InvalidUpdateVersion {
-                got: partition_epoch,
-                current: p.partition_epoch,
-            });
-        }
+        let (t, p) = leader_state(
+            image,
+            topic,
+            partition,
+            (leader_id, leader_epoch, partition_epoch),
+        )?;
         if !new_isr.contains(&leader_id) {
             return Err(AlterPartitionError::InvalidRequest(
                 "the ISR must contain the leader".into(),
@@ -585,6 +608,50 @@ impl Controller {
             p,
             Leadership {
                 leader: p.leader,
+                isr,
+                elr,
+            },
+        )])
+    }
+
+    /// A leader that cannot write its log (a full or failing disk) gives the partition up: the
+    /// first live replica (in preference order) of the rest of the ISR leads, and the old
+    /// leader leaves the ISR — into the ELR when that leaves the ISR below min.insync.replicas,
+    /// since it still holds everything committed. It goes on as a follower and rejoins the ISR
+    /// once it can write again. Kafka moves the leaderships of a failed log directory the same
+    /// way (KIP-858); with a single directory it halts the broker instead. With no other live
+    /// in-sync replica there is nothing better: no records, the leader stays. Checked against
+    /// the partition state the leader knows, as AlterPartition is.
+    pub fn resign_leadership(
+        &self,
+        image: &MetadataImage,
+        topic: &str,
+        partition: i32,
+        (leader_id, leader_epoch, partition_epoch): (i32, i32, i32),
+        policy: &dyn TopicPolicy,
+    ) -> Result<Vec<MetadataRecord>, AlterPartitionError> {
+        let (t, p) = leader_state(
+            image,
+            topic,
+            partition,
+            (leader_id, leader_epoch, partition_epoch),
+        )?;
+        let rest: Vec<i32> = p.isr.iter().copied().filter(|r| *r != leader_id).collect();
+        let Some(next) = p
+            .replicas
+            .iter()
+            .copied()
+            .find(|r| rest.contains(r) && image.is_live(*r))
+        else {
+            return Ok(Vec::new());
+        };
+        let (isr, elr) = next_isr(p, rest, policy.min_isr(t));
+        Ok(vec![partition_record(
+            image,
+            t.topic_id,
+            p,
+            Leadership {
+                leader: next,
                 isr,
                 elr,
             },
@@ -1184,6 +1251,69 @@ mod tests {
         // The last ISR member coming back takes the leadership cleanly.
         let img4 = img.apply(40, &c.unfence_broker(&img, last, &no_unclean)).0;
         assert_eq!(partition(&img4, "t", 0).leader, last);
+    }
+
+    #[test]
+    fn a_leader_that_cannot_write_hands_over_to_a_live_in_sync_replica() {
+        let c = Controller::default();
+        let min2 = FixedPolicy {
+            unclean: false,
+            min_isr: 2,
+        };
+        let img = cluster(&[(1, ""), (2, ""), (3, "")]);
+        let mut s = spec("t", 1);
+        s.replication_factor = 3;
+        let (img, _) = img.apply(10, &c.create_topic(&img, &s).unwrap());
+        let p = partition(&img, "t", 0);
+        let state = (p.leader, p.leader_epoch, p.partition_epoch);
+
+        // Only the leader itself may resign, in its current epochs.
+        let other = p.replicas[1];
+        let stale = |st: (i32, i32, i32)| c.resign_leadership(&img, "t", 0, st, &min2);
+        assert_eq!(
+            stale((other, p.leader_epoch, p.partition_epoch)),
+            Err(AlterPartitionError::NotLeaderOrFollower)
+        );
+        assert!(matches!(
+            stale((p.leader, p.leader_epoch - 1, p.partition_epoch)),
+            Err(AlterPartitionError::FencedLeaderEpoch { .. })
+        ));
+        assert!(matches!(
+            stale((p.leader, p.leader_epoch, p.partition_epoch - 1)),
+            Err(AlterPartitionError::InvalidUpdateVersion { .. })
+        ));
+
+        // The next replica in preference order that is live and in sync leads; the old leader
+        // leaves the ISR (still at min.insync.replicas: no ELR).
+        let (img, _) = img.apply(
+            20,
+            &c.resign_leadership(&img, "t", 0, state, &min2).unwrap(),
+        );
+        let q = partition(&img, "t", 0);
+        assert_eq!(q.leader, p.replicas[1]);
+        assert_eq!(q.isr, p.replicas[1..].to_vec());
+        assert!(q.elr.is_empty());
+        assert_eq!(q.leader_epoch, p.leader_epoch + 1);
+        assert_eq!(q.partition_epoch, p.partition_epoch + 1);
+
+        // The next one cannot write either and its only in-sync peer is fenced: the peer is
+        // skipped, so nothing changes and it stays the leader.
+        let last = q.replicas[2];
+        let (img, _) = img.apply(30, &[MetadataRecord::FenceBroker { broker_id: last }]);
+        let q = partition(&img, "t", 0);
+        let state = (q.leader, q.leader_epoch, q.partition_epoch);
+        assert_eq!(c.resign_leadership(&img, "t", 0, state, &min2), Ok(vec![]));
+
+        // Back live: it takes over, and the ISR drops below min.insync.replicas, so the
+        // resigning replica, holding everything committed, becomes eligible (KIP-966).
+        let (img, _) = img.apply(40, &[MetadataRecord::UnfenceBroker { broker_id: last }]);
+        let (img, _) = img.apply(
+            50,
+            &c.resign_leadership(&img, "t", 0, state, &min2).unwrap(),
+        );
+        let r = partition(&img, "t", 0);
+        assert_eq!((r.leader, r.isr.clone()), (last, vec![last]));
+        assert_eq!(r.elr, vec![q.leader]);
     }
 
     #[test]

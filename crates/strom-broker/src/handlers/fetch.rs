@@ -42,6 +42,8 @@ struct Plan {
     /// A Strom follower's durable log end per partition when it lags its fetch offset
     /// (`replication::DURABLE_END_TAG`).
     durable_ends: std::collections::HashMap<([u8; 16], i32), i64>,
+    /// Partitions whose follower says its last write failed (`replication::WRITE_FAILED_TAG`).
+    write_failed: std::collections::HashSet<([u8; 16], i32)>,
     /// The consumer's `client.rack` (v11+, KIP-392) when the rack-aware selector is on.
     rack: Option<String>,
     /// Reads of at least this many bytes are sent from the files (`strom.fetch.sendfile.min.bytes`).
@@ -78,6 +80,7 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
     };
     let mut epochs = std::collections::HashMap::new();
     let mut durable_ends = std::collections::HashMap::new();
+    let mut write_failed = std::collections::HashSet::new();
     let mut requested = Vec::new();
     for t in &req.topics {
         for p in &t.partitions {
@@ -91,6 +94,11 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
                     crate::replication::DURABLE_END_TAG,
                 ) {
                     durable_ends.insert((k.topic_id, p.partition), end);
+                }
+                if p.unknown_tagged_fields
+                    .contains_key(&crate::replication::WRITE_FAILED_TAG)
+                {
+                    write_failed.insert((k.topic_id, p.partition));
                 }
             }
             requested.push((k, p.fetch_offset, p.partition_max_bytes));
@@ -164,6 +172,7 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
         replica_id,
         epochs,
         durable_ends,
+        write_failed,
         rack: (v >= 11
             && replica_id < 0
             && !req.rack_id.is_empty()
@@ -275,14 +284,11 @@ fn read_all(broker: &Arc<Broker>, plan: &Plan) -> (Vec<PartResult>, usize, bool)
                     .copied(),
                 part.log_end_offset(),
             );
-            if let Some(_isr) =
-                part.record_follower_fetch(plan.replica_id, progress, broker.now_ms())
+            let can_write = !plan.write_failed.contains(&(key.topic_id, key.partition));
+            if let Some(change) =
+                part.record_follower_fetch(plan.replica_id, progress, can_write, broker.now_ms())
             {
-                crate::replication::propose_isr(
-                    broker,
-                    &part,
-                    crate::replication::IsrChange::Add(plan.replica_id),
-                );
+                crate::replication::propose_isr(broker, &part, change);
             }
         }
         if let Some(rack) = plan.rack.as_deref().filter(|_| part.is_leader()) {
@@ -536,6 +542,7 @@ mod tests {
             replica_id: 2,
             epochs: Default::default(),
             durable_ends: Default::default(),
+            write_failed: Default::default(),
             rack: None,
             sendfile_min,
         }

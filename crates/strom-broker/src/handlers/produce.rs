@@ -150,6 +150,9 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
                                     }
                                     Err(e) => {
                                         tracing::debug!(topic = %part.topic, partition = part.index, error = %e, "append refused");
+                                        crate::replication::resign_if_storage_failed(
+                                            broker, &part, &e,
+                                        );
                                         if v >= 8 {
                                             resp.error_message = message(&e);
                                         }
