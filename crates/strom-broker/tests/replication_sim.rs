@@ -1,9 +1,10 @@
 //! A seeded, deterministic simulation of one partition replicated on three brokers: the real
 //! controller (elections, fencing, ISR changes), real logs with their leader epoch caches, and
 //! the broker's own replication rules (high watermark over the ISR, KIP-101/279 truncation),
-//! driven through random schedules of produces, follower fetches, crashes, restarts and ISR
-//! shrinks — elections from the ISR or, once it is short, from the eligible leader replicas
-//! (KIP-966). A failing seed is printed and replays exactly.
+//! driven through random schedules of produces, follower fetches, crashes, restarts, ISR
+//! shrinks and full disks — elections from the ISR or, once it is short, from the eligible
+//! leader replicas (KIP-966); a leader that cannot write hands over, a follower that cannot
+//! write leaves the ISR until it can. A failing seed is printed and replays exactly.
 //!
 //! Invariants: every acknowledged record stays at its offset in the leader's log through every
 //! failover; at the end, once every broker is back and caught up, all logs are identical.
@@ -47,6 +48,8 @@ struct Node {
     epoch: i32,
     /// Follower: must run OffsetForLeaderEpoch truncation before fetching again.
     needs_truncation: bool,
+    /// Its disk is full: appends fail (and leave the log as it was).
+    disk_full: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -61,6 +64,8 @@ struct Sim {
     acked: BTreeMap<i64, u64>,
     next_value: u64,
     offset: i64,
+    /// Leaderships handed over by a leader that could not write.
+    handovers: usize,
 }
 
 fn one_record(value: u64) -> Vec<u8> {
@@ -130,6 +135,7 @@ impl Sim {
                         alive: true,
                         epoch: 0,
                         needs_truncation: true,
+                        disk_full: false,
                         _dir: dir,
                     },
                 )
@@ -144,6 +150,7 @@ impl Sim {
             acked: BTreeMap::new(),
             next_value: 0,
             offset: 100,
+            handovers: 0,
         };
         sim.roles_changed();
         sim
@@ -227,7 +234,24 @@ impl Sim {
         if self.part().isr.len() < MIN_ISR {
             return; // NOT_ENOUGH_REPLICAS: nothing appended
         }
-        let epoch = self.part().leader_epoch;
+        let p = self.part();
+        if self.nodes[&leader].disk_full {
+            // The append fails: the leader hands the partition to another in-sync replica.
+            let recs = self
+                .controller
+                .resign_leadership(
+                    &self.image,
+                    TOPIC,
+                    0,
+                    (leader, p.leader_epoch, p.partition_epoch),
+                    &POLICY,
+                )
+                .unwrap();
+            self.handovers += usize::from(!recs.is_empty());
+            self.commit(recs);
+            return;
+        }
+        let epoch = p.leader_epoch;
         let value = self.next_value;
         self.next_value += 1;
         let batch = one_record(value);
@@ -286,7 +310,8 @@ impl Sim {
         } else {
             Vec::new()
         };
-        if !data.is_empty() {
+        let can_write = !self.nodes[&f].disk_full;
+        if !data.is_empty() && can_write {
             self.nodes
                 .get_mut(&f)
                 .unwrap()
@@ -301,7 +326,10 @@ impl Sim {
         }
         let p = self.part();
         let hw = self.high_watermark().unwrap_or(-1);
-        if !p.isr.contains(&f) && reported >= hw && hw >= 0 {
+        if !can_write {
+            // It says so in its fetch: out of the ISR at once, not back while it lasts.
+            self.shrink(f);
+        } else if !p.isr.contains(&f) && reported >= hw && hw >= 0 {
             let mut isr = p.isr.clone();
             isr.push(f);
             self.leader_proposes(leader, &isr);
@@ -404,7 +432,11 @@ impl Sim {
                     self.crash(b)
                 }
             }
-            88..=95 => self.restart(b),
+            88..=94 => self.restart(b),
+            95..=97 => {
+                let n = self.nodes.get_mut(&b).unwrap();
+                n.disk_full = !n.disk_full;
+            }
             _ => self.shrink(b),
         }
     }
@@ -412,6 +444,7 @@ impl Sim {
     /// Everyone back, followers caught up: every log equals the leader's.
     fn converge(&mut self, seed: u64) {
         for b in 1..=BROKERS {
+            self.nodes.get_mut(&b).unwrap().disk_full = false;
             self.restart(b);
         }
         for _ in 0..200 {
@@ -440,7 +473,8 @@ impl Sim {
     }
 }
 
-fn run(seed: u64, steps: usize) {
+/// Runs one schedule; returns how many times a leader that could not write handed over.
+fn run(seed: u64, steps: usize) -> usize {
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut sim = Sim::new();
     for step in 0..steps {
@@ -449,6 +483,7 @@ fn run(seed: u64, steps: usize) {
     }
     sim.converge(seed);
     sim.check_acked_in_leader(seed, steps);
+    sim.handovers
 }
 
 #[test]
@@ -458,16 +493,22 @@ fn random_fault_schedules_lose_no_acknowledged_record() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(200);
     let mut acked_total = 0;
+    let mut handovers = 0;
     let only: Option<u64> = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok());
     for seed in 0..seeds {
         if only.is_some_and(|o| o != seed) {
             acked_total += 1;
             continue;
         }
-        run(seed, 300);
+        handovers += run(seed, 300);
         acked_total += 1;
     }
     assert_eq!(acked_total, seeds);
+    assert!(
+        only.is_some() || seeds < 20 || handovers > 0,
+        "no schedule had a leader hand over"
+    );
+    eprintln!("{handovers} handovers by leaders that could not write");
 }
 
 /// KIP-101's double failover: a follower that had appended beyond what the new leader has
