@@ -2,6 +2,7 @@
 //! nodes, and ask any node what the cluster looks like (Metadata over the wire).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse};
@@ -91,6 +92,27 @@ impl Cluster {
         controller_ports: &[u16],
         route: impl Fn(i32, i32, SocketAddr) -> SocketAddr,
     ) -> Cluster {
+        let disks = Vec::new();
+        let at = (controller_ports, &disks[..]);
+        Self::start_full(voters, broker_only, sets, node_sets, at, route)
+    }
+
+    /// `start` with node i+1's data directory inside `disks[i]` (e.g. a small file system of
+    /// its own, to fill up).
+    pub fn start_on(n: usize, sets: &[&str], disks: &[PathBuf]) -> Cluster {
+        let controller_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let at = (&controller_ports[..], disks);
+        Self::start_full(n, 0, sets, |_| Vec::new(), at, |_, _, addr| addr)
+    }
+
+    fn start_full(
+        voters: usize,
+        broker_only: usize,
+        sets: &[&str],
+        node_sets: impl Fn(i32) -> Vec<String>,
+        (controller_ports, disks): (&[u16], &[PathBuf]),
+        route: impl Fn(i32, i32, SocketAddr) -> SocketAddr,
+    ) -> Cluster {
         let n = voters + broker_only;
         assert_eq!(controller_ports.len(), n, "one controller port per node");
         let listener = |i: usize| SocketAddr::from(([127, 0, 0, 1], controller_ports[i]));
@@ -110,7 +132,11 @@ impl Cluster {
         let quorum = quorum_of(None);
         let mut nodes = Vec::new();
         for (i, port) in controller_ports.iter().enumerate() {
-            let tmp = tempfile::tempdir().unwrap();
+            let tmp = match disks.get(i) {
+                Some(parent) => tempfile::tempdir_in(parent),
+                None => tempfile::tempdir(),
+            }
+            .unwrap();
             let dir = tmp.path().to_path_buf();
             let id = (i + 1).to_string();
             let listen = format!("127.0.0.1:{port}");

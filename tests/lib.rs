@@ -529,3 +529,62 @@ pub fn expect_storage_halt(node: &mut StromProcess, mut strace: Child, why: &str
     assert_eq!(code, 74, "{}", node.log());
     assert!(node.log().contains(why), "{}", node.log());
 }
+
+/// A tmpfs of its own (a small disk to fill up), unmounted on drop. `None` where it cannot be
+/// mounted (not root).
+pub struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    pub fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        ok.then_some(SmallDisk { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fills the disk with a file `filler` until `room` bytes are left; remove the file to
+    /// give the space back.
+    pub fn fill_leaving(&self, room: u64) -> PathBuf {
+        let filler = self.path().join("filler");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&filler)
+            .unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        while self.free_bytes() > room + chunk.len() as u64 {
+            f.write_all(&chunk).unwrap();
+        }
+        f.sync_all().unwrap();
+        filler
+    }
+
+    pub fn free_bytes(&self) -> u64 {
+        let path = std::ffi::CString::new(self.path().as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: statvfs(3) fills the zeroed struct; the path is NUL-terminated.
+        unsafe {
+            let mut st: libc::statvfs = std::mem::zeroed();
+            assert_eq!(libc::statvfs(path.as_ptr(), &mut st), 0);
+            st.f_bavail as u64 * st.f_frsize as u64
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}

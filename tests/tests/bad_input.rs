@@ -13,7 +13,9 @@ use kafka_protocol::protocol::Decodable;
 use rdkafka::producer::FutureRecord;
 use strom_proto::compression::Compression;
 use strom_proto::records::{encode_batch, NewRecord, ProducerInfo};
-use strom_tests::{produce_raw, raw_flexible_request, raw_request, RawClient, StromProcess};
+use strom_tests::{
+    produce_raw, raw_flexible_request, raw_request, RawClient, SmallDisk, StromProcess,
+};
 
 /// A normal client still gets served: metadata and a produce round trip.
 async fn still_serving(s: &StromProcess) {
@@ -346,41 +348,14 @@ async fn api_versions_too_new_gets_the_v0_answer() {
     assert!(resp.api_keys.len() >= 11);
 }
 
-/// A tmpfs of its own, unmounted on drop.
-struct SmallDisk {
-    dir: tempfile::TempDir,
-}
-
-impl SmallDisk {
-    fn mount(size: &str) -> Option<SmallDisk> {
-        let dir = tempfile::tempdir().ok()?;
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        ok.then_some(SmallDisk { dir })
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn disk_full_fails_produce_with_storage_error_and_recovers() {
     let Some(disk) = SmallDisk::mount("4m") else {
         eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
         return;
     };
-    let data = disk.dir.path().join("data");
-    let filler = disk.dir.path().join("filler");
+    let data = disk.path().join("data");
+    let filler = disk.path().join("filler");
     std::fs::write(&filler, vec![0u8; 1 << 20]).unwrap();
     let mut s = StromProcess::start_in(data, None, &[]);
     create_topic(&s.bootstrap(), "full", 1, &[]).await;

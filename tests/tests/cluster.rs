@@ -33,11 +33,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use strom_proto::compression::Compression;
 use strom_proto::records::{encode_batch, NewRecord, ProducerInfo};
-use strom_tests::cluster::Cluster;
+use strom_tests::cluster::{Cluster, PartitionState};
 use strom_tests::proxy::Proxy;
 use strom_tests::{
     all_threads_traced, expect_storage_halt, fail_fsyncs, free_port, produce_raw, wait_for,
-    RawClient,
+    RawClient, SmallDisk,
 };
 
 fn one_record(value: &str) -> bytes::Bytes {
@@ -2549,21 +2549,8 @@ async fn a_controller_whose_metadata_log_fails_stops_and_another_takes_over() {
 async fn a_leader_whose_fsync_fails_stops_and_the_others_take_over_losing_nothing() {
     let mut c = Cluster::start(3, &[]);
     let b = c.bootstrap();
-    create_replicated(&b, "synced", 1, 3, &[("min.insync.replicas", "2")]).await;
-    let before = c.wait_partition("synced", 0, WAIT, "full ISR", |s| {
-        s.isr.len() == 3 && s.leader > 0
-    });
+    let (before, (acked_count, _stop, task)) = under_load(&mut c, "synced", 30_000).await;
     let victim = before.leader;
-    let acked_count = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let task = tokio::spawn(produce_sequence(
-        producer(&b, "all", true),
-        "synced".into(),
-        0,
-        30_000,
-        acked_count.clone(),
-        stop.clone(),
-    ));
     wait_acked(&c, &acked_count, 2_000, "producer made no progress").await;
 
     // The leader's fsyncs of the partition's segment (and of the data directory, which a
@@ -2713,11 +2700,7 @@ fn fill_disk_for(pid: u32, file: &std::path::Path) -> std::process::Child {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_whose_disk_is_full_hands_over_and_rejoins_once_it_has_space() {
     let mut c = Cluster::start(3, &[]);
-    let b = c.bootstrap();
-    create_replicated(&b, "spill", 1, 3, &[("min.insync.replicas", "2")]).await;
-    let before = c.wait_partition("spill", 0, WAIT, "full ISR", |s| {
-        s.isr.len() == 3 && s.leader > 0
-    });
+    let (before, (acked_count, stop, task)) = under_load(&mut c, "spill", u64::MAX).await;
     let victim = before.leader;
     let segment = |c: &mut Cluster, id: i32| {
         let p = c
@@ -2727,16 +2710,6 @@ async fn a_leader_whose_disk_is_full_hands_over_and_rejoins_once_it_has_space() 
         std::fs::canonicalize(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
     };
     let ours = segment(&mut c, victim);
-    let acked_count = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let task = tokio::spawn(produce_sequence(
-        producer(&b, "all", true),
-        "spill".into(),
-        0,
-        u64::MAX,
-        acked_count.clone(),
-        stop.clone(),
-    ));
     wait_acked(&c, &acked_count, 2_000, "producer made no progress").await;
 
     // The leader's disk is full: its appends fail (and are taken back). It hands the partition
@@ -2773,20 +2746,130 @@ async fn a_leader_whose_disk_is_full_hands_over_and_rejoins_once_it_has_space() 
     // SAFETY: kill(2) on a child process of ours.
     unsafe { libc::kill(strace.id() as i32, libc::SIGTERM) };
     let _ = strace.wait();
-    c.wait_partition(
+    rejoin_and_check(
+        &mut c,
         "spill",
+        (victim, after.leader),
+        (&acked_count, &stop, task),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_real_disk_fills_up_loses_nothing_and_catches_up_once_freed() {
+    // Each node on a small file system of its own; the leader's is filled up while an
+    // idempotent acks=all producer runs. Every file of that node is then out of space: the
+    // segment, and maybe the metadata log too, whose failure stops the node (exit status 74,
+    // as Kafka halts on a failed log directory) instead of leaving it serving.
+    let Some(disks) = (0..3)
+        .map(|_| SmallDisk::mount("64m"))
+        .collect::<Option<Vec<_>>>()
+    else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let parents: Vec<_> = disks.iter().map(|d| d.path().to_path_buf()).collect();
+    let mut c = Cluster::start_on(3, &[], &parents);
+    let (before, (acked_count, stop, task)) = under_load(&mut c, "brim", u64::MAX).await;
+    let victim = before.leader;
+    wait_acked(&c, &acked_count, 2_000, "producer made no progress").await;
+
+    let disk = &disks[(victim - 1) as usize];
+    let filler = disk.fill_leaving(256 << 10);
+    let at_fault = acked_count.load(Ordering::Acquire);
+    let after = c.wait_partition("brim", 0, WAIT, "another leader", |s| {
+        s.leader > 0 && s.leader != victim && !s.isr.contains(&victim)
+    });
+    assert!(after.leader_epoch > before.leader_epoch, "{after:?}");
+    wait_acked(&c, &acked_count, at_fault + 2_000, "writes did not resume").await;
+    let stopped = !c.node(victim).is_running();
+    if stopped {
+        assert_eq!(
+            c.node(victim).exit_code(),
+            Some(74),
+            "{}",
+            c.node(victim).log()
+        );
+    } else {
+        let log = c.node(victim).log();
+        assert!(log.contains("leadership handed over"), "{log}");
+    }
+    eprintln!(
+        "full disk: the old leader {}",
+        ["went on", "stopped"][stopped as usize]
+    );
+
+    // Space again (and a restart if it stopped): it catches up and rejoins.
+    std::fs::remove_file(&filler).unwrap();
+    if stopped {
+        c.node(victim).restart();
+    }
+    rejoin_and_check(
+        &mut c,
+        "brim",
+        (victim, after.leader),
+        (&acked_count, &stop, task),
+    )
+    .await;
+}
+
+/// After a full disk: the old leader (`victim`) rejoins the ISR while the producer goes on;
+/// then the producer stops and nothing it had acknowledged is lost, and the old leader's log
+/// is the new leader's byte for byte (nothing half-written was left behind).
+async fn rejoin_and_check(
+    c: &mut Cluster,
+    topic: &str,
+    (victim, leader): (i32, i32),
+    (acked_count, stop, task): (&AtomicUsize, &AtomicBool, Producing),
+) {
+    c.wait_partition(
+        topic,
         0,
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         "the old leader rejoins",
         |s| s.isr.len() == 3,
     );
     let at_rejoin = acked_count.load(Ordering::Acquire);
-    wait_acked(&c, &acked_count, at_rejoin + 1_000, "writes stopped").await;
+    wait_acked(c, acked_count, at_rejoin + 1_000, "writes stopped").await;
     stop.store(true, Ordering::Release);
     let (acked, failed) = task.await.unwrap();
     eprintln!("acknowledged {}, {failed} failed", acked.len());
-    read_back_and_check(&b, "spill", 0, &acked, failed);
-    // Its log is the leader's, byte for byte: nothing half-written was left behind.
-    let theirs = segment(&mut c, after.leader);
+    read_back_and_check(&c.bootstrap(), topic, 0, &acked, failed);
+    let segment = |c: &mut Cluster, id: i32| {
+        let name = format!("{topic}-0/00000000000000000000.log");
+        c.node(id).data_dir().join(name)
+    };
+    let (ours, theirs) = (segment(c, victim), segment(c, leader));
     wait_same_segment(&ours, &theirs, "the old leader's segment is the new one's");
+}
+
+/// A running `produce_sequence`.
+type Producing = tokio::task::JoinHandle<(Vec<u64>, usize)>;
+
+/// A topic of one partition, RF 3 and min.insync.replicas 2, with a full ISR, and an
+/// idempotent acks=all producer writing `total` values into it (`produce_sequence`).
+async fn under_load(
+    c: &mut Cluster,
+    topic: &str,
+    total: u64,
+) -> (
+    PartitionState,
+    (Arc<AtomicUsize>, Arc<AtomicBool>, Producing),
+) {
+    let b = c.bootstrap();
+    create_replicated(&b, topic, 1, 3, &[("min.insync.replicas", "2")]).await;
+    let before = c.wait_partition(topic, 0, WAIT, "full ISR", |s| {
+        s.isr.len() == 3 && s.leader > 0
+    });
+    let acked_count = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let task = tokio::spawn(produce_sequence(
+        producer(&b, "all", true),
+        topic.into(),
+        0,
+        total,
+        acked_count.clone(),
+        stop.clone(),
+    ));
+    (before, (acked_count, stop, task))
 }
