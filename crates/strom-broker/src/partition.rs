@@ -471,7 +471,7 @@ impl Partition {
                 Ok((outcome, log.log_end_offset(), log.unflushed_messages()))
             })
             .inspect_err(|e| self.note_write_failure(e))?;
-        self.write_failed.store(false, Ordering::Release);
+        self.note_write_success();
         self.log_end_offset.fetch_max(leo, Ordering::AcqRel);
         self.appended.notify_waiters();
         if !self.is_durable_mode() {
@@ -590,6 +590,14 @@ impl Partition {
         self.write_failed.load(Ordering::Acquire)
     }
 
+    /// Clears `write_failed`, writing the shared flag only when it was set (every append
+    /// passes here).
+    fn note_write_success(&self) {
+        if self.write_failed.load(Ordering::Relaxed) {
+            self.write_failed.store(false, Ordering::Release);
+        }
+    }
+
     fn note_write_failure(&self, e: &LogError) {
         if matches!(e, LogError::Io(_) | LogError::Failed) {
             self.write_failed.store(true, Ordering::Release);
@@ -603,7 +611,7 @@ impl Partition {
             .with_log(|log| log.append_replicated(data))
             .inspect_err(|e| self.note_write_failure(e))?;
         if out.appended_batches > 0 {
-            self.write_failed.store(false, Ordering::Release);
+            self.note_write_success();
         }
         self.log_end_offset
             .fetch_max(out.log_end_offset, Ordering::AcqRel);
