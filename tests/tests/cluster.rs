@@ -2873,3 +2873,65 @@ async fn under_load(
     ));
     (before, (acked_count, stop, task))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_on_one_of_the_last_two_replicas_stops_acks_all_only_until_it_is_freed() {
+    // One replica down, min.insync.replicas 2: the leader's disk fills. It hands over and the
+    // ISR is below the minimum, so acks=all is refused and no data comes. Once freed, the old
+    // leader holds everything and has nothing to write: it must rejoin without a write (and
+    // without a restart), or the partition stays closed to acks=all for good.
+    let mut c = Cluster::start(3, &[]);
+    let b = c.bootstrap();
+    create_replicated(&b, "last2", 1, 3, &[("min.insync.replicas", "2")]).await;
+    let s = c.wait_partition("last2", 0, WAIT, "full ISR", |s| {
+        s.isr.len() == 3 && s.leader > 0
+    });
+    let all = producer(&b, "all", false);
+    send_values(&all, "last2", 0..10).await;
+    let (gone, other) = {
+        let f: Vec<i32> = s
+            .replicas
+            .iter()
+            .copied()
+            .filter(|r| *r != s.leader)
+            .collect();
+        (f[0], f[1])
+    };
+    c.node(gone).kill9();
+    c.wait_partition("last2", 0, WAIT, "the dead replica leaves the ISR", |x| {
+        x.isr.len() == 2 && !x.isr.contains(&gone)
+    });
+
+    let path = c
+        .node(s.leader)
+        .data_dir()
+        .join("last2-0/00000000000000000000.log");
+    let ours = std::fs::canonicalize(&path).unwrap();
+    let mut strace = fill_disk_for(c.node(s.leader).pid().expect("running"), &ours);
+    let mut raw = RawClient::connect(c.node(s.leader).addr());
+    let (code, _) = produce_raw(&mut raw, "last2", one_record("10"));
+    assert_eq!(code, 56, "KAFKA_STORAGE_ERROR from the full disk");
+    c.wait_partition("last2", 0, WAIT, "the other replica leads alone", |x| {
+        x.leader == other && x.isr == vec![other]
+    });
+    let mut raw = RawClient::connect(c.node(other).addr());
+    let (code, _) = produce_raw(&mut raw, "last2", one_record("10"));
+    assert_eq!(
+        code, 19,
+        "acks=all below min.insync.replicas: NOT_ENOUGH_REPLICAS"
+    );
+
+    // SAFETY: kill(2) on a child process of ours.
+    unsafe { libc::kill(strace.id() as i32, libc::SIGTERM) };
+    let _ = strace.wait();
+    c.wait_partition(
+        "last2",
+        0,
+        WAIT,
+        "the old leader rejoins with no write",
+        |x| x.isr.len() == 2 && x.isr.contains(&s.leader),
+    );
+    send_values(&all, "last2", 10..20).await;
+    let values = read_values(&b, "last2", 0, 20, WAIT);
+    assert_eq!(values, (0..20).collect::<Vec<_>>());
+}

@@ -471,7 +471,10 @@ impl Partition {
                 Ok((outcome, log.log_end_offset(), log.unflushed_messages()))
             })
             .inspect_err(|e| self.note_write_failure(e))?;
-        self.note_write_success();
+        if !outcome.duplicate {
+            // A retried batch the log already had wrote nothing: it proves nothing.
+            self.note_write_success();
+        }
         self.log_end_offset.fetch_max(leo, Ordering::AcqRel);
         self.appended.notify_waiters();
         if !self.is_durable_mode() {
@@ -598,9 +601,28 @@ impl Partition {
         }
     }
 
+    /// An append failed: on the storage (an i/o error, or a log offline for writes after one)
+    /// — not a closed log (`Failed` too), nor the client's or the leader's data.
     fn note_write_failure(&self, e: &LogError) {
-        if matches!(e, LogError::Io(_) | LogError::Failed) {
+        let storage = match e {
+            LogError::Io(_) => true,
+            LogError::Failed => self.log.lock().is_some(),
+            _ => false,
+        };
+        if storage {
             self.write_failed.store(true, Ordering::Release);
+        }
+    }
+
+    /// Follower: a fetch found nothing more at the leader, and this log ends where the
+    /// leader's does. Nothing is waiting to be written, so nothing failed: `write_failed`
+    /// clears and the replica may rejoin the ISR (it holds everything); the next write decides
+    /// again. Otherwise a replica whose failed write was cut off by a leader change, or that
+    /// resigned the leadership and so has everything, stays out of the ISR for good whenever
+    /// no data comes (acks=all refused while the ISR is below min.insync.replicas).
+    pub fn follower_at_leader_end(&self, leader_log_end: i64) {
+        if self.log_end_offset() >= leader_log_end {
+            self.note_write_success();
         }
     }
 
@@ -815,7 +837,7 @@ mod tests {
     }
 
     #[test]
-    fn a_follower_that_cannot_write_leaves_the_isr_at_once_and_rejoins_once_it_can() {
+    fn a_follower_that_cannot_write_leaves_the_isr_at_once_and_is_proposed_again_once_it_can() {
         let dir = tempfile::tempdir().unwrap();
         let part = leader(dir.path()); // ISR [1, 2] of replicas [1, 2, 3]
         append(&part, 10);
@@ -826,10 +848,15 @@ mod tests {
         );
         // What it holds still counts until the ISR changes.
         assert_eq!(part.high_watermark(), 10);
+        // Such fetches do not count as caught up either: past the lag time it is dropped.
+        assert_eq!(
+            part.record_follower_fetch(2, 10, false, 5_000),
+            Some(IsrChange::Remove(vec![2]))
+        );
+        assert_eq!(part.shrunk_isr(5_000, 1_000), Some(vec![1]));
         // Not in the ISR (replica 3), caught up but unable to write: it is not proposed.
         assert_eq!(part.record_follower_fetch(3, 10, false, 0), None);
-        assert_eq!(part.shrunk_isr(0, 1_000), None);
-        // It wrote again: proposed as soon as it holds the high watermark.
+        // It can write again: proposed as soon as it holds the high watermark.
         assert_eq!(
             part.record_follower_fetch(3, 10, true, 0),
             Some(IsrChange::Add(3))
@@ -847,6 +874,20 @@ mod tests {
         part.note_write_failure(&LogError::Io(std::io::Error::from_raw_os_error(28)));
         assert!(part.write_failed());
         append(&part, 1);
+        assert!(!part.write_failed());
+
+        // A follower at the leader's end has nothing waiting to be written: it clears; one
+        // still behind does not.
+        part.note_write_failure(&LogError::Failed);
+        assert!(part.write_failed());
+        part.follower_at_leader_end(part.log_end_offset() + 1);
+        assert!(part.write_failed());
+        part.follower_at_leader_end(part.log_end_offset());
+        assert!(!part.write_failed());
+
+        // A closed log is not a failed disk.
+        let _log = part.take_log();
+        part.note_write_failure(&LogError::Failed);
         assert!(!part.write_failed());
     }
 }

@@ -669,6 +669,9 @@ async fn fetch_once(
                     let records = p.records.unwrap_or_default();
                     if records.is_empty() {
                         accepted(f, &key, fl);
+                        if let Some(end) = leader_leo {
+                            part.follower_at_leader_end(end);
+                        }
                     } else {
                         match part.append_replicated(&records) {
                             Ok(out) => {
@@ -786,7 +789,8 @@ pub enum IsrChange {
 /// refusals (a bad batch, a sequence error) are the client's and change nothing; so does a
 /// leader alone in its ISR.
 pub fn resign_if_storage_failed(broker: &Arc<Broker>, part: &Arc<Partition>, e: &LogError) {
-    if matches!(e, LogError::Io(_) | LogError::Failed) && part.is_leader() && part.isr_len() > 1 {
+    let storage = matches!(e, LogError::Io(_) | LogError::Failed) && part.write_failed();
+    if storage && part.is_leader() && part.isr_len() > 1 {
         propose_isr(broker, part, IsrChange::Resign);
     }
 }

@@ -50,6 +50,8 @@ struct Node {
     needs_truncation: bool,
     /// Its disk is full: appends fail (and leave the log as it was).
     disk_full: bool,
+    /// Its last append failed and none succeeded since (`Partition::write_failed`).
+    write_failed: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -136,6 +138,7 @@ impl Sim {
                         epoch: 0,
                         needs_truncation: true,
                         disk_full: false,
+                        write_failed: false,
                         _dir: dir,
                     },
                 )
@@ -237,6 +240,7 @@ impl Sim {
         let p = self.part();
         if self.nodes[&leader].disk_full {
             // The append fails: the leader hands the partition to another in-sync replica.
+            self.nodes.get_mut(&leader).unwrap().write_failed = true;
             let recs = self
                 .controller
                 .resign_leadership(
@@ -310,15 +314,18 @@ impl Sim {
         } else {
             Vec::new()
         };
-        let can_write = !self.nodes[&f].disk_full;
-        if !data.is_empty() && can_write {
-            self.nodes
-                .get_mut(&f)
-                .unwrap()
-                .log
-                .append_replicated(&data)
-                .unwrap();
+        let node = self.nodes.get_mut(&f).unwrap();
+        if data.is_empty() {
+            // At the leader's end: nothing waits to be written, nothing failed.
+            node.write_failed = false;
+        } else if node.disk_full {
+            node.write_failed = true;
+        } else {
+            node.log.append_replicated(&data).unwrap();
+            node.write_failed = false;
         }
+        // What its next fetch says.
+        let can_write = !node.write_failed;
         // The next fetch reports the new end; model it as reported now.
         let reported = self.nodes[&f].log.log_end_offset();
         if let Some(st) = self.followers.get_mut(&f) {
@@ -327,7 +334,8 @@ impl Sim {
         let p = self.part();
         let hw = self.high_watermark().unwrap_or(-1);
         if !can_write {
-            // It says so in its fetch: out of the ISR at once, not back while it lasts.
+            // It says so in its fetch: out of the ISR at once, not back until it wrote (or
+            // has nothing to write).
             self.shrink(f);
         } else if !p.isr.contains(&f) && reported >= hw && hw >= 0 {
             let mut isr = p.isr.clone();
@@ -462,6 +470,13 @@ impl Sim {
         let leader = self
             .leader()
             .unwrap_or_else(|| panic!("seed {seed}: no leader at the end"));
+        // Every replica back in the ISR, however it left (a full disk included).
+        let p = self.part();
+        assert_eq!(
+            p.isr.len(),
+            BROKERS as usize,
+            "seed {seed}: replicas left out of the ISR: {p:?}"
+        );
         let want = contents(&self.nodes[&leader].log);
         for (id, n) in &self.nodes {
             assert_eq!(
