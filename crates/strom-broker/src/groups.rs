@@ -146,7 +146,7 @@ impl OffsetsLog for Broker {
             e => {
                 tracing::error!(partition, error = %e, "appending to __consumer_offsets failed");
                 if let Some(me) = self.fetchers.broker() {
-                    crate::replication::resign_if_storage_failed(&me, &part, &e);
+                    crate::replication::resign_if_storage_failed(&me, &part);
                 }
                 GroupError::StorageError
             }

@@ -27,7 +27,6 @@ use kafka_protocol::messages::offset_for_leader_epoch_request::{
 };
 use kafka_protocol::messages::{BrokerId, FetchRequest, OffsetForLeaderEpochRequest, TopicName};
 use parking_lot::Mutex;
-use strom_log::LogError;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -783,14 +782,12 @@ pub enum IsrChange {
     Resign,
 }
 
-/// A leader's append failed on its storage (a full or failing disk; the segment was put back
-/// as it was, or the log went offline for writes): it asks to hand the partition to another
-/// in-sync replica, so that producers go on there while it retries as a follower. Other
-/// refusals (a bad batch, a sequence error) are the client's and change nothing; so does a
-/// leader alone in its ISR.
-pub fn resign_if_storage_failed(broker: &Arc<Broker>, part: &Arc<Partition>, e: &LogError) {
-    let storage = matches!(e, LogError::Io(_) | LogError::Failed) && part.write_failed();
-    if storage && part.is_leader() && part.isr_len() > 1 {
+/// After a refused append: if the log's writes are failing on its storage (a full or failing
+/// disk, `Partition::write_failed`, which classifies the error), the leader asks to hand the
+/// partition to another in-sync replica, so that producers go on there while it retries as a
+/// follower. Refusals of the client's data change nothing; nor does a leader alone in its ISR.
+pub fn resign_if_storage_failed(broker: &Arc<Broker>, part: &Arc<Partition>) {
+    if part.write_failed() && part.is_leader() && part.isr_len() > 1 {
         propose_isr(broker, part, IsrChange::Resign);
     }
 }

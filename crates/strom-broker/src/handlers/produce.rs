@@ -150,9 +150,7 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
                                     }
                                     Err(e) => {
                                         tracing::debug!(topic = %part.topic, partition = part.index, error = %e, "append refused");
-                                        crate::replication::resign_if_storage_failed(
-                                            broker, &part, &e,
-                                        );
+                                        crate::replication::resign_if_storage_failed(broker, &part);
                                         if v >= 8 {
                                             resp.error_message = message(&e);
                                         }
