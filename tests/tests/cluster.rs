@@ -2935,3 +2935,74 @@ async fn a_full_disk_on_one_of_the_last_two_replicas_stops_acks_all_only_until_i
     let values = read_values(&b, "last2", 0, 20, WAIT);
     assert_eq!(values, (0..20).collect::<Vec<_>>());
 }
+
+/// A follower reads each large fetch answer so that its records lie where its direct write can
+/// take them from: the write gathers a first block, the whole blocks in place in the answer and
+/// a last block (one `pwritev`) instead of copying the answer into an aligned buffer and
+/// writing that (`pwrite64`). The replicas end up the same byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_write_large_fetch_answers_from_where_they_received_them() {
+    let mut c = Cluster::start(3, &[]);
+    let b = c.bootstrap();
+    create_replicated(&b, "placed", 1, 3, &[("min.insync.replicas", "2")]).await;
+    let s = c.wait_partition("placed", 0, WAIT, "full ISR", |s| {
+        s.isr.len() == 3 && s.leader > 0
+    });
+    let follower = *s.replicas.iter().find(|r| **r != s.leader).unwrap();
+    let segment = |c: &mut Cluster, id: i32| {
+        let dir = std::fs::canonicalize(c.node(id).data_dir()).unwrap();
+        dir.join("placed-0/00000000000000000000.log")
+    };
+    let (ours, theirs) = (segment(&mut c, follower), segment(&mut c, s.leader));
+    let trace = tempfile::NamedTempFile::new().unwrap();
+    let pid = c.node(follower).pid().expect("running");
+    let mut strace = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-o"])
+        .arg(trace.path())
+        .args(["-p", &pid.to_string(), "-P"])
+        .arg(&ours)
+        .args(["-e", "trace=pwritev,pwrite64"])
+        .spawn()
+        .expect("strace (the test command installs it)");
+    wait_for(WAIT, "strace attached", || {
+        all_threads_traced(pid).then_some(())
+    });
+
+    // ~30 MiB in batches of up to 1 MB: the follower's fetch answers are large.
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &b)
+        .set("acks", "all")
+        .set("linger.ms", "20")
+        .set("batch.size", "1000000")
+        .set("message.timeout.ms", "60000")
+        .create()
+        .unwrap();
+    let n = 30_000u64;
+    let values: Vec<String> = (0..n).map(|i| format!("{i:01000}")).collect();
+    let sends = values.iter().map(|v| {
+        p.send(
+            FutureRecord::<(), _>::to("placed").payload(v).partition(0),
+            Duration::from_secs(60),
+        )
+    });
+    for r in futures::future::join_all(sends).await {
+        r.map_err(|(e, _)| e).expect("acknowledged");
+    }
+    wait_same_segment(&ours, &theirs, "the follower holds what the leader holds");
+    let _ = strace.kill();
+    let _ = strace.wait();
+    let text = std::fs::read_to_string(trace.path()).unwrap();
+    let gathered = text
+        .lines()
+        .filter(|l| l.contains("pwritev(") && l.contains("iov_len=4096}, {"))
+        .count();
+    let copied = text.lines().filter(|l| l.contains("pwrite64(")).count();
+    eprintln!("follower segment writes: {gathered} gathered, {copied} copied");
+    assert!(
+        gathered > 0 && gathered >= copied,
+        "{gathered} writes gathered from the answers, {copied} copied:\n{}",
+        &text[..text.len().min(4000)]
+    );
+    let acked: Vec<u64> = (0..n).collect();
+    read_back_and_check(&b, "placed", 0, &acked, 0);
+}

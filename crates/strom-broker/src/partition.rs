@@ -438,6 +438,14 @@ impl Partition {
         });
     }
 
+    /// Where the next replicated batch would start in its segment file (0 for a closed log).
+    pub fn append_position(&self) -> u64 {
+        self.log
+            .lock()
+            .as_ref()
+            .map_or(0, |log| log.append_position())
+    }
+
     fn with_log<T>(&self, f: impl FnOnce(&mut Log) -> Result<T, LogError>) -> Result<T, LogError> {
         match self.log.lock().as_mut() {
             Some(log) => match f(log) {
@@ -628,9 +636,14 @@ impl Partition {
 
     /// Follower: appends what the leader's fetch returned, keeping its offsets and epochs.
     /// Durability is awaited separately (`wait_durable`).
-    pub fn append_replicated(&self, data: &[u8]) -> Result<strom_log::ReplicatedAppend, LogError> {
+    /// A fetch answer placed at its file position (`append_position`) is written without a
+    /// copy.
+    pub fn append_replicated(
+        &self,
+        data: &bytes::Bytes,
+    ) -> Result<strom_log::ReplicatedAppend, LogError> {
         let out = self
-            .with_log(|log| log.append_replicated(data))
+            .with_log(|log| log.append_replicated_shared(data))
             .inspect_err(|e| self.note_write_failure(e))?;
         if out.appended_batches > 0 {
             self.note_write_success();

@@ -580,8 +580,15 @@ async fn fetch_once(
     };
     let by_key: HashMap<&Key, &Follow> = follows.iter().map(|(k, fl)| (k, fl)).collect();
     let timeout = sent_at.map_or(Duration::ZERO, |_| wait) + broker.controller_timeout() * 5;
+    // The records of a partition are read to where its direct write can take them from.
+    let place = |topic: &str, partition: i32| {
+        by_key
+            .iter()
+            .find(|((t, p), _)| t == topic && *p == partition)
+            .map(|(_, fl)| fl.part.append_position())
+    };
     let resp = {
-        let call = tokio::time::timeout(timeout, conn.receive::<FetchRequest>(FETCH_VERSION));
+        let call = tokio::time::timeout(timeout, conn.receive_fetch(FETCH_VERSION, &place));
         tokio::pin!(call);
         loop {
             tokio::select! {

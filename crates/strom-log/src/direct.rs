@@ -15,11 +15,20 @@
 //! The batches of one fetch response are staged in one aligned buffer per thread and written
 //! with one system call. A file that refuses direct writes (a file system without
 //! `O_DIRECT`) is written through the page cache as before.
+//!
+//! When the batches come in a shared buffer (`Stage::set_source`, the fetch answer the follower
+//! received) placed so that their address is congruent to their file position modulo the block
+//! size (the replica fetcher arranges that when it reads the answer), they are not copied: the
+//! write gathers the first block (the tail and the batches' first bytes, copied), the whole
+//! blocks straight from the answer, and the last partial block (copied, padded with zeros).
 
 use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
+use std::ops::Range;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+
+use bytes::Bytes;
 
 /// Alignment of file positions, lengths and memory for direct writes: a common page size and
 /// a multiple of every usual logical block size.
@@ -58,14 +67,26 @@ impl DirectFile {
     pub(crate) fn write(&mut self, stage: &mut Stage) -> std::io::Result<()> {
         let pos = stage.file_pos;
         let len = stage.len;
-        let padded = stage.padded();
-        // A short write leaves the rest at an unaligned position, which the device refuses:
-        // an error, and the segment falls back to page cache writes.
-        self.file.write_all_at(padded, pos)?;
         let end = pos + len as u64;
         let tail_from = (align_down(end) - pos) as usize;
+        // A short write leaves the rest at an unaligned position, which the device refuses:
+        // an error, and the segment falls back to page cache writes.
+        if let Some(parts) = stage.gathered() {
+            crate::segment::write_all_vectored_at(&self.file, &parts, pos)?;
+        } else {
+            stage.materialize();
+            self.file.write_all_at(stage.padded(), pos)?;
+        }
         self.tail.clear();
-        self.tail.extend_from_slice(&stage.bytes()[tail_from..]);
+        match &stage.run {
+            // The run covers the last block: the gathered write copied nothing of it but its
+            // first and last blocks.
+            Some((src, run)) => {
+                let from = run.end - (len - tail_from);
+                self.tail.extend_from_slice(&src[from..run.end]);
+            }
+            None => self.tail.extend_from_slice(&stage.bytes()[tail_from..]),
+        }
         Ok(())
     }
 
@@ -79,10 +100,16 @@ impl DirectFile {
 pub(crate) struct Stage {
     mem: Vec<u8>,
     off: usize,
+    /// Bytes staged, `run` included.
     len: usize,
     pub(crate) file_pos: u64,
     /// File position of the first new byte (after the tail the file already has).
     pub(crate) new_from: u64,
+    /// The shared buffer the pushed bytes may come from (`set_source`).
+    src: Option<Bytes>,
+    /// The staged bytes after the tail, when they are one range of `src` at an address
+    /// congruent to their file position: not copied into `mem`, which holds the tail only.
+    run: Option<(Bytes, Range<usize>)>,
 }
 
 impl Stage {
@@ -93,7 +120,15 @@ impl Stage {
             len: 0,
             file_pos: 0,
             new_from: 0,
+            src: None,
+            run: None,
         }
+    }
+
+    /// Bytes pushed from within `src` (until the stage is given back) may be written from it
+    /// without a copy.
+    pub(crate) fn set_source(&mut self, src: Bytes) {
+        self.src = Some(src);
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -116,23 +151,110 @@ impl Stage {
     }
 
     pub(crate) fn push(&mut self, bytes: &[u8]) {
-        let need = self.len + bytes.len();
-        // Room for the bytes and for the zeros that pad them to a block boundary.
-        let room = need.next_multiple_of(ALIGN as usize);
+        if self.borrow(bytes) {
+            return;
+        }
+        self.materialize();
+        self.copy_in(bytes);
+    }
+
+    /// Stages `bytes` as (part of) the run, if they lie in the source and can: the first bytes
+    /// after the tail, at an address congruent to their file position, or the bytes right
+    /// after the run in the same source.
+    fn borrow(&mut self, bytes: &[u8]) -> bool {
+        let Some(src) = &self.src else {
+            return false;
+        };
+        let base = src.as_ptr() as usize;
+        let at = (bytes.as_ptr() as usize).wrapping_sub(base);
+        if bytes.is_empty() || at > src.len() || src.len() - at < bytes.len() {
+            return false;
+        }
+        let tail_len = (self.new_from - self.file_pos) as usize;
+        match &mut self.run {
+            Some((run_src, run)) => {
+                if run.end != at || run_src.as_ptr() != src.as_ptr() || run_src.len() != src.len() {
+                    return false;
+                }
+                run.end = at + bytes.len();
+            }
+            None => {
+                let congruent = (base + at) % ALIGN as usize == tail_len % ALIGN as usize;
+                if self.len != tail_len || !congruent {
+                    return false;
+                }
+                self.run = Some((src.clone(), at..at + bytes.len()));
+            }
+        }
+        self.len += bytes.len();
+        true
+    }
+
+    /// Copies the run into `mem` after the tail: the stage then holds all its bytes.
+    pub(crate) fn materialize(&mut self) {
+        if let Some((src, run)) = self.run.take() {
+            self.len -= run.len();
+            self.copy_in(&src[run]);
+        }
+    }
+
+    /// The iovecs of one direct write of a run that spans at least two blocks: the first block
+    /// (the tail, then the run's first bytes, copied into `mem`), the run's whole blocks in
+    /// place, and its last partial block (copied, padded with zeros) if any. `None` when there
+    /// is no such run: then the stage is written from `mem` (`materialize`).
+    fn gathered(&mut self) -> Option<Vec<&[u8]>> {
+        let align = ALIGN as usize;
+        let tail_len = (self.new_from - self.file_pos) as usize;
+        let (src, run) = self.run.clone()?;
+        let run_bytes = &src[run];
+        if self.len < 2 * align || run_bytes.as_ptr() as usize % align != tail_len {
+            return None;
+        }
+        let head = align - tail_len;
+        let whole = (self.len / align - 1) * align;
+        let rest = self.len - align - whole;
+        self.reserve(2 * align);
+        let at = self.off + tail_len;
+        self.mem[at..at + head].copy_from_slice(&run_bytes[..head]);
+        let last = self.off + align;
+        self.mem[last..last + rest].copy_from_slice(&run_bytes[head + whole..]);
+        self.mem[last + rest..last + align].fill(0);
+        #[cfg(test)]
+        GATHERED.with(|g| g.set(g.get() + 1));
+        let (src, run) = self.run.as_ref()?;
+        let middle = &src[run.start + head..run.start + head + whole];
+        let mut parts = vec![&self.mem[self.off..last], middle];
+        if rest > 0 {
+            parts.push(&self.mem[last..last + align]);
+        }
+        Some(parts)
+    }
+
+    /// Room in `mem` for `room` bytes from the start of the stage, keeping what it holds.
+    fn reserve(&mut self, room: usize) {
         if self.mem.len() < self.off + room {
             let cap = room.max(1 << 20).next_power_of_two();
             let mut mem = vec![0u8; cap + ALIGN as usize];
             let off = mem.as_ptr().align_offset(ALIGN as usize);
-            mem[off..off + self.len].copy_from_slice(&self.mem[self.off..self.off + self.len]);
+            let kept = self.len - self.run.as_ref().map_or(0, |(_, r)| r.len());
+            mem[off..off + kept].copy_from_slice(&self.mem[self.off..self.off + kept]);
             self.mem = mem;
             self.off = off;
         }
+    }
+
+    fn copy_in(&mut self, bytes: &[u8]) {
+        let need = self.len + bytes.len();
+        // Room for the bytes and for the zeros that pad them to a block boundary.
+        self.reserve(need.next_multiple_of(ALIGN as usize));
         let at = self.off + self.len;
         self.mem[at..at + bytes.len()].copy_from_slice(bytes);
         self.len = need;
     }
 
+    /// The staged bytes; a run must have been copied in first (`materialize`).
     pub(crate) fn bytes(&self) -> &[u8] {
+        debug_assert!(self.run.is_none());
         &self.mem[self.off..self.off + self.len]
     }
 
@@ -144,13 +266,21 @@ impl Stage {
         &self.mem[self.off..self.off + padded]
     }
 
+    /// Empties the stage (the source stays, for the next segment's bytes).
     pub(crate) fn clear(&mut self) {
         self.len = 0;
+        self.run = None;
         if self.mem.len() > RETAIN_BYTES {
             self.mem = Vec::new();
             self.off = 0;
         }
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Direct writes of this thread gathered from a source without copying it.
+    pub(crate) static GATHERED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 thread_local! {
@@ -164,6 +294,7 @@ pub(crate) fn with_stage<T>(f: impl FnOnce(&mut Stage) -> T) -> T {
             stage.clear();
             let out = f(&mut stage);
             stage.clear();
+            stage.src = None;
             out
         }
         Err(_) => f(&mut Stage::new()),

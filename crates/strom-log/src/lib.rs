@@ -977,6 +977,30 @@ impl Log {
     /// With `direct_replica_writes` the batches of a large enough call are written past the
     /// page cache, all of them in one write per segment.
     pub fn append_replicated(&mut self, data: &[u8]) -> Result<ReplicatedAppend, LogError> {
+        self.append_replicated_from(data, None)
+    }
+
+    /// `append_replicated` of a shared buffer: batches placed at an address congruent to their
+    /// file position modulo the block size are written from it directly, without being copied
+    /// into the staging buffer (see the `direct` module).
+    pub fn append_replicated_shared(
+        &mut self,
+        data: &bytes::Bytes,
+    ) -> Result<ReplicatedAppend, LogError> {
+        self.append_replicated_from(data, Some(data))
+    }
+
+    /// Where the next replicated batch would start in the active segment's file (its size),
+    /// for placing a fetch answer so that its records need no copy (`append_replicated_shared`).
+    pub fn append_position(&self) -> u64 {
+        self.segments.last().map_or(0, |s| s.size)
+    }
+
+    fn append_replicated_from(
+        &mut self,
+        data: &[u8],
+        src: Option<&bytes::Bytes>,
+    ) -> Result<ReplicatedAppend, LogError> {
         if self.failed {
             return Err(LogError::Failed);
         }
@@ -989,6 +1013,9 @@ impl Log {
             return self.append_replicated_with(data, None);
         }
         direct::with_stage(|stage| {
+            if let Some(src) = src {
+                stage.set_source(src.clone());
+            }
             let out = self.append_replicated_with(data, Some(&mut *stage));
             // Also after an error: the batches before the bad one are in the indexes.
             self.write_staged(stage)?;

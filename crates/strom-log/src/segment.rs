@@ -399,6 +399,7 @@ impl Segment {
         #[cfg(test)]
         if FAIL_STAGED_WRITES.with(|f| f.get()) {
             // As a disk that fills up: half the bytes land, then the write fails.
+            stage.materialize();
             let half = &stage.bytes()[..stage.bytes().len() / 2];
             self.file.write_all_at(half, stage.file_pos)?;
             self.padded = true;
@@ -420,6 +421,7 @@ impl Segment {
                 self.direct_refused = true;
                 // Part of the direct write, zeros included, may have reached the file.
                 self.padded = true;
+                stage.materialize();
                 self.file.write_all_at(stage.bytes(), stage.file_pos)
             }
         };

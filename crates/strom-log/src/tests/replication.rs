@@ -825,3 +825,135 @@ fn only_large_replicated_appends_go_past_the_page_cache() {
     let log = Log::open(dir.path(), config, false).unwrap();
     assert_eq!(read_all(&log), data);
 }
+
+/// `piece` alone in a shared buffer, at an address congruent to `pos` modulo the block size.
+fn placed(piece: &[u8], pos: u64) -> bytes::Bytes {
+    let mut v = Vec::with_capacity(piece.len() + 8192);
+    let pad = (pos as usize).wrapping_sub(v.as_ptr() as usize) % 4096;
+    v.resize(pad, 0);
+    v.extend_from_slice(piece);
+    let b = bytes::Bytes::from(v).slice(pad..);
+    assert_eq!(b.as_ptr() as usize % 4096, pos as usize % 4096);
+    b
+}
+
+/// A leader log of batches of 1–12 KiB whose values differ from byte to byte, rolling every
+/// 64 KiB, and all of its data.
+fn leader_with_big_batches(dir: &Path) -> (Log, Vec<u8>) {
+    let config = LogConfig {
+        segment_bytes: 64 << 10,
+        ..small_config()
+    };
+    let mut log = Log::open(dir, config, true).unwrap();
+    for i in 0..60usize {
+        let recs: Vec<NewRecord> = (0..3)
+            .map(|r| NewRecord {
+                key: None,
+                value: Some(
+                    (0..(1 + (i * 7 + r) % 12) * 1024)
+                        .map(|j| (i * 31 + r * 7 + j * 13 + j / 4096) as u8)
+                        .collect(),
+                ),
+                headers: vec![],
+                timestamp: 1000 + i as i64,
+            })
+            .collect();
+        let b = encode_batch(&recs, Compression::None, ProducerInfo::default()).unwrap();
+        log.append(&b, 1 + i as i32 / 20, 0).unwrap();
+    }
+    let data = read_all(&log);
+    (log, data)
+}
+
+#[test]
+fn a_fetch_answer_placed_at_its_file_position_is_written_from_where_it_lies() {
+    let leader_dir = tempfile::tempdir().unwrap();
+    let (leader, data) = leader_with_big_batches(leader_dir.path());
+    let config = LogConfig {
+        segment_bytes: 64 << 10,
+        direct_replica_writes: true,
+        ..small_config()
+    };
+    let (shared_dir, copied_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut shared = Log::open(shared_dir.path(), config.clone(), true).unwrap();
+    let mut copied = Log::open(copied_dir.path(), config.clone(), true).unwrap();
+    let sizes: Vec<usize> = BatchIter::new(&data).map(|b| b.unwrap().1.len()).collect();
+    let (mut at, mut i, mut gathered) = (0, 0, 0);
+    // Fetch answers of 1–5 batches; every third one misplaced (copied as before).
+    for (round, n) in [3, 1, 4, 1, 5, 2].iter().cycle().enumerate() {
+        if i >= sizes.len() {
+            break;
+        }
+        let len: usize = sizes[i..(i + n).min(sizes.len())].iter().sum();
+        let piece = &data[at..at + len];
+        (at, i) = (at + len, i + n);
+        let pos = shared.append_position() + if round % 3 == 2 { 8 } else { 0 };
+        let before = crate::direct::GATHERED.with(|g| g.get());
+        let a = shared
+            .append_replicated_shared(&placed(piece, pos))
+            .unwrap();
+        let b = copied.append_replicated(piece).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(read_all(&shared), read_all(&copied));
+        let active = shared.segments.last().unwrap();
+        if active.direct_refused {
+            return; // a file system without O_DIRECT: nothing to show here
+        }
+        assert_eq!(active.direct.as_ref().unwrap().tail(), {
+            let mut t = vec![0u8; (active.size % 4096) as usize];
+            let from = active.size - t.len() as u64;
+            active.file.read_exact_at(&mut t, from).unwrap();
+            t
+        });
+        gathered += crate::direct::GATHERED.with(|g| g.get()) - before;
+    }
+    assert!(
+        gathered >= 5,
+        "only {gathered} writes gathered from the answer"
+    );
+    assert!(shared.segments.len() > 2, "rolled");
+    assert_eq!(read_all(&shared), data);
+    assert_eq!(shared.epoch_entries(), leader.epoch_entries());
+    shared.close().unwrap();
+    copied.close().unwrap();
+    assert_eq!(log_files(shared_dir.path()), log_files(copied_dir.path()));
+}
+
+#[test]
+fn a_failed_write_of_a_placed_answer_takes_back_its_batches_too() {
+    let leader_dir = tempfile::tempdir().unwrap();
+    let (_leader, data) = leader_with_big_batches(leader_dir.path());
+    let config = LogConfig {
+        segment_bytes: 1 << 20,
+        direct_replica_writes: true,
+        ..small_config()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), config.clone(), true).unwrap();
+    let half = BatchIter::new(&data)
+        .map(|b| b.unwrap().1.len())
+        .scan(0, |s, l| {
+            *s += l;
+            Some(*s)
+        })
+        .find(|s| *s > data.len() / 2)
+        .unwrap();
+    let (first, second) = (&data[..half], &data[half..]);
+    log.append_replicated_shared(&placed(first, log.append_position()))
+        .unwrap();
+    let (before, leo) = (read_all(&log), log.log_end_offset());
+    crate::segment::FAIL_STAGED_WRITES.with(|f| f.set(true));
+    let err = log
+        .append_replicated_shared(&placed(second, log.append_position()))
+        .unwrap_err();
+    crate::segment::FAIL_STAGED_WRITES.with(|f| f.set(false));
+    assert!(matches!(err, LogError::Io(_)), "{err}");
+    assert_eq!(log.log_end_offset(), leo);
+    assert_eq!(read_all(&log), before);
+    log.append_replicated_shared(&placed(second, log.append_position()))
+        .unwrap();
+    assert_eq!(read_all(&log), data);
+    drop(log);
+    let log = Log::open(dir.path(), config, false).unwrap();
+    assert_eq!(read_all(&log), data);
+}
