@@ -438,12 +438,13 @@ impl Partition {
         });
     }
 
-    /// Where the next replicated batch would start in its segment file (0 for a closed log).
-    pub fn append_position(&self) -> u64 {
+    /// Where the next replicated batch would start in its segment file; `None` for a closed
+    /// log, or while another task holds the log (the fetcher reading an answer does not wait).
+    pub fn append_position(&self) -> Option<u64> {
         self.log
-            .lock()
+            .try_lock()?
             .as_ref()
-            .map_or(0, |log| log.append_position())
+            .map(|log| log.append_position())
     }
 
     fn with_log<T>(&self, f: impl FnOnce(&mut Log) -> Result<T, LogError>) -> Result<T, LogError> {

@@ -174,7 +174,7 @@ impl PeerConn {
         let len = len as usize;
         // A peer broker's answer, bounded above: read into one buffer of its size (and room
         // to place it), not zeroed first and never copied into a larger one as it grows.
-        let mut buf = BytesMut::with_capacity(len + BLOCK);
+        let mut buf = BytesMut::with_capacity(len + if place.is_some() { BLOCK } else { 0 });
         let mut pad = 0;
         if let Some((version, place)) = place.filter(|_| len >= PLACE_MIN_RECORDS) {
             let mut prefix = [0u8; PREFIX];

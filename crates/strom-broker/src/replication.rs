@@ -585,7 +585,7 @@ async fn fetch_once(
         by_key
             .iter()
             .find(|((t, p), _)| t == topic && *p == partition)
-            .map(|(_, fl)| fl.part.append_position())
+            .and_then(|(_, fl)| fl.part.append_position())
     };
     let resp = {
         let call = tokio::time::timeout(timeout, conn.receive_fetch(FETCH_VERSION, &place));

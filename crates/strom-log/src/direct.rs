@@ -291,7 +291,9 @@ thread_local! {
 pub(crate) fn with_stage<T>(f: impl FnOnce(&mut Stage) -> T) -> T {
     STAGE.with(|cell| match cell.try_borrow_mut() {
         Ok(mut stage) => {
+            // A call that panicked may have left its source.
             stage.clear();
+            stage.src = None;
             let out = f(&mut stage);
             stage.clear();
             stage.src = None;
