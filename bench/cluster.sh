@@ -16,7 +16,9 @@
 # RUNS=n repeats the five measurements n times on the same processes (fresh topics each time):
 # this VM's run-to-run noise is larger than most effects, so compare medians. After each row
 # the CPU the broker processes spent on it is printed (user + system clock ticks, 100 per
-# second): the work a configuration costs, which varies less than its rate.
+# second): the work a configuration costs, which varies less than its rate. So are the
+# processes' read- and write-type system calls (`/proc/<pid>/io`): on the cluster, how many
+# fetch round trips and writes the row took.
 #
 # ROWS=max runs only the single node's and RF 3's maximum-rate rows (acks=all), RUNS times:
 # the quick A/B of a change to the replication path.
@@ -77,6 +79,9 @@ sleep 2
 first=--header
 # utime + stime of the given processes, in clock ticks.
 ticks() { local s=0 p; for p in $1; do s=$((s + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$s"; }
+# Read-type and write-type system calls of one process so far (receives, sendfile and
+# direct writes count too): per row, how many round trips the work took.
+calls() { awk '/^syscr/ {r = $2} /^syscw/ {w = $2} END {print r + 0, w + 0}' "/proc/$1/io"; }
 # Each run starts on a quiet disk: what the previous run wrote is flushed first, so its
 # writeback does not land in the next run's latencies.
 # The first argument says how the memory starts (see WARM_GB): "warm" for the maximum-rate rows,
@@ -99,14 +104,20 @@ run() {
     # seconds after the free) page allocations stall, and a fixed-rate row's p99 with them.
     sleep 8
   fi
-  local before p each=() split=""; before=$(ticks "$pids")
-  for p in $pids; do each+=("$(ticks "$p")"); done
+  local before p each=() split="" calls_before=() io=""; before=$(ticks "$pids")
+  for p in $pids; do each+=("$(ticks "$p")"); calls_before+=("$(calls "$p")"); done
   "$BIN" bench $first "$@" | tee "$WORK/row"; first=
   # records/s of the row just run (the table's sixth column).
   RATE=$(awk -F'|' 'NF > 7 && $7 ~ /^ *[0-9]+ *$/ {gsub(/ /, "", $7); r = $7} END {print r + 0}' "$WORK/row")
   # Per process too: on the cluster, which node led the partition shows as the busiest.
-  local i=0; for p in $pids; do split+=" $(( $(ticks "$p") - each[i] ))"; i=$((i + 1)); done
+  local i=0 r0 w0 r1 w1; for p in $pids; do
+    split+=" $(( $(ticks "$p") - each[i] ))"
+    read -r r0 w0 <<<"${calls_before[i]}"; read -r r1 w1 <<<"$(calls "$p")"
+    io+=" $((r1 - r0))/$((w1 - w0))"
+    i=$((i + 1))
+  done
   echo "    broker CPU for the row above: $(( $(ticks "$pids") - before )) ticks (per process:$split)" >&2
+  echo "    system calls per process, reads/writes:$io" >&2
 }
 SHARES=()
 for r in $(seq "$RUNS"); do
