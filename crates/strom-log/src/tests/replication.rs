@@ -837,6 +837,26 @@ fn placed(piece: &[u8], pos: u64) -> bytes::Bytes {
     b
 }
 
+/// Batch `i` of records whose values have `sizes` and bytes that differ from position to
+/// position (a block written in the wrong place shows).
+fn varied_batch(i: usize, sizes: &[usize]) -> Vec<u8> {
+    let recs: Vec<NewRecord> = sizes
+        .iter()
+        .enumerate()
+        .map(|(r, size)| NewRecord {
+            key: None,
+            value: Some(
+                (0..*size)
+                    .map(|j| (i * 31 + r * 7 + j * 13 + j / 4096) as u8)
+                    .collect(),
+            ),
+            headers: vec![],
+            timestamp: 1000 + i as i64,
+        })
+        .collect();
+    encode_batch(&recs, Compression::None, ProducerInfo::default()).unwrap()
+}
+
 /// A leader log of batches of 1–12 KiB whose values differ from byte to byte, rolling every
 /// 64 KiB, and all of its data.
 fn leader_with_big_batches(dir: &Path) -> (Log, Vec<u8>) {
@@ -846,20 +866,9 @@ fn leader_with_big_batches(dir: &Path) -> (Log, Vec<u8>) {
     };
     let mut log = Log::open(dir, config, true).unwrap();
     for i in 0..60usize {
-        let recs: Vec<NewRecord> = (0..3)
-            .map(|r| NewRecord {
-                key: None,
-                value: Some(
-                    (0..(1 + (i * 7 + r) % 12) * 1024)
-                        .map(|j| (i * 31 + r * 7 + j * 13 + j / 4096) as u8)
-                        .collect(),
-                ),
-                headers: vec![],
-                timestamp: 1000 + i as i64,
-            })
-            .collect();
-        let b = encode_batch(&recs, Compression::None, ProducerInfo::default()).unwrap();
-        log.append(&b, 1 + i as i32 / 20, 0).unwrap();
+        let sizes: Vec<usize> = (0..3).map(|r| (1 + (i * 7 + r) % 12) * 1024).collect();
+        log.append(&varied_batch(i, &sizes), 1 + i as i32 / 20, 0)
+            .unwrap();
     }
     let data = read_all(&log);
     (log, data)
@@ -956,4 +965,69 @@ fn a_failed_write_of_a_placed_answer_takes_back_its_batches_too() {
     drop(log);
     let log = Log::open(dir.path(), config, false).unwrap();
     assert_eq!(read_all(&log), data);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    /// Whatever the batch sizes, fetch cuts, rolls and truncations, a follower writing fetch
+    /// answers placed at their file position (some misplaced) leaves exactly the files of one
+    /// that copies every answer, and reopens to the leader's log.
+    #[test]
+    fn placed_answers_leave_the_files_copied_ones_leave(
+        values in proptest::collection::vec(1usize..24_000, 2..40),
+        cuts in proptest::collection::vec(1usize..200_000, 1..60),
+        misplaced in proptest::collection::vec(0usize..4, 1..60),
+        segment_kib in 24u64..400,
+        truncate_by in 0i64..6,
+    ) {
+        let leader_dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            segment_bytes: segment_kib << 10,
+            direct_replica_writes: true,
+            ..small_config()
+        };
+        let mut leader = Log::open(leader_dir.path(), config.clone(), true).unwrap();
+        for (i, v) in values.iter().enumerate() {
+            let sizes = vec![*v; 1 + i % 3];
+            leader.append(&varied_batch(i, &sizes), 1 + i as i32 / 7, 0).unwrap();
+        }
+        let leo = leader.log_end_offset();
+        let (shared_dir, copied_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut shared = Log::open(shared_dir.path(), config.clone(), true).unwrap();
+        let mut copied = Log::open(copied_dir.path(), config.clone(), true).unwrap();
+        let mut cuts = cuts.into_iter().cycle();
+        let mut misplaced = misplaced.into_iter().cycle();
+        let (mut rounds, mut truncated) = (0, truncate_by == 0);
+        while shared.log_end_offset() < leo {
+            rounds += 1;
+            prop_assert!(rounds < 10_000);
+            if !truncated && shared.log_end_offset() > leo / 2 {
+                // A divergent tail cut on both, replication going on from the cut.
+                let to = shared.log_end_offset() - truncate_by;
+                shared.truncate_to(to).unwrap();
+                copied.truncate_to(to).unwrap();
+                truncated = true;
+            }
+            let from = shared.log_end_offset();
+            prop_assert_eq!(from, copied.log_end_offset());
+            let full = leader.read(from, usize::MAX, i64::MAX, true).unwrap();
+            let first = BatchIter::new(&full).next().unwrap().unwrap().1.len();
+            let limit = cuts.next().unwrap_or(1).clamp(first, full.len());
+            let answer = &full[..limit];
+            // Most answers placed where they go, one in four a few bytes off.
+            let off = match misplaced.next().unwrap_or(0) { 0 => 8, _ => 0 };
+            let pos = shared.append_position() + off;
+            let a = shared.append_replicated_shared(&placed(answer, pos)).unwrap();
+            let b = copied.append_replicated(answer).unwrap();
+            prop_assert_eq!(a, b);
+            prop_assert_eq!(read_all(&shared), read_all(&copied));
+        }
+        prop_assert_eq!(read_all(&shared), read_all(&leader));
+        prop_assert_eq!(shared.epoch_entries(), leader.epoch_entries());
+        shared.close().unwrap();
+        copied.close().unwrap();
+        prop_assert_eq!(log_files(shared_dir.path()), log_files(copied_dir.path()));
+        let shared = Log::open(shared_dir.path(), config, true).unwrap();
+        prop_assert_eq!(read_all(&shared), read_all(&leader));
+    }
 }
