@@ -200,9 +200,9 @@ impl Stage {
 
     /// The iovecs of one direct write of a run that spans at least two blocks: the first block
     /// (the tail, then the run's first bytes, copied into `mem`), the run's whole blocks in
-    /// place, and its last partial block (copied, padded with zeros) if any. `None` when there
-    /// is no such run: then the stage is written from `mem` (`materialize`).
-    fn gathered(&mut self) -> Option<Vec<&[u8]>> {
+    /// place, and its last partial block (copied, padded with zeros; empty if none). `None`
+    /// when there is no such run: then the stage is written from `mem` (`materialize`).
+    fn gathered(&mut self) -> Option<[&[u8]; 3]> {
         let align = ALIGN as usize;
         let tail_len = (self.new_from - self.file_pos) as usize;
         let (src, run) = self.run.clone()?;
@@ -223,11 +223,12 @@ impl Stage {
         GATHERED.with(|g| g.set(g.get() + 1));
         let (src, run) = self.run.as_ref()?;
         let middle = &src[run.start + head..run.start + head + whole];
-        let mut parts = vec![&self.mem[self.off..last], middle];
-        if rest > 0 {
-            parts.push(&self.mem[last..last + align]);
-        }
-        Some(parts)
+        let last_block = if rest > 0 { align } else { 0 };
+        Some([
+            &self.mem[self.off..last],
+            middle,
+            &self.mem[last..last + last_block],
+        ])
     }
 
     /// Room in `mem` for `room` bytes from the start of the stage, keeping what it holds.

@@ -1140,6 +1140,14 @@ mod tests {
         c.alter_isr(img, "t", 0, (1, 5, epoch), isr, &policy)
     }
 
+    /// Brokers 1, 2 and 3 with topic "t" of `parts` partitions, each on all three.
+    fn three_brokers_with_t(c: &Controller, parts: i32) -> MetadataImage {
+        let img = cluster(&[(1, ""), (2, ""), (3, "")]);
+        let mut s = spec("t", parts);
+        s.replication_factor = 3;
+        img.apply(10, &c.create_topic(&img, &s).unwrap()).0
+    }
+
     fn partition(img: &MetadataImage, topic: &str, p: i32) -> crate::image::PartitionImage {
         img.topic(topic).unwrap().partitions[&p].clone()
     }
@@ -1208,10 +1216,7 @@ mod tests {
             unclean: false,
             min_isr: 1,
         };
-        let img = cluster(&[(1, ""), (2, ""), (3, "")]);
-        let mut s = spec("t", 3);
-        s.replication_factor = 3;
-        let (img, _) = img.apply(10, &c.create_topic(&img, &s).unwrap());
+        let img = three_brokers_with_t(&c, 3);
         let before = partition(&img, "t", 0);
         let leader = before.leader;
         let (img, delta) = img.apply(20, &c.fence_broker(&img, leader, &no_unclean));
@@ -1260,10 +1265,7 @@ mod tests {
             unclean: false,
             min_isr: 2,
         };
-        let img = cluster(&[(1, ""), (2, ""), (3, "")]);
-        let mut s = spec("t", 1);
-        s.replication_factor = 3;
-        let (img, _) = img.apply(10, &c.create_topic(&img, &s).unwrap());
+        let img = three_brokers_with_t(&c, 1);
         let p = partition(&img, "t", 0);
         let state = (p.leader, p.leader_epoch, p.partition_epoch);
 
@@ -1319,10 +1321,7 @@ mod tests {
     #[test]
     fn alter_isr_checks_leader_epoch_and_eligibility() {
         let c = Controller::default();
-        let img = cluster(&[(1, ""), (2, ""), (3, "")]);
-        let mut s = spec("t", 1);
-        s.replication_factor = 3;
-        let (img, _) = img.apply(10, &c.create_topic(&img, &s).unwrap());
+        let img = three_brokers_with_t(&c, 1);
         let p = partition(&img, "t", 0);
         let follower = *p.replicas.iter().find(|r| **r != p.leader).unwrap();
         assert_eq!(
@@ -1433,10 +1432,7 @@ mod tests {
             unclean: false,
             min_isr: 1,
         };
-        let img = cluster(&[(1, ""), (2, ""), (3, "")]);
-        let mut s = spec("t", 3);
-        s.replication_factor = 3;
-        let (img, _) = img.apply(10, &c.create_topic(&img, &s).unwrap());
+        let img = three_brokers_with_t(&c, 3);
         assert!(
             c.rebalance_leaders(&img, 10).is_empty(),
             "balanced from the start"
@@ -1514,10 +1510,7 @@ mod tests {
             unclean: false,
             min_isr: 2,
         };
-        let img = cluster(&[(1, ""), (2, ""), (3, "")]);
-        let mut s = spec("t", 1);
-        s.replication_factor = 3;
-        let (img, _) = img.apply(10, &c.create_topic(&img, &s).unwrap());
+        let img = three_brokers_with_t(&c, 1);
         let p = partition(&img, "t", 0);
         let (a, b, x) = (p.replicas[0], p.replicas[1], p.replicas[2]);
         // ISR 3 -> 2 (still at min): x is simply out.
