@@ -1526,6 +1526,121 @@ async fn kip966_the_last_replicas_standing_keep_every_acknowledged_record() {
     assert_eq!(values, (0..101).collect::<Vec<_>>());
 }
 
+/// KIP-966: lowering `min.insync.replicas` lets the ISR commit records without the eligible
+/// leader replicas, so the change clears them (as Kafka does). Otherwise an eligible replica
+/// that missed records acknowledged under the new value would lead once the last in-sync one
+/// died, and those records would be gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lowering_min_insync_replicas_voids_the_eligible_leader_replicas() {
+    use rdkafka::admin::{AlterConfig, ResourceSpecifier};
+    // Seven voters keep a metadata majority while all three replicas of the topic are down.
+    let mut c = Cluster::start(7, &[]);
+    let b = c.bootstrap();
+    create_replicated(&b, "low", 1, 3, &[("min.insync.replicas", "2")]).await;
+    let s = c.wait_partition("low", 0, WAIT, "full ISR", |s| s.isr.len() == 3);
+    send_values(&producer(&b, "all", true), "low", 0..100).await;
+    let a = s.leader;
+    let followers: Vec<i32> = s.replicas.iter().copied().filter(|r| *r != a).collect();
+    let (x, y) = (followers[0], followers[1]);
+    c.node(x).kill9();
+    c.wait_partition("low", 0, WAIT, "x leaves the ISR", |s| !s.isr.contains(&x));
+    c.node(y).kill9();
+    c.wait_partition("low", 0, WAIT, "the leader alone in the ISR", |s| {
+        s.isr == vec![a]
+    });
+    assert_eq!(described(&mut c, a, "low", 0).elr, vec![y], "y is eligible");
+    // The operator lowers min.insync.replicas: the leader alone commits from now on.
+    let change = AlterConfig::new(ResourceSpecifier::Topic("low")).set("min.insync.replicas", "1");
+    for r in common::admin(&b)
+        .alter_configs(&[change], &AdminOptions::new())
+        .await
+        .expect("alter_configs")
+    {
+        r.expect("min.insync.replicas=1");
+    }
+    send_values(&producer(&b, "all", true), "low", 100..110).await;
+    let deadline = Instant::now() + WAIT;
+    while !described(&mut c, a, "low", 0).elr.is_empty() {
+        assert!(Instant::now() < deadline, "the ELR must be cleared");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The last in-sync replica dies. y, which never got 100..110, comes back: it may not lead.
+    c.node(a).kill9();
+    c.wait_partition("low", 0, WAIT, "no leader", |s| s.leader == -1);
+    c.node(y).restart();
+    c.wait_brokers(5, WAIT);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        c.view().unwrap().partition("low", 0).unwrap().leader,
+        -1,
+        "y misses acknowledged records: it must not lead"
+    );
+    // a comes back and leads with everything acknowledged.
+    c.node(a).restart();
+    c.wait_partition("low", 0, WAIT, "a leads", |s| s.leader == a);
+    assert_eq!(
+        read_values(&b, "low", 0, 110, WAIT),
+        (0..110).collect::<Vec<_>>()
+    );
+}
+
+/// IncrementalAlterConfigs of one broker setting through node `id`, for broker `resource`
+/// ("" is the cluster-wide default): the resource's error code.
+fn set_broker_config(c: &mut Cluster, id: i32, resource: &str, name: &str, value: &str) -> i16 {
+    use kafka_protocol::messages::incremental_alter_configs_request::{
+        AlterConfigsResource, AlterableConfig,
+    };
+    use kafka_protocol::messages::{
+        ApiKey, IncrementalAlterConfigsRequest, IncrementalAlterConfigsResponse,
+    };
+    use kafka_protocol::protocol::StrBytes;
+    let req = IncrementalAlterConfigsRequest::default().with_resources(vec![
+        AlterConfigsResource::default()
+            .with_resource_type(4)
+            .with_resource_name(StrBytes::from_string(resource.to_string()))
+            .with_configs(vec![AlterableConfig::default()
+                .with_name(StrBytes::from_string(name.to_string()))
+                .with_config_operation(0)
+                .with_value(Some(StrBytes::from_string(value.to_string())))]),
+    ]);
+    let mut raw = RawClient::connect(c.node(id).addr());
+    let resp: IncrementalAlterConfigsResponse = raw.call(ApiKey::IncrementalAlterConfigs, 1, &req);
+    resp.responses[0].error_code
+}
+
+/// `min.insync.replicas` is one value for the whole cluster (or per topic): a dynamic setting
+/// for one broker is refused (INVALID_CONFIG), since leaders and the controller must agree on
+/// it. A new cluster-wide value clears every eligible leader replica, whatever the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_insync_replicas_is_refused_for_one_broker_and_clears_elrs_for_the_cluster() {
+    let mut c = Cluster::start(3, &[]);
+    let b = c.bootstrap();
+    assert_eq!(
+        set_broker_config(&mut c, 1, "2", "min.insync.replicas", "2"),
+        40
+    );
+    // min.insync.replicas 3 of 3: the one replica that leaves the ISR stays eligible.
+    create_replicated(&b, "all3", 1, 3, &[("min.insync.replicas", "3")]).await;
+    let s = c.wait_partition("all3", 0, WAIT, "full ISR", |s| s.isr.len() == 3);
+    let x = *s.replicas.iter().find(|r| **r != s.leader).unwrap();
+    c.node(x).kill9();
+    c.wait_partition("all3", 0, WAIT, "x leaves the ISR", |s| !s.isr.contains(&x));
+    let id = s.leader;
+    assert_eq!(described(&mut c, id, "all3", 0).elr, vec![x]);
+    assert_eq!(
+        set_broker_config(&mut c, id, "", "min.insync.replicas", "1"),
+        0
+    );
+    let deadline = Instant::now() + WAIT;
+    while !described(&mut c, id, "all3", 0).elr.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the cluster-wide change must clear the ELR"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A partition that went offline while unclean election was off gets a leader once the
 /// operator turns `unclean.leader.election.enable` on for its topic: the out-of-sync replica
 /// that came back leads with what it has (the loss the operator accepted), and takes writes.

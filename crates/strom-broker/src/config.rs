@@ -109,7 +109,7 @@ pub static REGISTRY: &[ConfigDef] = &[
     def!("log.cleaner.min.compaction.lag.ms", Long, "0", Broker, None, &[], Some(0), "Default of min.compaction.lag.ms."),
     def!("log.cleaner.max.compaction.lag.ms", Long, LONG_MAX, Broker, None, &[], Some(1), "Default of max.compaction.lag.ms."),
     def!("compression.type", String, "producer", Broker, None, &["producer", "uncompressed", "gzip", "snappy", "lz4", "zstd"], None, "Default of the topic compression.type."),
-    def!("min.insync.replicas", Int, "1", Broker, None, &[], Some(1), "Default of the topic min.insync.replicas."),
+    def!("min.insync.replicas", Int, "1", Broker, None, &[], Some(1), "Default of the topic min.insync.replicas. Changed at runtime only for the whole cluster (the default broker resource), never for one broker; a change clears the eligible leader replicas (KIP-966) of the partitions it applies to."),
     def!("strom.max.decompressed.bytes", Int, "67108864", Broker, None, &[], Some(1024), "Upper bound on the output of any decompression the broker performs."),
     def!("strom.connection.max.pipelined.requests", Int, "500", Broker, None, &[], Some(1), "Requests read ahead on one connection while earlier responses are pending."),
     def!("strom.replica.direct.writes", Boolean, "true", Broker, None, &[], None, "A follower writes the data it replicates past the page cache (O_DIRECT), from its memory to the disk; the leader's writes always go through the page cache, which serves its fetches. false: followers write through the page cache too, as they do whenever replica.selector.class is set (consumers may then read from followers)."),

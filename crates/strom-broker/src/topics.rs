@@ -87,6 +87,10 @@ fn broker_target(broker: &Broker, name: &str) -> Result<Option<i32>, ConfigChang
     Ok(Some(id))
 }
 
+/// A change to it voids the eligible leader replicas it applies to
+/// (`Controller::clear_eligible_leader_replicas`).
+const MIN_ISR: &str = "min.insync.replicas";
+
 /// Changes dynamic broker settings: `changes` gives a value to set or `None` to delete; with
 /// `replace_all` (legacy AlterConfigs) every other dynamic setting of that resource goes.
 /// Stored in the metadata log; topics pick up new defaults at once.
@@ -102,6 +106,14 @@ pub fn change_broker_configs(
     let target = broker_target(broker, name)?;
     let mut records = Vec::new();
     for (k, v) in changes {
+        if k == MIN_ISR && v.is_some() && target.is_some() {
+            // Leaders and the controller must agree on it (Kafka refuses it per broker too
+            // once eligible leader replicas are on).
+            return Err(ConfigChangeError(
+                ResponseError::InvalidConfig,
+                format!("{MIN_ISR} is set for the cluster (the default broker resource) or per topic, not for one broker"),
+            ));
+        }
         let value = match v {
             Some(v) => Some(
                 crate::config::validate_dynamic_broker_config(k, v)
@@ -132,6 +144,16 @@ pub fn change_broker_configs(
                             value: None,
                         }),
                 );
+            }
+            if all
+                .iter()
+                .any(|r| matches!(r, MetadataRecord::BrokerConfig { name, .. } if name == MIN_ISR))
+            {
+                // A new default may apply to any topic: every ELR goes (as in Kafka).
+                let cleared = broker
+                    .controller()
+                    .clear_eligible_leader_replicas(img, |_| true);
+                all.extend(cleared);
             }
             Ok(all)
         })
@@ -193,7 +215,18 @@ pub fn change_topic_configs(
             let t = img
                 .topic(name)
                 .ok_or_else(|| format!("topic {name} does not exist"))?;
-            Ok(diff(&t.configs, t.topic_id))
+            let mut records = diff(&t.configs, t.topic_id);
+            if records
+                .iter()
+                .any(|r| matches!(r, MetadataRecord::TopicConfig { name, .. } if name == MIN_ISR))
+            {
+                let id = t.topic_id;
+                let cleared = broker
+                    .controller()
+                    .clear_eligible_leader_replicas(img, |x| x.topic_id == id);
+                records.extend(cleared);
+            }
+            Ok(records)
         })
         .map_err(|e| ConfigChangeError(ResponseError::UnknownServerError, e))?;
     tracing::info!(topic = name, "topic configs changed");

@@ -1004,6 +1004,32 @@ impl Controller {
         records
     }
 
+    /// KIP-966: an eligible leader replica holds everything committed because the high
+    /// watermark could not advance without it under the `min.insync.replicas` it left the ISR
+    /// with. Once that setting changes the promise is void (lowered, the ISR alone commits
+    /// records the replica never got), so a change clears the ELR of every partition of the
+    /// topics it applies to: `applies` picks them. The records go in the same commit as the
+    /// change, so that no leader acts on the new value while a stale ELR still stands. Kafka
+    /// does the same.
+    pub fn clear_eligible_leader_replicas(
+        &self,
+        image: &MetadataImage,
+        applies: impl Fn(&crate::image::TopicImage) -> bool,
+    ) -> Vec<MetadataRecord> {
+        let mut records = Vec::new();
+        for topic in image.topics.values().filter(|t| applies(t)) {
+            for p in topic.partitions.values().filter(|p| !p.elr.is_empty()) {
+                let kept = Leadership {
+                    leader: p.leader,
+                    isr: p.isr.clone(),
+                    elr: Vec::new(),
+                };
+                records.push(partition_record(image, topic.topic_id, p, kept));
+            }
+        }
+        records
+    }
+
     /// `auto.leader.rebalance.enable`: for every broker whose share of partitions it prefers
     /// but does not lead exceeds `imbalance_pct`, the preferred elections that can happen.
     pub fn rebalance_leaders(
@@ -1501,6 +1527,52 @@ mod tests {
             partition(&img, "t", 0).elr.is_empty(),
             "unclean: the ELR goes"
         );
+    }
+
+    #[test]
+    fn a_min_insync_replicas_change_clears_the_eligible_leader_replicas_it_applies_to() {
+        let c = Controller::default();
+        let policy = FixedPolicy {
+            unclean: false,
+            min_isr: 2,
+        };
+        let img = three_brokers_with_t(&c, 1);
+        let mut u = spec("u", 1);
+        u.topic_id = [9; 16];
+        u.replication_factor = 3;
+        let (img, _) = img.apply(11, &c.create_topic(&img, &u).unwrap());
+        let p = partition(&img, "t", 0);
+        let (a, b, x) = (p.replicas[0], p.replicas[1], p.replicas[2]);
+        let mut img = img;
+        for gone in [x, b] {
+            img = img.apply(20, &c.fence_broker(&img, gone, &policy)).0;
+        }
+        let before = partition(&img, "t", 0);
+        assert_eq!((before.isr.clone(), before.elr.clone()), (vec![a], vec![b]));
+        assert!(!partition(&img, "u", 0).elr.is_empty());
+        // Only topic t's setting changed: only t's ELR goes.
+        let records = c.clear_eligible_leader_replicas(&img, |t| t.name == "t");
+        assert_eq!(records.len(), 1);
+        let (img, _) = img.apply(30, &records);
+        let after = partition(&img, "t", 0);
+        assert!(after.elr.is_empty(), "{after:?}");
+        assert_eq!(
+            (after.leader, after.isr.clone(), after.leader_epoch),
+            (a, vec![a], before.leader_epoch),
+            "the leadership stays"
+        );
+        assert_eq!(after.partition_epoch, before.partition_epoch + 1);
+        assert!(!partition(&img, "u", 0).elr.is_empty());
+        // Nothing eligible left: nothing to write.
+        assert!(c
+            .clear_eligible_leader_replicas(&img, |t| t.name == "t")
+            .is_empty());
+        // The last in-sync replica dies: b, no longer eligible, may not lead when it returns.
+        let (img, _) = img.apply(40, &c.fence_broker(&img, a, &policy));
+        let (img, _) = img.apply(50, &c.unfence_broker(&img, b, &policy));
+        assert_eq!(partition(&img, "t", 0).leader, -1);
+        let (img, _) = img.apply(60, &c.unfence_broker(&img, a, &policy));
+        assert_eq!(partition(&img, "t", 0).leader, a);
     }
 
     #[test]

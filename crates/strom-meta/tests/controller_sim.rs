@@ -29,7 +29,7 @@
 //!
 //! A failure names the seed and step; `SIM_SEED=<seed> SIM_TRACE=1` replays it with a trace,
 //! `SIM_SEEDS=<n>` runs more seeds than the default 200. `SIM_HW_IGNORES_PENDING_ISR=1` makes the
-//! leaders count only the image's ISR, as strom-broker does today: within a few dozen seeds an
+//! leaders count only the image's ISR, as strom-broker once did: within a few dozen seeds an
 //! expansion still in flight lands after the high watermark passed the follower it adds, and
 //! that follower joins the ISR without committed records (the partition epoch has not moved,
 //! so the controller cannot tell).
