@@ -1587,6 +1587,17 @@ async fn lowering_min_insync_replicas_voids_the_eligible_leader_replicas() {
 /// IncrementalAlterConfigs of one broker setting through node `id`, for broker `resource`
 /// ("" is the cluster-wide default): the resource's error code.
 fn set_broker_config(c: &mut Cluster, id: i32, resource: &str, name: &str, value: &str) -> i16 {
+    alter_broker_config(c, id, resource, name, Some(value))
+}
+
+/// `set_broker_config`, or with `None` a DELETE of the setting.
+fn alter_broker_config(
+    c: &mut Cluster,
+    id: i32,
+    resource: &str,
+    name: &str,
+    value: Option<&str>,
+) -> i16 {
     use kafka_protocol::messages::incremental_alter_configs_request::{
         AlterConfigsResource, AlterableConfig,
     };
@@ -1600,8 +1611,8 @@ fn set_broker_config(c: &mut Cluster, id: i32, resource: &str, name: &str, value
             .with_resource_name(StrBytes::from_string(resource.to_string()))
             .with_configs(vec![AlterableConfig::default()
                 .with_name(StrBytes::from_string(name.to_string()))
-                .with_config_operation(0)
-                .with_value(Some(StrBytes::from_string(value.to_string())))]),
+                .with_config_operation(if value.is_some() { 0 } else { 1 })
+                .with_value(value.map(|v| StrBytes::from_string(v.to_string())))]),
     ]);
     let mut raw = RawClient::connect(c.node(id).addr());
     let resp: IncrementalAlterConfigsResponse = raw.call(ApiKey::IncrementalAlterConfigs, 1, &req);
@@ -1638,6 +1649,81 @@ async fn min_insync_replicas_is_refused_for_one_broker_and_clears_elrs_for_the_c
             "the cluster-wide change must clear the ELR"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Legacy AlterConfigs of the cluster-wide broker settings through node `id`: `name` set to
+/// `value` and every other dynamic cluster-wide setting replaced (removed). The error code.
+fn replace_cluster_configs(c: &mut Cluster, id: i32, name: &str, value: &str) -> i16 {
+    use kafka_protocol::messages::alter_configs_request::{AlterConfigsResource, AlterableConfig};
+    use kafka_protocol::messages::{AlterConfigsRequest, AlterConfigsResponse, ApiKey};
+    use kafka_protocol::protocol::StrBytes;
+    let req = AlterConfigsRequest::default().with_resources(vec![AlterConfigsResource::default()
+        .with_resource_type(4)
+        .with_resource_name(StrBytes::from_static_str(""))
+        .with_configs(vec![AlterableConfig::default()
+            .with_name(StrBytes::from_string(name.to_string()))
+            .with_value(Some(StrBytes::from_string(value.to_string())))])]);
+    let mut raw = RawClient::connect(c.node(id).addr());
+    let resp: AlterConfigsResponse = raw.call(ApiKey::AlterConfigs, 1, &req);
+    resp.responses[0].error_code
+}
+
+/// Each broker's `min.insync.replicas` as DescribeConfigs gives it: value, and whether it comes
+/// from the cluster-wide dynamic default.
+async fn min_isr_of_each_broker(bootstrap: &str, n: i32) -> Vec<(String, bool)> {
+    use rdkafka::admin::{ConfigSource, ResourceSpecifier};
+    let admin = common::admin(bootstrap);
+    let mut seen = Vec::new();
+    for id in 1..=n {
+        let d = admin
+            .describe_configs([&ResourceSpecifier::Broker(id)], &AdminOptions::new())
+            .await
+            .unwrap();
+        let r = d[0].as_ref().unwrap();
+        let e = r.get("min.insync.replicas").unwrap();
+        let dynamic_default = matches!(e.source, ConfigSource::DynamicDefaultBroker);
+        seen.push((e.value.clone().unwrap(), dynamic_default));
+    }
+    seen
+}
+
+/// Nodes started with different `min.insync.replicas` still agree on one: the first to
+/// register writes its own as the cluster-wide value, which outranks every node's static
+/// setting (as Kafka does with eligible leader replicas on). It can be changed, not removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_started_with_different_min_insync_replicas_agree_on_one() {
+    let mut c = Cluster::start_with(3, &[], |id| vec![format!("min.insync.replicas={id}")]);
+    let b = c.bootstrap();
+    let seen = min_isr_of_each_broker(&b, 3).await;
+    assert!(
+        seen.iter().all(|s| *s == seen[0]) && seen[0].1,
+        "one cluster-wide value: {seen:?}"
+    );
+    assert!(["1", "2", "3"].contains(&seen[0].0.as_str()), "{seen:?}");
+    // Removing it is refused, and a legacy AlterConfigs of the cluster-wide settings, which
+    // replaces them all, keeps it; changing it works, everywhere.
+    assert_eq!(
+        alter_broker_config(&mut c, 2, "", "min.insync.replicas", None),
+        40
+    );
+    assert_eq!(
+        replace_cluster_configs(&mut c, 1, "log.retention.ms", "3600000"),
+        0
+    );
+    assert_eq!(min_isr_of_each_broker(&b, 3).await, seen);
+    assert_eq!(
+        set_broker_config(&mut c, 3, "", "min.insync.replicas", "2"),
+        0
+    );
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let seen = min_isr_of_each_broker(&b, 3).await;
+        if seen.iter().all(|(v, d)| v == "2" && *d) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{seen:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

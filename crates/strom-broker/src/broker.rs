@@ -628,6 +628,24 @@ impl Broker {
                     rack: rack.clone(),
                 });
             }
+            let min_isr_key = (None, crate::topics::MIN_ISR.to_string());
+            if !img.broker_configs.contains_key(&min_isr_key) {
+                // One min.insync.replicas for every leader and the controller (KIP-966's
+                // eligible replicas rest on it): the first node to register writes its own
+                // as the cluster-wide value, which outranks every node's static setting.
+                // Changed later with AlterConfigs on the default broker resource.
+                records.push(MetadataRecord::BrokerConfig {
+                    broker_id: None,
+                    name: crate::topics::MIN_ISR.to_string(),
+                    value: Some(self.config.i64(crate::topics::MIN_ISR).max(1).to_string()),
+                });
+                // A cluster from before the value was written: ELRs chosen under whatever
+                // each controller had go.
+                records.extend(
+                    self.controller
+                        .clear_eligible_leader_replicas(img, |_| true),
+                );
+            }
             let (after, _) = img.apply(img.offset, &records);
             records.extend(self.controller.fence_broker(&after, me, self));
             if !records

@@ -89,7 +89,7 @@ fn broker_target(broker: &Broker, name: &str) -> Result<Option<i32>, ConfigChang
 
 /// A change to it voids the eligible leader replicas it applies to
 /// (`Controller::clear_eligible_leader_replicas`).
-const MIN_ISR: &str = "min.insync.replicas";
+pub(crate) const MIN_ISR: &str = "min.insync.replicas";
 
 /// Changes dynamic broker settings: `changes` gives a value to set or `None` to delete; with
 /// `replace_all` (legacy AlterConfigs) every other dynamic setting of that resource goes.
@@ -106,6 +106,12 @@ pub fn change_broker_configs(
     let target = broker_target(broker, name)?;
     let mut records = Vec::new();
     for (k, v) in changes {
+        if k == MIN_ISR && v.is_none() && target.is_none() && broker.raft().is_some() {
+            return Err(ConfigChangeError(
+                ResponseError::InvalidConfig,
+                format!("the cluster-wide {MIN_ISR} cannot be removed, only changed"),
+            ));
+        }
         if k == MIN_ISR && v.is_some() && target.is_some() {
             // Leaders and the controller must agree on it (Kafka refuses it per broker too
             // once eligible leader replicas are on).
@@ -138,6 +144,11 @@ pub fn change_broker_configs(
                     img.broker_configs
                         .keys()
                         .filter(|(id, n)| *id == target && !changes.iter().any(|(k, _)| k == n))
+                        // Legacy AlterConfigs replaces the whole set, but the cluster-wide
+                        // min.insync.replicas stays (see above).
+                        .filter(|(id, n)| {
+                            !(id.is_none() && n.as_str() == MIN_ISR && broker.raft().is_some())
+                        })
                         .map(|(id, n)| MetadataRecord::BrokerConfig {
                             broker_id: *id,
                             name: n.clone(),
