@@ -1619,6 +1619,53 @@ fn alter_broker_config(
     resp.responses[0].error_code
 }
 
+/// KIP-966 for a topic that does not fsync every write (`flush.messages` above 1): a replica
+/// coming back from an unclean shutdown may have lost what it acknowledged, so it is no longer
+/// an eligible leader of it (as in Kafka). The last leader may still lead again once no
+/// in-sync or eligible replica is left (Kafka's balanced recovery, through the last known ELR).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncleanly_restarted_replica_of_a_topic_without_fsync_is_no_longer_eligible() {
+    // Seven voters keep a metadata majority while all three replicas of the topic are down.
+    let mut c = Cluster::start(7, &[]);
+    let b = c.bootstrap();
+    let configs = [("min.insync.replicas", "2"), ("flush.messages", "1000")];
+    create_replicated(&b, "lazy", 1, 3, &configs).await;
+    let s = c.wait_partition("lazy", 0, WAIT, "full ISR", |s| s.isr.len() == 3);
+    send_values(&producer(&b, "all", true), "lazy", 0..100).await;
+    let a = s.leader;
+    let followers: Vec<i32> = s.replicas.iter().copied().filter(|r| *r != a).collect();
+    let (x, y) = (followers[0], followers[1]);
+    let other = (1..=7).find(|n| !s.replicas.contains(n)).unwrap();
+    c.node(x).kill9();
+    c.wait_partition("lazy", 0, WAIT, "x leaves the ISR", |s| !s.isr.contains(&x));
+    c.node(y).kill9();
+    c.wait_partition("lazy", 0, WAIT, "the leader alone in the ISR", |s| {
+        s.isr == vec![a]
+    });
+    c.node(a).kill9();
+    c.wait_partition("lazy", 0, WAIT, "no leader", |s| s.leader == -1);
+    let d = described(&mut c, other, "lazy", 0);
+    assert_eq!(
+        (d.elr, d.last_known_elr),
+        (vec![y, a], vec![a]),
+        "eligible: y and a"
+    );
+    // y comes back from its kill -9: no longer eligible, it may not lead.
+    c.node(y).restart();
+    c.wait_brokers(5, WAIT);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let d = described(&mut c, other, "lazy", 0);
+    assert_eq!(d.leader, -1, "y restarted uncleanly: it must not lead");
+    assert_eq!(d.elr, vec![a]);
+    // a, the last leader, comes back (uncleanly too) and leads with everything acknowledged.
+    c.node(a).restart();
+    c.wait_partition("lazy", 0, WAIT, "a leads", |s| s.leader == a);
+    assert_eq!(
+        read_values(&b, "lazy", 0, 100, WAIT),
+        (0..100).collect::<Vec<_>>()
+    );
+}
+
 /// `min.insync.replicas` is one value for the whole cluster (or per topic): a dynamic setting
 /// for one broker is refused (INVALID_CONFIG), since leaders and the controller must agree on
 /// it. A new cluster-wide value clears every eligible leader replica, whatever the topic.
@@ -2071,6 +2118,7 @@ struct Described {
     replicas: Vec<i32>,
     isr: Vec<i32>,
     elr: Vec<i32>,
+    last_known_elr: Vec<i32>,
     offline: Vec<i32>,
 }
 
@@ -2123,6 +2171,7 @@ fn described(c: &mut Cluster, id: i32, topic: &str, p: i32) -> Described {
         replicas: ids(&part.replica_nodes),
         isr: ids(&part.isr_nodes),
         elr: ids(part.eligible_leader_replicas.as_deref().unwrap_or(&[])),
+        last_known_elr: ids(part.last_known_elr.as_deref().unwrap_or(&[])),
         offline: ids(&part.offline_replicas),
     }
 }

@@ -288,7 +288,7 @@ impl Broker {
             service.attach(&broker);
             tokio::spawn(run_applier(broker.clone(), rx));
             broker
-                .register(host_port_rack(&broker, rack))
+                .register(host_port_rack(&broker, rack), clean_shutdown)
                 .await
                 .map_err(StartError::Quorum)?;
         }
@@ -602,11 +602,14 @@ impl Broker {
     }
 
     /// Cluster start: registers this broker (fenced, so leaderships it held before a restart
-    /// move on with a new leader epoch before it serves) and the cluster id if none exists.
-    /// The heartbeat loop unfences it.
+    /// move on with a new leader epoch before it serves), the cluster id and the cluster-wide
+    /// min.insync.replicas if none exist, and after an unclean shutdown takes it out of the
+    /// ELRs of topics that do not fsync every write (`Controller::unclean_restart`). The
+    /// heartbeat loop unfences it.
     async fn register(
         &self,
         (host, port, rack): (String, i32, Option<String>),
+        clean_shutdown: bool,
     ) -> Result<(), String> {
         let me = self.node_id;
         self.commit_metadata_async::<String>(|img| {
@@ -645,6 +648,15 @@ impl Broker {
                     self.controller
                         .clear_eligible_leader_replicas(img, |_| true),
                 );
+            }
+            if !clean_shutdown {
+                // KIP-966: what a topic that does not fsync every write acknowledged may be
+                // lost here, so this broker is no longer an eligible leader for it.
+                let lazy = |t: &strom_meta::image::TopicImage| {
+                    self.config.topic_i64(&t.configs, "flush.messages") > 1
+                };
+                let (after, _) = img.apply(img.offset, &records);
+                records.extend(self.controller.unclean_restart(&after, me, lazy));
             }
             let (after, _) = img.apply(img.offset, &records);
             records.extend(self.controller.fence_broker(&after, me, self));

@@ -238,6 +238,7 @@ fn elect(
     replicas: &[i32],
     isr: &[i32],
     elr: &[i32],
+    last_known: &[i32],
     unclean: bool,
 ) -> Leadership {
     if let Some(r) = replicas
@@ -259,6 +260,23 @@ fn elect(
             isr: vec![*r],
             elr: elr.iter().copied().filter(|e| e != r).collect(),
         };
+    }
+    if isr.is_empty() && elr.is_empty() {
+        // Kafka's balanced recovery (KIP-966): with no in-sync or eligible replica left, the
+        // last leader may lead again once it is back, as before eligible replicas existed.
+        // It held everything committed when it stopped leading; only a topic that does not
+        // fsync every write can have lost some of that since (an unclean restart, which also
+        // takes it out of the ELR: `unclean_restart`).
+        if let Some(r) = last_known
+            .iter()
+            .find(|r| replicas.contains(r) && image.is_live(**r))
+        {
+            return Leadership {
+                leader: *r,
+                isr: vec![*r],
+                elr: Vec::new(),
+            };
+        }
     }
     if unclean {
         if let Some(r) = replicas.iter().find(|r| image.is_live(**r)) {
@@ -331,6 +349,19 @@ fn reassigned_record(
     } else {
         p.leader_epoch
     };
+    // As Kafka keeps it (balanced recovery on): the last leader of a partition that has
+    // none, for `elect`; empty while it has one.
+    let last_known: Vec<i32> = if l.leader >= 0 {
+        Vec::new()
+    } else if p.leader >= 0 {
+        vec![p.leader]
+    } else {
+        p.last_known_elr.clone()
+    };
+    let last_known_elr = last_known
+        .into_iter()
+        .filter(|r| a.replicas.contains(r))
+        .collect();
     MetadataRecord::Partition {
         topic_id,
         partition: p.partition,
@@ -338,6 +369,7 @@ fn reassigned_record(
         leader: l.leader,
         leader_epoch,
         partition_epoch: p.partition_epoch + 1,
+        last_known_elr,
         elr: l
             .elr
             .into_iter()
@@ -368,7 +400,7 @@ fn settle_on(image: &MetadataImage, replicas: &[i32], l: &Leadership) -> Leaders
             elr,
         }
     } else {
-        elect(image, replicas, &isr, &elr, false)
+        elect(image, replicas, &isr, &elr, &[], false)
     }
 }
 
@@ -517,7 +549,14 @@ impl Controller {
                     elr.retain(|r| *r != broker_id);
                 }
                 let l = if p.leader == broker_id || p.leader == -1 {
-                    elect(after, &p.replicas, &isr, &elr, policy.unclean(topic))
+                    elect(
+                        after,
+                        &p.replicas,
+                        &isr,
+                        &elr,
+                        &p.last_known_elr,
+                        policy.unclean(topic),
+                    )
                 } else {
                     Leadership {
                         leader: p.leader,
@@ -550,7 +589,14 @@ impl Controller {
                 if p.leader != -1 || !p.replicas.contains(&broker_id) {
                     continue;
                 }
-                let l = elect(&after, &p.replicas, &p.isr, &p.elr, policy.unclean(topic));
+                let l = elect(
+                    &after,
+                    &p.replicas,
+                    &p.isr,
+                    &p.elr,
+                    &p.last_known_elr,
+                    policy.unclean(topic),
+                );
                 if l.leader != -1 {
                     records.push(partition_record(&after, topic.topic_id, p, l));
                 }
@@ -788,6 +834,7 @@ impl Controller {
                     leader_epoch: 0,
                     partition_epoch: 0,
                     elr: Vec::new(),
+                    last_known_elr: Vec::new(),
                     adding_replicas: Vec::new(),
                     removing_replicas: Vec::new(),
                 }
@@ -953,7 +1000,7 @@ impl Controller {
             if p.leader >= 0 && image.is_live(p.leader) {
                 return Err(ElectionError::ElectionNotNeeded);
             }
-            let l = elect(image, &p.replicas, &p.isr, &p.elr, true);
+            let l = elect(image, &p.replicas, &p.isr, &p.elr, &p.last_known_elr, true);
             if l.leader < 0 {
                 return Err(ElectionError::EligibleLeadersNotAvailable);
             }
@@ -1025,6 +1072,37 @@ impl Controller {
                     elr: Vec::new(),
                 };
                 records.push(partition_record(image, topic.topic_id, p, kept));
+            }
+        }
+        records
+    }
+
+    /// KIP-966: broker `broker_id` registers after an unclean shutdown. For the topics that
+    /// `lazy` names — those not fsyncing every write, where the high watermark follows what
+    /// replicas hold in memory — what it acknowledged may be gone, so it leaves every ELR of
+    /// theirs, as in Kafka (whose topics never fsync every write). Topics that fsync every
+    /// write keep it: the high watermark only ever counted what it had on disk. A partition
+    /// left with no in-sync or eligible replica may still be led by its last leader once that
+    /// is back (`elect`).
+    pub fn unclean_restart(
+        &self,
+        image: &MetadataImage,
+        broker_id: i32,
+        lazy: impl Fn(&crate::image::TopicImage) -> bool,
+    ) -> Vec<MetadataRecord> {
+        let mut records = Vec::new();
+        for topic in image.topics.values().filter(|t| lazy(t)) {
+            for p in topic
+                .partitions
+                .values()
+                .filter(|p| p.elr.contains(&broker_id))
+            {
+                let l = Leadership {
+                    leader: p.leader,
+                    isr: p.isr.clone(),
+                    elr: p.elr.iter().copied().filter(|r| *r != broker_id).collect(),
+                };
+                records.push(partition_record(image, topic.topic_id, p, l));
             }
         }
         records
@@ -1576,6 +1654,70 @@ mod tests {
     }
 
     #[test]
+    fn an_unclean_restart_takes_a_replica_out_of_the_elrs_of_topics_that_do_not_fsync() {
+        let c = Controller::default();
+        let policy = FixedPolicy {
+            unclean: false,
+            min_isr: 2,
+        };
+        // t does not fsync every write, u does; both on the same three brokers.
+        let img = three_brokers_with_t(&c, 1);
+        let mut u = spec("u", 1);
+        u.topic_id = [9; 16];
+        u.replication_factor = 3;
+        let (img, _) = img.apply(11, &c.create_topic(&img, &u).unwrap());
+        let lazy = |t: &crate::image::TopicImage| t.name == "t";
+        let p = partition(&img, "t", 0);
+        let (a, b, x) = (p.replicas[0], p.replicas[1], p.replicas[2]);
+        let mut img = img;
+        for gone in [x, b] {
+            img = img.apply(20, &c.fence_broker(&img, gone, &policy)).0;
+        }
+        let state = |img: &MetadataImage, t: &str| {
+            let p = partition(img, t, 0);
+            (p.leader, p.elr, p.last_known_elr)
+        };
+        assert_eq!(state(&img, "t"), (a, vec![b], vec![]));
+        assert_eq!(state(&img, "u").1, vec![b]);
+        // b restarts uncleanly: it leaves t's ELR, not u's.
+        let before = partition(&img, "t", 0);
+        let records = c.unclean_restart(&img, b, lazy);
+        assert_eq!(records.len(), 1);
+        let (img, _) = img.apply(30, &records);
+        let after = partition(&img, "t", 0);
+        assert_eq!(state(&img, "t"), (a, vec![], vec![]));
+        assert_eq!(after.leader_epoch, before.leader_epoch);
+        assert_eq!(after.partition_epoch, before.partition_epoch + 1);
+        assert_eq!(state(&img, "u").1, vec![b]);
+        // The last leader dies: it is remembered as the last known leader.
+        let (img, _) = img.apply(40, &c.fence_broker(&img, a, &policy));
+        assert_eq!(state(&img, "t"), (-1, vec![a], vec![a]));
+        // b is back: eligible for u, not for t.
+        let (img, _) = img.apply(50, &c.unfence_broker(&img, b, &policy));
+        assert_eq!(
+            state(&img, "t").0,
+            -1,
+            "b may have lost what t acknowledged"
+        );
+        assert_eq!(
+            state(&img, "u").0,
+            b,
+            "u fsyncs: b holds what it acknowledged"
+        );
+        // a restarts uncleanly too and leaves t's ELR; with no in-sync or eligible replica
+        // left, t's last leader leads again once it is back, as Kafka's balanced recovery does.
+        let (img, _) = img.apply(60, &c.unclean_restart(&img, a, lazy));
+        assert_eq!(state(&img, "t"), (-1, vec![], vec![a]));
+        let (img, _) = img.apply(70, &c.unfence_broker(&img, a, &policy));
+        let led = partition(&img, "t", 0);
+        assert_eq!((led.leader, led.isr.clone()), (a, vec![a]));
+        assert!(
+            led.elr.is_empty() && led.last_known_elr.is_empty(),
+            "{led:?}"
+        );
+    }
+
+    #[test]
     fn kip966_replicas_leaving_a_short_isr_stay_eligible() {
         let c = Controller::default();
         let policy = FixedPolicy {
@@ -1780,6 +1922,7 @@ mod tests {
                         leader_epoch,
                         partition_epoch,
                         elr: vec![],
+                        last_known_elr: vec![],
                         adding_replicas: vec![],
                         removing_replicas: vec![],
                     },

@@ -27,6 +27,8 @@ pub struct PartitionImage {
     pub partition_epoch: i32,
     /// KIP-966 eligible leader replicas (see `MetadataRecord::Partition`).
     pub elr: Vec<i32>,
+    /// KIP-966 last known eligible leader replicas (see `MetadataRecord::Partition`).
+    pub last_known_elr: Vec<i32>,
     /// An ongoing reassignment: replicas joining (not yet in sync) and leaving. The target
     /// assignment is `replicas` without `removing_replicas`.
     pub adding_replicas: Vec<i32>,
@@ -158,6 +160,7 @@ impl MetadataImage {
                     leader_epoch: p.leader_epoch,
                     partition_epoch: p.partition_epoch,
                     elr: p.elr.clone(),
+                    last_known_elr: p.last_known_elr.clone(),
                     adding_replicas: p.adding_replicas.clone(),
                     removing_replicas: p.removing_replicas.clone(),
                 });
@@ -317,6 +320,7 @@ impl MetadataImage {
                 leader_epoch,
                 partition_epoch,
                 elr,
+                last_known_elr,
                 adding_replicas,
                 removing_replicas,
             } => {
@@ -338,6 +342,7 @@ impl MetadataImage {
                         leader_epoch: *leader_epoch,
                         partition_epoch: *partition_epoch,
                         elr: elr.clone(),
+                        last_known_elr: last_known_elr.clone(),
                         adding_replicas: adding_replicas.clone(),
                         removing_replicas: removing_replicas.clone(),
                     },
@@ -489,6 +494,7 @@ mod tests {
                     leader_epoch: p + 4,
                     partition_epoch: p + 7,
                     elr: vec![1],
+                    last_known_elr: vec![],
                     adding_replicas: if p == 1 { vec![2] } else { vec![] },
                     removing_replicas: if p == 2 { vec![1] } else { vec![] },
                 });
@@ -547,6 +553,7 @@ mod tests {
                 leader_epoch: 0,
                 partition_epoch: 0,
                 elr: vec![],
+                last_known_elr: vec![],
                 adding_replicas: vec![],
                 removing_replicas: vec![],
             },

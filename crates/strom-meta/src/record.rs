@@ -54,6 +54,11 @@ pub enum MetadataRecord {
         /// min.insync.replicas, so they hold everything committed and may lead.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         elr: Vec<i32>,
+        /// KIP-966's last known ELR, kept as Kafka does with balanced recovery: the last
+        /// leader of a partition that has none, which may lead again once it is back if no
+        /// in-sync or eligible replica is left. Empty while the partition has a leader.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        last_known_elr: Vec<i32>,
         /// An ongoing reassignment (KIP-455): replicas being added (in the target, not yet
         /// caught up) and being removed (not in the target). Both empty otherwise; absent in
         /// records written before reassignment existed.

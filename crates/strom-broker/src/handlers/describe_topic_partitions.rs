@@ -122,9 +122,7 @@ fn partition_entry(
         .with_replica_nodes(ids(&p.replicas))
         .with_isr_nodes(ids(&p.isr))
         .with_eligible_leader_replicas(Some(ids(&p.elr)))
-        // The image does not keep KIP-966's last known ELR (the ELR a leaderless partition had
-        // when it lost its last eligible member), so it is always empty.
-        .with_last_known_elr(Some(Vec::new()))
+        .with_last_known_elr(Some(ids(&p.last_known_elr)))
         .with_offline_replicas(ids(&offline))
 }
 
@@ -199,6 +197,7 @@ mod tests {
                     leader_epoch: 4,
                     partition_epoch: 7,
                     elr: vec![2],
+                    last_known_elr: vec![3],
                     adding_replicas: vec![],
                     removing_replicas: vec![],
                 });
@@ -261,6 +260,7 @@ mod tests {
         assert_eq!(p.replica_nodes, ids(&[1, 2, 3]));
         assert_eq!(p.isr_nodes, ids(&[1]));
         assert_eq!(p.eligible_leader_replicas, Some(ids(&[2])));
+        assert_eq!(p.last_known_elr, Some(ids(&[3])));
         assert_eq!(p.offline_replicas, ids(&[3]), "the fenced broker");
     }
 

@@ -642,6 +642,7 @@ fn partition(topic: TopicId, p: i32) -> MetadataRecord {
         leader_epoch: 0,
         partition_epoch: 0,
         elr: Vec::new(),
+        last_known_elr: Vec::new(),
         adding_replicas: vec![],
         removing_replicas: vec![],
     }
