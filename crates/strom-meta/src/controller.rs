@@ -1607,14 +1607,15 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_min_insync_replicas_change_clears_the_eligible_leader_replicas_it_applies_to() {
-        let c = Controller::default();
-        let policy = FixedPolicy {
-            unclean: false,
-            min_isr: 2,
-        };
-        let img = three_brokers_with_t(&c, 1);
+    const MIN_ISR_2: FixedPolicy = FixedPolicy {
+        unclean: false,
+        min_isr: 2,
+    };
+
+    /// Topics t and u of one partition on the same three brokers (a, b, x: t's replicas in
+    /// order), min.insync.replicas 2, after x and then b were fenced: ISR [a], ELR [b].
+    fn t_and_u_below_min_isr(c: &Controller) -> (MetadataImage, (i32, i32, i32)) {
+        let img = three_brokers_with_t(c, 1);
         let mut u = spec("u", 1);
         u.topic_id = [9; 16];
         u.replication_factor = 3;
@@ -1623,8 +1624,16 @@ mod tests {
         let (a, b, x) = (p.replicas[0], p.replicas[1], p.replicas[2]);
         let mut img = img;
         for gone in [x, b] {
-            img = img.apply(20, &c.fence_broker(&img, gone, &policy)).0;
+            img = img.apply(20, &c.fence_broker(&img, gone, &MIN_ISR_2)).0;
         }
+        (img, (a, b, x))
+    }
+
+    #[test]
+    fn a_min_insync_replicas_change_clears_the_eligible_leader_replicas_it_applies_to() {
+        let c = Controller::default();
+        let policy = MIN_ISR_2;
+        let (img, (a, b, _)) = t_and_u_below_min_isr(&c);
         let before = partition(&img, "t", 0);
         assert_eq!((before.isr.clone(), before.elr.clone()), (vec![a], vec![b]));
         assert!(!partition(&img, "u", 0).elr.is_empty());
@@ -1656,23 +1665,10 @@ mod tests {
     #[test]
     fn an_unclean_restart_takes_a_replica_out_of_the_elrs_of_topics_that_do_not_fsync() {
         let c = Controller::default();
-        let policy = FixedPolicy {
-            unclean: false,
-            min_isr: 2,
-        };
-        // t does not fsync every write, u does; both on the same three brokers.
-        let img = three_brokers_with_t(&c, 1);
-        let mut u = spec("u", 1);
-        u.topic_id = [9; 16];
-        u.replication_factor = 3;
-        let (img, _) = img.apply(11, &c.create_topic(&img, &u).unwrap());
+        let policy = MIN_ISR_2;
+        // t does not fsync every write, u does.
+        let (img, (a, b, _)) = t_and_u_below_min_isr(&c);
         let lazy = |t: &crate::image::TopicImage| t.name == "t";
-        let p = partition(&img, "t", 0);
-        let (a, b, x) = (p.replicas[0], p.replicas[1], p.replicas[2]);
-        let mut img = img;
-        for gone in [x, b] {
-            img = img.apply(20, &c.fence_broker(&img, gone, &policy)).0;
-        }
         let state = |img: &MetadataImage, t: &str| {
             let p = partition(img, t, 0);
             (p.leader, p.elr, p.last_known_elr)
