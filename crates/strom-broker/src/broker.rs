@@ -495,10 +495,13 @@ impl Broker {
     ) -> Result<Arc<MetadataImage>, String> {
         let _guard = self.publish_lock.lock();
         let next = Arc::new(next);
-        *self.image.write() = next.clone();
+        // Settings first: a controller action built from the new image must not judge it by
+        // the old ones (min.insync.replicas decides ELR membership). One built from the old
+        // image with the new settings is refused as stale by the controller.
         if delta.changed_broker_configs {
             self.config.set_dynamic(self.node_id, &next.broker_configs);
         }
+        *self.image.write() = next.clone();
         let changed = match self
             .replicas
             .apply_delta(&self.config, &next, &delta, now_ms())
@@ -612,62 +615,23 @@ impl Broker {
         clean_shutdown: bool,
     ) -> Result<(), String> {
         let me = self.node_id;
+        let static_min_isr = self.config.i64(crate::topics::MIN_ISR);
+        let lazy =
+            |t: &strom_meta::TopicImage| self.config.topic_i64(&t.configs, "flush.messages") > 1;
         self.commit_metadata_async::<String>(|img| {
-            let mut records = Vec::new();
-            if img.cluster_id.is_empty() {
-                records.push(MetadataRecord::ClusterId {
-                    cluster_id: new_cluster_id(),
-                });
-            }
-            let same = img
-                .brokers
-                .get(&me)
-                .is_some_and(|b| b.host == host && b.port == port && b.rack == rack);
-            if !same {
-                records.push(MetadataRecord::RegisterBroker {
-                    broker_id: me,
-                    host: host.clone(),
-                    port,
-                    rack: rack.clone(),
-                });
-            }
-            let min_isr_key = (None, crate::topics::MIN_ISR.to_string());
-            if !img.broker_configs.contains_key(&min_isr_key) {
-                // One min.insync.replicas for every leader and the controller (KIP-966's
-                // eligible replicas rest on it): the first node to register writes its own
-                // as the cluster-wide value, which outranks every node's static setting.
-                // Changed later with AlterConfigs on the default broker resource.
-                records.push(MetadataRecord::BrokerConfig {
-                    broker_id: None,
-                    name: crate::topics::MIN_ISR.to_string(),
-                    value: Some(self.config.i64(crate::topics::MIN_ISR).max(1).to_string()),
-                });
-                // A cluster from before the value was written: ELRs chosen under whatever
-                // each controller had go.
-                records.extend(
-                    self.controller
-                        .clear_eligible_leader_replicas(img, |_| true),
-                );
-            }
-            if !clean_shutdown {
-                // KIP-966: what a topic that does not fsync every write acknowledged may be
-                // lost here, so this broker is no longer an eligible leader for it.
-                let lazy = |t: &strom_meta::image::TopicImage| {
-                    self.config.topic_i64(&t.configs, "flush.messages") > 1
-                };
-                let (after, _) = img.apply(img.offset, &records);
-                records.extend(self.controller.unclean_restart(&after, me, lazy));
-            }
-            let (after, _) = img.apply(img.offset, &records);
-            records.extend(self.controller.fence_broker(&after, me, self));
-            if !records
-                .iter()
-                .any(|r| matches!(r, MetadataRecord::FenceBroker { .. }))
-                && !after.brokers.get(&me).is_some_and(|b| b.fenced)
-            {
-                records.push(MetadataRecord::FenceBroker { broker_id: me });
-            }
-            Ok(records)
+            let node = Registration {
+                node_id: me,
+                endpoint: (&host, port, rack.as_deref()),
+                clean_shutdown,
+                static_min_isr,
+            };
+            Ok(registration_records(
+                &self.controller,
+                img,
+                &node,
+                self,
+                &lazy,
+            ))
         })
         .await?;
         tracing::info!(node_id = me, "registered with the controller");
@@ -870,6 +834,93 @@ async fn group_ticker(broker: Arc<Broker>) {
     }
 }
 
+/// A node registering with the controller (`Broker::register`).
+struct Registration<'a> {
+    node_id: i32,
+    /// Host, port and rack.
+    endpoint: (&'a str, i32, Option<&'a str>),
+    clean_shutdown: bool,
+    /// Its own min.insync.replicas, for a cluster that has none yet.
+    static_min_isr: i64,
+}
+
+/// What a registration writes, built on `img`: the cluster id and the cluster-wide
+/// min.insync.replicas if there are none, the node's endpoint, the node fenced, and after an
+/// unclean shutdown the node out of the ELRs of topics that do not fsync every write (`lazy`).
+fn registration_records(
+    controller: &Controller,
+    img: &MetadataImage,
+    node: &Registration<'_>,
+    policy: &dyn strom_meta::TopicPolicy,
+    lazy: &dyn Fn(&strom_meta::TopicImage) -> bool,
+) -> Vec<MetadataRecord> {
+    let me = node.node_id;
+    let (host, port, rack) = node.endpoint;
+    let mut records = Vec::new();
+    if img.cluster_id.is_empty() {
+        records.push(MetadataRecord::ClusterId {
+            cluster_id: new_cluster_id(),
+        });
+    }
+    let same = img
+        .brokers
+        .get(&me)
+        .is_some_and(|b| b.host == host && b.port == port && b.rack.as_deref() == rack);
+    if !same {
+        records.push(MetadataRecord::RegisterBroker {
+            broker_id: me,
+            host: host.to_string(),
+            port,
+            rack: rack.map(str::to_string),
+        });
+    }
+    let min_isr = crate::topics::MIN_ISR;
+    if !img
+        .broker_configs
+        .contains_key(&(None, min_isr.to_string()))
+    {
+        // One min.insync.replicas for every leader and the controller (KIP-966's eligible
+        // replicas rest on it): the first node to register writes its own as the cluster-wide
+        // value, which outranks every node's static setting; per-broker values from before go.
+        // Changed later with AlterConfigs on the default broker resource.
+        records.push(MetadataRecord::BrokerConfig {
+            broker_id: None,
+            name: min_isr.to_string(),
+            value: Some(node.static_min_isr.max(1).to_string()),
+        });
+        records.extend(
+            img.broker_configs
+                .keys()
+                .filter(|(id, name)| id.is_some() && name == min_isr)
+                .map(|(id, name)| MetadataRecord::BrokerConfig {
+                    broker_id: *id,
+                    name: name.clone(),
+                    value: None,
+                }),
+        );
+        // A cluster from before the value was written: ELRs chosen under whatever each
+        // controller had go.
+        records.extend(controller.clear_eligible_leader_replicas(img, |_| true));
+    }
+    let (after, _) = img.apply(img.offset, &records);
+    records.extend(controller.fence_broker(&after, me, policy));
+    if !records
+        .iter()
+        .any(|r| matches!(r, MetadataRecord::FenceBroker { .. }))
+        && !after.brokers.get(&me).is_some_and(|b| b.fenced)
+    {
+        records.push(MetadataRecord::FenceBroker { broker_id: me });
+    }
+    if !node.clean_shutdown {
+        // KIP-966: what a topic that does not fsync every write acknowledged may be lost
+        // here, so this node is no longer an eligible leader of it. After the fencing, which
+        // moves a node still in an ISR below min.insync.replicas into the ELR.
+        let (fenced, _) = img.apply(img.offset, &records);
+        records.extend(controller.unclean_restart(&fenced, me, lazy));
+    }
+    records
+}
+
 fn new_cluster_id() -> String {
     base64_url(uuid::Uuid::new_v4().as_bytes())
 }
@@ -989,4 +1040,112 @@ fn base64_url(bytes: &[u8]) -> String {
         out.push(ALPHABET[((acc << (6 - bits)) & 63) as usize] as char);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strom_meta::FixedPolicy;
+
+    const POLICY: FixedPolicy = FixedPolicy {
+        unclean: false,
+        min_isr: 2,
+    };
+
+    /// Brokers 1-3 registered and live; topics "lazy" and "synced" of one partition on all
+    /// three, led by 1 with ISR [1, 2] (3 out of sync); broker 3 has a per-broker
+    /// min.insync.replicas from before the cluster-wide one existed.
+    fn cluster() -> MetadataImage {
+        let mut records = Vec::new();
+        for id in 1..=3 {
+            records.push(MetadataRecord::RegisterBroker {
+                broker_id: id,
+                host: "127.0.0.1".into(),
+                port: 9090 + id,
+                rack: None,
+            });
+            records.push(MetadataRecord::UnfenceBroker { broker_id: id });
+        }
+        for (i, name) in ["lazy", "synced"].into_iter().enumerate() {
+            let topic_id = [i as u8 + 1; 16];
+            records.push(MetadataRecord::Topic {
+                name: name.into(),
+                topic_id,
+            });
+            records.push(MetadataRecord::Partition {
+                topic_id,
+                partition: 0,
+                replicas: vec![1, 2, 3],
+                isr: vec![1, 2],
+                leader: 1,
+                leader_epoch: 3,
+                partition_epoch: 5,
+                elr: vec![],
+                last_known_elr: vec![],
+                adding_replicas: vec![],
+                removing_replicas: vec![],
+            });
+        }
+        records.push(MetadataRecord::BrokerConfig {
+            broker_id: Some(3),
+            name: "min.insync.replicas".into(),
+            value: Some("1".into()),
+        });
+        MetadataImage::empty().apply(0, &records).0
+    }
+
+    fn register(img: &MetadataImage, node_id: i32, clean_shutdown: bool) -> MetadataImage {
+        let node = Registration {
+            node_id,
+            endpoint: ("127.0.0.1", 9090 + node_id, None),
+            clean_shutdown,
+            static_min_isr: 2,
+        };
+        let lazy = |t: &strom_meta::TopicImage| t.name == "lazy";
+        let records = registration_records(&Controller::default(), img, &node, &POLICY, &lazy);
+        img.apply(img.offset + 1, &records).0
+    }
+
+    fn elr(img: &MetadataImage, topic: &str) -> (Vec<i32>, Vec<i32>) {
+        let p = &img.topic(topic).unwrap().partitions[&0];
+        (p.isr.clone(), p.elr.clone())
+    }
+
+    /// Broker 2 restarts after a kill -9 before its session ran out: still in the ISR when it
+    /// registers. Fencing it takes the ISR below min.insync.replicas, which makes it eligible —
+    /// but not for the topic that does not fsync every write, where it may have lost what it
+    /// acknowledged.
+    #[test]
+    fn a_quick_unclean_restart_is_not_eligible_where_writes_are_not_fsynced() {
+        let img = register(&cluster(), 2, false);
+        assert_eq!(elr(&img, "lazy"), (vec![1], vec![]));
+        assert_eq!(elr(&img, "synced"), (vec![1], vec![2]));
+        // After a clean shutdown it stays eligible for both.
+        let img = register(&cluster(), 2, true);
+        assert_eq!(elr(&img, "lazy"), (vec![1], vec![2]));
+        assert_eq!(elr(&img, "synced"), (vec![1], vec![2]));
+    }
+
+    /// The first registration writes one cluster-wide min.insync.replicas and drops the
+    /// per-broker ones, which would otherwise outrank it on their broker.
+    #[test]
+    fn the_first_registration_writes_one_min_insync_replicas_for_the_cluster() {
+        let img = register(&cluster(), 1, true);
+        let min_isr = |id| {
+            img.broker_configs
+                .get(&(id, "min.insync.replicas".to_string()))
+        };
+        assert_eq!(min_isr(None).map(String::as_str), Some("2"));
+        assert_eq!(min_isr(Some(3)), None);
+        // Later registrations leave it alone.
+        let mut changed = img.clone();
+        changed
+            .broker_configs
+            .insert((None, "min.insync.replicas".into()), "3".into());
+        let again = register(&changed, 2, true);
+        let v = again
+            .broker_configs
+            .get(&(None, "min.insync.replicas".to_string()));
+        assert_eq!(v.map(String::as_str), Some("3"));
+    }
 }

@@ -271,6 +271,12 @@ fn elect(
             .iter()
             .find(|r| replicas.contains(r) && image.is_live(**r))
         {
+            tracing::warn!(
+                leader = *r,
+                "no in-sync or eligible replica left: the last leader leads again (after a \
+                 power loss it may miss acknowledged records of a topic that does not fsync \
+                 every write)"
+            );
             return Leadership {
                 leader: *r,
                 isr: vec![*r],
@@ -539,7 +545,8 @@ impl Controller {
         let mut records = Vec::new();
         for topic in image.topics.values() {
             for p in topic.partitions.values() {
-                let in_elr = forget && p.elr.contains(&broker_id);
+                let in_elr =
+                    forget && (p.elr.contains(&broker_id) || p.last_known_elr.contains(&broker_id));
                 if p.leader != broker_id && !p.isr.contains(&broker_id) && !in_elr {
                     continue;
                 }
@@ -564,7 +571,15 @@ impl Controller {
                         elr,
                     }
                 };
-                records.push(partition_record(after, topic.topic_id, p, l));
+                let mut record = partition_record(after, topic.topic_id, p, l);
+                if let (true, MetadataRecord::Partition { last_known_elr, .. }) =
+                    (forget, &mut record)
+                {
+                    // An unregistered broker may come back with nothing: never the last
+                    // leader to elect again either.
+                    last_known_elr.retain(|r| *r != broker_id);
+                }
+                records.push(record);
             }
         }
         records
@@ -1711,6 +1726,39 @@ mod tests {
             led.elr.is_empty() && led.last_known_elr.is_empty(),
             "{led:?}"
         );
+    }
+
+    #[test]
+    fn an_unregistered_broker_is_not_the_last_leader_to_elect_again() {
+        let c = Controller::default();
+        let policy = FixedPolicy {
+            unclean: false,
+            min_isr: 1,
+        };
+        let img = three_brokers_with_t(&c, 1);
+        let p = partition(&img, "t", 0);
+        let (a, b, x) = (p.replicas[0], p.replicas[1], p.replicas[2]);
+        let mut img = img;
+        for gone in [x, b] {
+            img = img.apply(20, &c.fence_broker(&img, gone, &policy)).0;
+        }
+        assert_eq!(partition(&img, "t", 0).isr, vec![a]);
+        // a, the last in-sync replica and leader, is unregistered (its disk replaced, say).
+        let (img, _) = img.apply(30, &c.unregister_broker(&img, a, &[], &policy).unwrap());
+        let p = partition(&img, "t", 0);
+        assert_eq!(p.leader, -1);
+        assert!(p.isr.is_empty() && p.elr.is_empty(), "{p:?}");
+        assert!(p.last_known_elr.is_empty(), "{p:?}");
+        // It comes back empty under the same id: it may not lead.
+        let back = MetadataRecord::RegisterBroker {
+            broker_id: a,
+            host: "h".into(),
+            port: 1,
+            rack: None,
+        };
+        let (img, _) = img.apply(40, &[back]);
+        let (img, _) = img.apply(50, &c.unfence_broker(&img, a, &policy));
+        assert_eq!(partition(&img, "t", 0).leader, -1);
     }
 
     #[test]
