@@ -1666,6 +1666,53 @@ async fn an_uncleanly_restarted_replica_of_a_topic_without_fsync_is_no_longer_el
     );
 }
 
+/// A node whose disk was replaced comes back without the logs the metadata says it holds: it
+/// may not lead them from the ELR with nothing (every acknowledged record would go, and the
+/// other replicas would truncate to it). It leaves their ISR and ELR at registration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_log_is_gone_is_not_elected_with_nothing() {
+    // Seven voters keep a metadata majority while all three replicas of the topic are down.
+    let mut c = Cluster::start(7, &[]);
+    let b = c.bootstrap();
+    create_replicated(&b, "wiped", 1, 3, &[("min.insync.replicas", "2")]).await;
+    let s = c.wait_partition("wiped", 0, WAIT, "full ISR", |s| s.isr.len() == 3);
+    send_values(&producer(&b, "all", true), "wiped", 0..100).await;
+    let a = s.leader;
+    let followers: Vec<i32> = s.replicas.iter().copied().filter(|r| *r != a).collect();
+    let (x, y) = (followers[0], followers[1]);
+    let other = (1..=7).find(|n| !s.replicas.contains(n)).unwrap();
+    c.node(x).kill9();
+    c.wait_partition("wiped", 0, WAIT, "x leaves the ISR", |s| {
+        !s.isr.contains(&x)
+    });
+    c.node(y).kill9();
+    c.wait_partition("wiped", 0, WAIT, "the leader alone in the ISR", |s| {
+        s.isr == vec![a]
+    });
+    c.node(a).kill9();
+    c.wait_partition("wiped", 0, WAIT, "no leader", |s| s.leader == -1);
+    assert_eq!(described(&mut c, other, "wiped", 0).elr, vec![y, a]);
+    // y's disk is replaced: its log of the partition is gone.
+    let log = c.node(y).data_dir().join("wiped-0");
+    std::fs::remove_dir_all(&log).unwrap();
+    c.node(y).restart();
+    c.wait_brokers(5, WAIT);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let d = described(&mut c, other, "wiped", 0);
+    assert_eq!(d.leader, -1, "y holds nothing: it must not lead");
+    assert_eq!(d.elr, vec![a]);
+    // a comes back and leads with everything; y catches up from it.
+    c.node(a).restart();
+    c.wait_partition("wiped", 0, WAIT, "a leads", |s| s.leader == a);
+    assert_eq!(
+        read_values(&b, "wiped", 0, 100, WAIT),
+        (0..100).collect::<Vec<_>>()
+    );
+    c.wait_partition("wiped", 0, Duration::from_secs(60), "y back in sync", |s| {
+        s.isr.contains(&y)
+    });
+}
+
 /// `min.insync.replicas` is one value for the whole cluster (or per topic): a dynamic setting
 /// for one broker is refused (INVALID_CONFIG), since leaders and the controller must agree on
 /// it. A new cluster-wide value clears every eligible leader replica, whatever the topic.

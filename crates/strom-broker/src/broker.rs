@@ -231,6 +231,9 @@ impl Broker {
         if opts.cluster.is_some() {
             replicas.start_from_checkpoint(crate::hw_checkpoint::read(&dir));
         }
+        // Before the logs open (which creates the missing ones): which partitions this node
+        // really holds, for the registration (`Controller::lost_replicas`).
+        let local_logs = partition_dirs(&dir);
         let started = std::time::Instant::now();
         replicas.load(&opts.config, &image, clean_shutdown)?;
         tracing::info!(
@@ -288,7 +291,7 @@ impl Broker {
             service.attach(&broker);
             tokio::spawn(run_applier(broker.clone(), rx));
             broker
-                .register(host_port_rack(&broker, rack), clean_shutdown)
+                .register(host_port_rack(&broker, rack), clean_shutdown, &local_logs)
                 .await
                 .map_err(StartError::Quorum)?;
         }
@@ -613,6 +616,7 @@ impl Broker {
         &self,
         (host, port, rack): (String, i32, Option<String>),
         clean_shutdown: bool,
+        local_logs: &std::collections::HashSet<(String, i32)>,
     ) -> Result<(), String> {
         let me = self.node_id;
         let static_min_isr = self.config.i64(crate::topics::MIN_ISR);
@@ -624,6 +628,7 @@ impl Broker {
                 endpoint: (&host, port, rack.as_deref()),
                 clean_shutdown,
                 static_min_isr,
+                local_logs,
             };
             Ok(registration_records(
                 &self.controller,
@@ -842,6 +847,8 @@ struct Registration<'a> {
     clean_shutdown: bool,
     /// Its own min.insync.replicas, for a cluster that has none yet.
     static_min_isr: i64,
+    /// The partitions it had a log for when it started.
+    local_logs: &'a std::collections::HashSet<(String, i32)>,
 }
 
 /// What a registration writes, built on `img`: the cluster id and the cluster-wide
@@ -918,7 +925,32 @@ fn registration_records(
         let (fenced, _) = img.apply(img.offset, &records);
         records.extend(controller.unclean_restart(&fenced, me, lazy));
     }
+    // Recorded as holding data it has no log for (a replaced or wiped disk): never elected
+    // with nothing.
+    let (now, _) = img.apply(img.offset, &records);
+    let lost = |t: &strom_meta::TopicImage, p: i32| !node.local_logs.contains(&(t.name.clone(), p));
+    records.extend(controller.lost_replicas(&now, me, lost));
     records
+}
+
+/// The (topic, partition) of every partition directory under `dir`.
+fn partition_dirs(dir: &Path) -> std::collections::HashSet<(String, i32)> {
+    let mut found = std::collections::HashSet::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        if !entry.path().is_dir() {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().to_string();
+        if let Some((topic, p)) = name.rsplit_once('-') {
+            if let Ok(p) = p.parse::<i32>() {
+                found.insert((topic.to_string(), p));
+            }
+        }
+    }
+    found
 }
 
 fn new_cluster_id() -> String {
@@ -1095,11 +1127,22 @@ mod tests {
     }
 
     fn register(img: &MetadataImage, node_id: i32, clean_shutdown: bool) -> MetadataImage {
+        let all = ["lazy", "synced"].map(|t| (t.to_string(), 0)).into();
+        register_with(img, node_id, clean_shutdown, &all)
+    }
+
+    fn register_with(
+        img: &MetadataImage,
+        node_id: i32,
+        clean_shutdown: bool,
+        local_logs: &std::collections::HashSet<(String, i32)>,
+    ) -> MetadataImage {
         let node = Registration {
             node_id,
             endpoint: ("127.0.0.1", 9090 + node_id, None),
             clean_shutdown,
             static_min_isr: 2,
+            local_logs,
         };
         let lazy = |t: &strom_meta::TopicImage| t.name == "lazy";
         let records = registration_records(&Controller::default(), img, &node, &POLICY, &lazy);
@@ -1124,6 +1167,25 @@ mod tests {
         let img = register(&cluster(), 2, true);
         assert_eq!(elr(&img, "lazy"), (vec![1], vec![2]));
         assert_eq!(elr(&img, "synced"), (vec![1], vec![2]));
+    }
+
+    /// A node whose disk was replaced has no log for the partitions it is recorded as
+    /// holding: it leaves their ISR and ELR instead of being elected with nothing.
+    #[test]
+    fn a_node_without_the_logs_it_is_recorded_with_is_not_eligible() {
+        let only_lazy = [("lazy".to_string(), 0)].into();
+        let img = register_with(&cluster(), 2, true, &only_lazy);
+        assert_eq!(elr(&img, "lazy"), (vec![1], vec![2]));
+        assert_eq!(elr(&img, "synced"), (vec![1], vec![]));
+        // The leader itself, restarted with a new disk before it was fenced: another in-sync
+        // replica leads.
+        let mut img = cluster();
+        let p = img.topic("synced").unwrap().partitions[&0].clone();
+        assert_eq!(p.leader, 1);
+        img = register_with(&img, 1, true, &only_lazy);
+        let after = &img.topic("synced").unwrap().partitions[&0];
+        assert_eq!((after.leader, after.isr.clone()), (2, vec![2]));
+        assert!(after.elr.is_empty(), "{after:?}");
     }
 
     /// The first registration writes one cluster-wide min.insync.replicas and drops the

@@ -1092,6 +1092,50 @@ impl Controller {
         records
     }
 
+    /// Broker `broker_id` registers without a log for partitions it is recorded as holding
+    /// data for (`lost` names them): its disk was replaced or wiped. It leaves their ISR, ELR
+    /// and last known ELR, so that it is never elected with nothing, and catches up as a
+    /// follower. Kafka tells lost replicas by their log directory's id (KIP-858).
+    pub fn lost_replicas(
+        &self,
+        image: &MetadataImage,
+        broker_id: i32,
+        lost: impl Fn(&crate::image::TopicImage, i32) -> bool,
+    ) -> Vec<MetadataRecord> {
+        let mut records = Vec::new();
+        for topic in image.topics.values() {
+            for p in topic.partitions.values() {
+                let listed = p.leader == broker_id
+                    || p.isr.contains(&broker_id)
+                    || p.elr.contains(&broker_id)
+                    || p.last_known_elr.contains(&broker_id);
+                if !listed || !lost(topic, p.partition) {
+                    continue;
+                }
+                let without = |set: &[i32]| -> Vec<i32> {
+                    set.iter().copied().filter(|r| *r != broker_id).collect()
+                };
+                let isr = without(&p.isr);
+                let elr = without(&p.elr);
+                let l = if p.leader == broker_id {
+                    elect(image, &p.replicas, &isr, &elr, &[], false)
+                } else {
+                    Leadership {
+                        leader: p.leader,
+                        isr,
+                        elr,
+                    }
+                };
+                let mut record = partition_record(image, topic.topic_id, p, l);
+                if let MetadataRecord::Partition { last_known_elr, .. } = &mut record {
+                    last_known_elr.retain(|r| *r != broker_id);
+                }
+                records.push(record);
+            }
+        }
+        records
+    }
+
     /// KIP-966: broker `broker_id` registers after an unclean shutdown. For the topics that
     /// `lazy` names — those not fsyncing every write, where the high watermark follows what
     /// replicas hold in memory — what it acknowledged may be gone, so it leaves every ELR of
