@@ -1461,26 +1461,38 @@ async fn consumers_fetch_from_an_in_sync_replica_in_their_rack() {
     assert_eq!(got, (0..10).collect::<Vec<_>>());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kip966_the_last_replicas_standing_keep_every_acknowledged_record() {
-    // Seven voters keep a metadata majority while all three replicas of the topic go down.
+/// Seven voters (a metadata majority outlives all three replicas of a topic) and `topic`: one
+/// partition, RF 3, min.insync.replicas 2 and `configs`, holding the values 0..100, all
+/// acknowledged. Then its followers die in turn: x while the ISR stays at min.insync.replicas
+/// (simply out of sync), y when that leaves the leader alone (KIP-966: y stays eligible).
+/// Returns the cluster, its bootstrap and (leader a, x, y, a node with no replica of it).
+async fn leader_alone_with_y_eligible(
+    topic: &str,
+    configs: &[(&str, &str)],
+) -> (Cluster, String, (i32, i32, i32, i32)) {
     let mut c = Cluster::start(7, &[]);
     let b = c.bootstrap();
-    create_replicated(&b, "elr", 1, 3, &[("min.insync.replicas", "2")]).await;
-    let s = c.wait_partition("elr", 0, WAIT, "full ISR", |s| s.isr.len() == 3);
-    let p = producer(&b, "all", true);
-    send_values(&p, "elr", 0..100).await;
+    let mut all = vec![("min.insync.replicas", "2")];
+    all.extend_from_slice(configs);
+    create_replicated(&b, topic, 1, 3, &all).await;
+    let s = c.wait_partition(topic, 0, WAIT, "full ISR", |s| s.isr.len() == 3);
+    send_values(&producer(&b, "all", true), topic, 0..100).await;
     let a = s.leader;
     let followers: Vec<i32> = s.replicas.iter().copied().filter(|r| *r != a).collect();
     let (x, y) = (followers[0], followers[1]);
-    // x leaves while the ISR stays at min.insync.replicas: it is simply out of sync.
+    let other = (1..=7).find(|n| !s.replicas.contains(n)).unwrap();
     c.node(x).kill9();
-    c.wait_partition("elr", 0, WAIT, "x leaves the ISR", |s| !s.isr.contains(&x));
-    // y leaves the ISR below min.insync.replicas: it stays an eligible leader replica.
+    c.wait_partition(topic, 0, WAIT, "x leaves the ISR", |s| !s.isr.contains(&x));
     c.node(y).kill9();
-    c.wait_partition("elr", 0, WAIT, "ISR of the leader alone", |s| {
+    c.wait_partition(topic, 0, WAIT, "the leader alone in the ISR", |s| {
         s.isr == vec![a]
     });
+    (c, b, (a, x, y, other))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kip966_the_last_replicas_standing_keep_every_acknowledged_record() {
+    let (mut c, b, (a, x, y, _)) = leader_alone_with_y_eligible("elr", &[]).await;
     let mut raw = RawClient::connect(c.node(a).addr());
     assert_eq!(
         produce_raw(&mut raw, "elr", one_record("lost?")).0,
@@ -1510,6 +1522,7 @@ async fn kip966_the_last_replicas_standing_keep_every_acknowledged_record() {
     c.wait_partition("elr", 0, Duration::from_secs(60), "x rejoins", |s| {
         s.isr.contains(&x)
     });
+    let p = producer(&b, "all", true);
     p.send(
         FutureRecord::<(), _>::to("elr").payload("100").partition(0),
         Duration::from_secs(30),
@@ -1533,21 +1546,7 @@ async fn kip966_the_last_replicas_standing_keep_every_acknowledged_record() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lowering_min_insync_replicas_voids_the_eligible_leader_replicas() {
     use rdkafka::admin::{AlterConfig, ResourceSpecifier};
-    // Seven voters keep a metadata majority while all three replicas of the topic are down.
-    let mut c = Cluster::start(7, &[]);
-    let b = c.bootstrap();
-    create_replicated(&b, "low", 1, 3, &[("min.insync.replicas", "2")]).await;
-    let s = c.wait_partition("low", 0, WAIT, "full ISR", |s| s.isr.len() == 3);
-    send_values(&producer(&b, "all", true), "low", 0..100).await;
-    let a = s.leader;
-    let followers: Vec<i32> = s.replicas.iter().copied().filter(|r| *r != a).collect();
-    let (x, y) = (followers[0], followers[1]);
-    c.node(x).kill9();
-    c.wait_partition("low", 0, WAIT, "x leaves the ISR", |s| !s.isr.contains(&x));
-    c.node(y).kill9();
-    c.wait_partition("low", 0, WAIT, "the leader alone in the ISR", |s| {
-        s.isr == vec![a]
-    });
+    let (mut c, b, (a, _, y, _)) = leader_alone_with_y_eligible("low", &[]).await;
     assert_eq!(described(&mut c, a, "low", 0).elr, vec![y], "y is eligible");
     // The operator lowers min.insync.replicas: the leader alone commits from now on.
     let change = AlterConfig::new(ResourceSpecifier::Topic("low")).set("min.insync.replicas", "1");
@@ -1625,23 +1624,8 @@ fn alter_broker_config(
 /// in-sync or eligible replica is left (Kafka's balanced recovery, through the last known ELR).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_uncleanly_restarted_replica_of_a_topic_without_fsync_is_no_longer_eligible() {
-    // Seven voters keep a metadata majority while all three replicas of the topic are down.
-    let mut c = Cluster::start(7, &[]);
-    let b = c.bootstrap();
-    let configs = [("min.insync.replicas", "2"), ("flush.messages", "1000")];
-    create_replicated(&b, "lazy", 1, 3, &configs).await;
-    let s = c.wait_partition("lazy", 0, WAIT, "full ISR", |s| s.isr.len() == 3);
-    send_values(&producer(&b, "all", true), "lazy", 0..100).await;
-    let a = s.leader;
-    let followers: Vec<i32> = s.replicas.iter().copied().filter(|r| *r != a).collect();
-    let (x, y) = (followers[0], followers[1]);
-    let other = (1..=7).find(|n| !s.replicas.contains(n)).unwrap();
-    c.node(x).kill9();
-    c.wait_partition("lazy", 0, WAIT, "x leaves the ISR", |s| !s.isr.contains(&x));
-    c.node(y).kill9();
-    c.wait_partition("lazy", 0, WAIT, "the leader alone in the ISR", |s| {
-        s.isr == vec![a]
-    });
+    let configs = [("flush.messages", "1000")];
+    let (mut c, b, (a, _, y, other)) = leader_alone_with_y_eligible("lazy", &configs).await;
     c.node(a).kill9();
     c.wait_partition("lazy", 0, WAIT, "no leader", |s| s.leader == -1);
     let d = described(&mut c, other, "lazy", 0);
@@ -1671,24 +1655,7 @@ async fn an_uncleanly_restarted_replica_of_a_topic_without_fsync_is_no_longer_el
 /// other replicas would truncate to it). It leaves their ISR and ELR at registration.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_log_is_gone_is_not_elected_with_nothing() {
-    // Seven voters keep a metadata majority while all three replicas of the topic are down.
-    let mut c = Cluster::start(7, &[]);
-    let b = c.bootstrap();
-    create_replicated(&b, "wiped", 1, 3, &[("min.insync.replicas", "2")]).await;
-    let s = c.wait_partition("wiped", 0, WAIT, "full ISR", |s| s.isr.len() == 3);
-    send_values(&producer(&b, "all", true), "wiped", 0..100).await;
-    let a = s.leader;
-    let followers: Vec<i32> = s.replicas.iter().copied().filter(|r| *r != a).collect();
-    let (x, y) = (followers[0], followers[1]);
-    let other = (1..=7).find(|n| !s.replicas.contains(n)).unwrap();
-    c.node(x).kill9();
-    c.wait_partition("wiped", 0, WAIT, "x leaves the ISR", |s| {
-        !s.isr.contains(&x)
-    });
-    c.node(y).kill9();
-    c.wait_partition("wiped", 0, WAIT, "the leader alone in the ISR", |s| {
-        s.isr == vec![a]
-    });
+    let (mut c, b, (a, _, y, other)) = leader_alone_with_y_eligible("wiped", &[]).await;
     c.node(a).kill9();
     c.wait_partition("wiped", 0, WAIT, "no leader", |s| s.leader == -1);
     assert_eq!(described(&mut c, other, "wiped", 0).elr, vec![y, a]);
