@@ -233,7 +233,11 @@ impl Broker {
         }
         // Before the logs open (which creates the missing ones): which partitions this node
         // really holds, for the registration (`Controller::lost_replicas`).
-        let local_logs = partition_dirs(&dir);
+        let local_logs: std::collections::HashSet<(String, i32)> =
+            crate::replica_manager::partition_dirs(&dir)
+                .into_iter()
+                .map(|(_, topic, p)| (topic, p))
+                .collect();
         let started = std::time::Instant::now();
         replicas.load(&opts.config, &image, clean_shutdown)?;
         tracing::info!(
@@ -931,26 +935,6 @@ fn registration_records(
     let lost = |t: &strom_meta::TopicImage, p: i32| !node.local_logs.contains(&(t.name.clone(), p));
     records.extend(controller.lost_replicas(&now, me, lost));
     records
-}
-
-/// The (topic, partition) of every partition directory under `dir`.
-fn partition_dirs(dir: &Path) -> std::collections::HashSet<(String, i32)> {
-    let mut found = std::collections::HashSet::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        if !entry.path().is_dir() {
-            continue;
-        }
-        let name = entry.file_name().to_string_lossy().to_string();
-        if let Some((topic, p)) = name.rsplit_once('-') {
-            if let Ok(p) = p.parse::<i32>() {
-                found.insert((topic.to_string(), p));
-            }
-        }
-    }
-    found
 }
 
 fn new_cluster_id() -> String {

@@ -91,6 +91,27 @@ fn partition_dir(data_dir: &Path, topic: &str, partition: i32) -> PathBuf {
     data_dir.join(format!("{topic}-{partition}"))
 }
 
+/// Every partition directory under `data_dir` (see `partition_dir`), with its topic and
+/// partition.
+pub fn partition_dirs(data_dir: &Path) -> Vec<(PathBuf, String, i32)> {
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with("__cluster_metadata") {
+                return None;
+            }
+            let (topic, part) = name.rsplit_once('-')?;
+            let part = part.parse::<i32>().ok()?;
+            Some((e.path(), topic.to_string(), part))
+        })
+        .collect()
+}
+
 impl ReplicaManager {
     pub fn new(node_id: i32, data_dir: PathBuf) -> std::io::Result<Self> {
         Ok(ReplicaManager {
@@ -183,27 +204,14 @@ impl ReplicaManager {
             // An image that has not seen the metadata log proves nothing about what exists.
             return;
         }
-        let Ok(entries) = std::fs::read_dir(&self.data_dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().to_string();
-            if !entry.path().is_dir() || name.starts_with("__cluster_metadata") {
-                continue;
-            }
-            let Some((topic, part)) = name.rsplit_once('-') else {
-                continue;
-            };
-            let Ok(part) = part.parse::<i32>() else {
-                continue;
-            };
+        for (path, topic, part) in partition_dirs(&self.data_dir) {
             let known = image
-                .topic(topic)
+                .topic(&topic)
                 .is_some_and(|t| hosts(t, part, self.node_id));
             if !known {
-                tracing::warn!(dir = %entry.path().display(), "removing the log of a deleted partition");
-                if let Err(e) = std::fs::remove_dir_all(entry.path()) {
-                    tracing::error!(dir = %entry.path().display(), error = %e, "could not remove");
+                tracing::warn!(dir = %path.display(), "removing the log of a deleted partition");
+                if let Err(e) = std::fs::remove_dir_all(&path) {
+                    tracing::error!(dir = %path.display(), error = %e, "could not remove");
                 }
             }
         }
