@@ -402,6 +402,8 @@ impl MetadataImage {
             MetadataRecord::ProducerIds { next_producer_id } => {
                 self.next_producer_id = (*next_producer_id).max(self.next_producer_id);
             }
+            // The Raft layer's own (see `raft::state_machine`).
+            MetadataRecord::VoterDirectory { .. } => {}
         }
     }
 }

@@ -87,6 +87,14 @@ pub enum MetadataRecord {
     ProducerIds {
         next_producer_id: i64,
     },
+    /// The metadata log directory a controller voter answers from (a random id made with the
+    /// directory, as Kafka's KIP-853 directory ids): written by the Raft leader, kept by the
+    /// Raft layer only (the metadata image ignores it). A voter that lost its directory comes
+    /// back under a new id, and its votes do not count until the leader has recorded that id.
+    VoterDirectory {
+        node_id: i32,
+        directory_id: String,
+    },
 }
 
 #[cfg(test)]

@@ -10,16 +10,15 @@
 //!
 //! Nothing outside this module sees openraft types.
 //!
-//! Files under [`RaftConfig::dir`]: `raft.log`, `vote`, `purged` (see `storage.rs`) and
-//! `snapshot` (see `state_machine.rs`).
+//! Files under [`RaftConfig::dir`]: `raft.log`, `vote`, `purged` (see `storage.rs`),
+//! `snapshot` (see `state_machine.rs`) and `directory.id` (see `directory.rs`).
 //!
 //! Offsets are Raft log indexes: they only grow, but have gaps (the entries a new leader or a
 //! membership change writes carry no records and are not delivered).
 //!
 //! Limits worth knowing:
-//! - A voter that lost its directory must not come back under the same id: openraft sees the
-//!   leader's view of it go backwards (a debug assertion in debug builds) and acknowledged
-//!   entries may be lost.
+//! - A voter that lost its directory comes back under a new directory id, and its vote counts
+//!   again once the leader has recorded that id (see `directory.rs`, with what it leaves open).
 //! - A snapshot travels as one frame, so the metadata image must encode to under 64 MiB.
 //! - A broker-only node stays in the membership until it is unregistered
 //!   ([`RaftMetadataLog::remove_learner`], UnregisterBroker): until then the leader keeps
@@ -29,6 +28,7 @@
 //!   the leader's memory.
 
 mod check_quorum;
+mod directory;
 mod liveness;
 mod network;
 mod state_machine;
@@ -59,6 +59,7 @@ use tokio::task::JoinHandle;
 use crate::log::MetadataLogError;
 use crate::record::MetadataRecord;
 use check_quorum::CheckQuorum;
+use directory::Directories;
 use liveness::{PeerWatch, Watcher};
 use network::{
     Answer, AppClient, JoinRequest, NetworkFactory, PeerAddrs, RaftHandle, ServerCtx, TAG_APP,
@@ -67,6 +68,44 @@ use network::{
 use state_machine::{Progress, StateMachine};
 use storage::LogStore;
 use types::{from_node_id, offset_of, to_node_id, RecordBatch};
+
+/// On the active controller: writes a `VoterDirectory` record for every voter (this node
+/// included) whose directory id, as it answered the handshake, the log does not record yet (see
+/// `directory.rs`). Checked every `every`, after the log's earlier entries are applied.
+async fn record_directories(
+    raft: RaftHandle,
+    resigned: Arc<AtomicBool>,
+    directories: Arc<Directories>,
+    (me, own): (u64, String),
+    voters: Vec<u64>,
+    every: Duration,
+) {
+    if !voters.contains(&me) {
+        return;
+    }
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if !network::active_controller(&raft, &resigned)
+            || directories.unrecorded(me, &own, &voters).is_empty()
+            || raft
+                .ensure_linearizable(ReadPolicy::ReadIndex)
+                .await
+                .is_err()
+        {
+            continue;
+        }
+        let records = directories.unrecorded(me, &own, &voters);
+        if records.is_empty() {
+            continue;
+        }
+        match raft.client_write(RecordBatch(records.clone())).await {
+            Ok(_) => tracing::info!(?records, "recorded the voters' metadata log directories"),
+            Err(e) => tracing::debug!(error = %e, "recording voter directories failed"),
+        }
+    }
+}
 
 /// Room in the `Committed` channel.
 const COMMITTED_CHANNEL: usize = 1024;
@@ -171,6 +210,8 @@ struct Inner {
     app: AppClient,
     handler: Arc<dyn ControllerHandler>,
     liveness: Arc<PeerWatch>,
+    #[cfg(test)]
+    directories: Arc<Directories>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     shut: AtomicBool,
 }
@@ -242,6 +283,10 @@ impl RaftMetadataLog {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every_entries.max(1)),
             max_in_snapshot_log_to_keep: cfg.snapshot_every_entries / 10,
             enable_pre_vote: Some(true),
+            // A voter back with an empty directory (a replaced disk) answers the leader with a
+            // log shorter than the one it had acknowledged: start its replication over instead
+            // of stalling on it (openraft's default treats that as a bug).
+            allow_log_reversion: Some(true),
             ..Default::default()
         };
         let config = Arc::new(config.validate().map_err(raft_err)?);
@@ -251,7 +296,8 @@ impl RaftMetadataLog {
             delivered: AtomicI64::new(-1),
         });
         let mut log = LogStore::open(&cfg.dir)?;
-        let sm = StateMachine::open(&cfg.dir, tx, progress.clone())?;
+        let directories = Arc::new(Directories::default());
+        let sm = StateMachine::open(&cfg.dir, tx, progress.clone(), directories.clone())?;
         let pristine = {
             let state = log.get_log_state().await?;
             let vote = log.read_vote().await?;
@@ -260,10 +306,18 @@ impl RaftMetadataLog {
                 && vote.is_none()
                 && !cfg.dir.join(state_machine::SNAPSHOT_FILE).exists()
         };
+        let directory_id = directory::load_or_create(&cfg.dir, pristine)?;
+        // What the log already records, committed or not (see `directory.rs`).
+        for entry in log.try_get_log_entries(..).await? {
+            if let openraft::EntryPayload::Normal(batch) = &entry.payload {
+                directories.record_all(entry.log_id, &batch.0);
+            }
+        }
 
         let factory = NetworkFactory {
             me,
             peers: peers.clone(),
+            directories: directories.clone(),
         };
         let raft = openraft::Raft::new(me, config, factory, log, sm)
             .await
@@ -275,6 +329,7 @@ impl RaftMetadataLog {
             listener,
             Arc::new(ServerCtx {
                 node_id: me,
+                directory_id: directory_id.clone(),
                 raft: raft.clone(),
                 handler: handler.clone(),
                 peers: peers.clone(),
@@ -352,7 +407,15 @@ impl RaftMetadataLog {
             })
         };
 
-        let mut tasks = vec![server, watcher, liveness_watch];
+        let recorder = tokio::spawn(record_directories(
+            raft.clone(),
+            resigned.clone(),
+            directories.clone(),
+            (me, directory_id),
+            peers.voters().keys().copied().collect(),
+            Duration::from_millis(cfg.heartbeat_interval_ms.max(1)),
+        ));
+        let mut tasks = vec![server, watcher, liveness_watch, recorder];
         let lowest = peers.voters().keys().next().copied();
         // Only a voter may found the cluster: a broker-only node never initializes one.
         if voter && pristine && lowest == Some(me) {
@@ -404,6 +467,8 @@ impl RaftMetadataLog {
                 app: AppClient::new(me, peers),
                 handler,
                 liveness,
+                #[cfg(test)]
+                directories,
                 tasks: Mutex::new(tasks),
                 shut: AtomicBool::new(false),
             }),
@@ -422,6 +487,12 @@ impl RaftMetadataLog {
                 .push(join);
         }
         Ok((log, rx))
+    }
+
+    /// The voters' directory ids as this node's applied log records them.
+    #[cfg(test)]
+    fn recorded_directories(&self) -> BTreeMap<u64, String> {
+        self.inner.directories.recorded()
     }
 
     /// Whether this node is a controller-quorum voter (false: a broker-only learner).
@@ -511,7 +582,12 @@ impl RaftMetadataLog {
                     leader: f.leader_id.map(from_node_id),
                 })
             }
-            Err(RaftError::APIError(e)) => Err(raft_err(e)),
+            // It could not confirm its leadership with a majority (e.g. a leader restored at
+            // restart whose peers moved to a later term or are down): not the leader for now.
+            Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(e))) => {
+                tracing::debug!(error = %e, "leadership not confirmed by a majority");
+                Err(MetadataLogError::NotLeader { leader: None })
+            }
             Err(RaftError::Fatal(_)) => Err(MetadataLogError::Shutdown),
         }
     }
@@ -775,10 +851,13 @@ impl RaftMetadataLog {
             } else if leader.is_some() && caught_up {
                 return Ok(self.applied_offset());
             }
-            match tokio::time::timeout_at(deadline, metrics.changed()).await {
-                Err(_) => return Err(timed_out()),
+            // Looks again without a metrics change too: a leader that could not confirm its
+            // leadership may still believe it leads.
+            let wake = (tokio::time::Instant::now() + Duration::from_millis(100)).min(deadline);
+            match tokio::time::timeout_at(wake, metrics.changed()).await {
+                Err(_) if wake >= deadline => return Err(timed_out()),
+                Err(_) | Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(MetadataLogError::Shutdown),
-                Ok(Ok(())) => {}
             }
         }
     }

@@ -2,8 +2,9 @@
 //!
 //! A frame is `[len u32 BE][tag u8][body]` where `len` counts the tag and the body and is at
 //! most 64 MiB (checked before anything is allocated). A connection starts with a handshake:
-//! the client sends `HELLO {to, from}`; the server answers `OK <its node id>` only if `to` is
-//! its id (and the client checks the id too), so a wrong node at an address is refused. Then
+//! the client sends `HELLO {to, from}`; the server answers `OK {id, directory_id}` (its node id
+//! and metadata log directory id, see `directory.rs`) only if `to` is its id (and the client
+//! checks the id too), so a wrong node at an address is refused. Then
 //! the client sends requests one at a time and reads one answer for each:
 //!
 //! | request tag         | body                         | answer                              |
@@ -48,6 +49,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
+use super::directory::Directories;
 use super::liveness::PeerWatch;
 use super::state_machine::StateMachine;
 use super::types::{from_node_id, io_err, SnapshotMeta, SnapshotRecords, TypeConfig, Vote};
@@ -165,6 +167,21 @@ struct Hello {
     from: Option<u64>,
 }
 
+#[derive(Serialize, Deserialize)]
+struct HelloAnswer {
+    id: u64,
+    #[serde(default)]
+    directory_id: Option<String>,
+}
+
+/// The handshake answer as read: nodes from before directory ids answer their id alone.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum HelloAnswerIn {
+    Full(HelloAnswer),
+    IdOnly(u64),
+}
+
 #[derive(Serialize)]
 struct SnapshotOut<'a> {
     vote: &'a Vote,
@@ -224,6 +241,8 @@ fn invalid(e: impl std::fmt::Display) -> io::Error {
 
 pub struct ServerCtx {
     pub node_id: u64,
+    /// This node's metadata log directory id, told in every handshake.
+    pub directory_id: String,
     pub raft: RaftHandle,
     pub handler: Arc<dyn ControllerHandler>,
     pub peers: PeerAddrs,
@@ -312,7 +331,11 @@ async fn serve_conn(mut stream: TcpStream, ctx: &ServerCtx) -> io::Result<()> {
         write_frame(&mut stream, ANSWER_ERR, msg.as_bytes()).await?;
         return Err(invalid(msg));
     }
-    let me = serde_json::to_vec(&ctx.node_id).map_err(io_err)?;
+    let me = serde_json::to_vec(&HelloAnswer {
+        id: ctx.node_id,
+        directory_id: Some(ctx.directory_id.clone()),
+    })
+    .map_err(io_err)?;
     write_frame(&mut stream, ANSWER_OK, &me).await?;
     let _peer = hello.from.map(|peer| {
         ctx.liveness.connected(peer);
@@ -392,8 +415,13 @@ fn json_answer<T: Serialize, E: std::fmt::Display>(r: Result<T, E>) -> (u8, Vec<
 // ---------------------------------------------------------------------------------------------
 // Client
 
-/// Connects to `addr` and checks that node `to` answers there.
-pub async fn connect(addr: SocketAddr, to: u64, from: Option<u64>) -> io::Result<TcpStream> {
+/// Connects to `addr` and checks that node `to` answers there; returns the connection and the
+/// directory id it answered with.
+pub async fn connect(
+    addr: SocketAddr,
+    to: u64,
+    from: Option<u64>,
+) -> io::Result<(TcpStream, Option<String>)> {
     let mut stream = TcpStream::connect(addr).await?;
     let _ = stream.set_nodelay(true);
     let hello = serde_json::to_vec(&Hello { to, from }).map_err(io_err)?;
@@ -409,7 +437,10 @@ pub async fn connect(addr: SocketAddr, to: u64, from: Option<u64>) -> io::Result
             ),
         ));
     }
-    let id: u64 = serde_json::from_slice(&body).map_err(invalid)?;
+    let (id, directory_id) = match serde_json::from_slice(&body).map_err(invalid)? {
+        HelloAnswerIn::Full(a) => (a.id, a.directory_id),
+        HelloAnswerIn::IdOnly(id) => (id, None),
+    };
     if id != to {
         return Err(io::Error::new(
             io::ErrorKind::ConnectionRefused,
@@ -420,7 +451,7 @@ pub async fn connect(addr: SocketAddr, to: u64, from: Option<u64>) -> io::Result
             ),
         ));
     }
-    Ok(stream)
+    Ok((stream, directory_id))
 }
 
 async fn exchange(stream: &mut TcpStream, tag: u8, body: &[u8]) -> io::Result<(u8, Vec<u8>)> {
@@ -438,7 +469,10 @@ pub struct PeerClient {
     me: u64,
     target: u64,
     peers: PeerAddrs,
+    directories: Arc<Directories>,
     conn: Option<TcpStream>,
+    /// The directory id the peer answered the handshake of `conn` with.
+    peer_dir: Option<String>,
 }
 
 impl PeerClient {
@@ -464,14 +498,38 @@ impl PeerClient {
         }
     }
 
-    async fn open(&self) -> io::Result<TcpStream> {
+    async fn open(&mut self) -> io::Result<TcpStream> {
         let addr = self.peers.get(self.target).ok_or_else(|| {
             io_err(format!(
                 "no address known for node {}",
                 from_node_id(self.target)
             ))
         })?;
-        connect(addr, self.target, Some(self.me)).await
+        let (stream, dir) = connect(addr, self.target, Some(self.me)).await?;
+        if let Some(dir) = &dir {
+            self.directories.saw(self.target, dir);
+        }
+        self.peer_dir = dir;
+        Ok(stream)
+    }
+
+    /// A vote (or pre-vote) answer, not counted if the peer answered from a directory other
+    /// than the one the log records for it (see `directory.rs`).
+    fn checked_vote(&self, mut resp: VoteResponse<TypeConfig>) -> VoteResponse<TypeConfig> {
+        if resp.vote_granted
+            && !self
+                .directories
+                .vote_counts(self.target, self.peer_dir.as_deref())
+        {
+            tracing::warn!(
+                node_id = from_node_id(self.target),
+                directory_id = self.peer_dir.as_deref().unwrap_or("none"),
+                "not counting the vote of a voter back with another metadata log directory \
+                 until the leader has recorded it"
+            );
+            resp.vote_granted = false;
+        }
+        resp
     }
 
     async fn call<Resp: DeserializeOwned>(
@@ -547,7 +605,10 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.json_rpc(TAG_VOTE, &rpc, option, RPCTypes::Vote).await
+        let resp = self
+            .json_rpc(TAG_VOTE, &rpc, option, RPCTypes::Vote)
+            .await?;
+        Ok(self.checked_vote(resp))
     }
 
     async fn pre_vote(
@@ -555,8 +616,10 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.json_rpc(TAG_PRE_VOTE, &rpc, option, RPCTypes::Vote)
-            .await
+        let resp = self
+            .json_rpc(TAG_PRE_VOTE, &rpc, option, RPCTypes::Vote)
+            .await?;
+        Ok(self.checked_vote(resp))
     }
 
     async fn transfer_leader(
@@ -606,6 +669,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
 pub struct NetworkFactory {
     pub me: u64,
     pub peers: PeerAddrs,
+    pub directories: Arc<Directories>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -617,7 +681,9 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             me: self.me,
             target,
             peers: self.peers.clone(),
+            directories: self.directories.clone(),
             conn: None,
+            peer_dir: None,
         }
     }
 }
@@ -665,12 +731,12 @@ impl AppClient {
         })?;
         let (mut stream, reused) = match self.take(target) {
             Some(s) => (s, true),
-            None => (connect(addr, target, Some(self.me)).await?, false),
+            None => (connect(addr, target, Some(self.me)).await?.0, false),
         };
         let (answer, body) = match exchange(&mut stream, tag, request).await {
             Ok(r) => r,
             Err(_) if reused => {
-                stream = connect(addr, target, Some(self.me)).await?;
+                stream = connect(addr, target, Some(self.me)).await?.0;
                 exchange(&mut stream, tag, request).await?
             }
             Err(e) => return Err(e),

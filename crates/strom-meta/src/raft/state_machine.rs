@@ -1,11 +1,14 @@
 //! The Raft state machine: replays committed entries into a `MetadataImage` (kept only to build
-//! snapshots) and hands every committed batch to the broker through the `Committed` channel.
+//! snapshots) and hands every committed batch to the broker through the `Committed` channel,
+//! except batches of `VoterDirectory` records, which only the Raft layer reads (see
+//! `directory.rs`; snapshots carry them after the image's records).
 //!
 //! The state machine itself is in memory; snapshots are durable. The snapshot file `snapshot`
 //! is one frame `[len u32 BE][crc32c u32 BE][json {meta, records}]`, replaced atomically (tmp,
 //! fsync, rename, fsync dir). On open the snapshot is loaded, `Committed::Snapshot` is queued
 //! first, and it is reported as applied, so openraft replays only the entries after it.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -17,6 +20,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::directory::Directories;
 use super::storage::{decode_frames, encode_frame, replace_file};
 use super::types::{
     io_err, offset_of, LogId, Snapshot, SnapshotMeta, SnapshotRecords, StoredMembership, TypeConfig,
@@ -94,6 +98,9 @@ pub struct StateMachine {
     last_applied: Option<LogId>,
     membership: StoredMembership,
     image: MetadataImage,
+    /// The voters' directory ids the applied log records (published to `directories`).
+    voter_dirs: BTreeMap<u64, String>,
+    directories: Arc<Directories>,
     shared: Arc<Shared>,
     tx: mpsc::Sender<Committed>,
     progress: Arc<Progress>,
@@ -106,6 +113,7 @@ impl StateMachine {
         dir: &Path,
         tx: mpsc::Sender<Committed>,
         progress: Arc<Progress>,
+        directories: Arc<Directories>,
     ) -> io::Result<StateMachine> {
         std::fs::create_dir_all(dir)?;
         let snap = load_snapshot(dir)?;
@@ -113,6 +121,8 @@ impl StateMachine {
             last_applied: None,
             membership: StoredMembership::default(),
             image: MetadataImage::empty(),
+            voter_dirs: BTreeMap::new(),
+            directories,
             shared: Arc::new(Shared {
                 dir: dir.to_path_buf(),
                 current: Mutex::new(None),
@@ -142,6 +152,30 @@ impl StateMachine {
         let offset = offset_of(meta.last_log_id.as_ref());
         self.image = MetadataImage::empty().apply(offset, &records.0).0;
         self.image.offset = offset;
+        self.voter_dirs.clear();
+        self.record_directories(&records.0);
+        if let Some(at) = meta.last_log_id {
+            self.directories.record_all(at, &records.0);
+        }
+    }
+
+    /// Takes in the `VoterDirectory` records among `records` (for snapshots); whether there
+    /// were only those.
+    fn record_directories(&mut self, records: &[MetadataRecord]) -> bool {
+        let mut only = !records.is_empty();
+        for r in records {
+            match r {
+                MetadataRecord::VoterDirectory {
+                    node_id,
+                    directory_id,
+                } => {
+                    let node = super::types::to_node_id(*node_id);
+                    self.voter_dirs.insert(node, directory_id.clone());
+                }
+                _ => only = false,
+            }
+        }
+        only
     }
 
     async fn deliver(&self, msg: Committed) {
@@ -154,6 +188,7 @@ pub struct SnapshotBuilder {
     last_applied: Option<LogId>,
     membership: StoredMembership,
     image: MetadataImage,
+    voter_dirs: BTreeMap<u64, String>,
     shared: Arc<Shared>,
 }
 
@@ -161,7 +196,15 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     type SnapshotData = SnapshotRecords;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let records = self.image.to_records();
+        let mut records = self.image.to_records();
+        records.extend(
+            self.voter_dirs
+                .iter()
+                .map(|(node, id)| MetadataRecord::VoterDirectory {
+                    node_id: super::types::from_node_id(*node),
+                    directory_id: id.clone(),
+                }),
+        );
         let snap = Snapshot {
             meta: SnapshotMeta {
                 last_log_id: self.last_applied,
@@ -198,11 +241,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         while let Some((entry, responder)) = entries.try_next().await? {
             let log_id = entry.log_id;
             self.last_applied = Some(log_id);
+            if let EntryPayload::Normal(batch) = &entry.payload {
+                self.directories.record_all(log_id, &batch.0);
+            }
             match entry.payload {
                 EntryPayload::Blank => {}
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(log_id), m);
                 }
+                EntryPayload::Normal(batch) if self.record_directories(&batch.0) => {}
                 EntryPayload::Normal(batch) => {
                     let offset = log_id.index as i64;
                     self.image.apply_in_place(offset, &batch.0);
@@ -226,6 +273,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             last_applied: self.last_applied,
             membership: self.membership.clone(),
             image: self.image.clone(),
+            voter_dirs: self.voter_dirs.clone(),
             shared: self.shared.clone(),
         }
     }

@@ -359,6 +359,119 @@ async fn failover_then_restarted_node_catches_up() {
     .await;
 }
 
+/// A follower whose directory is lost (a replaced disk) and that comes back empty under the
+/// same id while the same leader leads: the leader's record of what it holds goes backwards,
+/// and it must replicate everything to it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_back_with_an_empty_directory_is_caught_up_by_the_same_leader() {
+    bounded(async {
+        let root = tempfile::tempdir().unwrap();
+        let (mut nodes, voters) = cluster(root.path(), 10_000).await;
+        let leader = {
+            let all: Vec<&Node> = nodes.iter().collect();
+            for i in 0..3 {
+                append(&all, vec![rec(i)]).await;
+            }
+            let leader = agreed_leader(&all).await;
+            for n in &all {
+                until("three batches everywhere", || n.batches().len() == 3).await;
+            }
+            leader
+        };
+        let pos = nodes.iter().position(|n| n.id != leader).unwrap();
+        let wiped = nodes.remove(pos);
+        wiped.log.shutdown().await;
+        std::fs::remove_dir_all(&wiped.dir).unwrap();
+        nodes.push(restart(&wiped, &voters, 10_000).await);
+
+        let all: Vec<&Node> = nodes.iter().collect();
+        assert_eq!(agreed_leader(&all).await, leader, "the leader stays");
+        let back = all.iter().find(|n| n.id == wiped.id).unwrap();
+        until("the emptied voter to catch up", || {
+            back.batches().len() >= 3
+        })
+        .await;
+        let offset = append(&all, vec![rec(3)]).await;
+        for n in &all {
+            until("the fourth batch", || n.batches().len() == 4).await;
+            assert_eq!(n.batches().last().unwrap().0, offset);
+        }
+        assert_eq!(back.batches(), all[0].batches());
+        for n in &all {
+            n.log.shutdown().await;
+        }
+    })
+    .await;
+}
+
+/// A voter that acknowledged an entry and then lost its directory must not help elect a
+/// voter that lacks the entry (KIP-853's reason for directory ids): with the leader down, the
+/// voter that missed the entry and the emptied one elect nobody; once the leader is back the
+/// entry is still there, and the emptied voter counts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_back_with_an_empty_directory_does_not_elect_one_missing_what_it_acknowledged() {
+    bounded(async {
+        let root = tempfile::tempdir().unwrap();
+        let (nodes, voters) = cluster(root.path(), 10_000).await;
+        let all: Vec<&Node> = nodes.iter().collect();
+        append(&all, vec![rec(0)]).await;
+        let leader = agreed_leader(&all).await;
+        for n in &all {
+            until("every voter's directory recorded everywhere", || {
+                n.log.recorded_directories().len() == 3
+            })
+            .await;
+        }
+        let l = *all.iter().find(|n| n.id == leader).unwrap();
+        let mut followers = all.iter().filter(|n| n.id != leader);
+        let (behind, wiped) = (*followers.next().unwrap(), *followers.next().unwrap());
+
+        // `behind` misses rec(1): the leader and `wiped` commit it.
+        behind.log.shutdown().await;
+        append(&[l, wiped], vec![rec(1)]).await;
+        until("rec(1) on the voter to be wiped", || {
+            wiped.batches().len() == 2
+        })
+        .await;
+        l.log.shutdown().await;
+        wiped.log.shutdown().await;
+        std::fs::remove_dir_all(&wiped.dir).unwrap();
+        let wiped = restart(wiped, &voters, 10_000).await;
+        let behind = restart(behind, &voters, 10_000).await;
+
+        // Several election timeouts: the emptied voter's vote would make `behind` leader.
+        let watch_until = tokio::time::Instant::now() + Duration::from_secs(4);
+        while tokio::time::Instant::now() < watch_until {
+            assert!(
+                !behind.log.is_leader() && !wiped.log.is_leader(),
+                "a leader was elected without the entry the emptied voter had acknowledged"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        let l = restart(l, &voters, 10_000).await;
+        let all = [&l, &behind, &wiped];
+        let offset = append(&all, vec![rec(2)]).await;
+        for n in all {
+            until("rec(2) everywhere", || {
+                n.batches().last().is_some_and(|b| b.0 == offset)
+            })
+            .await;
+            let records: Vec<_> = n.batches().into_iter().map(|b| b.1).collect();
+            assert_eq!(
+                records,
+                vec![vec![rec(0)], vec![rec(1)], vec![rec(2)]],
+                "node {}",
+                n.id
+            );
+        }
+        for n in all {
+            n.log.shutdown().await;
+        }
+    })
+    .await;
+}
+
 /// Waits until `a` and `b` have both delivered the batch at `offset`, then checks they
 /// delivered the same batches (appends resolve on commit, before every node has applied).
 async fn same_batches(a: &Node, b: &Node, offset: i64) {
@@ -421,7 +534,7 @@ async fn a_learner_follows_the_log_and_never_votes() {
             vec![4]
         );
         // The leader refuses to take a voter's id as a learner.
-        let mut s = network::connect(leader.addr, types::to_node_id(leader_id), None)
+        let (mut s, _) = network::connect(leader.addr, types::to_node_id(leader_id), None)
             .await
             .unwrap();
         let join = network::JoinRequest {
@@ -887,7 +1000,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
         let progress = Arc::new(Progress {
             delivered: std::sync::atomic::AtomicI64::new(-1),
         });
-        let sm = StateMachine::open(dir.path(), tx, progress).unwrap();
+        let sm = StateMachine::open(dir.path(), tx, progress, Default::default()).unwrap();
         Ok((dir, log, sm))
     }
 }
@@ -914,9 +1027,15 @@ async fn transport_refuses_wrong_node_and_bad_frames() {
         // The handshake names the node: another id at this address is refused.
         let wrong = network::connect(addr, types::to_node_id(6), None).await;
         assert!(wrong.is_err());
-        network::connect(addr, types::to_node_id(5), None)
+        let (_, dir) = network::connect(addr, types::to_node_id(5), None)
             .await
             .unwrap();
+        let kept = std::fs::read_to_string(root.path().join("n5").join("directory.id")).unwrap();
+        assert_eq!(
+            dir.as_deref(),
+            Some(kept.as_str()),
+            "it tells its directory id"
+        );
 
         // An oversized frame closes the connection without allocating it.
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -925,14 +1044,14 @@ async fn transport_refuses_wrong_node_and_bad_frames() {
         let mut buf = [0u8; 8];
         assert_eq!(s.read(&mut buf).await.unwrap_or(0), 0);
         // Garbage after a good handshake closes it too.
-        let mut s = network::connect(addr, types::to_node_id(5), None)
+        let (mut s, _) = network::connect(addr, types::to_node_id(5), None)
             .await
             .unwrap();
         network::write_frame(&mut s, network::TAG_APPEND, b"{not json")
             .await
             .unwrap();
         assert_eq!(s.read(&mut buf).await.unwrap_or(0), 0);
-        let mut s = network::connect(addr, types::to_node_id(5), None)
+        let (mut s, _) = network::connect(addr, types::to_node_id(5), None)
             .await
             .unwrap();
         network::write_frame(&mut s, 200, b"").await.unwrap();
