@@ -11,8 +11,10 @@
 //! a follower whose disk is full backing off and catching up once it has space again, a
 //! leader whose fsync fails and a controller whose metadata log fails stopping and the
 //! others taking over,
-//! DescribeTopicPartitions (KIP-966: ISR, ELR, offline replicas, paging), and the `strom topic`,
-//! `reassign`, `elect` and `quorum` commands run as a separate process.
+//! DescribeTopicPartitions (KIP-966: ISR, ELR, offline replicas, paging), the `strom topic`,
+//! `reassign`, `elect` and `quorum` commands run as a separate process, and a seeded schedule
+//! of random faults (kills, pauses, shutdowns, two nodes at once, replaced disks) after which
+//! nothing acknowledged is lost and the replicas agree.
 
 mod common;
 
@@ -146,14 +148,15 @@ fn value_of(m: &rdkafka::message::BorrowedMessage<'_>) -> u64 {
 
 /// A consumer of partition `p` from the beginning, on its own thread, that runs until it has
 /// `until` records (usize::MAX: keep going), or 60 s after `until` was set: every (offset,
-/// value) it was given, in the order it was given them.
+/// value) it was given, in the order it was given them, from `join`.
 fn consume_continuously(
     bootstrap: &str,
     topic: &str,
     p: i32,
     until: Arc<AtomicUsize>,
-) -> std::thread::JoinHandle<Vec<(i64, u64)>> {
+) -> Consuming {
     let c = assigned_consumer(bootstrap, topic, p);
+    let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut out = Vec::new();
         let mut deadline = None;
@@ -171,8 +174,22 @@ fn consume_continuously(
                 None => {}
             }
         }
-        out
-    })
+        let _ = tx.send(out);
+        // Closing a consumer with a group.id can wait in librdkafka for good (seen once, when
+        // a node had stopped answering): the answer is already out, and this thread ends
+        // with the test.
+        drop(c);
+    });
+    Consuming(rx)
+}
+
+/// The answer of `consume_continuously`.
+struct Consuming(std::sync::mpsc::Receiver<Vec<(i64, u64)>>);
+
+impl Consuming {
+    fn join(self) -> Result<Vec<(i64, u64)>, std::sync::mpsc::RecvError> {
+        self.0.recv()
+    }
 }
 
 /// Produces 0..total to `partition` with at most 500 in flight; counts acknowledgements in
@@ -182,6 +199,19 @@ async fn produce_sequence(
     topic: String,
     partition: i32,
     total: u64,
+    acked_count: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+) -> (Vec<u64>, usize) {
+    produce_window(p, topic, partition, total, 500, acked_count, stop).await
+}
+
+/// `produce_sequence` with at most `window` records in flight.
+async fn produce_window(
+    p: FutureProducer,
+    topic: String,
+    partition: i32,
+    total: u64,
+    window: usize,
     acked_count: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 ) -> (Vec<u64>, usize) {
@@ -202,7 +232,7 @@ async fn produce_sequence(
             .map_err(|(e, _)| e)
             .expect("enqueue");
         inflight.push(async move { (i, fut.await) });
-        while inflight.len() >= 500 {
+        while inflight.len() >= window {
             let (i, r) = inflight.next().await.unwrap();
             match r {
                 Ok(Ok(_)) => {
@@ -611,6 +641,30 @@ fn try_describe_quorum(c: &mut Cluster, id: i32) -> Result<Quorum, (i16, Option<
         voters: ids(&p.current_voters),
         observers: ids(&p.observers),
     })
+}
+
+/// A controller is stopped until the others have elected a new one in a later term, then
+/// killed, and so is the new one. The old controller restarts first: it comes back believing
+/// it still leads its old term, the voter left has seen a later one and refuses it, and it must
+/// then go through an election with that voter instead of failing to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_restarted_after_the_others_moved_on_starts_and_rejoins() {
+    let mut c = Cluster::start(3, &[]);
+    let old = c.view().unwrap().controller;
+    c.node(old).pause();
+    let new = wait_for(WAIT, "a new controller", || {
+        c.view()
+            .map(|v| v.controller)
+            .filter(|n| *n > 0 && *n != old)
+    });
+    let left = 6 - old - new;
+    c.node(old).kill9();
+    c.node(new).kill9();
+    c.node(old).restart();
+    let b = c.node(left).bootstrap();
+    create_replicated(&b, "after", 1, 1, &[]).await;
+    c.node(new).restart();
+    c.wait_brokers(3, WAIT);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1157,18 +1211,90 @@ async fn a_new_partition_replicates_while_the_fetch_for_idle_ones_waits_at_the_l
 
 /// FindCoordinator (v4) for a group through node `id`: the coordinator's node id.
 fn find_coordinator(c: &mut Cluster, id: i32, group: &str) -> i32 {
+    match find_coordinator_at(c.node(id).addr(), group) {
+        (0, node) => node,
+        _ => -1,
+    }
+}
+
+/// FindCoordinator (v4) for a group at `addr`: the error code and the coordinator's node id.
+fn find_coordinator_at(addr: SocketAddr, group: &str) -> (i16, i32) {
     use kafka_protocol::messages::{ApiKey, FindCoordinatorRequest, FindCoordinatorResponse};
     use kafka_protocol::protocol::StrBytes;
-    let mut raw = RawClient::connect(c.node(id).addr());
+    let mut raw = RawClient::connect(addr);
     let req = FindCoordinatorRequest::default()
         .with_key_type(0)
         .with_coordinator_keys(vec![StrBytes::from_string(group.to_string())]);
     let resp: FindCoordinatorResponse = raw.call(ApiKey::FindCoordinator, 4, &req);
     let co = &resp.coordinators[0];
-    if co.error_code != 0 {
-        return -1;
-    }
-    co.node_id.0
+    (co.error_code, co.node_id.0)
+}
+
+/// InitProducerId (v4, no transactional id) at `addr`: the error code and the producer id.
+fn init_producer_id_at(addr: SocketAddr) -> (i16, i64) {
+    use kafka_protocol::messages::{ApiKey, InitProducerIdRequest, InitProducerIdResponse};
+    let mut raw = RawClient::connect(addr);
+    let req = InitProducerIdRequest::default()
+        .with_transactional_id(None)
+        .with_transaction_timeout_ms(60000);
+    let resp: InitProducerIdResponse = raw.call(ApiKey::InitProducerId, 4, &req);
+    (resp.error_code, resp.producer_id.0)
+}
+
+/// Many clients at once on a new cluster, all at a node that is not the controller: idempotent
+/// producers asking for producer ids (the node reserves its first block through the
+/// controller), then consumers looking for a group coordinator before `__consumer_offsets`
+/// exists (one request creates it through the controller; the others are told
+/// COORDINATOR_NOT_AVAILABLE (15) and try again). Every one gets an answer and the node keeps
+/// heartbeating. Both once stopped the node for good: requests blocked on a lock held every
+/// worker thread while the request holding it waited for the controller's answer, which needed
+/// one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_at_once_on_a_new_cluster_get_producer_ids_and_coordinators() {
+    let mut c = Cluster::start(3, &[]);
+    let controller = c.view().unwrap().controller;
+    let node = if controller == 1 { 2 } else { 1 };
+    let addr = c.node(node).addr();
+    let all_at_once = |ask: fn(SocketAddr, usize) -> i64| {
+        let askers: Vec<_> = (0..16)
+            .map(|i| std::thread::spawn(move || ask(addr, i)))
+            .collect();
+        askers
+            .into_iter()
+            .map(|a| a.join().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let ids = all_at_once(|addr, _| {
+        let (code, id) = init_producer_id_at(addr);
+        assert_eq!(code, 0, "InitProducerId");
+        id
+    });
+    assert_eq!(
+        ids.iter().collect::<HashSet<_>>().len(),
+        ids.len(),
+        "distinct producer ids: {ids:?}"
+    );
+    let coordinators = all_at_once(|addr, i| {
+        let group = format!("g{i}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (code, coordinator) = find_coordinator_at(addr, &group);
+            if code == 0 {
+                return coordinator as i64;
+            }
+            assert_eq!(code, 15, "only COORDINATOR_NOT_AVAILABLE meanwhile");
+            assert!(Instant::now() < deadline, "no coordinator for {group}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    assert!(coordinators.iter().all(|c| *c > 0), "{coordinators:?}");
+    // Still heartbeating: never fenced.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(c.view().unwrap().brokers, vec![1, 2, 3], "{}", c.logs());
+    assert!(!c
+        .node(controller)
+        .log()
+        .contains("missed its session timeout"));
 }
 
 fn group_consumer(bootstrap: &str, group: &str) -> BaseConsumer {
@@ -3269,4 +3395,218 @@ async fn followers_write_large_fetch_answers_from_where_they_received_them() {
     );
     let acked: Vec<u64> = (0..n).collect();
     read_back_and_check(&b, "placed", 0, &acked, 0);
+}
+
+/// One fault of the random schedule below.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// `kill -9` of a node, restarted after the pause.
+    Kill(i32),
+    /// SIGSTOP of a node (silence with its sockets open), SIGCONT after the pause.
+    Pause(i32),
+    /// SIGTERM (controlled shutdown), restarted after the pause.
+    Terminate(i32),
+    /// `kill -9` of two nodes at once: no metadata majority and no ISR of two left until
+    /// both are restarted after the pause.
+    KillTwo(i32, i32),
+    /// One node paused while another is killed; both back after the pause.
+    PauseAndKill(i32, i32),
+    /// `kill -9` of a node whose disk is then replaced (its data directory emptied: metadata
+    /// log and partitions), restarted empty after the pause.
+    Wipe(i32),
+}
+
+/// Picks the next fault: a random node, the active controller or the leader of a random
+/// partition as the (first) victim.
+fn next_fault(rng: &mut impl rand::Rng, c: &mut Cluster, topic: &str, partitions: i32) -> Fault {
+    let view = c.view();
+    let controller = view.as_ref().map(|v| v.controller).filter(|id| *id > 0);
+    let p = rng.gen_range(0..partitions) as usize;
+    let leader = view
+        .as_ref()
+        .and_then(|v| v.partition(topic, p))
+        .map(|s| s.leader)
+        .filter(|id| *id > 0);
+    let victim = match rng.gen_range(0..3) {
+        0 => controller,
+        1 => leader,
+        _ => None,
+    }
+    .unwrap_or_else(|| rng.gen_range(1..=3));
+    let other = (victim - 1 + rng.gen_range(1..3)) % 3 + 1;
+    match rng.gen_range(0..11) {
+        0..=3 => Fault::Kill(victim),
+        4..=6 => Fault::Pause(victim),
+        7 => Fault::Terminate(victim),
+        8 => Fault::KillTwo(victim, other),
+        9 => Fault::PauseAndKill(victim, other),
+        _ => Fault::Wipe(victim),
+    }
+}
+
+/// A seeded schedule of random faults on a 3-node cluster (RF 3, min.insync.replicas 2, three
+/// partitions) while an idempotent acks=all producer writes to every partition and a consumer
+/// reads each one: nodes killed, paused, shut down, two at once, disks replaced, the
+/// controller and partition leaders among the victims. After most faults the cluster must heal (every partition back to
+/// a full ISR, writes acknowledged again) before the next; the others follow at once, while a
+/// node catches up or a leader is elected. At the end every acknowledged record is read back,
+/// once and in order, every consumer was given only what the log keeps, and after each node in
+/// turn is killed the next leaders serve the same logs. `NEMESIS_SEED` repeats a schedule (the
+/// seed is printed), `NEMESIS_ROUNDS` lengthens it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_faults_lose_nothing_acknowledged_and_the_replicas_agree() {
+    use rand::{Rng, SeedableRng};
+    let seed = std::env::var("NEMESIS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
+    let rounds: usize = std::env::var("NEMESIS_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    eprintln!("NEMESIS_SEED={seed} NEMESIS_ROUNDS={rounds}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    const TOPIC: &str = "nemesis";
+    const PARTITIONS: i32 = 3;
+    let mut c = Cluster::start(3, &[]);
+    let b = c.bootstrap();
+    create_replicated(&b, TOPIC, PARTITIONS, 3, &[("min.insync.replicas", "2")]).await;
+    let healed = |c: &mut Cluster, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !c.view().is_some_and(|v| {
+            (0..PARTITIONS as usize).all(|p| {
+                v.partition(TOPIC, p)
+                    .is_some_and(|s| s.leader > 0 && s.isr.len() == 3)
+            })
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not happen (seed {seed}); view {:?}\n{}",
+                c.view(),
+                c.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    healed(&mut c, "full ISR at the start");
+
+    let acked_count = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut consumers = Vec::new();
+    let mut producers = Vec::new();
+    for p in 0..PARTITIONS {
+        let until = Arc::new(AtomicUsize::new(usize::MAX));
+        consumers.push((until.clone(), consume_continuously(&b, TOPIC, p, until)));
+        producers.push(tokio::spawn(produce_window(
+            producer(&b, "all", true),
+            TOPIC.into(),
+            p,
+            u64::MAX,
+            50,
+            acked_count.clone(),
+            stop.clone(),
+        )));
+    }
+    wait_acked(&c, &acked_count, 1_000, "no writes before the faults").await;
+
+    for round in 0..rounds {
+        let fault = next_fault(&mut rng, &mut c, TOPIC, PARTITIONS);
+        let down_for = Duration::from_millis(rng.gen_range(100..3_000));
+        eprintln!("round {round}: {fault:?} for {down_for:?}");
+        let mut back = Vec::new();
+        match fault {
+            Fault::Kill(n) => {
+                c.node(n).kill9();
+                back.push((n, false));
+            }
+            Fault::Pause(n) => {
+                c.node(n).pause();
+                back.push((n, true));
+            }
+            Fault::Terminate(n) => {
+                let clean = tokio::task::block_in_place(|| c.node(n).terminate());
+                assert!(clean, "node {n} did not shut down cleanly:\n{}", c.logs());
+                back.push((n, false));
+            }
+            Fault::KillTwo(a, z) => {
+                c.node(a).kill9();
+                c.node(z).kill9();
+                back.extend([(a, false), (z, false)]);
+            }
+            Fault::PauseAndKill(a, z) => {
+                c.node(a).pause();
+                c.node(z).kill9();
+                back.extend([(a, true), (z, false)]);
+            }
+            Fault::Wipe(n) => {
+                c.node(n).kill9();
+                for entry in std::fs::read_dir(c.node(n).data_dir()).unwrap() {
+                    let path = entry.unwrap().path();
+                    if path.is_dir() {
+                        std::fs::remove_dir_all(&path).unwrap();
+                    } else {
+                        std::fs::remove_file(&path).unwrap();
+                    }
+                }
+                back.push((n, false));
+            }
+        }
+        tokio::time::sleep(down_for).await;
+        for (n, paused) in back {
+            if paused {
+                c.node(n).resume();
+            } else {
+                c.node(n).restart();
+            }
+        }
+        // Mostly the next fault waits for the cluster to heal; sometimes it comes while a
+        // restarted node is still catching up or a new leader is still being elected.
+        if rng.gen_bool(0.6) {
+            let at = acked_count.load(Ordering::Acquire);
+            tokio::task::block_in_place(|| healed(&mut c, &format!("round {round} healed")));
+            wait_acked(&c, &acked_count, at + 500, "writes did not resume").await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(0..500))).await;
+        }
+    }
+    let at = acked_count.load(Ordering::Acquire);
+    tokio::task::block_in_place(|| healed(&mut c, "healed after the faults"));
+    wait_acked(&c, &acked_count, at + 500, "writes did not resume").await;
+
+    stop.store(true, Ordering::Release);
+    let mut logs = Vec::new();
+    for (p, task) in producers.into_iter().enumerate() {
+        let (acked, failed) = task.await.unwrap();
+        eprintln!(
+            "partition {p}: {} acknowledged, {failed} failed",
+            acked.len()
+        );
+        let values = tokio::task::block_in_place(|| {
+            read_back_and_check(&b, TOPIC, p as i32, &acked, failed)
+        });
+        logs.push(values);
+    }
+    // Each consumer stops once it has its partition's whole log (or 60 s later).
+    for ((until, consumer), log) in consumers.into_iter().zip(&logs) {
+        until.store(log.len(), Ordering::Release);
+        check_consumed(&consumer.join().unwrap(), log);
+    }
+
+    // Every replica holds the same logs: with each node in turn gone, the others serve them.
+    for victim in 1..=3 {
+        c.node(victim).kill9();
+        for (p, log) in logs.iter().enumerate() {
+            c.wait_partition(TOPIC, p, WAIT, "a leader other than the victim", |s| {
+                s.leader > 0 && s.leader != victim
+            });
+            let again = read_values(&b, TOPIC, p as i32, log.len(), WAIT);
+            assert_eq!(
+                &again, log,
+                "partition {p} without node {victim} (seed {seed})"
+            );
+        }
+        c.node(victim).restart();
+        tokio::task::block_in_place(|| healed(&mut c, "the victim rejoins"));
+    }
 }

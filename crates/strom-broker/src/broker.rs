@@ -78,7 +78,7 @@ pub struct Broker {
     pub fetchers: crate::replication::ReplicaFetchers,
     /// The metadata quorum's voters (empty on a one-node cluster).
     quorum: Vec<(i32, SocketAddr)>,
-    producer_ids: Mutex<(i64, i64)>,
+    producer_ids: tokio::sync::Mutex<(i64, i64)>,
     pub connections: AtomicUsize,
     pub request_memory: RequestMemory,
     shutdown_tx: watch::Sender<bool>,
@@ -283,7 +283,7 @@ impl Broker {
                 .as_ref()
                 .map(|c| c.quorum.clone())
                 .unwrap_or_default(),
-            producer_ids: Mutex::new((0, 0)),
+            producer_ids: tokio::sync::Mutex::new((0, 0)),
             connections: AtomicUsize::new(0),
             request_memory: RequestMemory::new(opts.config.i64("queued.max.request.bytes")),
             shutdown_tx,
@@ -649,17 +649,20 @@ impl Broker {
 
     /// Next producer id (KIP-98 InitProducerId), reserving a new block in the metadata log when
     /// the current one is used up, so ids are never reused across restarts.
-    pub fn next_producer_id(&self) -> Result<i64, String> {
-        let mut ids = self.producer_ids.lock();
+    /// Requests waiting for the lock while one reserves a block hold no thread (a blocking lock
+    /// here once took every worker thread the reservation's wait for the controller needed).
+    pub async fn next_producer_id(&self) -> Result<i64, String> {
+        let mut ids = self.producer_ids.lock().await;
         if ids.0 >= ids.1 {
             let mut first = 0;
-            self.commit_metadata::<String>(|img| {
+            self.commit_metadata_async::<String>(|img| {
                 let (f, rec) = self
                     .controller
                     .allocate_producer_ids(img, PRODUCER_ID_BLOCK);
                 first = f;
                 Ok(vec![rec])
-            })?;
+            })
+            .await?;
             *ids = (first, first + PRODUCER_ID_BLOCK);
         }
         let id = ids.0;

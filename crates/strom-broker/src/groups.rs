@@ -68,7 +68,14 @@ impl Broker {
         if self.groups.partitions() > 0 {
             return Ok(());
         }
-        let _guard = self.offsets_topic_init.lock();
+        // Another request is creating it: answer COORDINATOR_NOT_AVAILABLE (the client retries,
+        // as Kafka answers while the topic is being created) rather than wait for the lock. A
+        // cluster's creation waits on the controller, and requests waiting here would hold the
+        // runtime's worker threads that wait needs (a deadlock, seen with several clients
+        // looking for a coordinator at once).
+        let Some(_guard) = self.offsets_topic_init.try_lock() else {
+            return Err(GroupError::CoordinatorNotAvailable);
+        };
         if self.groups.partitions() > 0 {
             return Ok(());
         }

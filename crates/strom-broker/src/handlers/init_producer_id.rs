@@ -25,15 +25,20 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
             return ctx.reply(&resp);
         }
     }
-    match broker.next_producer_id() {
-        Ok(id) => {
-            resp.producer_id = ProducerId(id);
-            resp.producer_epoch = 0;
+    // Reserving a block may wait for the controller: off the connection's turn, so that the
+    // wait holds no thread.
+    let broker = broker.clone();
+    Ok(ctx.later(async move {
+        match broker.next_producer_id().await {
+            Ok(id) => {
+                resp.producer_id = ProducerId(id);
+                resp.producer_epoch = 0;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not reserve producer ids");
+                resp.error_code = ResponseError::KafkaStorageError.code();
+            }
         }
-        Err(e) => {
-            tracing::error!(error = %e, "could not reserve producer ids");
-            resp.error_code = ResponseError::KafkaStorageError.code();
-        }
-    }
-    ctx.reply(&resp)
+        resp
+    }))
 }
