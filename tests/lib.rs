@@ -268,26 +268,28 @@ impl StromProcess {
 
     /// SIGTERM and wait (bounded) for a clean exit; returns whether it exited successfully.
     pub fn terminate(&mut self) -> bool {
-        if self.child.is_none() {
-            return false;
-        }
+        self.terminate_status().is_some_and(|s| s.success())
+    }
+
+    /// SIGTERM and wait (bounded) for the exit: how it ended, or None if it had to be killed
+    /// after 20 s (or was not running).
+    pub fn terminate_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_ref()?;
         self.signal(libc::SIGTERM);
         if self.paused {
             // A stopped process keeps SIGTERM pending until it runs again.
             self.resume();
         }
-        let Some(mut c) = self.child.take() else {
-            return false;
-        };
+        let mut c = self.child.take()?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(Some(status)) = c.try_wait() {
-                return status.success();
+                return Some(status);
             }
             if Instant::now() > deadline {
                 let _ = c.kill();
                 let _ = c.wait();
-                return false;
+                return None;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
