@@ -243,8 +243,9 @@ impl Cluster {
             }
             assert!(
                 Instant::now() < deadline,
-                "{topic}/{p}: {what} did not happen; view {:?}",
-                self.view()
+                "{topic}/{p}: {what} did not happen; view {:?}\n{}",
+                self.view(),
+                self.logs()
             );
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -1760,18 +1760,31 @@ async fn an_uncleanly_restarted_replica_of_a_topic_without_fsync_is_no_longer_el
         (vec![y, a], vec![a]),
         "eligible: y and a"
     );
-    // y comes back from its kill -9: no longer eligible, it may not lead.
+    // y comes back from its kill -9: no longer eligible, it may not lead; a, the last leader,
+    // comes back (uncleanly too) and leads with everything acknowledged.
+    let why = "y restarted uncleanly: it must not lead";
+    y_back_not_leading_then_a_leads(&mut c, &b, "lazy", (a, y, other), why).await;
+}
+
+/// y restarts and must not lead (nor stay eligible), then a restarts and leads the partition
+/// with the 100 values acknowledged before.
+async fn y_back_not_leading_then_a_leads(
+    c: &mut Cluster,
+    b: &str,
+    topic: &str,
+    (a, y, other): (i32, i32, i32),
+    why: &str,
+) {
     c.node(y).restart();
     c.wait_brokers(5, WAIT);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let d = described(&mut c, other, "lazy", 0);
-    assert_eq!(d.leader, -1, "y restarted uncleanly: it must not lead");
+    let d = described(c, other, topic, 0);
+    assert_eq!(d.leader, -1, "{why}");
     assert_eq!(d.elr, vec![a]);
-    // a, the last leader, comes back (uncleanly too) and leads with everything acknowledged.
     c.node(a).restart();
-    c.wait_partition("lazy", 0, WAIT, "a leads", |s| s.leader == a);
+    c.wait_partition(topic, 0, WAIT, "a leads", |s| s.leader == a);
     assert_eq!(
-        read_values(&b, "lazy", 0, 100, WAIT),
+        read_values(b, topic, 0, 100, WAIT),
         (0..100).collect::<Vec<_>>()
     );
 }
@@ -1788,19 +1801,9 @@ async fn a_replica_whose_log_is_gone_is_not_elected_with_nothing() {
     // y's disk is replaced: its log of the partition is gone.
     let log = c.node(y).data_dir().join("wiped-0");
     std::fs::remove_dir_all(&log).unwrap();
-    c.node(y).restart();
-    c.wait_brokers(5, WAIT);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let d = described(&mut c, other, "wiped", 0);
-    assert_eq!(d.leader, -1, "y holds nothing: it must not lead");
-    assert_eq!(d.elr, vec![a]);
-    // a comes back and leads with everything; y catches up from it.
-    c.node(a).restart();
-    c.wait_partition("wiped", 0, WAIT, "a leads", |s| s.leader == a);
-    assert_eq!(
-        read_values(&b, "wiped", 0, 100, WAIT),
-        (0..100).collect::<Vec<_>>()
-    );
+    // It may not lead; a comes back and leads with everything; y catches up from it.
+    let why = "y holds nothing: it must not lead";
+    y_back_not_leading_then_a_leads(&mut c, &b, "wiped", (a, y, other), why).await;
     c.wait_partition("wiped", 0, Duration::from_secs(60), "y back in sync", |s| {
         s.isr.contains(&y)
     });
@@ -3473,20 +3476,11 @@ async fn random_faults_lose_nothing_acknowledged_and_the_replicas_agree() {
     let b = c.bootstrap();
     create_replicated(&b, TOPIC, PARTITIONS, 3, &[("min.insync.replicas", "2")]).await;
     let healed = |c: &mut Cluster, what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !c.view().is_some_and(|v| {
-            (0..PARTITIONS as usize).all(|p| {
-                v.partition(TOPIC, p)
-                    .is_some_and(|s| s.leader > 0 && s.isr.len() == 3)
-            })
-        }) {
-            assert!(
-                Instant::now() < deadline,
-                "{what} did not happen (seed {seed}); view {:?}\n{}",
-                c.view(),
-                c.logs()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        for p in 0..PARTITIONS as usize {
+            let what = format!("{what} (seed {seed})");
+            c.wait_partition(TOPIC, p, Duration::from_secs(60), &what, |s| {
+                s.leader > 0 && s.isr.len() == 3
+            });
         }
     };
     healed(&mut c, "full ISR at the start");

@@ -45,6 +45,17 @@ pub fn load_or_create(dir: &Path, pristine: bool) -> io::Result<String> {
     Ok(id)
 }
 
+/// The (node id, directory id) of each `VoterDirectory` record among `records`.
+pub fn voter_directories(records: &[MetadataRecord]) -> impl Iterator<Item = (u64, &str)> {
+    records.iter().filter_map(|r| match r {
+        MetadataRecord::VoterDirectory {
+            node_id,
+            directory_id,
+        } => Some((super::types::to_node_id(*node_id), directory_id.as_str())),
+        _ => None,
+    })
+}
+
 /// What a node knows of the voters' directory ids.
 #[derive(Debug, Default)]
 pub struct Directories {
@@ -68,14 +79,8 @@ impl Directories {
 
     /// Takes in the `VoterDirectory` records among `records`, found `at` a log position.
     pub fn record_all(&self, at: LogId, records: &[MetadataRecord]) {
-        for r in records {
-            if let MetadataRecord::VoterDirectory {
-                node_id,
-                directory_id,
-            } = r
-            {
-                self.record(super::types::to_node_id(*node_id), at, directory_id);
-            }
+        for (node, directory_id) in voter_directories(records) {
+            self.record(node, at, directory_id);
         }
     }
 

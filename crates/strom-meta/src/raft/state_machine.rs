@@ -20,7 +20,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::directory::Directories;
+use super::directory::{voter_directories, Directories};
 use super::storage::{decode_frames, encode_frame, replace_file};
 use super::types::{
     io_err, offset_of, LogId, Snapshot, SnapshotMeta, SnapshotRecords, StoredMembership, TypeConfig,
@@ -162,20 +162,12 @@ impl StateMachine {
     /// Takes in the `VoterDirectory` records among `records` (for snapshots); whether there
     /// were only those.
     fn record_directories(&mut self, records: &[MetadataRecord]) -> bool {
-        let mut only = !records.is_empty();
-        for r in records {
-            match r {
-                MetadataRecord::VoterDirectory {
-                    node_id,
-                    directory_id,
-                } => {
-                    let node = super::types::to_node_id(*node_id);
-                    self.voter_dirs.insert(node, directory_id.clone());
-                }
-                _ => only = false,
-            }
+        let mut found = 0;
+        for (node, directory_id) in voter_directories(records) {
+            self.voter_dirs.insert(node, directory_id.to_string());
+            found += 1;
         }
-        only
+        found > 0 && found == records.len()
     }
 
     async fn deliver(&self, msg: Committed) {
