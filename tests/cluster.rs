@@ -1,12 +1,14 @@
 //! N-node clusters of real `strom` processes on loopback: start them, kill, pause and restart
 //! nodes, and ask any node what the cluster looks like (Metadata over the wire).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse};
 
+use crate::proxy::Proxy;
 use crate::{free_port, RawClient, StromProcess};
 
 /// A partition as Metadata reports it.
@@ -33,6 +35,64 @@ impl ClusterView {
             .iter()
             .find(|(n, _, _)| n == topic)
             .and_then(|(_, _, ps)| ps.get(p))
+    }
+}
+
+/// Where `start_full` puts node i+1: its controller listener's port, the directory its data
+/// directory is made in (else a temporary one) and its Kafka listener's port with the address
+/// it advertises (else a free port, advertised as is).
+#[derive(Default)]
+struct Placement {
+    controller_ports: Vec<u16>,
+    disks: Vec<PathBuf>,
+    kafka: Vec<(u16, SocketAddr)>,
+}
+
+/// The proxies of a `Cluster::start_partitionable` cluster.
+pub struct Network {
+    /// `controller[&(from, to)]`: node `from`'s connections to voter `to`'s controller
+    /// listener (Raft between voters, and `from`'s broker registering and heartbeating when
+    /// `to` is the active controller).
+    pub controller: HashMap<(i32, i32), Proxy>,
+    /// `kafka[&to]`: in front of node `to`'s Kafka listener, the address it advertises.
+    pub kafka: HashMap<i32, Proxy>,
+}
+
+impl Network {
+    /// The client id of node `id`'s replica fetcher.
+    pub fn fetcher(id: i32) -> String {
+        format!("broker-{id}-fetcher-0")
+    }
+
+    /// Holds every byte between nodes `a` and `b`, both ways (a silent network: nothing is
+    /// closed or refused), until `heal`. Clients still reach both.
+    pub fn cut(&self, a: i32, b: i32) {
+        for (from, to) in [(a, b), (b, a)] {
+            if let Some(p) = self.controller.get(&(from, to)) {
+                p.hold();
+            }
+            self.kafka[&to].hold_client(&Self::fetcher(from));
+        }
+    }
+
+    /// A one-way partition: what node `from` sends to node `to` still arrives (its requests,
+    /// and its answers to `to`'s requests), but nothing from `to` reaches `from`.
+    pub fn cut_one_way(&self, from: i32, to: i32) {
+        if let Some(p) = self.controller.get(&(from, to)) {
+            p.hold_replies();
+        }
+        if let Some(p) = self.controller.get(&(to, from)) {
+            p.hold();
+        }
+        self.kafka[&to].hold_client_replies(&Self::fetcher(from));
+        self.kafka[&from].hold_client(&Self::fetcher(to));
+    }
+
+    /// Forwards again everything held.
+    pub fn heal(&self) {
+        for p in self.controller.values().chain(self.kafka.values()) {
+            p.release();
+        }
     }
 }
 
@@ -92,16 +152,73 @@ impl Cluster {
         controller_ports: &[u16],
         route: impl Fn(i32, i32, SocketAddr) -> SocketAddr,
     ) -> Cluster {
-        let disks = Vec::new();
-        let at = (controller_ports, &disks[..]);
+        let at = Placement {
+            controller_ports: controller_ports.to_vec(),
+            ..Placement::default()
+        };
         Self::start_full(voters, broker_only, sets, node_sets, at, route)
+    }
+
+    /// `n` voters whose every link goes through a proxy of `Network`, so that a test can
+    /// partition the network between nodes while clients still reach every node: each node
+    /// reaches each other voter's controller listener through a proxy of its own, and
+    /// advertises a proxy in front of its Kafka listener, which the other nodes' replica
+    /// fetchers (told apart by their client id) and the clients go through.
+    pub async fn start_partitionable(n: usize, sets: &[&str]) -> (Cluster, Network) {
+        let controller_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let kafka_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let mut net = Network {
+            controller: HashMap::new(),
+            kafka: HashMap::new(),
+        };
+        let mut kafka = Vec::new();
+        for from in 1..=n as i32 {
+            let port = kafka_ports[from as usize - 1];
+            let proxy = Proxy::start_by_client(local(port)).await;
+            kafka.push((port, proxy.addr));
+            net.kafka.insert(from, proxy);
+            for to in (1..=n as i32).filter(|to| *to != from) {
+                let upstream = local(controller_ports[to as usize - 1]);
+                net.controller
+                    .insert((from, to), Proxy::start(upstream).await);
+            }
+        }
+        let routes: HashMap<(i32, i32), SocketAddr> = net
+            .controller
+            .iter()
+            .map(|(link, p)| (*link, p.addr))
+            .collect();
+        let at = Placement {
+            controller_ports,
+            kafka,
+            ..Placement::default()
+        };
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let c = tokio::task::spawn_blocking(move || {
+            let sets: Vec<&str> = sets.iter().map(|s| s.as_str()).collect();
+            Self::start_full(
+                n,
+                0,
+                &sets,
+                |_| Vec::new(),
+                at,
+                |node, peer, _| routes[&(node, peer)],
+            )
+        })
+        .await
+        .unwrap();
+        (c, net)
     }
 
     /// `start` with node i+1's data directory inside `disks[i]` (e.g. a small file system of
     /// its own, to fill up).
     pub fn start_on(n: usize, sets: &[&str], disks: &[PathBuf]) -> Cluster {
-        let controller_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let at = (&controller_ports[..], disks);
+        let at = Placement {
+            controller_ports: (0..n).map(|_| free_port()).collect(),
+            disks: disks.to_vec(),
+            ..Placement::default()
+        };
         Self::start_full(n, 0, sets, |_| Vec::new(), at, |_, _, addr| addr)
     }
 
@@ -110,9 +227,14 @@ impl Cluster {
         broker_only: usize,
         sets: &[&str],
         node_sets: impl Fn(i32) -> Vec<String>,
-        (controller_ports, disks): (&[u16], &[PathBuf]),
+        at: Placement,
         route: impl Fn(i32, i32, SocketAddr) -> SocketAddr,
     ) -> Cluster {
+        let Placement {
+            controller_ports,
+            disks,
+            kafka,
+        } = at;
         let n = voters + broker_only;
         assert_eq!(controller_ports.len(), n, "one controller port per node");
         let listener = |i: usize| SocketAddr::from(([127, 0, 0, 1], controller_ports[i]));
@@ -150,6 +272,10 @@ impl Cluster {
                 listen.as_str(),
             ];
             let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+            let port = kafka.get(i).map(|(port, advertised)| {
+                args.extend(["--advertise".to_string(), advertised.to_string()]);
+                *port
+            });
             for s in sets
                 .iter()
                 .map(|s| s.to_string())
@@ -164,7 +290,7 @@ impl Cluster {
                 free_port(),
                 i + 1
             ));
-            let mut p = StromProcess::new_stopped(dir, Some(tmp), None, args, log_path);
+            let mut p = StromProcess::new_stopped(dir, Some(tmp), port, args, log_path);
             p.spawn_nowait();
             nodes.push(p);
         }

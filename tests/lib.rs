@@ -227,10 +227,16 @@ impl StromProcess {
     /// The exit code once the process has ended by itself (`None` while it runs, or if a
     /// signal ended it); the process is then reaped and can be `restart`ed.
     pub fn exit_code(&mut self) -> Option<i32> {
+        self.exit_status()?.code()
+    }
+
+    /// How the process ended, once it has (`None` while it runs); it is then reaped and can
+    /// be `restart`ed.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
         let status = self.child.as_mut()?.try_wait().ok()??;
         self.child = None;
         self.paused = false;
-        status.code()
+        Some(status)
     }
 
     pub fn kill9(&mut self) {
@@ -490,17 +496,39 @@ pub fn all_threads_traced(pid: u32) -> bool {
 /// (strace's syntax, counted per thread: "1" fails each thread's first). Returns once every
 /// thread is traced; the strace ends with the process, or when killed.
 pub fn fail_fsyncs(pid: u32, paths: &[PathBuf], when: Option<&str>) -> Child {
+    let inject = match when {
+        Some(w) => format!("error=EIO:when={w}"),
+        None => "error=EIO".to_string(),
+    };
+    trace_fsyncs(pid, paths, &inject)
+}
+
+/// strace attached to process `pid`, delaying every fsync by `delay` before it runs, as a
+/// slow (or overloaded) disk does, until `stop_tracing`.
+pub fn slow_fsyncs(pid: u32, delay: Duration) -> Child {
+    trace_fsyncs(pid, &[], &format!("delay_enter={}", delay.as_micros()))
+}
+
+/// Detaches a strace from its process (which goes on untraced) and reaps it.
+pub fn stop_tracing(mut strace: Child) {
+    // SIGINT: strace detaches from every thread before it exits.
+    // SAFETY: kill(2) with a pid this test spawned and a valid signal number.
+    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
+    let _ = strace.wait();
+}
+
+/// strace attached to every thread of `pid` with `inject` (strace's `-e inject=` terms) on
+/// the fsyncs of `paths` (all fsyncs if none).
+fn trace_fsyncs(pid: u32, paths: &[PathBuf], inject: &str) -> Child {
     let mut cmd = Command::new("strace");
     cmd.args(["-f", "-qq", "-o", "/dev/null", "-p", &pid.to_string()]);
     for p in paths {
         cmd.arg("-P").arg(p);
     }
-    let inject = match when {
-        Some(w) => format!("inject=fdatasync,fsync,syncfs:error=EIO:when={w}"),
-        None => "inject=fdatasync,fsync,syncfs:error=EIO".to_string(),
-    };
     let strace = cmd
-        .args(["-e", "trace=fdatasync,fsync,syncfs", "-e", &inject])
+        .args(["-e", "trace=fdatasync,fsync,syncfs"])
+        .arg("-e")
+        .arg(format!("inject=fdatasync,fsync,syncfs:{inject}"))
         .spawn()
         .expect("strace (the test command installs it)");
     // A process that fails its first fsync at once may be gone before all are seen traced.

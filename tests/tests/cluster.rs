@@ -18,7 +18,7 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -35,11 +35,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use strom_proto::compression::Compression;
 use strom_proto::records::{encode_batch, NewRecord, ProducerInfo};
-use strom_tests::cluster::{Cluster, PartitionState};
+use strom_tests::cluster::{Cluster, Network, PartitionState};
 use strom_tests::proxy::Proxy;
 use strom_tests::{
-    all_threads_traced, expect_storage_halt, fail_fsyncs, free_port, produce_raw, wait_for,
-    RawClient, SmallDisk,
+    all_threads_traced, expect_storage_halt, fail_fsyncs, produce_raw, slow_fsyncs, stop_tracing,
+    wait_for, RawClient, SmallDisk,
 };
 
 fn one_record(value: &str) -> bytes::Bytes {
@@ -596,6 +596,8 @@ struct Quorum {
     high_watermark: i64,
     voters: Vec<(i32, i64)>,
     observers: Vec<(i32, i64)>,
+    /// Each voter's metadata log directory id (KIP-853, v2; nil where none is recorded).
+    directories: Vec<(i32, String)>,
 }
 
 /// DescribeQuorum (v2) through node `id`.
@@ -634,12 +636,19 @@ fn try_describe_quorum(c: &mut Cluster, id: i32) -> Result<Quorum, (i16, Option<
         v.sort_unstable();
         v
     };
+    let mut directories: Vec<(i32, String)> = p
+        .current_voters
+        .iter()
+        .map(|r| (r.replica_id.0, r.replica_directory_id.to_string()))
+        .collect();
+    directories.sort_unstable();
     Ok(Quorum {
         leader: p.leader_id.0,
         epoch: p.leader_epoch,
         high_watermark: p.high_watermark,
         voters: ids(&p.current_voters),
         observers: ids(&p.observers),
+        directories,
     })
 }
 
@@ -678,8 +687,28 @@ async fn a_new_controller_takes_over_and_metadata_changes_work_again() {
         high_watermark: hw,
         voters,
         observers,
+        ..
     } = describe_quorum(&mut c, asked);
     assert!(observers.is_empty(), "no broker-only nodes: {observers:?}");
+    // Each voter's directory id, once the controller has recorded them, is the one in its
+    // metadata log directory.
+    let kept: Vec<(i32, String)> = (1..=3)
+        .map(|id| {
+            let file = c
+                .node(id)
+                .data_dir()
+                .join("__cluster_metadata-0/directory.id");
+            (
+                id,
+                std::fs::read_to_string(file).unwrap().trim().to_string(),
+            )
+        })
+        .collect();
+    wait_for(WAIT, "the voters' directory ids", || {
+        let q = describe_quorum(&mut c, asked);
+        eprintln!("directory ids {:?}", q.directories);
+        (q.directories == kept).then_some(())
+    });
     assert_eq!(
         leader, old,
         "DescribeQuorum from a follower names the active controller"
@@ -729,28 +758,28 @@ async fn a_new_controller_takes_over_and_metadata_changes_work_again() {
     );
 }
 
-/// Three voters, each reaching each other voter's controller listener through its own proxy
-/// (`proxies[&(from, to)]`), so that a test can cut or hold exactly one node's links.
-async fn cluster_with_proxied_controller_links() -> (Cluster, HashMap<(i32, i32), Proxy>) {
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let mut proxies: HashMap<(i32, i32), Proxy> = HashMap::new();
-    for from in 1..=3 {
-        for to in (1..=3).filter(|to| *to != from) {
-            let upstream = SocketAddr::from(([127, 0, 0, 1], ports[to as usize - 1]));
-            proxies.insert((from, to), Proxy::start(upstream).await);
-        }
-    }
-    let routes: HashMap<(i32, i32), SocketAddr> =
-        proxies.iter().map(|(link, p)| (*link, p.addr)).collect();
-    let c = Cluster::start_routed(
-        3,
-        0,
-        &[],
-        |_| Vec::new(),
-        &ports,
-        |node, peer, _| routes[&(node, peer)],
-    );
-    (c, proxies)
+/// A node restarted while the active controller's answers cannot reach it (it hears the
+/// metadata log, but the answer to its registration is held) retries its registration instead
+/// of failing to start, and joins once the link heals. Found by the random-fault test: a one-way
+/// cut during a restart once ended the node with "no active controller answered".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_registration_goes_unanswered_retries_until_it_registers() {
+    let (mut c, net) = Cluster::start_partitionable(3, &[]).await;
+    let controller = c.view().unwrap().controller;
+    let n = (1..=3).find(|id| *id != controller).unwrap();
+    c.node(n).kill9();
+    net.controller[&(n, controller)].hold_replies();
+    // Returns once its listener is bound, before it registers.
+    c.node(n).restart();
+    wait_for(WAIT, "a registration attempt to fail", || {
+        let log = c.node(n).log();
+        log.contains("registration with the controller failed; retrying")
+            .then_some(())
+    });
+    assert!(c.node(n).is_running(), "{}", c.node(n).log());
+    net.heal();
+    c.wait_brokers(3, WAIT);
+    assert!(c.node(n).is_running(), "{}", c.node(n).log());
 }
 
 /// Waits until the two nodes `others` name the same controller, one of them, and returns it.
@@ -769,11 +798,13 @@ fn agreed_controller_among(c: &mut Cluster, others: &[i32]) -> i32 {
 /// stops naming itself after the check-quorum window. Healed, it follows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_that_is_heard_but_hears_nothing_is_replaced_and_stops_claiming() {
-    let (mut c, proxies) = cluster_with_proxied_controller_links().await;
+    // Only the controller links are held here (not the replica fetchers').
+    let (mut c, net) = Cluster::start_partitionable(3, &[]).await;
+    let proxies = &net.controller;
     let old = c.view().unwrap().controller;
     let others: Vec<i32> = (1..=3).filter(|id| *id != old).collect();
     let before = describe_quorum(&mut c, old);
-    for ((from, to), p) in &proxies {
+    for ((from, to), p) in proxies {
         if *from == old {
             p.hold_replies();
         } else if *to == old {
@@ -816,7 +847,9 @@ async fn a_controller_that_is_heard_but_hears_nothing_is_replaced_and_stops_clai
 /// partition cuts exactly the controller's links; broker traffic is not proxied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_cut_off_from_the_voters_stops_claiming_it_and_follows_once_healed() {
-    let (mut c, proxies) = cluster_with_proxied_controller_links().await;
+    // Only the controller links are held here (not the replica fetchers').
+    let (mut c, net) = Cluster::start_partitionable(3, &[]).await;
+    let proxies = &net.controller;
     let old = c.view().unwrap().controller;
     let others: Vec<i32> = (1..=3).filter(|id| *id != old).collect();
     let before = describe_quorum(&mut c, old);
@@ -829,7 +862,7 @@ async fn a_controller_cut_off_from_the_voters_stops_claiming_it_and_follows_once
     assert_eq!(links.len(), 4);
     // The controller's links carry its controller traffic: replication to the followers one
     // way, their brokers' heartbeats to it the other.
-    for ((from, to), p) in &proxies {
+    for ((from, to), p) in proxies {
         if *from == old || *to == old {
             assert!(
                 p.connections.load(Ordering::Relaxed) > 0,
@@ -3417,6 +3450,21 @@ enum Fault {
     /// `kill -9` of a node whose disk is then replaced (its data directory emptied: metadata
     /// log and partitions), restarted empty after the pause.
     Wipe(i32),
+    /// A node cut off from the two others (controller and replication links; clients reach
+    /// every node), healed after the pause.
+    Isolate(i32),
+    /// The link between two nodes cut, both still linked to the third.
+    Cut(i32, i32),
+    /// What the first node sends reaches the second, nothing comes back.
+    OneWay(i32, i32),
+    /// Every fsync of a node delayed (a slow disk), until after the pause.
+    SlowDisk(i32),
+    /// Every fsync of a node failing (a failed disk): it must stop by itself (exit 74), and
+    /// is restarted after the pause.
+    DiskFails(i32),
+    /// Every connection to a node's Kafka listener dropped, clients' and replica fetchers'
+    /// (answers in flight lost, requests retried), every 100 ms during the pause.
+    Resets(i32),
 }
 
 /// Picks the next fault: a random node, the active controller or the leader of a random
@@ -3437,23 +3485,31 @@ fn next_fault(rng: &mut impl rand::Rng, c: &mut Cluster, topic: &str, partitions
     }
     .unwrap_or_else(|| rng.gen_range(1..=3));
     let other = (victim - 1 + rng.gen_range(1..3)) % 3 + 1;
-    match rng.gen_range(0..11) {
-        0..=3 => Fault::Kill(victim),
-        4..=6 => Fault::Pause(victim),
-        7 => Fault::Terminate(victim),
-        8 => Fault::KillTwo(victim, other),
-        9 => Fault::PauseAndKill(victim, other),
-        _ => Fault::Wipe(victim),
+    match rng.gen_range(0..18) {
+        0..=2 => Fault::Kill(victim),
+        3..=4 => Fault::Pause(victim),
+        5 => Fault::Terminate(victim),
+        6 => Fault::KillTwo(victim, other),
+        7 => Fault::PauseAndKill(victim, other),
+        8 => Fault::Wipe(victim),
+        9..=11 => Fault::Isolate(victim),
+        12..=13 => Fault::Cut(victim, other),
+        14 => Fault::OneWay(victim, other),
+        15 => Fault::SlowDisk(victim),
+        16 => Fault::DiskFails(victim),
+        _ => Fault::Resets(victim),
     }
 }
 
 /// A seeded schedule of random faults on a 3-node cluster (RF 3, min.insync.replicas 2, three
 /// partitions) while an idempotent acks=all producer writes to every partition and a consumer
-/// reads each one: nodes killed, paused, shut down, two at once, disks replaced, the
-/// controller and partition leaders among the victims. After most faults the cluster must heal (every partition back to
-/// a full ISR, writes acknowledged again) before the next; the others follow at once, while a
-/// node catches up or a leader is elected. At the end every acknowledged record is read back,
-/// once and in order, every consumer was given only what the log keeps, and after each node in
+/// reads each one: nodes killed, paused, shut down, two at once, disks replaced, failing or
+/// slow; the network between nodes partitioned (a node isolated, one link cut, or one way
+/// only) while clients still reach every node; the controller and partition leaders among the
+/// victims. After most faults the cluster must heal (every partition back to a full ISR,
+/// writes acknowledged again) before the next; the others follow at once, while a node
+/// catches up or a leader is elected. At the end every acknowledged record is read back, once
+/// and in order, every consumer was given only what the log keeps, and after each node in
 /// turn is killed the next leaders serve the same logs. `NEMESIS_SEED` repeats a schedule (the
 /// seed is printed), `NEMESIS_ROUNDS` lengthens it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -3472,7 +3528,8 @@ async fn random_faults_lose_nothing_acknowledged_and_the_replicas_agree() {
 
     const TOPIC: &str = "nemesis";
     const PARTITIONS: i32 = 3;
-    let mut c = Cluster::start(3, &[]);
+    // Followers cut off leave the ISR within the shorter faults.
+    let (mut c, net) = Cluster::start_partitionable(3, &["replica.lag.time.max.ms=2000"]).await;
     let b = c.bootstrap();
     create_replicated(&b, TOPIC, PARTITIONS, 3, &[("min.insync.replicas", "2")]).await;
     let healed = |c: &mut Cluster, what: &str| {
@@ -3509,6 +3566,7 @@ async fn random_faults_lose_nothing_acknowledged_and_the_replicas_agree() {
         let down_for = Duration::from_millis(rng.gen_range(100..3_000));
         eprintln!("round {round}: {fault:?} for {down_for:?}");
         let mut back = Vec::new();
+        let mut tracing = None;
         match fault {
             Fault::Kill(n) => {
                 c.node(n).kill9();
@@ -3553,8 +3611,49 @@ async fn random_faults_lose_nothing_acknowledged_and_the_replicas_agree() {
                 }
                 back.push((n, false));
             }
+            Fault::Isolate(n) => {
+                for other in (1..=3).filter(|o| *o != n) {
+                    net.cut(n, other);
+                }
+            }
+            Fault::Cut(a, z) => net.cut(a, z),
+            Fault::OneWay(a, z) => net.cut_one_way(a, z),
+            Fault::Resets(_) => {}
+            Fault::SlowDisk(n) => {
+                let pid = c.node(n).pid().expect("running");
+                let delay = Duration::from_millis(rng.gen_range(20..300));
+                eprintln!("node {n}: every fsync {delay:?} late");
+                tracing = Some(tokio::task::block_in_place(|| slow_fsyncs(pid, delay)));
+            }
+            Fault::DiskFails(n) => {
+                let pid = c.node(n).pid().expect("running");
+                let (strace, status) = tokio::task::block_in_place(|| {
+                    let strace = fail_fsyncs(pid, &[], None);
+                    let node = c.node(n);
+                    let status = wait_for(WAIT, "the node with a failed disk to stop", || {
+                        node.exit_status()
+                    });
+                    (strace, status)
+                });
+                stop_tracing(strace);
+                assert_eq!(status.code(), Some(74), "seed {seed}\n{}", c.node(n).log());
+                back.push((n, false));
+            }
         }
-        tokio::time::sleep(down_for).await;
+        match fault {
+            Fault::Resets(n) => {
+                let until = Instant::now() + down_for;
+                while Instant::now() < until {
+                    net.kafka[&n].cut_all();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            _ => tokio::time::sleep(down_for).await,
+        }
+        net.heal();
+        if let Some(strace) = tracing {
+            stop_tracing(strace);
+        }
         for (n, paused) in back {
             if paused {
                 c.node(n).resume();
@@ -3595,6 +3694,16 @@ async fn random_faults_lose_nothing_acknowledged_and_the_replicas_agree() {
         check_consumed(&consumer.join().unwrap(), log);
     }
 
+    // The partitions cut replication too: every node's fetcher went through the proxies.
+    for from in 1..=3 {
+        let fetcher = Network::fetcher(from);
+        let through: u64 = net.kafka.values().map(|p| p.connections_of(&fetcher)).sum();
+        assert!(
+            through > 0,
+            "no connection of {fetcher} through the proxies"
+        );
+    }
+
     // Every replica holds the same logs: with each node in turn gone, the others serve them.
     for victim in 1..=3 {
         c.node(victim).kill9();
@@ -3611,4 +3720,50 @@ async fn random_faults_lose_nothing_acknowledged_and_the_replicas_agree() {
         c.node(victim).restart();
         tokio::task::block_in_place(|| healed(&mut c, "the victim rejoins"));
     }
+}
+
+/// A voter started while its quorum cannot form (the other voters are not running) waits
+/// before it serves; a SIGTERM then stops it at once with a clean exit (it leads nothing
+/// yet), not by the signal's default action.
+#[test]
+fn a_node_waiting_for_its_quorum_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log_path = dir.path().join("node.log");
+    let controller: Vec<u16> = (0..3).map(|_| strom_tests::free_port()).collect();
+    let quorum = (0..3)
+        .map(|i| format!("{}@127.0.0.1:{}", i + 1, controller[i]))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut child = std::process::Command::new(strom_tests::strom_bin())
+        .arg("server")
+        .args(["--node-id", "1", "--controller-quorum", &quorum])
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", strom_tests::free_port()))
+        .arg("--data-dir")
+        .arg(&data)
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    wait_for(WAIT, "the node to wait for its quorum", || {
+        log()
+            .contains("initializing the metadata quorum")
+            .then_some(())
+    });
+    // It keeps waiting: no quorum, so it does not serve.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "{}", log());
+    assert!(!log().contains("listening on"), "{}", log());
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_for(Duration::from_secs(10), "the node to stop", || {
+        child.try_wait().unwrap()
+    });
+    assert!(status.success(), "{status}\n{}", log());
+    assert!(
+        log().contains("SIGTERM received while starting"),
+        "{}",
+        log()
+    );
 }

@@ -372,3 +372,41 @@ async fn clean_shutdown_keeps_data_and_skips_recovery() {
     );
     check_exact(&recs, &acked, &got);
 }
+
+/// A disk that fails while the node starts (every fsync EIO, here before it ever served)
+/// stops it with the storage-failure status (74), as a failure while it runs does: not the
+/// status of a bad configuration (1), and never a node serving on a disk it cannot sync.
+#[test]
+fn a_disk_failing_while_the_node_starts_stops_it_with_the_storage_failure_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("node.log");
+    let data = dir.path().join("data");
+    let mut child = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null"])
+        .args(["-e", "trace=fdatasync,fsync,syncfs"])
+        .args(["-e", "inject=fdatasync,fsync,syncfs:error=EIO", "--"])
+        .arg(strom_tests::strom_bin())
+        .arg("server")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--data-dir")
+        .arg(&data)
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .expect("strace (the test command installs it)");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the node went on with a failing disk:\n{}", log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // strace exits with its tracee's status.
+    assert_eq!(status.code(), Some(74), "{}", log());
+    assert!(log().contains("Input/output error"), "{}", log());
+}

@@ -27,6 +27,8 @@ const CLEAN_SHUTDOWN_FILE: &str = ".strom-clean-shutdown";
 const LOCK_FILE: &str = ".lock";
 /// Producer ids are reserved from the metadata log in blocks of this many.
 const PRODUCER_ID_BLOCK: i64 = 1000;
+/// How often a node waiting at start for its metadata quorum says it still waits.
+const QUORUM_WAIT_REPORT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct BrokerOptions {
@@ -114,7 +116,7 @@ impl RequestMemory {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("data directory {0}: {1}")]
-    DataDir(PathBuf, std::io::Error),
+    DataDir(PathBuf, #[source] std::io::Error),
     #[error("data directory {0} is in use by another strom process")]
     Locked(PathBuf),
     #[error("metadata log: {0}")]
@@ -296,8 +298,7 @@ impl Broker {
             tokio::spawn(run_applier(broker.clone(), rx));
             broker
                 .register(host_port_rack(&broker, rack), clean_shutdown, &local_logs)
-                .await
-                .map_err(StartError::Quorum)?;
+                .await;
         }
         // Followers start fetching; leaders start tracking their followers.
         broker.on_leadership_changed(broker.replicas.all());
@@ -615,36 +616,52 @@ impl Broker {
     /// move on with a new leader epoch before it serves), the cluster id and the cluster-wide
     /// min.insync.replicas if none exist, and after an unclean shutdown takes it out of the
     /// ELRs of topics that do not fsync every write (`Controller::unclean_restart`). The
-    /// heartbeat loop unfences it.
+    /// heartbeat loop unfences it. Retried until it succeeds.
     async fn register(
         &self,
         (host, port, rack): (String, i32, Option<String>),
         clean_shutdown: bool,
         local_logs: &std::collections::HashSet<(String, i32)>,
-    ) -> Result<(), String> {
+    ) {
         let me = self.node_id;
         let static_min_isr = self.config.i64(crate::topics::MIN_ISR);
         let lazy =
             |t: &strom_meta::TopicImage| self.config.topic_i64(&t.configs, "flush.messages") > 1;
-        self.commit_metadata_async::<String>(|img| {
-            let node = Registration {
-                node_id: me,
-                endpoint: (&host, port, rack.as_deref()),
-                clean_shutdown,
-                static_min_isr,
-                local_logs,
-            };
-            Ok(registration_records(
-                &self.controller,
-                img,
-                &node,
-                self,
-                &lazy,
-            ))
-        })
-        .await?;
+        let started = std::time::Instant::now();
+        // Until it succeeds, as Kafka's broker retries its registration: the active controller
+        // may be unreachable or changing for a while.
+        loop {
+            let registered = self
+                .commit_metadata_async::<String>(|img| {
+                    let node = Registration {
+                        node_id: me,
+                        endpoint: (&host, port, rack.as_deref()),
+                        clean_shutdown,
+                        static_min_isr,
+                        local_logs,
+                    };
+                    Ok(registration_records(
+                        &self.controller,
+                        img,
+                        &node,
+                        self,
+                        &lazy,
+                    ))
+                })
+                .await;
+            match registered {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        waited_s = started.elapsed().as_secs(),
+                        "registration with the controller failed; retrying"
+                    );
+                    tokio::time::sleep(self.controller_timeout()).await;
+                }
+            }
+        }
         tracing::info!(node_id = me, "registered with the controller");
-        Ok(())
     }
 
     /// Next producer id (KIP-98 InitProducerId), reserving a new block in the metadata log when
@@ -990,20 +1007,29 @@ async fn join_quorum(
         .map_err(|e| StartError::Quorum(e.to_string()))?;
     let mut image = MetadataImage::empty();
     let started = std::time::Instant::now();
-    {
-        let caught_up = log.wait_caught_up(Duration::from_secs(120));
+    // As long as it takes (as a KRaft node waits for its quorum): the other voters may be
+    // started later, or be cut off for a while.
+    loop {
+        let caught_up = log.wait_caught_up(QUORUM_WAIT_REPORT);
         tokio::pin!(caught_up);
-        loop {
+        let done = loop {
             tokio::select! {
                 c = rx.recv() => match c {
                     Some(c) => image = apply_to(&image, c),
                     None => return Err(StartError::Quorum("metadata quorum stopped".into())),
                 },
-                r = &mut caught_up => {
-                    r.map_err(|e| StartError::Quorum(e.to_string()))?;
-                    break;
-                }
+                r = &mut caught_up => break r,
             }
+        };
+        match done {
+            Ok(_) => break,
+            Err(strom_meta::MetadataLogError::Timeout(_)) => tracing::warn!(
+                waited_s = started.elapsed().as_secs(),
+                leader = ?log.leader(),
+                "still waiting to catch up with the metadata quorum (a majority of the voters \
+                 must be running and reachable)"
+            ),
+            Err(e) => return Err(StartError::Quorum(e.to_string())),
         }
     }
     while image.offset < log.applied_offset() {

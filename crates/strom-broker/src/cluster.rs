@@ -85,6 +85,9 @@ pub struct QuorumView {
     /// The broker-only nodes (learners), as `voters`.
     #[serde(default)]
     pub observers: Vec<(i32, i64, i64, i64)>,
+    /// The voters' metadata log directory ids as recorded (KIP-853).
+    #[serde(default)]
+    pub directories: Vec<(i32, String)>,
 }
 
 impl From<strom_meta::raft::QuorumState> for QuorumView {
@@ -107,6 +110,11 @@ impl From<strom_meta::raft::QuorumState> for QuorumView {
             high_watermark: q.high_watermark,
             voters: rows(&q.voters),
             observers: rows(&q.observers),
+            directories: q
+                .voters
+                .iter()
+                .filter_map(|r| Some((r.replica_id, r.directory_id.clone()?)))
+                .collect(),
         }
     }
 }

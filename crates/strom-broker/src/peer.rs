@@ -46,6 +46,8 @@ pub struct PeerConn {
     max_response_bytes: usize,
     /// The socket's `SO_RCVLOWAT` as last set (1, the default, between answers).
     low_water: usize,
+    /// Sent in every request header (`named`).
+    client_id: StrBytes,
 }
 
 /// Sets `SO_RCVLOWAT`; a failure leaves the default (wake on every byte), which is only slower.
@@ -81,7 +83,15 @@ impl PeerConn {
             correlation_id: 0,
             max_response_bytes,
             low_water: 1,
+            client_id: StrBytes::from_static_str("strom-replica"),
         })
+    }
+
+    /// The client id its requests carry (the leader's logs and request metrics name the
+    /// follower by it, as Kafka's `broker-<id>-fetcher-<n>`).
+    pub fn named(mut self, client_id: String) -> Self {
+        self.client_id = StrBytes::from_string(client_id);
+        self
     }
 
     fn low_water(&mut self, bytes: usize) {
@@ -124,7 +134,7 @@ impl PeerConn {
             .with_request_api_key(R::KEY)
             .with_request_api_version(version)
             .with_correlation_id(self.correlation_id)
-            .with_client_id(Some(StrBytes::from_static_str("strom-replica")));
+            .with_client_id(Some(self.client_id.clone()));
         let mut body = BytesMut::new();
         header
             .encode(&mut body, R::header_version(version))

@@ -276,7 +276,7 @@ async fn run_fetcher(weak: Weak<Broker>, f: Arc<Fetcher>) {
                 * 2
                 + (64 << 20);
             match PeerConn::connect(&addr, broker.controller_timeout(), max).await {
-                Ok(c) => conn = Some(c),
+                Ok(c) => conn = Some(c.named(format!("broker-{}-fetcher-0", broker.node_id))),
                 Err(e) => {
                     tracing::debug!(leader = f.leader, error = %e, "replica fetcher cannot connect");
                     tokio::time::sleep(backoff).await;

@@ -113,8 +113,33 @@ fn parse_host_port(s: &str) -> Result<(String, u16)> {
 fn main() {
     if let Err(e) = run() {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        let code = if storage_failure(&e) {
+            strom_broker::flusher::EXIT_STORAGE_FAILED
+        } else {
+            1
+        };
+        std::process::exit(code);
     }
+}
+
+/// Whether the disk failed `e` (an I/O error, a full or read-only file system, a quota): the
+/// node then exits with the status a storage failure has while it runs.
+fn storage_failure(e: &anyhow::Error) -> bool {
+    fn disk(io: &std::io::Error) -> bool {
+        let failed = matches!(
+            io.raw_os_error(),
+            Some(libc::EIO | libc::ENOSPC | libc::EROFS | libc::EDQUOT)
+        );
+        // An error wrapping an I/O error directly (its `source` skips that one).
+        failed
+            || io
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<std::io::Error>())
+                .is_some_and(disk)
+    }
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(disk)
 }
 
 fn run() -> Result<()> {
@@ -178,7 +203,13 @@ async fn server(args: ServerArgs) -> Result<()> {
             })
         }
     };
-    let running = Broker::start(BrokerOptions {
+    // Installed before the start, which in a cluster waits for the quorum and to catch up:
+    // a SIGTERM meanwhile stops the node at once with a clean exit. It leads nothing yet and
+    // what it wrote is as safe as after a kill -9; `exit` does not wait for the start's
+    // blocking tasks, as dropping the runtime would.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    let start = Broker::start(BrokerOptions {
         cluster,
         node_id: args.node_id,
         listen: args.listen,
@@ -186,18 +217,20 @@ async fn server(args: ServerArgs) -> Result<()> {
         data_dir: args.data_dir,
         config,
         null_sink: args.null_sink,
-    })
-    .await?;
+    });
+    let running = tokio::select! {
+        running = start => running?,
+        _ = term.recv() => {
+            tracing::info!("SIGTERM received while starting: stopping before serving");
+            std::process::exit(0);
+        }
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("SIGINT received while starting: stopping before serving");
+            std::process::exit(0);
+        }
+    };
     let broker = running.broker.clone();
     tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot install SIGTERM handler");
-                    return;
-                }
-            };
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM received"),
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
@@ -206,4 +239,33 @@ async fn server(args: ServerArgs) -> Result<()> {
     });
     running.serve().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+    use strom_broker::StartError;
+
+    #[test]
+    fn a_start_failed_by_the_disk_is_a_storage_failure_and_others_are_not() {
+        let eio = || io::Error::from_raw_os_error(libc::EIO);
+        let dir = PathBuf::from("d");
+        let failed = |e: StartError| storage_failure(&anyhow::Error::from(e));
+        assert!(failed(StartError::DataDir(dir.clone(), eio())));
+        assert!(failed(StartError::DataDir(
+            dir.clone(),
+            io::Error::other(eio())
+        )));
+        let full = io::Error::from_raw_os_error(libc::ENOSPC);
+        assert!(failed(StartError::Log(full.into())));
+        let denied = io::Error::from_raw_os_error(libc::EACCES);
+        assert!(!failed(StartError::DataDir(dir, denied)));
+        let in_use = io::Error::from_raw_os_error(libc::EADDRINUSE);
+        assert!(!failed(StartError::Listen(
+            "127.0.0.1:9092".parse().unwrap(),
+            in_use
+        )));
+        assert!(!failed(StartError::Quorum("no quorum".into())));
+    }
 }

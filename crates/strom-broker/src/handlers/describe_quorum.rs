@@ -1,7 +1,8 @@
 //! DescribeQuorum (KIP-595, KIP-836): the metadata quorum's leader, epoch, high watermark,
 //! voters and observers (the broker-only nodes, Raft learners), as the active controller sees
 //! them (a broker that is not the leader asks it). A one-node cluster answers with itself as
-//! the only voter. `nodes` lists the voters' controller listeners only, as Kafka's does.
+//! the only voter. `nodes` lists the voters' controller listeners only, as Kafka's does; v2
+//! gives each voter's metadata log directory id (KIP-853) as the log last recorded it.
 
 use std::sync::Arc;
 
@@ -17,6 +18,16 @@ use crate::cluster::{ControllerRequest, ControllerResponse, QuorumView};
 
 const METADATA_TOPIC: &str = "__cluster_metadata";
 
+/// A voter's recorded metadata log directory id (KIP-853); zero where none is known (an
+/// observer, a single node, a log from before directory ids).
+fn directory_of(q: &QuorumView, id: i32) -> uuid::Uuid {
+    q.directories
+        .iter()
+        .find(|(voter, _)| *voter == id)
+        .and_then(|(_, dir)| uuid::Uuid::parse_str(dir).ok())
+        .unwrap_or_default()
+}
+
 pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError> {
     let req: DescribeQuorumRequest = ctx.decode()?;
     let broker = broker.clone();
@@ -29,6 +40,7 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
                 high_watermark: broker.image().offset + 1,
                 voters: vec![(broker.node_id, broker.image().offset + 1, -1, -1)],
                 observers: Vec::new(),
+                directories: Vec::new(),
             }),
             Some(_) => {
                 match crate::cluster::call(&broker, &ControllerRequest::DescribeQuorum).await {
@@ -67,6 +79,9 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
                                     if v >= 1 {
                                         r.last_fetch_timestamp = *fetch;
                                         r.last_caught_up_timestamp = *caught;
+                                    }
+                                    if v >= 2 {
+                                        r.replica_directory_id = directory_of(q, *id);
                                     }
                                     r
                                 })

@@ -84,7 +84,7 @@ impl Directories {
         }
     }
 
-    #[cfg(test)]
+    /// Each node's directory id as last recorded.
     pub fn recorded(&self) -> BTreeMap<u64, String> {
         self.recorded
             .lock()

@@ -193,6 +193,9 @@ pub struct ReplicaState {
     /// Milliseconds since the epoch (-1: unknown).
     pub last_fetch_timestamp: i64,
     pub last_caught_up_timestamp: i64,
+    /// The id of its metadata log directory as last recorded in the log (KIP-853), if any
+    /// (voters only).
+    pub directory_id: Option<String>,
 }
 
 struct Inner {
@@ -210,7 +213,6 @@ struct Inner {
     app: AppClient,
     handler: Arc<dyn ControllerHandler>,
     liveness: Arc<PeerWatch>,
-    #[cfg(test)]
     directories: Arc<Directories>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     shut: AtomicBool,
@@ -467,7 +469,6 @@ impl RaftMetadataLog {
                 app: AppClient::new(me, peers),
                 handler,
                 liveness,
-                #[cfg(test)]
                 directories,
                 tasks: Mutex::new(tasks),
                 shut: AtomicBool::new(false),
@@ -489,8 +490,7 @@ impl RaftMetadataLog {
         Ok((log, rx))
     }
 
-    /// The voters' directory ids as this node's applied log records them.
-    #[cfg(test)]
+    /// The voters' directory ids as this node's log records them.
     fn recorded_directories(&self) -> BTreeMap<u64, String> {
         self.inner.directories.recorded()
     }
@@ -762,7 +762,9 @@ impl RaftMetadataLog {
         let high_watermark = offset_of(committed.as_ref());
         let is_leader = m.state == ServerState::Leader;
         let now = now_ms();
+        let directories = self.recorded_directories();
         let replica = |id: u64| {
+            let directory_id = directories.get(&id).cloned();
             if id == me {
                 let end = m.last_log_index.map(|i| i as i64).unwrap_or(-1);
                 return ReplicaState {
@@ -770,6 +772,7 @@ impl RaftMetadataLog {
                     log_end_offset: end,
                     last_fetch_timestamp: if is_leader { now } else { -1 },
                     last_caught_up_timestamp: if is_leader { now } else { -1 },
+                    directory_id,
                 };
             }
             let matched = m
@@ -795,6 +798,7 @@ impl RaftMetadataLog {
                 log_end_offset: matched,
                 last_fetch_timestamp: fetched,
                 last_caught_up_timestamp: caught_up,
+                directory_id,
             }
         };
         let membership = m.membership_config.membership();
