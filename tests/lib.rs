@@ -311,7 +311,12 @@ impl StromProcess {
 impl Drop for StromProcess {
     fn drop(&mut self) {
         self.kill9();
-        let _ = std::fs::remove_file(&self.log_path);
+        // STROM_KEEP_LOGS=1 keeps every node's whole log (to study a failure).
+        if std::env::var_os("STROM_KEEP_LOGS").is_some() {
+            eprintln!("log kept: {}", self.log_path.display());
+        } else {
+            let _ = std::fs::remove_file(&self.log_path);
+        }
     }
 }
 

@@ -215,6 +215,21 @@ async fn produce_window(
     acked_count: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 ) -> (Vec<u64>, usize) {
+    let (acked, failed) =
+        produce_window_at(p, topic, partition, total, window, acked_count, stop).await;
+    (acked.into_iter().map(|(v, _)| v).collect(), failed)
+}
+
+/// `produce_window` returning each acknowledged value with the offset it was acknowledged at.
+async fn produce_window_at(
+    p: FutureProducer,
+    topic: String,
+    partition: i32,
+    total: u64,
+    window: usize,
+    acked_count: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+) -> (Vec<(u64, i64)>, usize) {
     let mut acked = Vec::new();
     let mut failed = 0;
     let mut inflight = FuturesUnordered::new();
@@ -235,8 +250,8 @@ async fn produce_window(
         while inflight.len() >= window {
             let (i, r) = inflight.next().await.unwrap();
             match r {
-                Ok(Ok(_)) => {
-                    acked.push(i);
+                Ok(Ok(delivery)) => {
+                    acked.push((i, delivery.offset));
                     acked_count.fetch_add(1, Ordering::AcqRel);
                 }
                 _ => failed += 1,
@@ -245,8 +260,8 @@ async fn produce_window(
     }
     while let Some((i, r)) = inflight.next().await {
         match r {
-            Ok(Ok(_)) => {
-                acked.push(i);
+            Ok(Ok(delivery)) => {
+                acked.push((i, delivery.offset));
                 acked_count.fetch_add(1, Ordering::AcqRel);
             }
             _ => failed += 1,
@@ -270,6 +285,28 @@ fn read_back_and_check(b: &str, topic: &str, p: i32, acked: &[u64], failed: usiz
     let values = read_values(b, topic, p, acked.len() + failed, Duration::from_secs(60));
     check_history(acked, &values);
     values
+}
+
+/// Prints each run of acknowledged values missing from `values` (what partition `p` holds)
+/// with the offsets they were acknowledged at, and what the log holds there now: where to look
+/// in the nodes' logs (`STROM_KEEP_LOGS=1` keeps them).
+fn describe_loss(p: usize, acked_at: &[(u64, i64)], values: &[u64]) {
+    let held: HashSet<u64> = values.iter().copied().collect();
+    let lost: Vec<&(u64, i64)> = acked_at.iter().filter(|(v, _)| !held.contains(v)).collect();
+    for run in lost.chunk_by(|a, b| b.0 == a.0 + 1) {
+        let (first, last) = (run[0], run[run.len() - 1]);
+        let now = |o: i64| values.get(o as usize).copied();
+        eprintln!(
+            "partition {p}: values {}..={} lost, acknowledged at offsets {}..={}; the log now \
+             holds {:?}..={:?} there",
+            first.0,
+            last.0,
+            first.1,
+            last.1,
+            now(first.1),
+            now(last.1)
+        );
+    }
 }
 
 /// What was read back is the history a client expects: no value twice, in the order produced,
@@ -317,7 +354,8 @@ fn check_consumed(consumed: &[(i64, u64)], values: &[u64]) {
     assert_eq!(
         consumed.len(),
         values.len(),
-        "the continuous consumer did not reach the end of the log"
+        "the continuous consumer did not reach the end of the log (last given: {:?})",
+        consumed.last()
     );
 }
 
@@ -780,6 +818,53 @@ async fn a_node_whose_registration_goes_unanswered_retries_until_it_registers() 
     net.heal();
     c.wait_brokers(3, WAIT);
     assert!(c.node(n).is_running(), "{}", c.node(n).log());
+}
+
+/// A follower fenced by the controller (its heartbeats held on its link to the active
+/// controller) while its replica fetcher still reaches the leader is not proposed for the ISR
+/// on its every fetch: a leader asks to add live replicas only (KIP-841), as the controller
+/// refuses the others. The random-fault test once saw a leader ask hundreds of times a second.
+/// Healed, the follower is unfenced and rejoins the ISR.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_follower_that_still_fetches_is_not_proposed_for_the_isr_again_and_again() {
+    let (mut c, net) = Cluster::start_partitionable(3, &[]).await;
+    let b = c.bootstrap();
+    create_replicated(&b, "fenced", 1, 3, &[]).await;
+    c.wait_partition("fenced", 0, WAIT, "a full ISR", |s| s.isr.len() == 3);
+    let controller = c.view().unwrap().controller;
+    let n = (1..=3).find(|id| *id != controller).unwrap();
+    net.controller[&(n, controller)].hold();
+    let others: Vec<i32> = (1..=3).filter(|id| *id != n).collect();
+    wait_for(WAIT, "the cut-off broker to be fenced", || {
+        (c.view_from(controller)?.brokers == others).then_some(())
+    });
+    let s = c.wait_partition("fenced", 0, WAIT, "the fenced broker out", |s| {
+        s.leader > 0 && s.leader != n && !s.isr.contains(&n)
+    });
+    // It keeps fetching, caught up, for two seconds.
+    let producer = producer(&b, "all", true);
+    for i in 0..20 {
+        let v = i.to_string();
+        let record = FutureRecord::<(), _>::to("fenced").payload(&v).partition(0);
+        producer.send(record, WAIT).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused =
+        format!("change=Add({n}) error=the proposed ISR contains a replica that is not live");
+    let asked = c.node(s.leader).log().matches(&refused).count();
+    assert!(
+        asked <= 3,
+        "the leader proposed fenced node {n} {asked} times:\n{}",
+        c.logs()
+    );
+    net.heal();
+    c.wait_partition(
+        "fenced",
+        0,
+        WAIT,
+        "the healed broker back in the ISR",
+        |s| s.isr.len() == 3,
+    );
 }
 
 /// Waits until the two nodes `others` name the same controller, one of them, and returns it.
@@ -3549,7 +3634,7 @@ async fn random_faults_lose_nothing_acknowledged_and_the_replicas_agree() {
     for p in 0..PARTITIONS {
         let until = Arc::new(AtomicUsize::new(usize::MAX));
         consumers.push((until.clone(), consume_continuously(&b, TOPIC, p, until)));
-        producers.push(tokio::spawn(produce_window(
+        producers.push(tokio::spawn(produce_window_at(
             producer(&b, "all", true),
             TOPIC.into(),
             p,
@@ -3678,14 +3763,17 @@ async fn random_faults_lose_nothing_acknowledged_and_the_replicas_agree() {
     stop.store(true, Ordering::Release);
     let mut logs = Vec::new();
     for (p, task) in producers.into_iter().enumerate() {
-        let (acked, failed) = task.await.unwrap();
+        let (acked_at, failed) = task.await.unwrap();
         eprintln!(
             "partition {p}: {} acknowledged, {failed} failed",
-            acked.len()
+            acked_at.len()
         );
+        let acked: Vec<u64> = acked_at.iter().map(|(v, _)| *v).collect();
         let values = tokio::task::block_in_place(|| {
-            read_back_and_check(&b, TOPIC, p as i32, &acked, failed)
+            read_values(&b, TOPIC, p as i32, acked.len() + failed, WAIT * 2)
         });
+        describe_loss(p, &acked_at, &values);
+        check_history(&acked, &values);
         logs.push(values);
     }
     // Each consumer stops once it has its partition's whole log (or 60 s later).

@@ -803,6 +803,14 @@ pub fn resign_if_storage_failed(broker: &Arc<Broker>, part: &Arc<Partition>) {
 /// partition); the new ISR takes effect when the metadata image carries it.
 pub fn propose_isr(broker: &Arc<Broker>, part: &Arc<Partition>, change: IsrChange) {
     use std::sync::atomic::Ordering;
+    if let IsrChange::Add(replica) = change {
+        // A fenced (or unregistered) replica is not eligible (KIP-841): the controller would
+        // refuse it, and this leader would ask again on every fetch the replica sends.
+        if !broker.image().is_live(replica) {
+            part.isr_add_answered(replica);
+            return;
+        }
+    }
     if part.isr_change_pending.swap(true, Ordering::AcqRel) {
         return;
     }
