@@ -124,18 +124,31 @@ fn read_values(bootstrap: &str, topic: &str, p: i32, n: usize, timeout: Duration
 
 /// A consumer (no group) assigned partition `p` of `topic` from the beginning.
 fn assigned_consumer(bootstrap: &str, topic: &str, p: i32) -> BaseConsumer {
-    let c: BaseConsumer = ClientConfig::new()
+    let c: BaseConsumer = assign_config(bootstrap).create().unwrap();
+    assign_from_beginning(&c, topic, p);
+    c
+}
+
+/// A consumer that is assigned its partition (no group membership, no commits).
+fn assign_config(bootstrap: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "unused-assign-only")
         .set("enable.auto.commit", "false")
-        .set("topic.metadata.refresh.interval.ms", "500")
-        .create()
-        .unwrap();
+        .set("topic.metadata.refresh.interval.ms", "500");
+    config
+}
+
+fn assign_from_beginning<C: rdkafka::consumer::ConsumerContext>(
+    c: &BaseConsumer<C>,
+    topic: &str,
+    p: i32,
+) {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, p, Offset::Beginning)
         .unwrap();
     c.assign(&tpl).unwrap();
-    c
 }
 
 /// The number a test record carries as its value.
@@ -146,16 +159,53 @@ fn value_of(m: &rdkafka::message::BorrowedMessage<'_>) -> u64 {
         .unwrap()
 }
 
+/// The last lines a librdkafka client logged (its `debug` output included), for a test that
+/// fails to tell what the client was doing.
+#[derive(Clone, Default)]
+struct RecentClientLog(Arc<std::sync::Mutex<std::collections::VecDeque<String>>>);
+
+impl RecentClientLog {
+    const LINES: usize = 400;
+
+    fn text(&self) -> String {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl rdkafka::ClientContext for RecentClientLog {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        let mut lines = self.0.lock().unwrap();
+        if lines.len() == Self::LINES {
+            lines.pop_front();
+        }
+        lines.push_back(format!("{:?} {level:?} {fac} {message}", Instant::now()));
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for RecentClientLog {}
+
 /// A consumer of partition `p` from the beginning, on its own thread, that runs until it has
 /// `until` records (usize::MAX: keep going), or 60 s after `until` was set: every (offset,
-/// value) it was given, in the order it was given them, from `join`.
+/// value) it was given, in the order it was given them, from `join`. It keeps its last log
+/// lines, fetches and leader changes included, for `check`.
 fn consume_continuously(
     bootstrap: &str,
     topic: &str,
     p: i32,
     until: Arc<AtomicUsize>,
 ) -> Consuming {
-    let c = assigned_consumer(bootstrap, topic, p);
+    let recent = RecentClientLog::default();
+    let c: BaseConsumer<RecentClientLog> = assign_config(bootstrap)
+        .set("debug", "fetch,topic,metadata")
+        .create_with_context(recent.clone())
+        .unwrap();
+    assign_from_beginning(&c, topic, p);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut out = Vec::new();
@@ -180,15 +230,24 @@ fn consume_continuously(
         // with the test.
         drop(c);
     });
-    Consuming(rx)
+    Consuming(rx, recent)
 }
 
 /// The answer of `consume_continuously`.
-struct Consuming(std::sync::mpsc::Receiver<Vec<(i64, u64)>>);
+struct Consuming(std::sync::mpsc::Receiver<Vec<(i64, u64)>>, RecentClientLog);
 
 impl Consuming {
-    fn join(self) -> Result<Vec<(i64, u64)>, std::sync::mpsc::RecvError> {
-        self.0.recv()
+    /// What the consumer was given is the log `values` holds, all of it (`check_consumed`);
+    /// if it fell short, its last log lines are printed first.
+    fn check(self, values: &[u64]) {
+        let consumed = self.0.recv().unwrap();
+        if consumed.len() != values.len() {
+            eprintln!(
+                "the continuous consumer's last log lines:\n{}",
+                self.1.text()
+            );
+        }
+        check_consumed(&consumed, values);
     }
 }
 
@@ -423,7 +482,7 @@ async fn killing_the_leader_loses_no_acknowledged_record_and_the_node_rejoins() 
     // The consumer that ran through the failover saw only what the log keeps (nothing it was
     // given was later truncated away), each offset once and in order, and reached the end.
     consumer_until.store(values.len(), Ordering::Release);
-    check_consumed(&consumer.join().unwrap(), &values);
+    consumer.check(&values);
 
     // Now the restarted node must hold the same log: make it the only possible leader by
     // stopping the others one at a time is not possible without the quorum, so kill the current
@@ -546,7 +605,7 @@ async fn a_paused_leader_and_controller_wakes_up_as_a_follower_and_nothing_acked
     assert!(acked.len() > 10_000);
     let values = read_back_and_check(&b, "zombie", p, &acked, failed);
     consumer_until.store(values.len(), Ordering::Release);
-    check_consumed(&consumer.join().unwrap(), &values);
+    consumer.check(&values);
 
     // The woken node holds the same log as the leader: it is the preferred replica (it led
     // first), so a preferred election makes it lead again, and it serves the same records.
@@ -3779,7 +3838,7 @@ async fn random_faults_lose_nothing_acknowledged_and_the_replicas_agree() {
     // Each consumer stops once it has its partition's whole log (or 60 s later).
     for ((until, consumer), log) in consumers.into_iter().zip(&logs) {
         until.store(log.len(), Ordering::Release);
-        check_consumed(&consumer.join().unwrap(), log);
+        consumer.check(log);
     }
 
     // The partitions cut replication too: every node's fetcher went through the proxies.

@@ -17,6 +17,7 @@ pub fn log_error_code(e: &LogError) -> ResponseError {
         LogError::Io(_) | LogError::SyncFailed(_) | LogError::Failed => {
             ResponseError::KafkaStorageError
         }
+        LogError::NotLeader => ResponseError::NotLeaderOrFollower,
     }
 }
 

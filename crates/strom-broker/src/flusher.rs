@@ -97,7 +97,7 @@ impl Flusher {
             );
             for (p, t) in targets {
                 match &result {
-                    Ok(()) => p.flush_done(t.map(|t| t.end_offset)),
+                    Ok(()) => p.flush_done(t),
                     Err(e) => {
                         tracing::error!(topic = %p.topic, partition = p.index, error = %e, "fsync failed; writes not acknowledged");
                         p.flush_failed();

@@ -150,6 +150,7 @@ impl OffsetsLog for Broker {
             .map_err(|_| GroupError::StorageError)?;
         let outcome = part.append(&batch, now).map_err(|e| match e {
             LogError::MessageTooLarge { .. } => GroupError::InvalidCommitOffsetSize,
+            LogError::NotLeader => GroupError::NotCoordinator,
             e => {
                 tracing::error!(partition, error = %e, "appending to __consumer_offsets failed");
                 if let Some(me) = self.fetchers.broker() {

@@ -468,18 +468,27 @@ impl Partition {
 
     /// Appends one produce request's records. Durability is awaited separately
     /// (`wait_durable`), so that the append itself happens in request order.
+    /// It takes place only while this replica leads (`LogError::NotLeader` otherwise), with the
+    /// role held: a produce that checked the leadership before an election must not append
+    /// after it, under the old epoch, to a log that has started to follow (Kafka appends to a
+    /// leader under its leader-and-ISR lock).
     pub fn append(
         self: &Arc<Self>,
         records: &[u8],
         now_ms: i64,
     ) -> Result<AppendOutcome, LogError> {
-        let epoch = self.leader_epoch();
-        let (outcome, leo, unflushed) = self
-            .with_log(|log| {
-                let outcome = log.append(records, epoch, now_ms)?;
-                Ok((outcome, log.log_end_offset(), log.unflushed_messages()))
-            })
-            .inspect_err(|e| self.note_write_failure(e))?;
+        let role = self.role.read();
+        if role.leader != self.local_id {
+            return Err(LogError::NotLeader);
+        }
+        let epoch = role.leader_epoch;
+        let appended = self.with_log(|log| {
+            let outcome = log.append(records, epoch, now_ms)?;
+            Ok((outcome, log.log_end_offset(), log.unflushed_messages()))
+        });
+        // Released before anything that takes the role again (`maybe_advance_hw`).
+        drop(role);
+        let (outcome, leo, unflushed) = appended.inspect_err(|e| self.note_write_failure(e))?;
         if !outcome.duplicate {
             // A retried batch the log already had wrote nothing: it proves nothing.
             self.note_write_success();
@@ -536,17 +545,18 @@ impl Partition {
         self.with_log(|log| log.flush_target())
     }
 
-    /// The flusher made everything below `end` durable (`None`: nothing was dirty).
-    pub(crate) fn flush_done(&self, end: Option<i64>) {
-        let Some(end) = end else {
-            self.flush_state.send_modify(|_| {});
-            return;
-        };
+    /// The flusher's fsync of `target` succeeded (`None`: nothing was dirty). The durable end
+    /// moves under the log's lock, so that a truncation that overtook the fsync (the log cut,
+    /// then written again past the cut) is seen and nothing written since counts as durable.
+    pub(crate) fn flush_done(&self, target: Option<FlushTarget>) {
         let _ = self.with_log(|log| {
-            log.mark_flushed(end);
+            let durable = match &target {
+                Some(t) if log.mark_flushed(t) => t.end_offset,
+                _ => log.flushed_offset(),
+            };
+            self.flush_state.send_modify(|s| s.0 = s.0.max(durable));
             Ok(())
         });
-        self.flush_state.send_modify(|s| s.0 = s.0.max(end));
         self.maybe_advance_hw();
     }
 
@@ -635,6 +645,27 @@ impl Partition {
         }
     }
 
+    /// Follower: `f` runs only while this replica follows `leader` in leader epoch `epoch`,
+    /// with the role held so that no other role takes effect meanwhile (Kafka appends and
+    /// truncates as a follower under its leader-and-ISR lock). A fetch answer that arrives
+    /// after this replica was elected, or moved to another leader or epoch, must not touch the
+    /// log: a batch of epoch 3 appended after this replica started epoch 4 as leader would sit
+    /// inside epoch 4, and OffsetForLeaderEpoch(3) would then answer an end before it (seen as
+    /// a consumer going back over records it had). `None`: it no longer follows them. `f` must
+    /// not take the role itself (no `maybe_advance_hw`).
+    pub fn as_follower_of<T>(
+        &self,
+        leader: i32,
+        epoch: i32,
+        f: impl FnOnce(&Self) -> T,
+    ) -> Option<T> {
+        let role = self.role.read();
+        if role.leader != leader || role.leader_epoch != epoch || leader == self.local_id {
+            return None;
+        }
+        Some(f(self))
+    }
+
     /// Follower: appends what the leader's fetch returned, keeping its offsets and epochs.
     /// Durability is awaited separately (`wait_durable`).
     /// A fetch answer placed at its file position (`append_position`) is written without a
@@ -657,21 +688,23 @@ impl Partition {
 
     /// Follower: drops everything at or after `offset` (a divergent tail, KIP-101).
     pub fn truncate_to(&self, offset: i64) -> Result<(), LogError> {
-        let leo = self.with_log(|log| {
+        // The offsets follow under the log's lock (see `flush_done`).
+        self.with_log(|log| {
             log.truncate_to(offset)?;
-            Ok(log.log_end_offset())
-        })?;
-        self.cut_offsets(leo);
-        Ok(())
+            self.cut_offsets(log.log_end_offset());
+            Ok(())
+        })
     }
 
     /// Follower whose log ends below the leader's log start: start over at `offset`.
     pub fn truncate_fully_and_start_at(&self, offset: i64) -> Result<(), LogError> {
-        self.with_log(|log| log.truncate_fully_and_start_at(offset))?;
-        self.log_start_offset.store(offset, Ordering::Release);
-        self.cut_offsets(offset);
-        self.high_watermark.store(offset, Ordering::Release);
-        Ok(())
+        self.with_log(|log| {
+            log.truncate_fully_and_start_at(offset)?;
+            self.log_start_offset.store(offset, Ordering::Release);
+            self.cut_offsets(offset);
+            self.high_watermark.store(offset, Ordering::Release);
+            Ok(())
+        })
     }
 
     fn cut_offsets(&self, leo: i64) {
@@ -794,6 +827,45 @@ mod tests {
         }
     }
 
+    /// A replica that fsyncs every write: an fsync that a truncation overtook (the log cut and
+    /// written again past the cut meanwhile) does not make the rewritten range durable.
+    #[test]
+    fn a_truncation_during_an_fsync_keeps_the_rewritten_range_out_of_the_durable_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(&dir.path().join("t-0"), LogConfig::default(), false).unwrap();
+        let part = Arc::new(Partition::new(
+            ("t".into(), [1; 16], 0),
+            log,
+            2,
+            ReplicaRole::default(),
+            (1, i64::MAX),
+            Flusher::new(dir.path()).unwrap(),
+        ));
+        part.set_role(
+            ReplicaRole {
+                leader: 2,
+                replicas: vec![2],
+                isr: vec![2],
+                min_isr: 1,
+                ..ReplicaRole::default()
+            },
+            0,
+        );
+        assert!(part.is_durable_mode());
+        append(&part, 10);
+        let target = part.flush_target().unwrap().unwrap();
+        part.truncate_to(3).unwrap();
+        append(&part, 10);
+        assert_eq!(part.log_end_offset(), 13);
+        target.sync().unwrap();
+        part.flush_done(Some(target));
+        assert_eq!(part.durable_end(), 0);
+        let again = part.flush_target().unwrap().unwrap();
+        again.sync().unwrap();
+        part.flush_done(Some(again));
+        assert_eq!(part.durable_end(), 13);
+    }
+
     #[test]
     fn a_replica_joining_the_isr_holds_the_high_watermark_until_answered() {
         let dir = tempfile::tempdir().unwrap();
@@ -822,6 +894,50 @@ mod tests {
         assert_eq!(part.high_watermark(), 15);
         part.isr_add_answered(3);
         assert_eq!(part.high_watermark(), 20);
+    }
+
+    /// Writes race elections: a produce that found this replica leading must not append once
+    /// it follows (its old-epoch batch would sit in the middle of a log that then fetches past
+    /// it), and a fetch answer of the leader it followed must not be appended, nor truncate
+    /// anything, once it leads (the batch would sit inside its new epoch).
+    #[test]
+    fn the_log_takes_no_write_meant_for_a_role_the_replica_no_longer_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = leader(dir.path());
+        append(&part, 10);
+        let role = |leader: i32, leader_epoch: i32| ReplicaRole {
+            leader,
+            leader_epoch,
+            replicas: vec![1, 2, 3],
+            isr: vec![1, 2, 3],
+            min_isr: 1,
+            ..ReplicaRole::default()
+        };
+        part.set_role(role(2, 1), 0);
+        assert!(matches!(part.append(&batch(), 0), Err(LogError::NotLeader)));
+        assert_eq!(part.log_end_offset(), 10);
+        assert!(part.as_follower_of(2, 1, |_| ()).is_some());
+        assert!(
+            part.as_follower_of(2, 0, |_| ()).is_none(),
+            "an older epoch"
+        );
+        assert!(
+            part.as_follower_of(3, 1, |_| ()).is_none(),
+            "another leader"
+        );
+        // Elected in epoch 2: what the leader of epoch 1 sent stays out.
+        part.set_role(role(1, 2), 0);
+        let mut replicated = batch();
+        replicated[..8].copy_from_slice(&10i64.to_be_bytes());
+        let data = bytes::Bytes::from(replicated);
+        assert!(part
+            .as_follower_of(2, 1, |p| p.append_replicated(&data))
+            .is_none());
+        assert!(part.as_follower_of(2, 1, |p| p.truncate_to(5)).is_none());
+        assert_eq!(part.log_end_offset(), 10);
+        assert_eq!(part.end_offset_for_epoch(0).unwrap(), (0, 10));
+        part.append(&batch(), 0).unwrap();
+        assert_eq!(part.log_end_offset(), 11);
     }
 
     #[test]

@@ -426,8 +426,15 @@ async fn truncate(
             let (target, complete) =
                 truncation_offset(p.leader_epoch, p.end_offset, own, part.log_start_offset());
             if target < leo {
-                tracing::info!(topic = %key.0, partition = key.1, from = leo, to = target, leader_epoch = p.leader_epoch, complete, "truncating a divergent tail");
-                part.truncate_to(target).map_err(|e| e.to_string())?;
+                let cut = part.as_follower_of(f.leader, fl.leader_epoch, |part| {
+                    tracing::info!(topic = %key.0, partition = key.1, from = leo, to = target, leader_epoch = p.leader_epoch, complete, "truncating a divergent tail");
+                    part.truncate_to(target)
+                });
+                match cut {
+                    Some(r) => r.map_err(|e| e.to_string())?,
+                    // No longer this leader's follower: the answer is not about its log now.
+                    None => continue,
+                }
             }
             if !complete {
                 // Another round at once, with the older epoch this cut left as the latest.
@@ -679,8 +686,14 @@ async fn fetch_once(
                             part.follower_at_leader_end(end);
                         }
                     } else {
-                        match part.append_replicated(&records) {
-                            Ok(out) => {
+                        let append = part.as_follower_of(f.leader, fl.leader_epoch, |part| {
+                            part.append_replicated(&records)
+                        });
+                        match append {
+                            // No longer this leader's follower (elected, or following another
+                            // leader or epoch): the answer is not for its log any more.
+                            None => continue,
+                            Some(Ok(out)) => {
                                 accepted(f, &key, fl);
                                 if out.appended_batches > 0 {
                                     any_progress = true;
@@ -689,7 +702,7 @@ async fn fetch_once(
                                         leader_leo.is_some_and(|l| l > out.log_end_offset);
                                 }
                             }
-                            Err(e) => {
+                            Some(Err(e)) => {
                                 // A full or failing disk: truncate and fetch again after
                                 // a pause that doubles while it lasts, not in a tight loop.
                                 tracing::error!(topic = %key.0, partition = key.1, error = %e, "appending replicated data failed");
@@ -706,9 +719,13 @@ async fn fetch_once(
                 }
                 Some(ResponseError::OffsetOutOfRange) => {
                     if part.log_end_offset() < p.log_start_offset {
-                        tracing::info!(topic = %key.0, partition = key.1, start = p.log_start_offset, "follower is behind the leader's log start; starting over there");
-                        part.truncate_fully_and_start_at(p.log_start_offset)
-                            .map_err(|e| e.to_string())?;
+                        let restart = part.as_follower_of(f.leader, fl.leader_epoch, |part| {
+                            tracing::info!(topic = %key.0, partition = key.1, start = p.log_start_offset, "follower is behind the leader's log start; starting over there");
+                            part.truncate_fully_and_start_at(p.log_start_offset)
+                        });
+                        if let Some(r) = restart {
+                            r.map_err(|e| e.to_string())?;
+                        }
                     } else {
                         // Truncate again before the next fetch; a leader that keeps answering
                         // so is asked less and less often.

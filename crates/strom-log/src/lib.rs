@@ -133,6 +133,10 @@ pub enum LogError {
     Failed,
     #[error("log is corrupt: {0}")]
     Corrupt(String),
+    /// Refused by the log's owner, not the log: the replica stopped leading the partition
+    /// before the append could take place.
+    #[error("this replica no longer leads the partition")]
+    NotLeader,
 }
 
 /// What `append_replicated` did with one fetch response's data.
@@ -154,6 +158,9 @@ pub struct ReplicatedAppend {
 pub struct FlushTarget {
     pub files: Vec<std::sync::Arc<std::fs::File>>,
     pub end_offset: i64,
+    /// The log's truncation count when the target was taken: a target that a truncation
+    /// overtook proves nothing about what was written in the cut range since.
+    cuts: u64,
 }
 
 impl FlushTarget {
@@ -205,6 +212,8 @@ pub struct Log {
     segments: Vec<Segment>,
     log_start_offset: i64,
     flushed_offset: i64,
+    /// Truncations so far (see `FlushTarget`).
+    cuts: u64,
     last_flush_ms: i64,
     producers: ProducerState,
     /// Leader epochs and the offsets they started at, mirrored in `leader-epoch-checkpoint`.
@@ -301,6 +310,7 @@ impl Log {
             segments,
             log_start_offset,
             flushed_offset: leo,
+            cuts: 0,
             last_flush_ms: now,
             producers: ProducerState::default(),
             epochs: EpochCache::default(),
@@ -890,10 +900,18 @@ impl Log {
         Ok(Some(FlushTarget {
             files,
             end_offset: end,
+            cuts: self.cuts,
         }))
     }
 
-    pub fn mark_flushed(&mut self, end_offset: i64) {
+    /// The fsync of `target` succeeded: everything below its end is durable, unless the log
+    /// was truncated since the target was taken (then the range past the cut may hold data
+    /// written after the fsync began, and nothing is marked). Returns whether it marked.
+    pub fn mark_flushed(&mut self, target: &FlushTarget) -> bool {
+        if target.cuts != self.cuts {
+            return false;
+        }
+        let end_offset = target.end_offset;
         for s in self.segments.iter_mut() {
             if s.next_offset <= end_offset {
                 s.flushed_next_offset = s.next_offset;
@@ -903,6 +921,7 @@ impl Log {
         }
         self.flushed_offset = self.flushed_offset.max(end_offset);
         self.last_flush_ms = now_ms();
+        true
     }
 
     /// Clean close: fsync data and index files, write the producer snapshot and recovery point.
@@ -954,6 +973,7 @@ impl Log {
     /// What follows a cut of the active segment: the flushed offset and recovery point, the
     /// producer state and the epochs past the new end.
     fn after_truncation(&mut self) -> Result<(), LogError> {
+        self.cuts += 1;
         let leo = self.log_end_offset();
         self.flushed_offset = self.flushed_offset.min(leo);
         let rp = self.flushed_offset.min(self.active().base_offset);
@@ -1122,6 +1142,7 @@ impl Log {
                 end: self.log_end_offset(),
             });
         }
+        self.cuts += 1;
         // The epochs go first: an old epoch surviving a crash here would claim the new log.
         let changed = self.epochs.clear();
         self.persist_epochs_if(changed)?;

@@ -336,10 +336,36 @@ fn flush_bookkeeping() {
     assert_eq!(t.end_offset, 20);
     assert!(!t.files.is_empty());
     t.sync().unwrap();
-    log.mark_flushed(t.end_offset);
+    assert!(log.mark_flushed(&t));
     assert_eq!(log.flushed_offset(), 20);
     assert_eq!(log.unflushed_messages(), 0);
     assert!(log.flush_target().unwrap().is_none());
+}
+
+/// An fsync that a truncation overtook marks nothing: the range past the cut was written again
+/// after the fsync began.
+#[test]
+fn a_flush_overtaken_by_a_truncation_marks_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = Log::open(dir.path(), LogConfig::default(), true).unwrap();
+    for i in 0..20 {
+        log.append(&batch(1, i, 100), 0, 0).unwrap();
+    }
+    let t = log.flush_target().unwrap().unwrap();
+    log.truncate_to(5).unwrap();
+    for i in 0..15 {
+        log.append(&batch(1, i, 100), 1, 0).unwrap();
+    }
+    t.sync().unwrap();
+    assert!(!log.mark_flushed(&t));
+    assert_eq!(log.flushed_offset(), 0);
+    assert_eq!(log.unflushed_messages(), 20);
+    // The next target covers the rewritten range.
+    let again = log.flush_target().unwrap().unwrap();
+    assert_eq!(again.end_offset, 20);
+    again.sync().unwrap();
+    assert!(log.mark_flushed(&again));
+    assert_eq!(log.flushed_offset(), 20);
 }
 
 /// The bytes `read_files` points at, read back.

@@ -252,7 +252,7 @@ fn a_follower_stores_the_leaders_batches_byte_for_byte() {
     // The follower's copy survives an unclean restart intact.
     let t = follower.flush_target().unwrap().unwrap();
     t.sync().unwrap();
-    follower.mark_flushed(t.end_offset);
+    assert!(follower.mark_flushed(&t));
     drop(follower);
     let follower = Log::open(follower_dir.path(), small_config(), false).unwrap();
     assert_eq!(read_all(&follower), data);
