@@ -261,26 +261,14 @@ async fn produce_sequence(
     acked_count: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 ) -> (Vec<u64>, usize) {
-    produce_window(p, topic, partition, total, 500, acked_count, stop).await
-}
-
-/// `produce_sequence` with at most `window` records in flight.
-async fn produce_window(
-    p: FutureProducer,
-    topic: String,
-    partition: i32,
-    total: u64,
-    window: usize,
-    acked_count: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-) -> (Vec<u64>, usize) {
-    let (acked, failed) =
-        produce_window_at(p, topic, partition, total, window, acked_count, stop).await;
+    let (acked, failed) = produce_window(p, topic, partition, total, 500, acked_count, stop).await;
     (acked.into_iter().map(|(v, _)| v).collect(), failed)
 }
 
-/// `produce_window` returning each acknowledged value with the offset it was acknowledged at.
-async fn produce_window_at(
+/// Produces 0..total to `partition` with at most `window` records in flight; counts
+/// acknowledgements in `acked_count` and returns each acknowledged value with the offset it was
+/// acknowledged at.
+async fn produce_window(
     p: FutureProducer,
     topic: String,
     partition: i32,
@@ -3693,7 +3681,7 @@ async fn random_faults_lose_nothing_acknowledged_and_the_replicas_agree() {
     for p in 0..PARTITIONS {
         let until = Arc::new(AtomicUsize::new(usize::MAX));
         consumers.push((until.clone(), consume_continuously(&b, TOPIC, p, until)));
-        producers.push(tokio::spawn(produce_window_at(
+        producers.push(tokio::spawn(produce_window(
             producer(&b, "all", true),
             TOPIC.into(),
             p,

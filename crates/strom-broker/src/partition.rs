@@ -798,13 +798,18 @@ mod tests {
 
     /// A leader of [1, 2, 3] with ISR [1, 2] (lazy flushing, so its own end counts at once).
     fn leader(dir: &std::path::Path) -> Arc<Partition> {
+        leader_flushing(dir, (i64::MAX, i64::MAX))
+    }
+
+    /// `leader` with the flush policy `(flush.messages, flush.ms)`.
+    fn leader_flushing(dir: &std::path::Path, flush: (i64, i64)) -> Arc<Partition> {
         let log = Log::open(&dir.join("t-0"), LogConfig::default(), false).unwrap();
         let part = Arc::new(Partition::new(
             ("t".into(), [1; 16], 0),
             log,
             1,
             ReplicaRole::default(),
-            (i64::MAX, i64::MAX),
+            flush,
             Flusher::new(dir).unwrap(),
         ));
         part.set_role(
@@ -832,25 +837,7 @@ mod tests {
     #[test]
     fn a_truncation_during_an_fsync_keeps_the_rewritten_range_out_of_the_durable_end() {
         let dir = tempfile::tempdir().unwrap();
-        let log = Log::open(&dir.path().join("t-0"), LogConfig::default(), false).unwrap();
-        let part = Arc::new(Partition::new(
-            ("t".into(), [1; 16], 0),
-            log,
-            2,
-            ReplicaRole::default(),
-            (1, i64::MAX),
-            Flusher::new(dir.path()).unwrap(),
-        ));
-        part.set_role(
-            ReplicaRole {
-                leader: 2,
-                replicas: vec![2],
-                isr: vec![2],
-                min_isr: 1,
-                ..ReplicaRole::default()
-            },
-            0,
-        );
+        let part = leader_flushing(dir.path(), (1, i64::MAX));
         assert!(part.is_durable_mode());
         append(&part, 10);
         let target = part.flush_target().unwrap().unwrap();
