@@ -160,13 +160,19 @@ impl OffsetsLog for Broker {
             }
         })?;
         let end = outcome.last_offset + 1;
+        let epoch = outcome.leader_epoch;
         let timeout = self.controller_timeout() * 3;
         Ok(Box::pin(async move {
-            part.wait_durable(end)
+            part.wait_durable(end, Some(epoch))
                 .await
-                .map_err(|_| GroupError::StorageError)?;
+                .map_err(|e| match e {
+                    // No longer leading (or moved away): another coordinator answers.
+                    LogError::NotLeader => GroupError::NotCoordinator,
+                    _ if part.is_closed() => GroupError::NotCoordinator,
+                    _ => GroupError::StorageError,
+                })?;
             // Replicated like an acks=all produce before the coordinator answers.
-            part.wait_replicated(end, 1, timeout)
+            part.wait_replicated(end, 1, epoch, timeout)
                 .await
                 .map_err(|_| GroupError::NotCoordinator)
         }))

@@ -125,6 +125,9 @@ pub struct Partition {
     pending_isr_add: AtomicI32,
     /// Woken on every append (replica fetches long-poll on it).
     pub appended: Notify,
+    /// Woken when the role changes or the log is taken out: writes waiting for their fsync
+    /// or replication re-check that they still may be acknowledged.
+    role_changed: Notify,
     /// The last append to this log failed on its storage (a full or failing disk) and none
     /// has succeeded since. A follower says so in its fetches
     /// (`replication::WRITE_FAILED_TAG`): the leader keeps it out of the ISR meanwhile.
@@ -166,6 +169,7 @@ impl Partition {
             isr_change_pending: AtomicBool::new(false),
             pending_isr_add: AtomicI32::new(-1),
             appended: Notify::new(),
+            role_changed: Notify::new(),
             write_failed: AtomicBool::new(false),
             log: Mutex::new(Some(log)),
         }
@@ -177,6 +181,18 @@ impl Partition {
 
     pub fn is_leader(&self) -> bool {
         self.role.read().leader == self.local_id
+    }
+
+    /// Whether this replica leads in leader epoch `epoch`: then nothing it appended in that
+    /// epoch was truncated (a leader never truncates; it must follow, in a later epoch, first).
+    pub fn leads_in(&self, epoch: i32) -> bool {
+        let role = self.role.read();
+        role.leader == self.local_id && role.leader_epoch == epoch
+    }
+
+    /// The log was closed or deleted (`take_log`).
+    pub fn is_closed(&self) -> bool {
+        self.log.lock().is_none()
     }
 
     /// A replica of this partition that is not its leader.
@@ -220,6 +236,7 @@ impl Partition {
         // Waiters (acks=all, long polls) re-check their conditions under the new role.
         self.hw_advanced.notify_waiters();
         self.appended.notify_waiters();
+        self.role_changed.notify_waiters();
         changed
     }
 
@@ -372,6 +389,7 @@ impl Partition {
         &self,
         end_offset: i64,
         min_isr: usize,
+        epoch: i32,
         timeout: std::time::Duration,
     ) -> Result<(), ReplicationWait> {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -379,7 +397,9 @@ impl Partition {
             let notified = self.hw_advanced.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if !self.is_leader() {
+            // Appended in `epoch`: a replica that stopped leading since may have truncated
+            // the records and been given others at the same offsets (even if it leads again).
+            if !self.leads_in(epoch) {
                 return Err(ReplicationWait::NotLeader);
             }
             if self.high_watermark() >= end_offset {
@@ -388,7 +408,7 @@ impl Partition {
                 }
                 return Ok(());
             }
-            if self.log.lock().is_none() {
+            if self.is_closed() {
                 return Err(ReplicationWait::NotLeader);
             }
             tokio::select! {
@@ -506,17 +526,33 @@ impl Partition {
 
     /// Resolves once every offset below `end_offset` is on disk (durable mode), or at once in
     /// lazy mode. A failed fsync fails every waiter of that round.
-    pub async fn wait_durable(self: &Arc<Self>, end_offset: i64) -> Result<(), LogError> {
+    /// `leading`: the leader epoch a leader appended these records in. The wait then ends
+    /// with `NotLeader` as soon as the replica no longer leads in that epoch: as a follower it
+    /// may truncate them, and what its log later holds at those offsets is not what was
+    /// appended (Kafka completes a waiting produce with NOT_LEADER_OR_FOLLOWER when the
+    /// leadership changes). Any wait ends with `Failed` once the log is closed or deleted (a
+    /// reassignment moved it away): no fsync of it follows.
+    pub async fn wait_durable(
+        self: &Arc<Self>,
+        end_offset: i64,
+        leading: Option<i32>,
+    ) -> Result<(), LogError> {
         if !self.is_durable_mode() {
             return Ok(());
         }
         let mut rx = self.flush_state.subscribe();
         let failures_before = rx.borrow().1;
-        if rx.borrow().0 >= end_offset {
+        if rx.borrow().0 >= end_offset && leading.is_none_or(|e| self.leads_in(e)) {
             return Ok(());
         }
         self.spawn_flush();
         loop {
+            let role_changed = self.role_changed.notified();
+            tokio::pin!(role_changed);
+            role_changed.as_mut().enable();
+            if leading.is_some_and(|e| !self.leads_in(e)) {
+                return Err(LogError::NotLeader);
+            }
             let (flushed, failures) = *rx.borrow_and_update();
             if flushed >= end_offset {
                 return Ok(());
@@ -524,8 +560,16 @@ impl Partition {
             if failures != failures_before {
                 return Err(LogError::Io(std::io::Error::other("fsync failed")));
             }
-            if rx.changed().await.is_err() {
+            if self.is_closed() {
                 return Err(LogError::Failed);
+            }
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return Err(LogError::Failed);
+                    }
+                }
+                _ = role_changed => {}
             }
         }
     }
@@ -776,13 +820,17 @@ impl Partition {
     /// Takes the log out to close or delete it; every later call on this partition fails with
     /// a storage error, which requests still holding the partition report to their client.
     pub fn take_log(&self) -> Option<Log> {
-        self.log.lock().take()
+        let log = self.log.lock().take();
+        // No fsync of it follows: writes waiting for one end now (`wait_durable`).
+        self.role_changed.notify_waiters();
+        log
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use strom_proto::compression::Compression;
     use strom_proto::records::{encode_batch, NewRecord, ProducerInfo};
 
@@ -892,14 +940,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let part = leader(dir.path());
         append(&part, 10);
-        let role = |leader: i32, leader_epoch: i32| ReplicaRole {
-            leader,
-            leader_epoch,
-            replicas: vec![1, 2, 3],
-            isr: vec![1, 2, 3],
-            min_isr: 1,
-            ..ReplicaRole::default()
-        };
         part.set_role(role(2, 1), 0);
         assert!(matches!(part.append(&batch(), 0), Err(LogError::NotLeader)));
         assert_eq!(part.log_end_offset(), 10);
@@ -925,6 +965,98 @@ mod tests {
         assert_eq!(part.end_offset_for_epoch(0).unwrap(), (0, 10));
         part.append(&batch(), 0).unwrap();
         assert_eq!(part.log_end_offset(), 11);
+    }
+
+    fn role(leader: i32, leader_epoch: i32) -> ReplicaRole {
+        ReplicaRole {
+            leader,
+            leader_epoch,
+            replicas: vec![1, 2, 3],
+            isr: vec![1, 2, 3],
+            min_isr: 1,
+            ..ReplicaRole::default()
+        }
+    }
+
+    /// Resolves `wait` or fails the test: a write that waits for ever holds its client's
+    /// connection (an idempotent producer waits for it before it moves to a new leader).
+    async fn ends<T>(wait: tokio::task::JoinHandle<T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("the wait never ended")
+            .unwrap()
+    }
+
+    /// A durable-mode write whose fsync is in a flusher round already, and a task waiting for
+    /// it (`leading`: the epoch it was appended in, as a produce waits).
+    async fn waiting_for_fsync(
+        part: &Arc<Partition>,
+        leading: Option<i32>,
+    ) -> (FlushTarget, tokio::task::JoinHandle<Result<(), LogError>>) {
+        append(part, 3);
+        // The flusher's round has taken the partition off its queue and its target.
+        part.flush_queued.store(true, Ordering::Release);
+        let target = part.flush_target().unwrap().unwrap();
+        let waiter = tokio::spawn({
+            let part = part.clone();
+            async move { part.wait_durable(3, leading).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        (target, waiter)
+    }
+
+    /// A partition reassigned away deletes its log while a write waits for its fsync: the
+    /// round's fsync marks nothing on a log that is gone, so the wait must end by itself (it
+    /// hung, and with it the old leader's answer to an idempotent producer, which then did not
+    /// move to the new leader for a minute).
+    #[tokio::test]
+    async fn a_write_waiting_for_its_fsync_ends_when_its_log_is_deleted() {
+        for leading in [Some(0), None] {
+            let dir = tempfile::tempdir().unwrap();
+            let part = leader_flushing(dir.path(), (1, i64::MAX));
+            let (target, waiter) = waiting_for_fsync(&part, leading).await;
+            let log = part.take_log().unwrap();
+            target.sync().unwrap();
+            part.flush_done(Some(target));
+            assert!(matches!(ends(waiter).await, Err(LogError::Failed)));
+            log.delete().unwrap();
+        }
+    }
+
+    /// A leader that loses its leadership while a write waits for its fsync answers
+    /// NOT_LEADER_OR_FOLLOWER at once (as Kafka completes a waiting produce), rather than
+    /// after an fsync of records it may have truncated as a follower by then.
+    #[tokio::test]
+    async fn a_write_waiting_for_its_fsync_is_refused_once_its_leader_epoch_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = leader_flushing(dir.path(), (1, i64::MAX));
+        let (_target, waiter) = waiting_for_fsync(&part, Some(0)).await;
+        part.set_role(role(2, 1), 0);
+        assert!(matches!(ends(waiter).await, Err(LogError::NotLeader)));
+    }
+
+    /// An acks=all write appended in epoch 0 is not acknowledged in epoch 2 even if the
+    /// replica leads again and the high watermark passed its offsets: in between it followed,
+    /// could truncate them and take the other leader's records at the same offsets.
+    #[tokio::test]
+    async fn a_replicated_write_is_not_acknowledged_by_a_later_leadership() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = leader(dir.path());
+        let outcome = part.append(&batch(), 0).unwrap();
+        assert_eq!(outcome.leader_epoch, 0);
+        let end = outcome.last_offset + 1;
+        let wait = Duration::from_secs(5);
+        part.set_role(role(2, 1), 0);
+        part.set_role(role(1, 2), 0);
+        part.record_follower_fetch(2, end, true, 0);
+        part.record_follower_fetch(3, end, true, 0);
+        assert!(part.high_watermark() >= end);
+        assert!(matches!(
+            part.wait_replicated(end, 1, 0, wait).await,
+            Err(ReplicationWait::NotLeader)
+        ));
+        assert_eq!(part.wait_replicated(end, 1, 2, wait).await, Ok(()));
     }
 
     #[test]

@@ -769,8 +769,11 @@ async fn fetch_once(
     for (_, fl) in follows {
         let end = fl.part.log_end_offset();
         if fl.part.durable_end() < end {
-            if let Err(e) = fl.part.wait_durable(end).await {
-                return Err(format!("fsync of replicated data failed: {e}"));
+            match fl.part.wait_durable(end, None).await {
+                Ok(()) => {}
+                // Deleted meanwhile (reassigned away): nothing to report for it.
+                Err(_) if fl.part.is_closed() => continue,
+                Err(e) => return Err(format!("fsync of replicated data failed: {e}")),
             }
         }
         fl.part.maybe_advance_hw();

@@ -98,6 +98,8 @@ pub struct AppendOutcome {
     pub log_append_time_ms: i64,
     /// A retried idempotent batch: these are its original offsets and nothing was written.
     pub duplicate: bool,
+    /// The leader epoch the append was accepted in (a duplicate's too: the current one).
+    pub leader_epoch: i32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -557,6 +559,7 @@ impl Log {
                     last_offset: m.last_offset,
                     log_append_time_ms: -1,
                     duplicate: true,
+                    leader_epoch,
                 })
             }
             SequenceCheck::OutOfOrder { expected, got } => {
@@ -598,6 +601,7 @@ impl Log {
             last_offset: h.last_offset(),
             log_append_time_ms,
             duplicate: false,
+            leader_epoch,
         })
     }
 

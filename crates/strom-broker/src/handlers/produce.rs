@@ -15,6 +15,7 @@ use crate::broker::Broker;
 use crate::error::log_error_code;
 use crate::partition::{Partition, ReplicationWait};
 use strom_group::coordinator::OFFSETS_TOPIC;
+use strom_log::LogError;
 
 /// The topic's `min.insync.replicas`.
 fn min_isr(broker: &Broker, image: &strom_meta::MetadataImage, topic: &str) -> usize {
@@ -26,21 +27,31 @@ fn min_isr(broker: &Broker, image: &strom_meta::MetadataImage, topic: &str) -> u
 }
 
 /// acks=1: the leader's copy is durable. acks=all (`min_isr` > 0): also every ISR member has
-/// it (the high watermark covers it) and the ISR is at least min.insync.replicas.
+/// it (the high watermark covers it) and the ISR is at least min.insync.replicas. Either
+/// while the replica still leads in `epoch`, the leader epoch it appended in.
 async fn wait(
     part: &Arc<Partition>,
     end: i64,
+    epoch: i32,
     min_isr: usize,
     timeout: std::time::Duration,
 ) -> Result<(), ResponseError> {
-    if let Err(e) = part.wait_durable(end).await {
-        tracing::error!(topic = %part.topic, partition = part.index, error = %e, "flush failed; produce not acknowledged");
-        return Err(log_error_code(&e));
+    match part.wait_durable(end, Some(epoch)).await {
+        Ok(()) => {}
+        Err(LogError::NotLeader) => return Err(ResponseError::NotLeaderOrFollower),
+        Err(e) => {
+            if part.is_closed() {
+                // Deleted (reassigned away) before its fsync: not a storage failure.
+                return Err(ResponseError::NotLeaderOrFollower);
+            }
+            tracing::error!(topic = %part.topic, partition = part.index, error = %e, "flush failed; produce not acknowledged");
+            return Err(log_error_code(&e));
+        }
     }
     if min_isr == 0 {
         return Ok(());
     }
-    part.wait_replicated(end, min_isr, timeout)
+    part.wait_replicated(end, min_isr, epoch, timeout)
         .await
         .map_err(|e| match e {
             ReplicationWait::NotLeader => ResponseError::NotLeaderOrFollower,
@@ -61,8 +72,9 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
     let image = broker.image();
 
     let mut responses = Vec::with_capacity(req.topic_data.len());
-    // (topic index, partition index, partition, end offset to wait for, min ISR for acks=all)
-    let mut pending: Vec<(usize, usize, Arc<Partition>, i64, usize)> = Vec::new();
+    // (topic index, partition index, partition, end offset to wait for, leader epoch appended
+    // in, min ISR for acks=all)
+    let mut pending: Vec<(usize, usize, Arc<Partition>, i64, i32, usize)> = Vec::new();
     let mut any_error = false;
 
     for topic in req.topic_data {
@@ -143,6 +155,7 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
                                                 parts.len(),
                                                 part.clone(),
                                                 outcome.last_offset + 1,
+                                                outcome.leader_epoch,
                                                 min,
                                             ));
                                         }
@@ -196,10 +209,10 @@ pub fn handle(broker: &Arc<Broker>, ctx: &mut Ctx) -> Result<Reply, HandlerError
         let results = join_all(
             pending
                 .iter()
-                .map(|(_, _, p, end, min)| wait(p, *end, *min, timeout)),
+                .map(|(_, _, p, end, epoch, min)| wait(p, *end, *epoch, *min, timeout)),
         )
         .await;
-        for ((ti, pi, part, _, _), result) in pending.iter().zip(results) {
+        for ((ti, pi, part, ..), result) in pending.iter().zip(results) {
             if let Err(code) = result {
                 tracing::debug!(topic = %part.topic, partition = part.index, ?code, "produce not acknowledged");
                 let r = &mut resp.responses[*ti].partition_responses[*pi];
