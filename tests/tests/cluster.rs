@@ -1838,7 +1838,7 @@ async fn kip966_the_last_replicas_standing_keep_every_acknowledged_record() {
 async fn lowering_min_insync_replicas_voids_the_eligible_leader_replicas() {
     use rdkafka::admin::{AlterConfig, ResourceSpecifier};
     let (mut c, b, (a, _, y, _)) = leader_alone_with_y_eligible("low", &[]).await;
-    assert_eq!(described(&mut c, a, "low", 0).elr, vec![y], "y is eligible");
+    described_when(&mut c, a, "low", 0, "y is eligible", |d| d.elr == vec![y]);
     // The operator lowers min.insync.replicas: the leader alone commits from now on.
     let change = AlterConfig::new(ResourceSpecifier::Topic("low")).set("min.insync.replicas", "1");
     for r in common::admin(&b)
@@ -1919,12 +1919,9 @@ async fn an_uncleanly_restarted_replica_of_a_topic_without_fsync_is_no_longer_el
     let (mut c, b, (a, _, y, other)) = leader_alone_with_y_eligible("lazy", &configs).await;
     c.node(a).kill9();
     c.wait_partition("lazy", 0, WAIT, "no leader", |s| s.leader == -1);
-    let d = described(&mut c, other, "lazy", 0);
-    assert_eq!(
-        (d.elr, d.last_known_elr),
-        (vec![y, a], vec![a]),
-        "eligible: y and a"
-    );
+    described_when(&mut c, other, "lazy", 0, "eligible: y and a", |d| {
+        (&d.elr, &d.last_known_elr) == (&vec![y, a], &vec![a])
+    });
     // y comes back from its kill -9: no longer eligible, it may not lead; a, the last leader,
     // comes back (uncleanly too) and leads with everything acknowledged.
     let why = "y restarted uncleanly: it must not lead";
@@ -1962,7 +1959,9 @@ async fn a_replica_whose_log_is_gone_is_not_elected_with_nothing() {
     let (mut c, b, (a, _, y, other)) = leader_alone_with_y_eligible("wiped", &[]).await;
     c.node(a).kill9();
     c.wait_partition("wiped", 0, WAIT, "no leader", |s| s.leader == -1);
-    assert_eq!(described(&mut c, other, "wiped", 0).elr, vec![y, a]);
+    described_when(&mut c, other, "wiped", 0, "eligible: y and a", |d| {
+        d.elr == vec![y, a]
+    });
     // y's disk is replaced: its log of the partition is gone.
     let log = c.node(y).data_dir().join("wiped-0");
     std::fs::remove_dir_all(&log).unwrap();
@@ -1992,7 +1991,7 @@ async fn min_insync_replicas_is_refused_for_one_broker_and_clears_elrs_for_the_c
     c.node(x).kill9();
     c.wait_partition("all3", 0, WAIT, "x leaves the ISR", |s| !s.isr.contains(&x));
     let id = s.leader;
-    assert_eq!(described(&mut c, id, "all3", 0).elr, vec![x]);
+    described_when(&mut c, id, "all3", 0, "x is eligible", |d| d.elr == vec![x]);
     assert_eq!(
         set_broker_config(&mut c, id, "", "min.insync.replicas", "1"),
         0
@@ -2463,6 +2462,27 @@ fn describe_topic_partitions(
 }
 
 /// Partition `p` of `topic` as node `id` describes it.
+/// `described` once `f` holds for it: node `id` applies metadata records a moment after the
+/// node `Cluster::view` asks (fails with `what` after `WAIT`).
+fn described_when(
+    c: &mut Cluster,
+    id: i32,
+    topic: &str,
+    p: i32,
+    what: &str,
+    f: impl Fn(&Described) -> bool,
+) -> Described {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let d = described(c, id, topic, p);
+        if f(&d) {
+            return d;
+        }
+        assert!(Instant::now() < deadline, "{what}: node {id} says {d:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn described(c: &mut Cluster, id: i32, topic: &str, p: i32) -> Described {
     let resp = describe_topic_partitions(c, id, &[topic], 2000, None);
     let t = &resp.topics[0];
