@@ -953,12 +953,28 @@ async fn a_controller_that_is_heard_but_hears_nothing_is_replaced_and_stops_clai
     wait_for(WAIT, "the cut-off node to stop naming itself", || {
         (c.view_from(old)?.controller != old).then_some(())
     });
+    // Its heartbeats go unanswered: it is fenced, so the new topic is placed on the majority.
+    wait_for(WAIT, "the cut-off node to be fenced", || {
+        (!c.view_from(new)?.brokers.contains(&old)).then_some(())
+    });
     let majority: Vec<String> = others.iter().map(|id| c.node(*id).bootstrap()).collect();
     create_replicated(&majority.join(","), "one-way-cut", 1, 2, &[]).await;
-    wait_for(WAIT, "a leader and a full ISR", || {
-        let s = c.view_from(new)?.partition("one-way-cut", 0)?.clone();
-        (s.leader > 0 && s.isr.len() == 2).then_some(())
-    });
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let view = c.view_from(new);
+        let s = view
+            .as_ref()
+            .and_then(|v| v.partition("one-way-cut", 0).cloned());
+        if s.is_some_and(|s| s.leader > 0 && s.isr.len() == 2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no leader and full ISR: {view:?}\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     for p in proxies.values() {
         p.release();

@@ -13,7 +13,7 @@
 //! partitions, share each fsync through the broker's `Flusher`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -116,13 +116,19 @@ pub struct Partition {
     followers: Mutex<HashMap<i32, FollowerState>>,
     /// Follower: the leader's high watermark from its last fetch response.
     leader_hw: AtomicI64,
-    /// Leader: an ISR change is on its way to the controller.
-    pub isr_change_pending: AtomicBool,
+    /// Leader: an ISR change is on its way to the controller (`begin_isr_change`).
+    isr_change_pending: AtomicBool,
+    /// Leader: the token of the ISR change on its way. A role change bumps it: the answer to
+    /// a proposal it superseded then changes nothing (a later proposal may be on its way).
+    isr_change_token: AtomicU64,
     /// Leader: the replica it asked the controller to add to the ISR (-1: none). Until the
     /// answer it counts toward the high watermark (KIP-497's "maximal ISR"): otherwise the
     /// high watermark could pass records the joining replica lacks, and once admitted it could
     /// be elected without them.
     pending_isr_add: AtomicI32,
+    /// Leader: where its leader epoch began (its log end at the election). A follower joins
+    /// the ISR only once it holds everything before it (Kafka's `leaderEpochStartOffset`).
+    epoch_start_offset: AtomicI64,
     /// Woken on every append (replica fetches long-poll on it).
     pub appended: Notify,
     /// Woken when the role changes or the log is taken out: writes waiting for their fsync
@@ -167,7 +173,9 @@ impl Partition {
             role: RwLock::new(role),
             leader_hw: AtomicI64::new(-1),
             isr_change_pending: AtomicBool::new(false),
+            isr_change_token: AtomicU64::new(0),
             pending_isr_add: AtomicI32::new(-1),
+            epoch_start_offset: AtomicI64::new(leo),
             appended: Notify::new(),
             role_changed: Notify::new(),
             write_failed: AtomicBool::new(false),
@@ -215,8 +223,14 @@ impl Partition {
         let changed = current.leader != role.leader || current.leader_epoch != role.leader_epoch;
         if role.leader == self.local_id && changed {
             // Kafka records the new epoch's start at election (KIP-101/279).
-            if let Err(e) = self.with_log(|log| log.start_leader_epoch(role.leader_epoch)) {
-                tracing::error!(topic = %self.topic, partition = self.index, error = %e, "recording the leader epoch failed");
+            match self.with_log(|log| {
+                log.start_leader_epoch(role.leader_epoch)?;
+                Ok(log.log_end_offset())
+            }) {
+                Ok(start) => self.epoch_start_offset.store(start, Ordering::Release),
+                Err(e) => {
+                    tracing::error!(topic = %self.topic, partition = self.index, error = %e, "recording the leader epoch failed")
+                }
             }
             // A new leader epoch starts with no knowledge of the followers (Kafka: -1) but
             // treats the ISR as caught up now, so nobody is dropped before it could fetch.
@@ -229,6 +243,7 @@ impl Partition {
         self.leader_epoch
             .store(role.leader_epoch, Ordering::Release);
         self.isr_change_pending.store(false, Ordering::Release);
+        self.isr_change_token.fetch_add(1, Ordering::AcqRel);
         self.pending_isr_add.store(-1, Ordering::Release);
         *current = role;
         drop(current);
@@ -281,7 +296,10 @@ impl Partition {
         }
         self.maybe_advance_hw();
         // KIP-497 / Kafka: a follower rejoins the ISR once it has caught up to the high
-        // watermark (and so holds everything acknowledged).
+        // watermark and to the start of this leader epoch. The high watermark alone is not
+        // enough: a new leader's may lag what its predecessor acknowledged (a follower learns
+        // it a fetch late; after a restart it is a checkpoint's), and a follower admitted
+        // without records acknowledged before the election could be elected next without them.
         let role = self.role.read();
         if !can_write {
             return role
@@ -289,7 +307,10 @@ impl Partition {
                 .contains(&replica)
                 .then(|| IsrChange::Remove(vec![replica]));
         }
-        if !role.isr.contains(&replica) && fetch_offset >= self.high_watermark() {
+        if !role.isr.contains(&replica)
+            && fetch_offset >= self.high_watermark()
+            && fetch_offset >= self.epoch_start_offset.load(Ordering::Acquire)
+        {
             // From this decision on the replica counts toward the high watermark.
             let _ = self.pending_isr_add.compare_exchange(
                 -1,
@@ -302,8 +323,42 @@ impl Partition {
         None
     }
 
-    /// Leader: the ISR expansion it proposed was answered (refused, or it failed): the
-    /// replica stops counting toward the high watermark unless the new ISR has it.
+    /// Leader: starts an ISR change, unless one is on its way; the token ends it
+    /// (`end_isr_change`).
+    pub fn begin_isr_change(&self) -> Option<u64> {
+        let _role = self.role.read();
+        if self.isr_change_pending.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        Some(self.isr_change_token.fetch_add(1, Ordering::AcqRel) + 1)
+    }
+
+    /// Leader: the ISR change `token` was answered (`added`: the replica it asked to add, which
+    /// stops counting toward the high watermark unless the ISR has it now). Nothing happens if
+    /// a role change superseded it: that dropped what it had pending, and a later proposal —
+    /// for the same replica, say — may be on its way, whose pending expansion must keep counting
+    /// until its own answer.
+    pub fn end_isr_change(&self, token: u64, added: Option<i32>) {
+        {
+            let _role = self.role.read();
+            if self.isr_change_token.load(Ordering::Acquire) != token {
+                return;
+            }
+            if let Some(r) = added {
+                let _ = self.pending_isr_add.compare_exchange(
+                    r,
+                    -1,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+            }
+            self.isr_change_pending.store(false, Ordering::Release);
+        }
+        self.maybe_advance_hw();
+    }
+
+    /// Leader: an ISR expansion it will not propose (the replica is fenced): the replica
+    /// stops counting toward the high watermark unless the ISR has it.
     pub fn isr_add_answered(&self, replica: i32) {
         let _ =
             self.pending_isr_add
@@ -929,6 +984,66 @@ mod tests {
         assert_eq!(part.high_watermark(), 15);
         part.isr_add_answered(3);
         assert_eq!(part.high_watermark(), 20);
+    }
+
+    /// The answer to an ISR expansion that a role change superseded (its task still on its
+    /// way) must not end the next proposal for the same replica: that replica keeps counting
+    /// toward the high watermark until its own answer, or the high watermark could pass
+    /// records it lacks while the controller puts it in the ISR.
+    #[test]
+    fn the_answer_to_a_superseded_isr_change_leaves_the_next_one_counting() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = leader(dir.path()); // ISR [1, 2] of replicas [1, 2, 3]
+        append(&part, 10);
+        part.record_follower_fetch(2, 10, true, 0);
+        assert_eq!(
+            part.record_follower_fetch(3, 10, true, 0),
+            Some(IsrChange::Add(3))
+        );
+        let first = part.begin_isr_change().unwrap();
+        assert_eq!(part.begin_isr_change(), None, "one change at a time");
+        // The metadata moves on (another change: a new partition epoch, 3 still out).
+        let mut moved = part.role();
+        moved.partition_epoch += 1;
+        part.set_role(moved, 0);
+        assert_eq!(
+            part.record_follower_fetch(3, 10, true, 0),
+            Some(IsrChange::Add(3))
+        );
+        let second = part.begin_isr_change().unwrap();
+        part.end_isr_change(first, Some(3));
+        append(&part, 5);
+        part.record_follower_fetch(2, 15, true, 0);
+        assert_eq!(part.high_watermark(), 10, "3 stopped counting too early");
+        assert_eq!(
+            part.begin_isr_change(),
+            None,
+            "the second change is on its way"
+        );
+        part.end_isr_change(second, Some(3));
+        assert_eq!(part.high_watermark(), 15);
+    }
+
+    /// A leader elected with a high watermark behind its log (a follower learns the leader's a
+    /// fetch late; a restarted replica starts from its checkpoint) admits a follower to the ISR
+    /// only once it reached the start of the new epoch: past the high watermark alone it could
+    /// lack records acknowledged before the election, and be elected next without them.
+    #[test]
+    fn a_follower_joins_the_isr_only_past_the_start_of_the_leader_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = leader(dir.path());
+        append(&part, 10);
+        part.set_role(role(2, 1), 0);
+        part.restart_high_watermark_at(5);
+        let mut elected = role(1, 2);
+        elected.isr = vec![1, 2];
+        part.set_role(elected, 0);
+        assert_eq!(part.high_watermark(), 5);
+        assert_eq!(part.record_follower_fetch(3, 7, true, 0), None);
+        assert_eq!(
+            part.record_follower_fetch(3, 10, true, 0),
+            Some(IsrChange::Add(3))
+        );
     }
 
     /// Writes race elections: a produce that found this replica leading must not append once

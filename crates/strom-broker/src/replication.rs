@@ -822,7 +822,6 @@ pub fn resign_if_storage_failed(broker: &Arc<Broker>, part: &Arc<Partition>) {
 /// Sends an ISR change for `part` to the controller in the background (one at a time per
 /// partition); the new ISR takes effect when the metadata image carries it.
 pub fn propose_isr(broker: &Arc<Broker>, part: &Arc<Partition>, change: IsrChange) {
-    use std::sync::atomic::Ordering;
     if let IsrChange::Add(replica) = change {
         // A fenced (or unregistered) replica is not eligible (KIP-841): the controller would
         // refuse it, and this leader would ask again on every fetch the replica sends.
@@ -831,9 +830,9 @@ pub fn propose_isr(broker: &Arc<Broker>, part: &Arc<Partition>, change: IsrChang
             return;
         }
     }
-    if part.isr_change_pending.swap(true, Ordering::AcqRel) {
+    let Some(token) = part.begin_isr_change() else {
         return;
-    }
+    };
     let broker = broker.clone();
     let part = part.clone();
     // The partition state this decision rests on: the controller refuses the change once the
@@ -845,33 +844,51 @@ pub fn propose_isr(broker: &Arc<Broker>, part: &Arc<Partition>, change: IsrChang
     };
     tokio::spawn(async move {
         let me = broker.node_id;
-        let result = broker
-            .commit_metadata_async::<String>(|img| {
-                let Some(p) = img
-                    .topic(&part.topic)
-                    .and_then(|t| t.partitions.get(&part.index))
-                else {
-                    return Ok(Vec::new());
-                };
-                let state = (me, epoch, partition_epoch);
-                let mut isr = p.isr.clone();
-                match &change {
-                    IsrChange::Add(r) if !isr.contains(r) => isr.push(*r),
-                    IsrChange::Add(_) => return Ok(Vec::new()),
-                    IsrChange::Remove(rs) => isr.retain(|r| !rs.contains(r)),
-                    IsrChange::Resign => {
-                        return broker
-                            .controller()
-                            .resign_leadership(img, &part.topic, part.index, state, &*broker)
-                            .map_err(|e| e.to_string())
+        let result = loop {
+            let result = broker
+                .commit_metadata_async::<IsrProposalError>(|img| {
+                    let Some(p) = img
+                        .topic(&part.topic)
+                        .and_then(|t| t.partitions.get(&part.index))
+                    else {
+                        return Ok(Vec::new());
+                    };
+                    let state = (me, epoch, partition_epoch);
+                    let mut isr = p.isr.clone();
+                    match &change {
+                        IsrChange::Add(r) if !isr.contains(r) => isr.push(*r),
+                        IsrChange::Add(_) => return Ok(Vec::new()),
+                        IsrChange::Remove(rs) => isr.retain(|r| !rs.contains(r)),
+                        IsrChange::Resign => {
+                            return broker
+                                .controller()
+                                .resign_leadership(img, &part.topic, part.index, state, &*broker)
+                                .map_err(|e| IsrProposalError::Refused(e.to_string()))
+                        }
                     }
-                }
-                broker
-                    .controller()
-                    .alter_isr(img, &part.topic, part.index, state, &isr, &*broker)
-                    .map_err(|e| e.to_string())
-            })
-            .await;
+                    broker
+                        .controller()
+                        .alter_isr(img, &part.topic, part.index, state, &isr, &*broker)
+                        .map_err(|e| IsrProposalError::Refused(e.to_string()))
+                })
+                .await;
+            // An expansion whose outcome is unknown (a timeout, the controller lost mid-append,
+            // its metadata late here) may have committed: the replica keeps counting toward
+            // the high watermark and the leader asks again until it knows — the same request
+            // answers at once once this broker's metadata holds it, and is refused once the
+            // partition moved on (as Kafka retries AlterPartition). Dropping the replica from
+            // the count meanwhile would let the high watermark pass records it lacks while the
+            // controller has it in the ISR, and so may elect it next.
+            let retry = matches!(result, Err(IsrProposalError::Uncertain(_)))
+                && matches!(change, IsrChange::Add(_))
+                && part.leads_in(epoch)
+                && part.role().partition_epoch == partition_epoch;
+            if !retry {
+                break result;
+            }
+            tracing::debug!(topic = %part.topic, partition = part.index, ?change, "ISR expansion outcome unknown; asking again");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         match result {
             Ok(img) if matches!(change, IsrChange::Resign) => {
                 let leader = img
@@ -888,14 +905,39 @@ pub fn propose_isr(broker: &Arc<Broker>, part: &Arc<Partition>, change: IsrChang
                 tracing::info!(topic = %part.topic, partition = part.index, ?change, "ISR changed")
             }
             Err(e) => {
-                tracing::warn!(topic = %part.topic, partition = part.index, ?change, error = %e, "ISR change refused")
+                tracing::warn!(topic = %part.topic, partition = part.index, ?change, error = %e, "ISR change not confirmed")
             }
         }
-        if let IsrChange::Add(replica) = change {
-            part.isr_add_answered(replica);
-        }
-        part.isr_change_pending.store(false, Ordering::Release);
+        let added = match change {
+            IsrChange::Add(replica) => Some(replica),
+            _ => None,
+        };
+        part.end_isr_change(token, added);
     });
+}
+
+/// Why an ISR change was not confirmed: refused as built here (nothing was sent), or an
+/// outcome this broker does not know (a timeout, a lost controller, the controller's answer:
+/// it may have committed).
+#[derive(Debug)]
+enum IsrProposalError {
+    Refused(String),
+    Uncertain(String),
+}
+
+impl From<String> for IsrProposalError {
+    fn from(e: String) -> Self {
+        IsrProposalError::Uncertain(e)
+    }
+}
+
+impl std::fmt::Display for IsrProposalError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IsrProposalError::Refused(e) => write!(f, "refused: {e}"),
+            IsrProposalError::Uncertain(e) => write!(f, "outcome unknown: {e}"),
+        }
+    }
 }
 
 /// Leader side: drops followers that lagged for `replica.lag.time.max.ms` from the ISR.
