@@ -809,6 +809,16 @@ pub enum IsrChange {
     Resign,
 }
 
+impl IsrChange {
+    /// The replica an expansion asks to add.
+    pub fn added(&self) -> Option<i32> {
+        match self {
+            IsrChange::Add(r) => Some(*r),
+            _ => None,
+        }
+    }
+}
+
 /// After a refused append: if the log's writes are failing on its storage (a full or failing
 /// disk, `Partition::write_failed`, which classifies the error), the leader asks to hand the
 /// partition to another in-sync replica, so that producers go on there while it retries as a
@@ -908,11 +918,7 @@ pub fn propose_isr(broker: &Arc<Broker>, part: &Arc<Partition>, change: IsrChang
                 tracing::warn!(topic = %part.topic, partition = part.index, ?change, error = %e, "ISR change not confirmed")
             }
         }
-        let added = match change {
-            IsrChange::Add(replica) => Some(replica),
-            _ => None,
-        };
-        part.end_isr_change(token, added);
+        part.end_isr_change(token, change.added());
     });
 }
 

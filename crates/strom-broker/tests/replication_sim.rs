@@ -491,39 +491,34 @@ impl Sim {
                 partition_epoch,
                 change,
             } => self.on_alter((from, inc, token), epoch, partition_epoch, change),
-            Msg::AlterAnswer {
-                to,
-                inc,
-                token,
-                change,
-                epoch,
-                partition_epoch,
-                committed,
-            } => {
-                let Some(part) = self.alive(to, inc) else {
-                    return;
-                };
-                if !committed {
-                    self.apply_metadata(to, false);
-                } else if part.leads_in(epoch) && part.role().partition_epoch == partition_epoch {
-                    self.wire.push(Msg::AlterAnswer {
-                        to,
-                        inc,
-                        token,
-                        change,
-                        epoch,
-                        partition_epoch,
-                        committed,
-                    });
-                    return;
-                }
-                let added = match change {
-                    IsrChange::Add(r) => Some(r),
-                    _ => None,
-                };
-                part.end_isr_change(token, added);
-            }
+            answer @ Msg::AlterAnswer { .. } => self.on_alter_answer(answer),
         }
+    }
+
+    fn on_alter_answer(&mut self, answer: Msg) {
+        let Msg::AlterAnswer {
+            to,
+            inc,
+            token,
+            ref change,
+            epoch,
+            partition_epoch,
+            committed,
+        } = answer
+        else {
+            unreachable!("not an AlterPartition answer: {answer:?}");
+        };
+        let Some(part) = self.alive(to, inc) else {
+            return;
+        };
+        if !committed {
+            self.apply_metadata(to, false);
+        } else if part.leads_in(epoch) && part.role().partition_epoch == partition_epoch {
+            // Not known to the leader yet: it waits for its metadata (and asks again).
+            self.wire.push(answer);
+            return;
+        }
+        part.end_isr_change(token, change.added());
     }
 
     /// The produce handler: refused unless leading with the ISR at min.insync.replicas; an
