@@ -94,6 +94,9 @@ pub struct Partition {
     pub index: i32,
     /// `None` once the partition was closed or deleted; later calls fail cleanly.
     log: Mutex<Option<Log>>,
+    /// The log was taken out (`take_log`): waiters check it without the log's lock, which an
+    /// append of a large batch holds for a while.
+    closed: AtomicBool,
     high_watermark: AtomicI64,
     log_end_offset: AtomicI64,
     log_start_offset: AtomicI64,
@@ -180,6 +183,7 @@ impl Partition {
             role_changed: Notify::new(),
             write_failed: AtomicBool::new(false),
             log: Mutex::new(Some(log)),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -200,7 +204,7 @@ impl Partition {
 
     /// The log was closed or deleted (`take_log`).
     pub fn is_closed(&self) -> bool {
-        self.log.lock().is_none()
+        self.closed.load(Ordering::Acquire)
     }
 
     /// A replica of this partition that is not its leader.
@@ -876,6 +880,7 @@ impl Partition {
     /// a storage error, which requests still holding the partition report to their client.
     pub fn take_log(&self) -> Option<Log> {
         let log = self.log.lock().take();
+        self.closed.store(true, Ordering::Release);
         // No fsync of it follows: writes waiting for one end now (`wait_durable`).
         self.role_changed.notify_waiters();
         log
