@@ -168,7 +168,6 @@ impl OffsetsLog for Broker {
                 .map_err(|e| match e {
                     // No longer leading (or moved away): another coordinator answers.
                     LogError::NotLeader => GroupError::NotCoordinator,
-                    _ if part.is_closed() => GroupError::NotCoordinator,
                     _ => GroupError::StorageError,
                 })?;
             // Replicated like an acks=all produce before the coordinator answers.

@@ -589,8 +589,9 @@ impl Partition {
     /// with `NotLeader` as soon as the replica no longer leads in that epoch: as a follower it
     /// may truncate them, and what its log later holds at those offsets is not what was
     /// appended (Kafka completes a waiting produce with NOT_LEADER_OR_FOLLOWER when the
-    /// leadership changes). Any wait ends with `Failed` once the log is closed or deleted (a
-    /// reassignment moved it away): no fsync of it follows.
+    /// leadership changes). Any wait ends once the log is closed or deleted (a reassignment
+    /// moved it away): no fsync of it follows — a leader's with `NotLeader` too, any other with
+    /// `Failed`.
     pub async fn wait_durable(
         self: &Arc<Self>,
         end_offset: i64,
@@ -620,7 +621,10 @@ impl Partition {
                 return Err(LogError::Io(std::io::Error::other("fsync failed")));
             }
             if self.is_closed() {
-                return Err(LogError::Failed);
+                return Err(match leading {
+                    Some(_) => LogError::NotLeader,
+                    None => LogError::Failed,
+                });
             }
             tokio::select! {
                 changed = rx.changed() => {
@@ -1132,14 +1136,21 @@ mod tests {
     /// move to the new leader for a minute).
     #[tokio::test]
     async fn a_write_waiting_for_its_fsync_ends_when_its_log_is_deleted() {
-        for leading in [Some(0), None] {
+        for (leading, deleted) in [(Some(0), "NotLeader"), (None, "Failed")] {
             let dir = tempfile::tempdir().unwrap();
             let part = leader_flushing(dir.path(), (1, i64::MAX));
             let (target, waiter) = waiting_for_fsync(&part, leading).await;
             let log = part.take_log().unwrap();
             target.sync().unwrap();
             part.flush_done(Some(target));
-            assert!(matches!(ends(waiter).await, Err(LogError::Failed)));
+            let ended = ends(waiter).await;
+            assert!(
+                matches!(
+                    (&ended, deleted),
+                    (Err(LogError::NotLeader), "NotLeader") | (Err(LogError::Failed), "Failed")
+                ),
+                "{ended:?}"
+            );
             log.delete().unwrap();
         }
     }

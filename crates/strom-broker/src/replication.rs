@@ -890,7 +890,7 @@ pub fn propose_isr(broker: &Arc<Broker>, part: &Arc<Partition>, change: IsrChang
             // the count meanwhile would let the high watermark pass records it lacks while the
             // controller has it in the ISR, and so may elect it next.
             let retry = matches!(result, Err(IsrProposalError::Uncertain(_)))
-                && matches!(change, IsrChange::Add(_))
+                && change.added().is_some()
                 && part.leads_in(epoch)
                 && part.role().partition_epoch == partition_epoch;
             if !retry {

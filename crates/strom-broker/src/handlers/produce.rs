@@ -40,10 +40,6 @@ async fn wait(
         Ok(()) => {}
         Err(LogError::NotLeader) => return Err(ResponseError::NotLeaderOrFollower),
         Err(e) => {
-            if part.is_closed() {
-                // Deleted (reassigned away) before its fsync: not a storage failure.
-                return Err(ResponseError::NotLeaderOrFollower);
-            }
             tracing::error!(topic = %part.topic, partition = part.index, error = %e, "flush failed; produce not acknowledged");
             return Err(log_error_code(&e));
         }
