@@ -360,17 +360,46 @@ impl Cluster {
         what: &str,
         f: impl Fn(&PartitionState) -> bool,
     ) -> PartitionState {
+        self.wait_partition_in(None, topic, p, timeout, what, f)
+    }
+
+    /// Waits until `f` holds for the partition as node `id` reports it (a test that then asks
+    /// that node must not rely on another node having seen the change first).
+    pub fn wait_partition_from(
+        &mut self,
+        id: i32,
+        topic: &str,
+        p: usize,
+        timeout: Duration,
+        what: &str,
+        f: impl Fn(&PartitionState) -> bool,
+    ) -> PartitionState {
+        self.wait_partition_in(Some(id), topic, p, timeout, what, f)
+    }
+
+    fn wait_partition_in(
+        &mut self,
+        from: Option<i32>,
+        topic: &str,
+        p: usize,
+        timeout: Duration,
+        what: &str,
+        f: impl Fn(&PartitionState) -> bool,
+    ) -> PartitionState {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(s) = self.view().and_then(|v| v.partition(topic, p).cloned()) {
+            let view = match from {
+                Some(id) => self.view_from(id),
+                None => self.view(),
+            };
+            if let Some(s) = view.as_ref().and_then(|v| v.partition(topic, p).cloned()) {
                 if f(&s) {
                     return s;
                 }
             }
             assert!(
                 Instant::now() < deadline,
-                "{topic}/{p}: {what} did not happen; view {:?}\n{}",
-                self.view(),
+                "{topic}/{p}: {what} did not happen; view {view:?}\n{}",
                 self.logs()
             );
             std::thread::sleep(Duration::from_millis(20));

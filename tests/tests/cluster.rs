@@ -959,22 +959,14 @@ async fn a_controller_that_is_heard_but_hears_nothing_is_replaced_and_stops_clai
     });
     let majority: Vec<String> = others.iter().map(|id| c.node(*id).bootstrap()).collect();
     create_replicated(&majority.join(","), "one-way-cut", 1, 2, &[]).await;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let view = c.view_from(new);
-        let s = view
-            .as_ref()
-            .and_then(|v| v.partition("one-way-cut", 0).cloned());
-        if s.is_some_and(|s| s.leader > 0 && s.isr.len() == 2) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no leader and full ISR: {view:?}\n{}",
-            c.logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    c.wait_partition_from(
+        new,
+        "one-way-cut",
+        0,
+        WAIT,
+        "a leader and a full ISR",
+        |s| s.leader > 0 && s.isr.len() == 2,
+    );
 
     for p in proxies.values() {
         p.release();

@@ -349,12 +349,7 @@ impl Partition {
                 return;
             }
             if let Some(r) = added {
-                let _ = self.pending_isr_add.compare_exchange(
-                    r,
-                    -1,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
+                self.forget_pending_add(r);
             }
             self.isr_change_pending.store(false, Ordering::Release);
         }
@@ -364,10 +359,16 @@ impl Partition {
     /// Leader: an ISR expansion it will not propose (the replica is fenced): the replica
     /// stops counting toward the high watermark unless the ISR has it.
     pub fn isr_add_answered(&self, replica: i32) {
+        self.forget_pending_add(replica);
+        self.maybe_advance_hw();
+    }
+
+    /// `replica` stops counting toward the high watermark as a pending ISR expansion (unless
+    /// another replica's is pending now).
+    fn forget_pending_add(&self, replica: i32) {
         let _ =
             self.pending_isr_add
                 .compare_exchange(replica, -1, Ordering::AcqRel, Ordering::Acquire);
-        self.maybe_advance_hw();
     }
 
     /// Leader: the ISR without followers that have not caught up for `lag_max_ms`.
