@@ -3625,6 +3625,10 @@ enum Fault {
     /// Every connection to a node's Kafka listener dropped, clients' and replica fetchers'
     /// (answers in flight lost, requests retried), every 100 ms during the pause.
     Resets(i32),
+    /// Every byte to and from a node's Kafka listener held (clients' and the other nodes'
+    /// replica fetchers) while its controller links work: a gray failure the controller does
+    /// not see, the node heartbeating and keeping its leaderships.
+    Unreachable(i32),
 }
 
 /// Picks the next fault: a random node, the active controller or the leader of a random
@@ -3645,7 +3649,7 @@ fn next_fault(rng: &mut impl rand::Rng, c: &mut Cluster, topic: &str, partitions
     }
     .unwrap_or_else(|| rng.gen_range(1..=3));
     let other = (victim - 1 + rng.gen_range(1..3)) % 3 + 1;
-    match rng.gen_range(0..18) {
+    match rng.gen_range(0..19) {
         0..=2 => Fault::Kill(victim),
         3..=4 => Fault::Pause(victim),
         5 => Fault::Terminate(victim),
@@ -3657,6 +3661,7 @@ fn next_fault(rng: &mut impl rand::Rng, c: &mut Cluster, topic: &str, partitions
         14 => Fault::OneWay(victim, other),
         15 => Fault::SlowDisk(victim),
         16 => Fault::DiskFails(victim),
+        17 => Fault::Unreachable(victim),
         _ => Fault::Resets(victim),
     }
 }
@@ -3665,8 +3670,9 @@ fn next_fault(rng: &mut impl rand::Rng, c: &mut Cluster, topic: &str, partitions
 /// partitions) while an idempotent acks=all producer writes to every partition and a consumer
 /// reads each one: nodes killed, paused, shut down, two at once, disks replaced, failing or
 /// slow; the network between nodes partitioned (a node isolated, one link cut, or one way
-/// only) while clients still reach every node; the controller and partition leaders among the
-/// victims. After most faults the cluster must heal (every partition back to a full ISR,
+/// only) while clients still reach every node; a node's Kafka listener unreachable for clients
+/// and the other nodes alike while its controller links work; the controller and partition
+/// leaders among the victims. After most faults the cluster must heal (every partition back to a full ISR,
 /// writes acknowledged again) before the next; the others follow at once, while a node
 /// catches up or a leader is elected. At the end every acknowledged record is read back, once
 /// and in order, every consumer was given only what the log keeps, and after each node in
@@ -3779,6 +3785,7 @@ async fn random_faults_lose_nothing_acknowledged_and_the_replicas_agree() {
             Fault::Cut(a, z) => net.cut(a, z),
             Fault::OneWay(a, z) => net.cut_one_way(a, z),
             Fault::Resets(_) => {}
+            Fault::Unreachable(n) => net.kafka[&n].hold(),
             Fault::SlowDisk(n) => {
                 let pid = c.node(n).pid().expect("running");
                 let delay = Duration::from_millis(rng.gen_range(20..300));
