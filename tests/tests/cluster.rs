@@ -7,7 +7,7 @@
 //! cancelled,
 //! a broker-only node (not a controller voter) leading and following partitions, an active
 //! controller cut off from the other voters by a silent network resigning (check quorum) and
-//! following the new one once healed,
+//! following the new one once healed, and one whose voters are down (refusing) resigning too,
 //! a follower whose disk is full backing off and catching up once it has space again, a
 //! leader whose fsync fails and a controller whose metadata log fails stopping and the
 //! others taking over,
@@ -915,6 +915,27 @@ async fn a_fenced_follower_that_still_fetches_is_not_proposed_for_the_isr_again_
 }
 
 /// Waits until the two nodes `others` name the same controller, one of them, and returns it.
+/// Waits until the former active controller `old`, asked directly, no longer names itself
+/// (without check quorum it would forever: nothing tells it of a newer term) and has logged its
+/// resignation. The bound is generous; the window is 1.5 election timeouts (900 ms by default).
+fn wait_resigned(c: &mut Cluster, old: i32, since: Instant, after: &str) {
+    wait_for(Duration::from_secs(5), "the controller to resign", || {
+        let v = c.view_from(old)?;
+        (v.controller != old).then_some(v)
+    });
+    eprintln!(
+        "node {old} stopped naming itself the controller {:?} after {after}",
+        since.elapsed()
+    );
+    assert!(
+        c.node(old)
+            .log()
+            .contains("no longer acting as the active controller"),
+        "the resignation is logged:\n{}",
+        c.logs()
+    );
+}
+
 fn agreed_controller_among(c: &mut Cluster, others: &[i32]) -> i32 {
     wait_for(WAIT, "the other two to agree on a new controller", || {
         let a = c.view_from(others[0])?.controller;
@@ -1015,19 +1036,7 @@ async fn a_controller_cut_off_from_the_voters_stops_claiming_it_and_follows_once
         p.hold();
     }
     let held_at = Instant::now();
-    // Asked directly, it no longer names itself; without check quorum it would forever, as
-    // nothing tells it of the newer term. The bound is generous; the window is 1.5 election
-    // timeouts (900 ms by default).
-    wait_for(
-        Duration::from_secs(5),
-        "the cut-off controller to resign",
-        || {
-            let v = c.view_from(old)?;
-            (v.controller != old).then_some(v)
-        },
-    );
-    let resigned_after = held_at.elapsed();
-    eprintln!("node {old} stopped naming itself the controller {resigned_after:?} after the cut");
+    wait_resigned(&mut c, old, held_at, "the cut");
     // The majority elects a new controller and both of them say so.
     let new = agreed_controller_among(&mut c, &others);
     eprintln!(
@@ -1043,13 +1052,6 @@ async fn a_controller_cut_off_from_the_voters_stops_claiming_it_and_follows_once
             assert_eq!(code, ResponseError::NotLeaderOrFollower.code());
         }
     }
-    assert!(
-        c.node(old)
-            .log()
-            .contains("no longer acting as the active controller"),
-        "the resignation is logged:\n{}",
-        c.logs()
-    );
     let q = describe_quorum(&mut c, others[1]);
     assert_eq!(q.leader, new);
     assert!(
@@ -1108,6 +1110,31 @@ async fn a_controller_cut_off_from_the_voters_stops_claiming_it_and_follows_once
     }
     let p = producer(&c.node(old).bootstrap(), "all", true);
     send_values(&p, "after-cut", 0..20).await;
+}
+
+/// Check quorum when the voters refuse instead of staying silent: both other voters killed
+/// (their ports refuse connections at once, where the test above holds every byte), the active
+/// controller stops naming itself within the same window rather than answering as the
+/// controller of a quorum it no longer has; with them back, the three elect one again.
+#[test]
+fn a_controller_whose_voters_are_down_stops_claiming_it() {
+    let mut c = Cluster::start(3, &[]);
+    let old = c.view().unwrap().controller;
+    let others: Vec<i32> = (1..=3).filter(|id| *id != old).collect();
+    assert_eq!(describe_quorum(&mut c, old).leader, old);
+    for id in &others {
+        c.node(*id).kill9();
+    }
+    wait_resigned(&mut c, old, Instant::now(), "the kills");
+    for id in &others {
+        c.node(*id).restart();
+    }
+    c.wait_brokers(3, WAIT);
+    let leader = wait_for(WAIT, "a controller the old one names", || {
+        let q = try_describe_quorum(&mut c, old).ok()?;
+        (q.leader > 0).then_some(q.leader)
+    });
+    eprintln!("controller {leader} after the voters came back");
 }
 
 /// Controlled shutdown of the active controller (SIGTERM): before the process exits its
