@@ -914,7 +914,6 @@ async fn a_fenced_follower_that_still_fetches_is_not_proposed_for_the_isr_again_
     );
 }
 
-/// Waits until the two nodes `others` name the same controller, one of them, and returns it.
 /// Waits until the former active controller `old`, asked directly, no longer names itself
 /// (without check quorum it would forever: nothing tells it of a newer term) and has logged its
 /// resignation. The bound is generous; the window is 1.5 election timeouts (900 ms by default).
@@ -936,6 +935,7 @@ fn wait_resigned(c: &mut Cluster, old: i32, since: Instant, after: &str) {
     );
 }
 
+/// Waits until the two nodes `others` name the same controller, one of them, and returns it.
 fn agreed_controller_among(c: &mut Cluster, others: &[i32]) -> i32 {
     wait_for(WAIT, "the other two to agree on a new controller", || {
         let a = c.view_from(others[0])?.controller;
@@ -3699,9 +3699,9 @@ fn next_fault(rng: &mut impl rand::Rng, c: &mut Cluster, topic: &str, partitions
 /// slow; the network between nodes partitioned (a node isolated, one link cut, or one way
 /// only) while clients still reach every node; a node's Kafka listener unreachable for clients
 /// and the other nodes alike while its controller links work; the controller and partition
-/// leaders among the victims. After most faults the cluster must heal (every partition back to a full ISR,
-/// writes acknowledged again) before the next; the others follow at once, while a node
-/// catches up or a leader is elected. At the end every acknowledged record is read back, once
+/// leaders among the victims. After most faults the cluster must heal (every partition back to
+/// a full ISR, writes acknowledged again) before the next; the others follow at once, while a
+/// node catches up or a leader is elected. At the end every acknowledged record is read back, once
 /// and in order, every consumer was given only what the log keeps, and after each node in
 /// turn is killed the next leaders serve the same logs. `NEMESIS_SEED` repeats a schedule (the
 /// seed is printed), `NEMESIS_ROUNDS` lengthens it.
