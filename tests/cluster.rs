@@ -159,12 +159,20 @@ impl Cluster {
         Self::start_full(voters, broker_only, sets, node_sets, at, route)
     }
 
-    /// `n` voters whose every link goes through a proxy of `Network`, so that a test can
-    /// partition the network between nodes while clients still reach every node: each node
-    /// reaches each other voter's controller listener through a proxy of its own, and
-    /// advertises a proxy in front of its Kafka listener, which the other nodes' replica
-    /// fetchers (told apart by their client id) and the clients go through.
-    pub async fn start_partitionable(n: usize, sets: &[&str]) -> (Cluster, Network) {
+    /// `voters` voters and `broker_only` broker-only nodes (as `start_mixed`) whose links go
+    /// through proxies of `Network`, so that a test can partition the network between nodes
+    /// while clients still reach every node: each node reaches each voter's controller
+    /// listener through a proxy of its own, and advertises a proxy in front of its Kafka
+    /// listener, which the other nodes' replica fetchers (told apart by their client id) and
+    /// the clients go through. Not proxied: the active controller's connections to a
+    /// broker-only node's controller listener (the metadata log it replicates to it; a node
+    /// joins at the address it listens on).
+    pub async fn start_partitionable(
+        voters: usize,
+        broker_only: usize,
+        sets: &[&str],
+    ) -> (Cluster, Network) {
+        let n = voters + broker_only;
         let controller_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let kafka_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
@@ -178,7 +186,7 @@ impl Cluster {
             let proxy = Proxy::start_by_client(local(port)).await;
             kafka.push((port, proxy.addr));
             net.kafka.insert(from, proxy);
-            for to in (1..=n as i32).filter(|to| *to != from) {
+            for to in (1..=voters as i32).filter(|to| *to != from) {
                 let upstream = local(controller_ports[to as usize - 1]);
                 net.controller
                     .insert((from, to), Proxy::start(upstream).await);
@@ -198,8 +206,8 @@ impl Cluster {
         let c = tokio::task::spawn_blocking(move || {
             let sets: Vec<&str> = sets.iter().map(|s| s.as_str()).collect();
             Self::start_full(
-                n,
-                0,
+                voters,
+                broker_only,
                 &sets,
                 |_| Vec::new(),
                 at,

@@ -18,7 +18,7 @@
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -849,7 +849,7 @@ async fn a_new_controller_takes_over_and_metadata_changes_work_again() {
 /// cut during a restart once ended the node with "no active controller answered".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_registration_goes_unanswered_retries_until_it_registers() {
-    let (mut c, net) = Cluster::start_partitionable(3, &[]).await;
+    let (mut c, net) = Cluster::start_partitionable(3, 0, &[]).await;
     let controller = c.view().unwrap().controller;
     let n = (1..=3).find(|id| *id != controller).unwrap();
     c.node(n).kill9();
@@ -874,7 +874,7 @@ async fn a_node_whose_registration_goes_unanswered_retries_until_it_registers() 
 /// Healed, the follower is unfenced and rejoins the ISR.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_follower_that_still_fetches_is_not_proposed_for_the_isr_again_and_again() {
-    let (mut c, net) = Cluster::start_partitionable(3, &[]).await;
+    let (mut c, net) = Cluster::start_partitionable(3, 0, &[]).await;
     let b = c.bootstrap();
     create_replicated(&b, "fenced", 1, 3, &[]).await;
     c.wait_partition("fenced", 0, WAIT, "a full ISR", |s| s.isr.len() == 3);
@@ -952,7 +952,7 @@ fn agreed_controller_among(c: &mut Cluster, others: &[i32]) -> i32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_that_is_heard_but_hears_nothing_is_replaced_and_stops_claiming() {
     // Only the controller links are held here (not the replica fetchers').
-    let (mut c, net) = Cluster::start_partitionable(3, &[]).await;
+    let (mut c, net) = Cluster::start_partitionable(3, 0, &[]).await;
     let proxies = &net.controller;
     let old = c.view().unwrap().controller;
     let others: Vec<i32> = (1..=3).filter(|id| *id != old).collect();
@@ -1009,7 +1009,7 @@ async fn a_controller_that_is_heard_but_hears_nothing_is_replaced_and_stops_clai
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_cut_off_from_the_voters_stops_claiming_it_and_follows_once_healed() {
     // Only the controller links are held here (not the replica fetchers').
-    let (mut c, net) = Cluster::start_partitionable(3, &[]).await;
+    let (mut c, net) = Cluster::start_partitionable(3, 0, &[]).await;
     let proxies = &net.controller;
     let old = c.view().unwrap().controller;
     let others: Vec<i32> = (1..=3).filter(|id| *id != old).collect();
@@ -3659,8 +3659,9 @@ enum Fault {
 }
 
 /// Picks the next fault: a random node, the active controller or the leader of a random
-/// partition as the (first) victim.
+/// partition as the (first) victim, and another random node.
 fn next_fault(rng: &mut impl rand::Rng, c: &mut Cluster, topic: &str, partitions: i32) -> Fault {
+    let nodes = c.nodes.len() as i32;
     let view = c.view();
     let controller = view.as_ref().map(|v| v.controller).filter(|id| *id > 0);
     let p = rng.gen_range(0..partitions) as usize;
@@ -3674,8 +3675,8 @@ fn next_fault(rng: &mut impl rand::Rng, c: &mut Cluster, topic: &str, partitions
         1 => leader,
         _ => None,
     }
-    .unwrap_or_else(|| rng.gen_range(1..=3));
-    let other = (victim - 1 + rng.gen_range(1..3)) % 3 + 1;
+    .unwrap_or_else(|| rng.gen_range(1..=nodes));
+    let other = (victim - 1 + rng.gen_range(1..nodes)) % nodes + 1;
     match rng.gen_range(0..19) {
         0..=2 => Fault::Kill(victim),
         3..=4 => Fault::Pause(victim),
@@ -3693,13 +3694,15 @@ fn next_fault(rng: &mut impl rand::Rng, c: &mut Cluster, topic: &str, partitions
     }
 }
 
-/// A seeded schedule of random faults on a 3-node cluster (RF 3, min.insync.replicas 2, three
-/// partitions) while an idempotent acks=all producer writes to every partition and a consumer
+/// A seeded schedule of random faults on a cluster of three voters and a broker-only node (RF 3
+/// over the four, min.insync.replicas 2, three partitions) while an idempotent acks=all producer writes to every partition and a consumer
 /// reads each one: nodes killed, paused, shut down, two at once, disks replaced, failing or
 /// slow; the network between nodes partitioned (a node isolated, one link cut, or one way
 /// only) while clients still reach every node; a node's Kafka listener unreachable for clients
 /// and the other nodes alike while its controller links work; the controller and partition
-/// leaders among the victims. After most faults the cluster must heal (every partition back to
+/// leaders among the victims. (The active controller's metadata log reaches the broker-only
+/// node around the proxies: cut off, it still learns the metadata but cannot heartbeat or
+/// fetch.) After most faults the cluster must heal (every partition back to
 /// a full ISR, writes acknowledged again) before the next; the others follow at once, while a
 /// node catches up or a leader is elected. At the end every acknowledged record is read back, once
 /// and in order, every consumer was given only what the log keeps, and after each node in
@@ -3722,7 +3725,8 @@ async fn random_faults_lose_nothing_acknowledged_and_the_replicas_agree() {
     const TOPIC: &str = "nemesis";
     const PARTITIONS: i32 = 3;
     // Followers cut off leave the ISR within the shorter faults.
-    let (mut c, net) = Cluster::start_partitionable(3, &["replica.lag.time.max.ms=2000"]).await;
+    let (mut c, net) = Cluster::start_partitionable(3, 1, &["replica.lag.time.max.ms=2000"]).await;
+    let nodes = c.nodes.len() as i32;
     let b = c.bootstrap();
     create_replicated(&b, TOPIC, PARTITIONS, 3, &[("min.insync.replicas", "2")]).await;
     let healed = |c: &mut Cluster, what: &str| {
@@ -3734,6 +3738,20 @@ async fn random_faults_lose_nothing_acknowledged_and_the_replicas_agree() {
         }
     };
     healed(&mut c, "full ISR at the start");
+    // The nodes that follow a partition now (their fetchers must go through the proxies), and
+    // the broker-only node among the replicas.
+    let view = c.view().expect("a view of the cluster");
+    let start: Vec<&PartitionState> = (0..PARTITIONS as usize)
+        .map(|p| view.partition(TOPIC, p).expect("the partition"))
+        .collect();
+    let followers: BTreeSet<i32> = start
+        .iter()
+        .flat_map(|s| s.replicas.iter().copied().filter(|r| *r != s.leader))
+        .collect();
+    assert!(
+        start.iter().any(|s| s.replicas.contains(&nodes)),
+        "the broker-only node holds no replica: {start:?}"
+    );
 
     let acked_count = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -3805,7 +3823,7 @@ async fn random_faults_lose_nothing_acknowledged_and_the_replicas_agree() {
                 back.push((n, false));
             }
             Fault::Isolate(n) => {
-                for other in (1..=3).filter(|o| *o != n) {
+                for other in (1..=nodes).filter(|o| *o != n) {
                     net.cut(n, other);
                 }
             }
@@ -3892,7 +3910,7 @@ async fn random_faults_lose_nothing_acknowledged_and_the_replicas_agree() {
     }
 
     // The partitions cut replication too: every node's fetcher went through the proxies.
-    for from in 1..=3 {
+    for &from in &followers {
         let fetcher = Network::fetcher(from);
         let through: u64 = net.kafka.values().map(|p| p.connections_of(&fetcher)).sum();
         assert!(
@@ -3902,7 +3920,7 @@ async fn random_faults_lose_nothing_acknowledged_and_the_replicas_agree() {
     }
 
     // Every replica holds the same logs: with each node in turn gone, the others serve them.
-    for victim in 1..=3 {
+    for victim in 1..=nodes {
         c.node(victim).kill9();
         for (p, log) in logs.iter().enumerate() {
             c.wait_partition(TOPIC, p, WAIT, "a leader other than the victim", |s| {
