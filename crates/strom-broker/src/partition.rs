@@ -668,6 +668,19 @@ impl Partition {
         self.maybe_advance_hw();
     }
 
+    /// The flusher's work for this partition, done at once on the calling thread: fsync what
+    /// is written and move the durable end. For tests that play the flusher themselves (the
+    /// replication simulation); the broker queues partitions for its flusher instead.
+    #[doc(hidden)]
+    pub fn flush_now(&self) -> Result<(), LogError> {
+        let target = self.flush_target()?;
+        if let Some(t) = &target {
+            t.sync().map_err(LogError::SyncFailed)?;
+        }
+        self.flush_done(target);
+        Ok(())
+    }
+
     pub(crate) fn flush_failed(&self) {
         self.flush_state.send_modify(|s| s.1 += 1);
     }

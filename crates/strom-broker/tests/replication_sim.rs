@@ -16,7 +16,13 @@
 //! so answers arrive after elections, produces reach leaders that were deposed, proposals rest
 //! on stale partition epochs. Brokers crash (their in-flight answers lost), restart, and their
 //! disks fill up; a leader that cannot write hands over, a follower that cannot write leaves the
-//! ISR until it can. A failing seed is printed and replays exactly (`SIM_SEED`, `SIM_TRACE`);
+//! ISR until it can. Half the schedules (odd seeds) run as Strom does by default, fsyncing
+//! before acks=all (`flush.messages` 1): the simulation plays the flusher (each broker fsyncs at
+//! random steps), followers report their durable end with each fetch as they do on the wire,
+//! and a crash may be a power loss — each segment file back to what its last fsync made durable
+//! (the last fsync or truncation), sometimes with zeros where the lost bytes were, as a file
+//! system without a journal can leave them. The others flush lazily, and a crash keeps the
+//! page cache, as `kill -9` does. A failing seed is printed and replays exactly (`SIM_SEED`, `SIM_TRACE`);
 //! `SIM_SEEDS` and `SIM_STEPS` widen the search (200 schedules of 1 500 steps by default).
 //!
 //! Invariants: every acknowledged record stays at its offset in the leader's log through every
@@ -34,7 +40,7 @@ use bytes::Bytes;
 use futures::FutureExt;
 use strom_broker::flusher::Flusher;
 use strom_broker::partition::{Partition, ReplicaRole, ReplicationWait};
-use strom_broker::replication::{truncation_offset, IsrChange};
+use strom_broker::replication::{follower_progress, truncation_offset, IsrChange};
 use strom_log::{Log, LogConfig, ReadOut};
 use strom_meta::{Controller, CreateTopicSpec, FixedPolicy, MetadataImage, MetadataRecord};
 use strom_proto::batch::BatchIter;
@@ -52,9 +58,13 @@ const POLICY: FixedPolicy = FixedPolicy {
 const LAG_MS: i64 = 300;
 /// Simulated time per step.
 const STEP_MS: i64 = 5;
-/// Lazy flushing: the simulation is about replication, not fsync (a crash keeps the page cache,
-/// as `kill -9` does).
+/// Lazy flushing (a crash keeps the page cache, as `kill -9` does).
 const LAZY: (i64, i64) = (i64::MAX, i64::MAX);
+/// Durable mode: an fsync before every acknowledgement (Strom's default).
+const DURABLE: (i64, i64) = (1, i64::MAX);
+/// Durable mode: each broker's flusher runs at one step in this many (rarely enough that
+/// followers often hold records they have not fsynced when a crash comes).
+const FLUSH_ONE_IN: u64 = 8;
 /// Bytes per fetch answer: a few batches, so that catching up takes several round trips.
 const FETCH_BYTES: usize = 300;
 
@@ -87,6 +97,8 @@ enum Msg {
         to: i32,
         epoch: i32,
         offset: i64,
+        /// The follower's durable end (`DURABLE_END_TAG`).
+        durable: i64,
         can_write: bool,
     },
     /// `None`: refused (not the leader in that epoch).
@@ -156,6 +168,9 @@ struct Node {
     disk_full: bool,
     /// Its last append failed and none succeeded since (`Partition::write_failed`).
     write_failed: bool,
+    /// Durable mode: what each segment file holds on the disk itself (as of its last fsync
+    /// or truncation); a power loss puts the files back to it.
+    disk: BTreeMap<std::path::PathBuf, Vec<u8>>,
 }
 
 /// A produce appended by a leader, waiting for acks=all.
@@ -169,6 +184,10 @@ struct Waiter {
 }
 
 struct Sim {
+    /// Durable mode (see the module's doc); otherwise lazy flushing.
+    durable: bool,
+    /// Crashes that lost what was not fsynced.
+    power_losses: usize,
     controller: Controller,
     image: MetadataImage,
     nodes: BTreeMap<i32, Node>,
@@ -225,7 +244,7 @@ fn contents(part: &Partition) -> Vec<(i64, i32, u64)> {
 }
 
 impl Sim {
-    fn new() -> Sim {
+    fn new(durable: bool) -> Sim {
         let controller = Controller::default();
         let mut records: Vec<MetadataRecord> = (1..=BROKERS)
             .map(|id| MetadataRecord::RegisterBroker {
@@ -247,6 +266,8 @@ impl Sim {
         let (image, _) = image.apply(10, &records);
         let flusher_dir = tempfile::tempdir().unwrap();
         let mut sim = Sim {
+            durable,
+            power_losses: 0,
             controller,
             image,
             nodes: BTreeMap::new(),
@@ -274,6 +295,7 @@ impl Sim {
                 busy: false,
                 disk_full: false,
                 write_failed: false,
+                disk: BTreeMap::new(),
             };
             sim.nodes.insert(id, node);
             sim.open(id);
@@ -321,12 +343,37 @@ impl Sim {
             log,
             id,
             ReplicaRole::default(),
-            LAZY,
+            if self.durable { DURABLE } else { LAZY },
             self.flusher.clone(),
         ));
         part.restart_high_watermark_at(0);
         self.node(id).part = Some(part);
+        // What recovery kept it made durable (a torn tail is cut and fsynced).
+        self.on_disk(id);
         self.apply_metadata(id, true);
+    }
+
+    /// Durable mode: the segment files as they are now are on the disk (after an fsync or a
+    /// truncation, which fsyncs).
+    fn on_disk(&mut self, id: i32) {
+        if !self.durable {
+            return;
+        }
+        let mut disk = BTreeMap::new();
+        for entry in std::fs::read_dir(self.nodes[&id].dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "log") {
+                disk.insert(path.clone(), std::fs::read(&path).unwrap());
+            }
+        }
+        self.node(id).disk = disk;
+    }
+
+    /// Durable mode: broker `id`'s flusher fsyncs what is written.
+    fn flush(&mut self, id: i32) {
+        let Some(part) = self.part(id) else { return };
+        part.flush_now().unwrap();
+        self.on_disk(id);
     }
 
     /// Broker `id` applies the metadata committed so far (the replica manager's `set_role`,
@@ -420,6 +467,7 @@ impl Sim {
                 to: leader,
                 epoch,
                 offset: part.log_end_offset(),
+                durable: part.durable_end(),
                 can_write: !n.write_failed,
             },
         };
@@ -445,8 +493,9 @@ impl Sim {
                 to,
                 epoch,
                 offset,
+                durable,
                 can_write,
-            } => self.on_fetch((from, from_inc), to, epoch, offset, can_write),
+            } => self.on_fetch((from, from_inc), to, epoch, (offset, durable), can_write),
             Msg::FetchAnswer {
                 to,
                 inc,
@@ -560,7 +609,7 @@ impl Sim {
         (from, from_inc): (i32, u32),
         to: i32,
         epoch: i32,
-        offset: i64,
+        (offset, durable): (i64, i64),
         can_write: bool,
     ) {
         let Some(part) = self.part(to) else {
@@ -572,7 +621,9 @@ impl Sim {
                 offset <= leo,
                 "follower {from} fetches at {offset}, past the end {leo} of leader {to} in epoch {epoch}"
             );
-            if let Some(change) = part.record_follower_fetch(from, offset, can_write, self.now) {
+            // What counts for the high watermark is what the follower holds durably.
+            let progress = follower_progress(offset, Some(durable), leo);
+            if let Some(change) = part.record_follower_fetch(from, progress, can_write, self.now) {
                 self.propose(to, change);
             }
             let ReadOut::Copied(data) = part
@@ -669,6 +720,7 @@ impl Sim {
             None => self.stale_refused += 1,
             Some(r) => {
                 r.unwrap();
+                self.on_disk(to);
                 if complete && current {
                     self.node(to).phase = Phase::Fetch;
                 }
@@ -770,12 +822,29 @@ impl Sim {
     }
 
     /// `kill -9`: the process and its connections go (what it had sent stays on the wire);
-    /// the controller fences it once its session expires.
-    fn crash(&mut self, id: i32) {
+    /// the controller fences it once its session expires. With `power_loss` (durable mode)
+    /// the machine goes too: every segment file is put back to what is on its disk, and
+    /// sometimes zeros stand where lost bytes went past it (a size that reached the disk
+    /// before the data).
+    fn crash(&mut self, id: i32, power_loss: Option<&mut Rng>) {
         let Some(part) = self.node(id).part.take() else {
             return;
         };
         drop(part.take_log());
+        if let Some(rng) = power_loss {
+            self.power_losses += 1;
+            for (path, durable) in &self.nodes[&id].disk {
+                let Ok(len) = std::fs::metadata(path).map(|m| m.len()) else {
+                    continue;
+                };
+                std::fs::write(path, durable).unwrap();
+                let durable = durable.len() as u64;
+                if len > durable && rng.below(2) == 0 {
+                    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+                    f.set_len(durable + 1 + rng.below(len - durable)).unwrap();
+                }
+            }
+        }
         let n = self.node(id);
         n.inc += 1;
         n.follow = None;
@@ -885,9 +954,16 @@ impl Sim {
             950..958 => {
                 // Keep a majority of brokers alive most of the time.
                 let alive = self.nodes.values().filter(|n| n.part.is_some()).count();
-                if alive > 1 {
-                    self.trace(&format!("crash {b}"));
-                    self.crash(b)
+                if self.durable && rng.below(8) == 0 {
+                    // The power goes everywhere at once (a data centre's outage).
+                    self.trace("power loss everywhere");
+                    for id in 1..=BROKERS {
+                        self.crash(id, Some(&mut *rng));
+                    }
+                } else if alive > 1 {
+                    let power_loss = self.durable && rng.below(2) == 0;
+                    self.trace(&format!("crash {b} (power loss: {power_loss})"));
+                    self.crash(b, power_loss.then_some(&mut *rng))
                 }
             }
             958..985 => {
@@ -896,6 +972,13 @@ impl Sim {
             }
             985..987 => self.node(b).disk_full = true,
             _ => self.node(b).disk_full = false,
+        }
+        if self.durable {
+            for id in 1..=BROKERS {
+                if rng.below(FLUSH_ONE_IN) == 0 {
+                    self.flush(id);
+                }
+            }
         }
         self.check_waiters();
     }
@@ -917,6 +1000,9 @@ impl Sim {
                 self.apply_metadata(b, false);
                 self.fetcher_step(b);
                 self.isr_tick(b);
+                if self.durable {
+                    self.flush(b);
+                }
             }
             self.check_waiters();
             let p = self.state();
@@ -947,18 +1033,23 @@ impl Sim {
     }
 }
 
-/// Runs one schedule; returns (records acknowledged, leaderships handed over, late answers the
-/// role guard kept out).
-fn run(seed: u64, steps: usize) -> (usize, usize, usize) {
+/// Runs one schedule (durable mode for odd seeds); returns (records acknowledged, leaderships
+/// handed over, late answers the role guard kept out, power losses).
+fn run(seed: u64, steps: usize) -> (usize, usize, usize, usize) {
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let mut sim = Sim::new();
+    let mut sim = Sim::new(seed % 2 == 1);
     for step in 0..steps {
         sim.step(&mut rng);
         sim.check(seed, step);
     }
     sim.converge(seed);
     sim.check(seed, steps);
-    (sim.acked.len(), sim.handovers, sim.stale_refused)
+    (
+        sim.acked.len(),
+        sim.handovers,
+        sim.stale_refused,
+        sim.power_losses,
+    )
 }
 
 #[test]
@@ -972,20 +1063,21 @@ fn random_fault_schedules_lose_no_acknowledged_record() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1_500);
-    let (mut acked, mut handovers, mut refused) = (0, 0, 0);
+    let (mut acked, mut handovers, mut refused, mut power_losses) = (0, 0, 0, 0);
     let list: Vec<u64> = match only {
         Some(o) => vec![o],
         None => (0..seeds).collect(),
     };
     for seed in list {
-        let (a, h, r) = run(seed, steps);
+        let (a, h, r, p) = run(seed, steps);
         acked += a;
         handovers += h;
         refused += r;
+        power_losses += p;
     }
     eprintln!(
         "{acked} records acknowledged, {handovers} handovers by leaders that could not write, \
-         {refused} late answers kept out of a log"
+         {refused} late answers kept out of a log, {power_losses} power losses"
     );
     if only.is_none() && seeds >= 20 {
         // The schedules reach what they are meant to test.
@@ -995,6 +1087,7 @@ fn random_fault_schedules_lose_no_acknowledged_record() {
             refused > 0,
             "no answer arrived after its replica's role changed"
         );
+        assert!(power_losses > 0, "no crash lost what was not fsynced");
     }
 }
 
@@ -1002,7 +1095,7 @@ fn random_fault_schedules_lose_no_acknowledged_record() {
 /// must truncate by leader epoch, not keep its divergent tail nor cut to its high watermark.
 #[test]
 fn kip101_double_failover_truncates_the_divergent_tail() {
-    let mut sim = Sim::new();
+    let mut sim = Sim::new(false);
     let leader = sim.state().leader;
     let others: Vec<i32> = (1..=BROKERS).filter(|b| *b != leader).collect();
     // Two records replicated everywhere and acknowledged.
@@ -1015,7 +1108,7 @@ fn kip101_double_failover_truncates_the_divergent_tail() {
     sim.send_produce();
     sim.deliver_all();
     assert_eq!(sim.part(leader).unwrap().log_end_offset(), 3);
-    sim.crash(leader);
+    sim.crash(leader, None);
     let new_leader = sim.state().leader;
     assert!(others.contains(&new_leader));
     // The new leader writes different data at the same offset; the third broker follows.
@@ -1042,7 +1135,7 @@ fn kip101_double_failover_truncates_the_divergent_tail() {
 /// truncation answered by the old leader applied.
 #[test]
 fn an_answer_of_the_old_leader_arriving_after_the_election_stays_out_of_the_log() {
-    let mut sim = Sim::new();
+    let mut sim = Sim::new(false);
     let leader = sim.state().leader;
     let others: Vec<i32> = (1..=BROKERS).filter(|b| *b != leader).collect();
     sim.send_produce();
@@ -1092,6 +1185,66 @@ fn an_answer_of_the_old_leader_arriving_after_the_election_stays_out_of_the_log(
     let want = contents(&sim.part(new_leader).unwrap());
     for b in 1..=BROKERS {
         assert_eq!(contents(&sim.part(b).unwrap()), want, "broker {b}");
+    }
+}
+
+/// Durable mode (Strom's default): a record is acknowledged only once every replica in the ISR
+/// has fsynced it — a follower's fetches count only up to its durable end — so a power loss of
+/// every broker at once loses nothing acknowledged.
+#[test]
+fn durable_mode_acknowledges_only_fsynced_records_and_they_survive_a_power_loss_of_all() {
+    let mut sim = Sim::new(true);
+    let leader = sim.state().leader;
+    let others: Vec<i32> = (1..=BROKERS).filter(|b| *b != leader).collect();
+    // A record on the leader's disk and in both followers' page caches: they fetch past it,
+    // reporting durable ends before it.
+    sim.send_produce();
+    sim.deliver_all();
+    sim.flush(leader);
+    sim.settle(&others);
+    for f in &others {
+        let part = sim.part(*f).unwrap();
+        assert_eq!(part.log_end_offset(), 1, "follower {f} has the record");
+        assert_eq!(part.durable_end(), 0, "follower {f} did not fsync it");
+    }
+    assert!(
+        sim.acked.is_empty(),
+        "acknowledged before the followers fsynced it"
+    );
+    // Once they fsync it, their next fetches acknowledge it.
+    for f in &others {
+        sim.flush(*f);
+    }
+    sim.settle(&others);
+    assert_eq!(sim.acked.len(), 1);
+    // A second record, fsynced by the leader only, then the power goes everywhere: every
+    // file back to what its disk has (zeros past it on some).
+    sim.send_produce();
+    sim.deliver_all();
+    sim.flush(leader);
+    sim.settle(&others);
+    assert_eq!(sim.acked.len(), 1);
+    let mut rng = Rng(7);
+    for b in 1..=BROKERS {
+        sim.crash(b, Some(&mut rng));
+    }
+    // Each recovers what its disk has: the leader both records, the followers the first.
+    for b in 1..=BROKERS {
+        sim.restart(b);
+        let want = if b == leader { 2 } else { 1 };
+        assert_eq!(sim.part(b).unwrap().log_end_offset(), want, "broker {b}");
+    }
+    // With the flusher running: the acknowledged record is on every replica, in the same logs
+    // everywhere.
+    sim.converge(0);
+    sim.check(0, 0);
+    for b in 1..=BROKERS {
+        let log = contents(&sim.part(b).unwrap());
+        assert_eq!(
+            log.first().map(|(o, _, v)| (*o, *v)),
+            Some((0, 0)),
+            "broker {b}"
+        );
     }
 }
 
