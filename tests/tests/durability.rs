@@ -373,6 +373,41 @@ async fn clean_shutdown_keeps_data_and_skips_recovery() {
     check_exact(&recs, &acked, &got);
 }
 
+/// After `kill -9` what a log holds may be only in the page cache (appended, its fsync not
+/// done, or not yet reached the disk). Recovery counts what it keeps as flushed — a follower
+/// then reports it durable, a leader acknowledges past it — so it fsyncs it first: with the
+/// segment's fsyncs failing, the restart stops with the storage-failure status instead of
+/// serving records it never made durable.
+#[tokio::test(flavor = "multi_thread")]
+async fn recovery_after_kill_dash_nine_fsyncs_what_it_keeps() {
+    let mut node = StromProcess::start(&[]);
+    let b = node.bootstrap();
+    create_topic(&b, "kept", 1, &[]).await;
+    let p = producer(&b, &[]);
+    for i in 0..10 {
+        p.send(
+            FutureRecord::<(), _>::to("kept").payload(&format!("v{i}")),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("acknowledged");
+    }
+    node.kill9();
+    let segment = node
+        .data_dir()
+        .join("kept-0")
+        .join("00000000000000000000.log");
+    assert!(
+        std::fs::metadata(&segment).map(|m| m.len()).unwrap_or(0) > 0,
+        "no data in {}",
+        segment.display()
+    );
+    let log_path = node.data_dir().join("restart.log");
+    let status = start_with_failing_fsyncs(node.data_dir(), Some(&segment), &log_path);
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert_eq!(status.code(), Some(74), "{log}");
+}
+
 /// A disk that fails while the node starts (every fsync EIO, here before it ever served)
 /// stops it with the storage-failure status (74), as a failure while it runs does: not the
 /// status of a bad configuration (1), and never a node serving on a disk it cannot sync.
@@ -381,8 +416,32 @@ fn a_disk_failing_while_the_node_starts_stops_it_with_the_storage_failure_status
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("node.log");
     let data = dir.path().join("data");
-    let mut child = std::process::Command::new("strace")
-        .args(["-f", "-qq", "-o", "/dev/null"])
+    let status = start_with_failing_fsyncs(&data, None, &log_path);
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    // strace exits with its tracee's status.
+    assert_eq!(status.code(), Some(74), "{}", log());
+    assert!(log().contains("Input/output error"), "{}", log());
+}
+
+/// Starts a node on `data` under strace with every fsync failing (EIO), of the file `only`
+/// if given, its log in `log_path`, and returns its exit status (strace exits with its
+/// tracee's). A node that serves instead (or is still starting after 30 s) is killed, strace
+/// with it, and the test fails.
+fn start_with_failing_fsyncs(
+    data: &std::path::Path,
+    only: Option<&std::path::Path>,
+    log_path: &std::path::Path,
+) -> std::process::ExitStatus {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new("strace");
+    // Its own process group, so that a node that does start goes with strace.
+    cmd.process_group(0)
+        .stdout(std::process::Stdio::null())
+        .args(["-f", "-qq", "-o", "/dev/null"]);
+    if let Some(path) = only {
+        cmd.arg("-P").arg(path);
+    }
+    let mut child = cmd
         .args(["-e", "trace=fdatasync,fsync,syncfs"])
         .args(["-e", "inject=fdatasync,fsync,syncfs:error=EIO", "--"])
         .arg(strom_tests::strom_bin())
@@ -390,23 +449,22 @@ fn a_disk_failing_while_the_node_starts_stops_it_with_the_storage_failure_status
         .arg("--listen")
         .arg(format!("127.0.0.1:{}", free_port()))
         .arg("--data-dir")
-        .arg(&data)
-        .stderr(std::fs::File::create(&log_path).unwrap())
+        .arg(data)
+        .stderr(std::fs::File::create(log_path).unwrap())
         .spawn()
         .expect("strace (the test command installs it)");
-    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let log = || std::fs::read_to_string(log_path).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
+    loop {
         if let Some(status) = child.try_wait().unwrap() {
-            break status;
+            return status;
         }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the node went on with a failing disk:\n{}", log());
+        if Instant::now() > deadline || log().contains("listening on") {
+            // SAFETY: kill(2) of the process group this test created.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+            panic!("the node went on with failing fsyncs:\n{}", log());
         }
         std::thread::sleep(Duration::from_millis(20));
-    };
-    // strace exits with its tracee's status.
-    assert_eq!(status.code(), Some(74), "{}", log());
-    assert!(log().contains("Input/output error"), "{}", log());
+    }
 }

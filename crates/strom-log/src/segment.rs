@@ -163,8 +163,8 @@ impl Segment {
     }
 
     /// Recovery of a segment written after the last known fsync: every batch is checked
-    /// (length, magic, CRC); the file is truncated after the last good one. Returns the
-    /// segment and whether anything was truncated.
+    /// (length, magic, CRC); the file is truncated after the last good one, and what it keeps
+    /// is fsynced. Returns the segment and whether anything was truncated.
     pub fn recover(
         dir: &Path,
         base_offset: i64,
@@ -232,6 +232,11 @@ impl Segment {
             );
             seg.file.set_len(pos)?;
             seg.file.sync_all()?;
+        } else {
+            // What recovery keeps counts as flushed from here on (a follower reports it
+            // durable, a leader acknowledges past it): after a crash of the process alone it
+            // may still be only in the page cache, never fsynced. It is now.
+            seg.file.sync_data()?;
         }
         seg.flushed_next_offset = seg.next_offset;
         Ok((seg, truncated))
