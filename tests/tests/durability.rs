@@ -374,38 +374,61 @@ async fn clean_shutdown_keeps_data_and_skips_recovery() {
 }
 
 /// After `kill -9` what a log holds may be only in the page cache (appended, its fsync not
-/// done, or not yet reached the disk). Recovery counts what it keeps as flushed — a follower
-/// then reports it durable, a leader acknowledges past it — so it fsyncs it first: with the
-/// segment's fsyncs failing, the restart stops with the storage-failure status instead of
-/// serving records it never made durable.
+/// done, or not yet reached the disk). Recovery counts what it keeps as written — a follower
+/// then reports it durable, a leader acknowledges past it, a voter answers by its metadata log —
+/// so it fsyncs it first: with the fsyncs of a partition's segment failing, the restart stops
+/// with the storage-failure status instead of serving what it never made durable. The same
+/// with the metadata log's, on a single node (its embedded log) and a quorum of one voter (the
+/// Raft log), though there the first append at start fsyncs the file too; a voter's failing
+/// metadata disk is a storage failure (74) like any other.
 #[tokio::test(flavor = "multi_thread")]
 async fn recovery_after_kill_dash_nine_fsyncs_what_it_keeps() {
-    let mut node = StromProcess::start(&[]);
-    let b = node.bootstrap();
-    create_topic(&b, "kept", 1, &[]).await;
-    let p = producer(&b, &[]);
-    for i in 0..10 {
-        p.send(
-            FutureRecord::<(), _>::to("kept").payload(&format!("v{i}")),
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("acknowledged");
+    for metadata_log in ["metadata.log", "raft.log"] {
+        let args: Vec<String> = if metadata_log == "raft.log" {
+            let c = free_port();
+            vec![
+                "--node-id".into(),
+                "1".into(),
+                "--controller-quorum".into(),
+                format!("1@127.0.0.1:{c}"),
+                "--controller-listen".into(),
+                format!("127.0.0.1:{c}"),
+            ]
+        } else {
+            Vec::new()
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let arg_refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let mut node = StromProcess::start_with(dir, Some(tmp), None, &[], &arg_refs);
+        let b = node.bootstrap();
+        create_topic(&b, "kept", 1, &[]).await;
+        let p = producer(&b, &[]);
+        for i in 0..10 {
+            p.send(
+                FutureRecord::<(), _>::to("kept").payload(&format!("v{i}")),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("acknowledged");
+        }
+        node.kill9();
+        let data = node.data_dir();
+        for file in [
+            data.join("kept-0").join("00000000000000000000.log"),
+            data.join("__cluster_metadata-0").join(metadata_log),
+        ] {
+            assert!(
+                std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) > 0,
+                "nothing in {}",
+                file.display()
+            );
+            let log_path = data.join("restart.log");
+            let status = start_with_failing_fsyncs(data, Some(&file), &args, &log_path);
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            assert_eq!(status.code(), Some(74), "{}:\n{log}", file.display());
+        }
     }
-    node.kill9();
-    let segment = node
-        .data_dir()
-        .join("kept-0")
-        .join("00000000000000000000.log");
-    assert!(
-        std::fs::metadata(&segment).map(|m| m.len()).unwrap_or(0) > 0,
-        "no data in {}",
-        segment.display()
-    );
-    let log_path = node.data_dir().join("restart.log");
-    let status = start_with_failing_fsyncs(node.data_dir(), Some(&segment), &log_path);
-    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-    assert_eq!(status.code(), Some(74), "{log}");
 }
 
 /// A disk that fails while the node starts (every fsync EIO, here before it ever served)
@@ -416,20 +439,21 @@ fn a_disk_failing_while_the_node_starts_stops_it_with_the_storage_failure_status
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("node.log");
     let data = dir.path().join("data");
-    let status = start_with_failing_fsyncs(&data, None, &log_path);
+    let status = start_with_failing_fsyncs(&data, None, &[], &log_path);
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     // strace exits with its tracee's status.
     assert_eq!(status.code(), Some(74), "{}", log());
     assert!(log().contains("Input/output error"), "{}", log());
 }
 
-/// Starts a node on `data` under strace with every fsync failing (EIO), of the file `only`
-/// if given, its log in `log_path`, and returns its exit status (strace exits with its
+/// Starts a node on `data` (with `args`) under strace with every fsync failing (EIO), of the
+/// file `only` if given, its log in `log_path`, and returns its exit status (strace exits with its
 /// tracee's). A node that serves instead (or is still starting after 30 s) is killed, strace
 /// with it, and the test fails.
 fn start_with_failing_fsyncs(
     data: &std::path::Path,
     only: Option<&std::path::Path>,
+    args: &[String],
     log_path: &std::path::Path,
 ) -> std::process::ExitStatus {
     use std::os::unix::process::CommandExt;
@@ -450,6 +474,7 @@ fn start_with_failing_fsyncs(
         .arg(format!("127.0.0.1:{}", free_port()))
         .arg("--data-dir")
         .arg(data)
+        .args(args)
         .stderr(std::fs::File::create(log_path).unwrap())
         .spawn()
         .expect("strace (the test command installs it)");

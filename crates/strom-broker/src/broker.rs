@@ -1004,7 +1004,11 @@ async fn join_quorum(
     let service = crate::cluster::ControllerService::new();
     let (log, mut rx) = RaftMetadataLog::start(cfg, listener, service.clone())
         .await
-        .map_err(|e| StartError::Quorum(e.to_string()))?;
+        .map_err(|e| match e {
+            // Its disk (a storage failure, with its own exit status).
+            strom_meta::MetadataLogError::Io(_) => StartError::Metadata(e),
+            e => StartError::Quorum(e.to_string()),
+        })?;
     let mut image = MetadataImage::empty();
     let started = std::time::Instant::now();
     // As long as it takes (as a KRaft node waits for its quorum): the other voters may be

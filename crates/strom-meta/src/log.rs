@@ -88,6 +88,10 @@ impl FileMetadataLog {
             );
             file.set_len(pos as u64)?;
             file.sync_all()?;
+        } else {
+            // What it keeps is the metadata from here on: after a crash of the process alone
+            // it may still be only in the page cache, never fsynced. It is now.
+            file.sync_data()?;
         }
         file.seek(SeekFrom::End(0))?;
         Ok(FileMetadataLog {

@@ -259,6 +259,7 @@ mod tests {
         )));
         let full = io::Error::from_raw_os_error(libc::ENOSPC);
         assert!(failed(StartError::Log(full.into())));
+        assert!(failed(StartError::Metadata(eio().into())));
         let denied = io::Error::from_raw_os_error(libc::EACCES);
         assert!(!failed(StartError::DataDir(dir, denied)));
         let in_use = io::Error::from_raw_os_error(libc::EADDRINUSE);

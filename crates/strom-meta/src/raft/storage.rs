@@ -201,6 +201,11 @@ impl LogStore {
             );
             file.set_len(valid as u64)?;
             file.sync_all()?;
+        } else {
+            // What it keeps counts as written from here on (this voter acknowledges entries,
+            // and votes, by it): after a crash of the process alone it may still be only in
+            // the page cache, never fsynced. It is now.
+            file.sync_data()?;
         }
         let mut end = valid as u64;
         if dropped_purged {
