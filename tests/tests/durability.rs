@@ -401,6 +401,12 @@ async fn recovery_after_kill_dash_nine_fsyncs_what_it_keeps() {
         let dir = tmp.path().to_path_buf();
         let arg_refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
         let mut node = StromProcess::start_with(dir, Some(tmp), None, &[], &arg_refs);
+        // A voter listens before its broker is registered and unfenced (no broker to place a
+        // topic on until then).
+        wait_until(Duration::from_secs(30), || {
+            args.is_empty() || node.log().contains("broker unfenced")
+        })
+        .await;
         let b = node.bootstrap();
         create_topic(&b, "kept", 1, &[]).await;
         let p = producer(&b, &[]);
