@@ -125,8 +125,9 @@ pub enum StartError {
     Log(#[from] strom_log::LogError),
     #[error("listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
+    /// Its cause kept as the source: a failing disk under the Raft log is a storage failure.
     #[error("joining the metadata quorum: {0}")]
-    Quorum(String),
+    Quorum(#[source] strom_meta::MetadataLogError),
 }
 
 fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StartError> {
@@ -1004,11 +1005,7 @@ async fn join_quorum(
     let service = crate::cluster::ControllerService::new();
     let (log, mut rx) = RaftMetadataLog::start(cfg, listener, service.clone())
         .await
-        .map_err(|e| match e {
-            // Its disk (a storage failure, with its own exit status).
-            strom_meta::MetadataLogError::Io(_) => StartError::Metadata(e),
-            e => StartError::Quorum(e.to_string()),
-        })?;
+        .map_err(StartError::Quorum)?;
     let mut image = MetadataImage::empty();
     let started = std::time::Instant::now();
     // As long as it takes (as a KRaft node waits for its quorum): the other voters may be
@@ -1020,7 +1017,7 @@ async fn join_quorum(
             tokio::select! {
                 c = rx.recv() => match c {
                     Some(c) => image = apply_to(&image, c),
-                    None => return Err(StartError::Quorum("metadata quorum stopped".into())),
+                    None => return Err(StartError::Quorum(strom_meta::MetadataLogError::Shutdown)),
                 },
                 r = &mut caught_up => break r,
             }
@@ -1033,13 +1030,13 @@ async fn join_quorum(
                 "still waiting to catch up with the metadata quorum (a majority of the voters \
                  must be running and reachable)"
             ),
-            Err(e) => return Err(StartError::Quorum(e.to_string())),
+            Err(e) => return Err(StartError::Quorum(e)),
         }
     }
     while image.offset < log.applied_offset() {
         match rx.recv().await {
             Some(c) => image = apply_to(&image, c),
-            None => return Err(StartError::Quorum("metadata quorum stopped".into())),
+            None => return Err(StartError::Quorum(strom_meta::MetadataLogError::Shutdown)),
         }
     }
     tracing::info!(

@@ -267,6 +267,8 @@ mod tests {
             "127.0.0.1:9092".parse().unwrap(),
             in_use
         )));
-        assert!(!failed(StartError::Quorum("no quorum".into())));
+        let timeout = strom_meta::MetadataLogError::Timeout("no quorum".into());
+        assert!(!failed(StartError::Quorum(timeout)));
+        assert!(failed(StartError::Quorum(eio().into())));
     }
 }
